@@ -1,0 +1,79 @@
+#pragma once
+// Grouped GEMMs over expert-contiguous rows: group e is rows [offsets[e], offsets[e+1]) of the activations and
+// slice e of a stacked weight (E, N, K). Large groups run one after another, each product threaded inside
+// (Eigen/BLAS); many small groups (fine-grained experts) run one group per thread instead, since a small product
+// cannot use two cores well.
+#include <cstdint>
+#include <vector>
+
+#include "cumo/backend/cpu/gemm.hpp"
+#include "cumo/backend/cpu/parallel.hpp"
+#include "cumo/core/tensor.hpp"
+
+namespace cumo::cpu {
+
+namespace detail {
+template <class F>
+void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops_per_row, F&& f) {
+  const std::int64_t E = std::int64_t(offsets.size()) - 1;
+  const std::int64_t rows = offsets.back();
+  // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores.
+  const bool small_groups = E > 1 && rows * flops_per_row / E < (std::int64_t(4) << 20);
+  if (small_groups)
+    parallel_for_dynamic(E, [&](std::int64_t e) { f(e); });
+  else
+    for (std::int64_t e = 0; e < E; ++e) f(e);
+}
+}  // namespace detail
+
+// C[g] (n_g, N) = A[g] (n_g, K) · W[e] (N, K)^T [+ bias[e]]   (forward of a stacked Linear)
+inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const std::vector<std::int64_t>& off,
+                           Tensor& c) {
+  const std::int64_t N = w.size(1), K = w.size(2);
+  const float* A = a.data<float>();
+  const float* W = w.data<float>();
+  float* C = c.data<float>();
+  detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
+    const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
+    if (n == 0) return;
+    gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, 0.f, C + r0 * N, N);
+    if (bias) {
+      MatrixMap Ce(C + r0 * N, n, N, Eigen::OuterStride<>(N));
+      Ce.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>() + e * N, N);
+    }
+  });
+}
+
+// dA[g] (n_g, K) = dC[g] (n_g, N) · W[e] (N, K)   (input gradient)
+inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const std::vector<std::int64_t>& off,
+                                  Tensor& da) {
+  const std::int64_t N = w.size(1), K = w.size(2);
+  const float* dC = dc.data<float>();
+  const float* W = w.data<float>();
+  float* dA = da.data<float>();
+  detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
+    const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
+    if (n == 0) return;
+    gemm(Op::N, Op::N, n, K, N, 1.f, dC + r0 * N, N, W + e * N * K, K, 0.f, dA + r0 * K, K);
+  });
+}
+
+// dW[e] (N, K) += dC[g]^T (N, n_g) · A[g] (n_g, K);  dbias[e] (N) += Σ rows of dC[g]   (weight gradients)
+inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const std::vector<std::int64_t>& off,
+                                   Tensor& dw, Tensor* dbias) {
+  const std::int64_t N = dw.size(1), K = dw.size(2);
+  const float* dC = dc.data<float>();
+  const float* A = a.data<float>();
+  float* dW = dw.data<float>();
+  detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
+    const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
+    if (n == 0) return;
+    gemm(Op::T, Op::N, N, K, n, 1.f, dC + r0 * N, N, A + r0 * K, K, 1.f, dW + e * N * K, K);
+    if (dbias) {
+      const ConstMatrixMap dCe(dC + r0 * N, n, N, Eigen::OuterStride<>(N));
+      Eigen::Map<Eigen::RowVectorXf>(dbias->data<float>() + e * N, N) += dCe.colwise().sum();
+    }
+  });
+}
+
+}  // namespace cumo::cpu

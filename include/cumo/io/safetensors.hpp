@@ -1,0 +1,624 @@
+#pragma once
+// safetensors read (memory-mapped, zero-copy where alignment allows) and write (atomic).
+//
+// File layout (https://github.com/huggingface/safetensors):
+//   [u64 little-endian N][N bytes of UTF-8 JSON, may be right-padded with spaces][data section]
+//   header: {"__metadata__": {"k": "v", ...},
+//            "<name>": {"dtype": "F32", "shape": [8, 16], "data_offsets": [begin, end]}, ...}
+//   offsets are byte offsets relative to the data section, which starts at 8 + N.
+//
+// Every file is treated as hostile. open()/parse() validate the whole header (types, ranges, overflow, overlap,
+// coverage) before any tensor byte is touched, so get() afterwards is pointer arithmetic that is already known to
+// be in bounds. Acceptance follows the reference Rust implementation: the tensors must tile the data section
+// exactly, without holes, overlaps or trailing bytes (so every file cumo accepts, Hugging Face accepts too).
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cumo/core/dtype.hpp"
+#include "cumo/core/error.hpp"
+#include "cumo/core/shape.hpp"
+#include "cumo/core/tensor.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#define CUMO_IO_POSIX 1
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#else
+#define CUMO_IO_POSIX 0
+#include <fstream>
+#endif
+
+namespace cumo::io {
+
+// safetensors stores little-endian data; the zero-copy views below hand those bytes to the CPU as they are.
+static_assert(std::endian::native == std::endian::little,
+              "cumo::io::safetensors: big-endian hosts would need a byte swap on every read and write");
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::f32;
+  Shape shape;
+  std::size_t begin = 0, end = 0;  // byte offsets into the data section: [begin, end)
+};
+
+namespace detail {
+
+// The reference implementation's limit: a header this large is an attack (or a broken file), not a model.
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
+
+inline std::optional<DType> safetensors_dtype(std::string_view s) {
+  if (s == "F32") return DType::f32;
+  if (s == "F16") return DType::f16;
+  if (s == "BF16") return DType::bf16;
+  if (s == "F64") return DType::f64;
+  if (s == "I64") return DType::i64;
+  if (s == "I32") return DType::i32;
+  return std::nullopt;
+}
+
+inline std::string_view safetensors_dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "F32";
+    case DType::f16: return "F16";
+    case DType::bf16: return "BF16";
+    case DType::f64: return "F64";
+    case DType::i64: return "I64";
+    case DType::i32: return "I32";
+  }
+  return "?";
+}
+
+// dtypes the format defines but cumo has no element type for: a different message than for a garbage string.
+inline bool is_other_safetensors_dtype(std::string_view s) {
+  static constexpr std::string_view known[] = {"BOOL", "U8",  "I8",      "I16",     "U16",     "U32",
+                                               "U64",  "C64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4",
+                                               "F6_E2M3", "F6_E3M2"};
+  return std::find(std::begin(known), std::end(known), s) != std::end(known);
+}
+
+// Names and keys come from untrusted files: quote them with control bytes escaped and long ones cut, so an error
+// message stays one readable line.
+inline std::string quoted(std::string_view s) {
+  constexpr std::size_t kMax = 160;
+  std::string out = "'";
+  for (std::size_t i = 0; i < s.size() && i < kMax; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      static constexpr char hex[] = "0123456789abcdef";
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    } else {
+      out += char(c);
+    }
+  }
+  if (s.size() > kMax) out += "...";
+  return out + "'";
+}
+
+// A short description of a JSON value for error messages; never dumps containers (they may be huge).
+inline std::string describe(const nlohmann::json& v) {
+  if (v.is_string()) return "the string " + quoted(v.get_ref<const std::string&>());
+  if (v.is_number() || v.is_boolean() || v.is_null()) return v.dump();
+  return std::string("a JSON ") + v.type_name();
+}
+
+// Reads a non-negative integer that fits in int64 (extents and offsets); nullopt for anything else
+// (negative, fractional, too large, not a number, booleans).
+inline std::optional<std::uint64_t> json_size(const nlohmann::json& v) {
+  if (v.is_number_unsigned()) {
+    const auto u = v.get<std::uint64_t>();
+    if (u > std::uint64_t(std::numeric_limits<std::int64_t>::max())) return std::nullopt;
+    return u;
+  }
+  if (v.is_number_integer()) {
+    const auto i = v.get<std::int64_t>();
+    if (i < 0) return std::nullopt;
+    return std::uint64_t(i);
+  }
+  return std::nullopt;
+}
+
+#if CUMO_IO_POSIX
+// A private, copy-on-write mapping of the whole file. Writable pages so that a caller who writes into a view gets
+// its own copy of the page (never the file, never a SIGSEGV on a read-only page).
+struct Mapping {
+  void* addr = nullptr;
+  std::size_t len = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (addr && addr != MAP_FAILED) ::munmap(addr, len);
+  }
+};
+
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  int release() { return std::exchange(fd, -1); }
+};
+
+inline void write_all(int fd, const void* p, std::size_t n, const std::string& tmp) {
+  const char* c = static_cast<const char*>(p);
+  while (n) {
+    const ssize_t w = ::write(fd, c, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail("safetensors::save: writing ", quoted(tmp), " failed: ", std::strerror(errno));
+    }
+    c += w;
+    n -= std::size_t(w);
+  }
+}
+#endif
+
+// Everything save() needs, decided before a file is created: validation errors never touch the disk.
+struct SavePlan {
+  std::string header;                                   // JSON, space-padded so 8 + header.size() is a multiple of 8
+  std::vector<std::pair<std::string, Tensor>> ordered;  // in data order
+  std::size_t data_bytes = 0;
+};
+
+inline SavePlan plan_save(const std::vector<std::pair<std::string, Tensor>>& tensors,
+                          const std::map<std::string, std::string>& metadata, const std::string& where) {
+  SavePlan plan;
+  std::set<std::string_view> seen;
+  for (const auto& [name, t] : tensors) {
+    CUMO_CHECK(name != "__metadata__", where, ": '__metadata__' is reserved by the format and cannot name a tensor");
+    CUMO_CHECK(seen.insert(name).second, where, ": duplicate tensor name ", quoted(name));
+    CUMO_CHECK(t.defined(), where, ": tensor ", quoted(name), " is undefined");
+    plan.ordered.emplace_back(name, t);
+  }
+  // Largest element first (F64/I64, then F32/I32, then F16/BF16), as the reference writer does: every tensor then
+  // starts at a multiple of its own element size with no padding between tensors (the format allows no holes).
+  // Stable, so tensors of one element size keep the caller's order.
+  std::stable_sort(plan.ordered.begin(), plan.ordered.end(), [](const auto& a, const auto& b) {
+    return size_of(a.second.dtype()) > size_of(b.second.dtype());
+  });
+
+  nlohmann::json h = nlohmann::json::object();
+  if (!metadata.empty()) {
+    nlohmann::json m = nlohmann::json::object();
+    for (const auto& [k, v] : metadata) m[k] = v;
+    h["__metadata__"] = std::move(m);
+  }
+  std::size_t offset = 0;
+  for (const auto& [name, t] : plan.ordered) {
+    nlohmann::json shape = nlohmann::json::array();
+    for (auto d : t.shape()) shape.push_back(d);
+    const std::size_t n = t.nbytes();
+    h[name] = {{"dtype", safetensors_dtype_name(t.dtype())},
+               {"shape", std::move(shape)},
+               {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  plan.data_bytes = offset;
+  try {
+    plan.header = h.dump(-1, ' ', false, nlohmann::json::error_handler_t::strict);
+  } catch (const nlohmann::json::exception& e) {
+    fail(where, ": a tensor name or metadata string is not valid UTF-8 (", e.what(), ")");
+  }
+  // The data section starts 8-byte aligned in the file, so an mmap (page aligned) gives aligned views.
+  while ((8 + plan.header.size()) % 8) plan.header.push_back(' ');
+  return plan;
+}
+
+// Streams the planned file (length, header, data) to `sink`, one tensor at a time: never the whole file in memory.
+inline void emit(const SavePlan& plan, const std::function<void(const void*, std::size_t)>& sink) {
+  const std::uint64_t n = plan.header.size();
+  sink(&n, 8);
+  sink(plan.header.data(), plan.header.size());
+  for (const auto& [name, t] : plan.ordered) {
+    if (t.numel() == 0) continue;
+    const Tensor c = t.device() == Device::cpu ? t.contiguous() : t.to(Device::cpu);
+    sink(c.raw(), c.nbytes());
+  }
+}
+
+}  // namespace detail
+
+class SafeTensors {
+ public:
+  // Maps the file (POSIX mmap; a plain read elsewhere) and validates everything up front.
+  // Caveat of every mmap reader: if another process truncates the file while it is mapped, touching the lost pages
+  // raises SIGBUS; cumo never writes files in place (save() renames), so cumo's own writes cannot cause this.
+  static SafeTensors open(const std::string& path);
+
+  // Parses a file image held in memory (fuzzer, tests, network buffers). Views returned by get() alias `bytes`
+  // and keep it alive. `name` is what error messages call the source.
+  static SafeTensors parse(std::shared_ptr<const std::vector<std::uint8_t>> bytes,
+                           const std::string& name = "<memory>") {
+    CUMO_CHECK(bytes, "safetensors: ", detail::quoted(name), ": no bytes given (null pointer)");
+    const std::uint8_t* p = bytes->data();
+    const std::size_t n = bytes->size();
+    // Tensor::borrow wants a mutable keepalive; the aliasing constructor shares ownership of the vector.
+    std::shared_ptr<void> keep(bytes, const_cast<std::uint8_t*>(p));
+    return from_bytes(p, n, std::move(keep), name);
+  }
+
+  bool contains(std::string_view name) const { return tensors_.find(name) != tensors_.end(); }
+  std::size_t size() const { return tensors_.size(); }
+
+  const TensorInfo& info(std::string_view name) const {
+    auto it = tensors_.find(name);
+    if (it == tensors_.end()) fail(prefix(), "no tensor named ", detail::quoted(name), missing_hint(name));
+    return it->second;
+  }
+
+  // Tensor names in data-offset order (the order the bytes lie in the file).
+  std::vector<std::string> names() const { return order_; }
+
+  // The tensor in its stored dtype. Zero-copy when the bytes are aligned for the dtype (always, for files that
+  // cumo or the reference writer made): the view shares the mapping, which lives as long as any view of it.
+  // Writes into a view stay in this process (copy-on-write map / the caller's buffer), never reach the file.
+  // Misaligned data (legal in the format) is copied, so no misaligned loads ever happen.
+  Tensor get(std::string_view name) const {
+    const TensorInfo& ti = info(name);
+    if (ti.begin == ti.end) return Tensor::empty(ti.shape, ti.dtype);  // 0 elements: nothing to map
+    const std::uint8_t* p = data_ + ti.begin;
+    if (reinterpret_cast<std::uintptr_t>(p) % size_of(ti.dtype) == 0)
+      return Tensor::borrow(const_cast<std::uint8_t*>(p), ti.shape, ti.dtype, Device::cpu, keepalive_);
+    Tensor t = Tensor::empty(ti.shape, ti.dtype);
+    std::memcpy(t.raw(), p, ti.end - ti.begin);
+    return t;
+  }
+
+  // The tensor converted to f32 (F16/BF16 exactly, F64 rounded, I64/I32 rounded to the nearest float).
+  // F32 data comes back as the same zero-copy view get() gives.
+  Tensor get_f32(std::string_view name) const {
+    const TensorInfo& ti = info(name);
+    if (ti.dtype == DType::f32) return get(name);
+    Tensor out = Tensor::empty(ti.shape, DType::f32);
+    if (ti.begin == ti.end) return out;
+    float* dst = out.data<float>();
+    const std::uint8_t* src = data_ + ti.begin;
+    const std::int64_t n = ti.shape.numel();
+    // memcpy per element: the source may be misaligned, and memcpy is the defined way to load from it.
+    auto convert = [&](auto tag, auto to_f) {
+      using T = decltype(tag);
+      for (std::int64_t i = 0; i < n; ++i) {
+        T v;
+        std::memcpy(&v, src + std::size_t(i) * sizeof(T), sizeof(T));
+        dst[i] = to_f(v);
+      }
+    };
+    switch (ti.dtype) {
+      case DType::f16: convert(f16_t{}, [](f16_t v) { return to_float(v); }); break;
+      case DType::bf16: convert(bf16_t{}, [](bf16_t v) { return to_float(v); }); break;
+      case DType::f64: convert(double{}, [](double v) { return float(v); }); break;
+      case DType::i64: convert(std::int64_t{}, [](std::int64_t v) { return float(v); }); break;
+      case DType::i32: convert(std::int32_t{}, [](std::int32_t v) { return float(v); }); break;
+      case DType::f32: break;  // handled above
+    }
+    return out;
+  }
+
+  // __metadata__: string keys to string values, as the format defines it.
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::string& path() const { return path_; }
+  std::size_t header_bytes() const { return header_bytes_; }  // N, the JSON header's length (padding included)
+  std::size_t data_bytes() const { return data_size_; }
+
+ private:
+  std::string prefix() const { return "safetensors: " + detail::quoted(path_) + ": "; }
+
+  // Suggest names that differ only by a prefix (the usual "model." vs "language_model.model." mismatch).
+  std::string missing_hint(std::string_view name) const {
+    std::vector<std::string_view> close;
+    for (const auto& n : order_) {
+      const std::string_view s = n;
+      if ((s.size() > name.size() && s.ends_with(name)) || (name.size() > s.size() && name.ends_with(s)))
+        close.push_back(s);
+      if (close.size() == 5) break;
+    }
+    std::string hint = " (the file has " + std::to_string(order_.size()) + " tensors";
+    if (!close.empty()) {
+      hint += "; similar: ";
+      for (std::size_t i = 0; i < close.size(); ++i) hint += (i ? ", " : "") + detail::quoted(close[i]);
+    } else if (!order_.empty()) {
+      hint += ", e.g. ";
+      for (std::size_t i = 0; i < order_.size() && i < 3; ++i) hint += (i ? ", " : "") + detail::quoted(order_[i]);
+    }
+    return hint + ")";
+  }
+
+  static SafeTensors from_bytes(const std::uint8_t* p, std::size_t size, std::shared_ptr<void> keepalive,
+                                std::string path);
+
+  std::string path_;
+  std::shared_ptr<void> keepalive_;  // the mapping or the caller's vector
+  const std::uint8_t* data_ = nullptr;  // start of the data section
+  std::size_t data_size_ = 0, header_bytes_ = 0;
+  std::map<std::string, TensorInfo, std::less<>> tensors_;
+  std::vector<std::string> order_;
+  std::map<std::string, std::string> metadata_;
+};
+
+inline SafeTensors SafeTensors::from_bytes(const std::uint8_t* p, std::size_t size, std::shared_ptr<void> keepalive,
+                                           std::string path) {
+  SafeTensors st;
+  st.path_ = std::move(path);
+  st.keepalive_ = std::move(keepalive);
+  const std::string pre = st.prefix();
+
+  // ---- [u64 N][N bytes header][data] -------------------------------------------------------------------------
+  CUMO_CHECK(size >= 8, pre, "file is ", size, " bytes, too short for the 8-byte header length (truncated?)");
+  std::uint64_t n = 0;
+  std::memcpy(&n, p, 8);
+  CUMO_CHECK(n <= detail::kMaxHeaderBytes, pre, "header length ", n, " bytes exceeds the format's limit of ",
+             detail::kMaxHeaderBytes, " (corrupt or not a safetensors file)");
+  CUMO_CHECK(n <= size - 8, pre, "header length ", n, " runs past the end of the file (", size,
+             " bytes; truncated?)");
+  st.header_bytes_ = std::size_t(n);
+  st.data_ = p + 8 + n;
+  st.data_size_ = size - 8 - std::size_t(n);
+  CUMO_CHECK(n > 0 && p[8] == '{', pre, "header does not start with '{' (not a safetensors file?)");
+
+  // ---- JSON ----------------------------------------------------------------------------------------------------
+  // The callback rejects nesting deeper than the format uses (arrays inside entries inside the top object) while
+  // parsing, so a hostile "[[[[..." costs nothing, and it catches duplicate keys, which a DOM would silently merge.
+  nlohmann::json header;
+  {
+    std::vector<std::set<std::string>> keys;  // one set per open object
+    std::string top_key;                      // the top-level key being parsed, for messages
+    auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& v) -> bool {
+      using E = nlohmann::json::parse_event_t;
+      if (ev == E::object_start || ev == E::array_start) {
+        CUMO_CHECK(depth <= 2, pre, "header nests deeper than the format allows",
+                   top_key.empty() ? std::string() : " (in entry " + detail::quoted(top_key) + ")");
+        if (ev == E::object_start) keys.emplace_back();
+      } else if (ev == E::object_end) {
+        if (!keys.empty()) keys.pop_back();
+      } else if (ev == E::key && !keys.empty()) {
+        const std::string& k = v.get_ref<const std::string&>();
+        if (depth == 1) top_key = k;
+        if (!keys.back().insert(k).second) {
+          if (depth == 1) fail(pre, "duplicate tensor name ", detail::quoted(k), " in the header");
+          fail(pre, "duplicate key ", detail::quoted(k), " in the header entry ", detail::quoted(top_key));
+        }
+      }
+      return true;
+    };
+    try {
+      header = nlohmann::json::parse(p + 8, p + 8 + n, cb);
+    } catch (const nlohmann::json::exception& e) {
+      fail(pre, "header is not valid JSON: ", e.what());
+    }
+  }
+  CUMO_CHECK(header.is_object(), pre, "header must be a JSON object, got ", detail::describe(header));
+
+  // ---- entries -------------------------------------------------------------------------------------------------
+  for (auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      CUMO_CHECK(entry.is_object(), pre, "__metadata__ must be an object of strings, got ", detail::describe(entry));
+      for (auto& [k, v] : entry.items()) {
+        CUMO_CHECK(v.is_string(), pre, "__metadata__ value for key ", detail::quoted(k),
+                   " must be a string, got ", detail::describe(v));
+        st.metadata_.emplace(k, v.get<std::string>());
+      }
+      continue;
+    }
+    const std::string tn = "tensor " + detail::quoted(name);
+    CUMO_CHECK(entry.is_object(), pre, tn, ": entry must be a JSON object, got ", detail::describe(entry));
+    TensorInfo ti;
+    ti.name = name;
+
+    // dtype
+    auto dt = entry.find("dtype");
+    CUMO_CHECK(dt != entry.end(), pre, tn, ": missing field 'dtype'");
+    CUMO_CHECK(dt->is_string(), pre, tn, ": 'dtype' must be a string, got ", detail::describe(*dt));
+    const std::string& ds = dt->get_ref<const std::string&>();
+    const auto dtype = detail::safetensors_dtype(ds);
+    if (!dtype) {
+      if (detail::is_other_safetensors_dtype(ds))
+        fail(pre, tn, " has dtype ", detail::quoted(ds),
+             ", which cumo does not support (supported: F32, F16, BF16, F64, I64, I32)");
+      fail(pre, tn, " has dtype ", detail::quoted(ds), ", which is not a safetensors dtype");
+    }
+    ti.dtype = *dtype;
+
+    // shape: up to Shape::kMaxDims non-negative integers whose product (of the non-zero ones) fits in int64, so
+    // that numel and contiguous strides can never overflow, even for zero-element tensors.
+    auto sh = entry.find("shape");
+    CUMO_CHECK(sh != entry.end(), pre, tn, ": missing field 'shape'");
+    CUMO_CHECK(sh->is_array(), pre, tn, ": 'shape' must be an array, got ", detail::describe(*sh));
+    CUMO_CHECK(sh->size() <= std::size_t(Shape::kMaxDims), pre, tn, ": shape has ", sh->size(),
+               " dimensions; cumo supports at most ", Shape::kMaxDims);
+    std::uint64_t numel = 1, nonzero = 1;
+    for (std::size_t i = 0; i < sh->size(); ++i) {
+      const auto d = detail::json_size((*sh)[i]);
+      CUMO_CHECK(d, pre, tn, ": shape entry ", i, " must be a non-negative integer, got ",
+                 detail::describe((*sh)[i]));
+      if (*d != 0) {
+        CUMO_CHECK(!__builtin_mul_overflow(nonzero, *d, &nonzero) &&
+                       nonzero <= std::uint64_t(std::numeric_limits<std::int64_t>::max()),
+                   pre, tn, ": shape ", sh->dump(), " has an element count that overflows 64 bits");
+      }
+      numel *= *d;  // cannot overflow: |numel| <= nonzero
+      ti.shape.push_back(std::int64_t(*d));
+    }
+
+    // data_offsets: [begin, end] within the data section
+    auto off = entry.find("data_offsets");
+    CUMO_CHECK(off != entry.end(), pre, tn, ": missing field 'data_offsets'");
+    CUMO_CHECK(off->is_array() && off->size() == 2, pre, tn,
+               ": 'data_offsets' must be an array of two integers [begin, end], got ",
+               off->is_array() ? "an array of " + std::to_string(off->size()) : detail::describe(*off));
+    const auto b = detail::json_size((*off)[0]), e = detail::json_size((*off)[1]);
+    CUMO_CHECK(b && e, pre, tn, ": data_offsets must be non-negative integers, got [",
+               detail::describe((*off)[0]), ", ", detail::describe((*off)[1]), "]");
+    CUMO_CHECK(*b <= *e, pre, tn, ": data_offsets [", *b, ", ", *e, "] have begin > end");
+    CUMO_CHECK(*e <= st.data_size_, pre, tn, ": data_offsets [", *b, ", ", *e,
+               "] run past the end of the data section (", st.data_size_, " bytes; truncated?)");
+    std::uint64_t nbytes = 0;
+    CUMO_CHECK(!__builtin_mul_overflow(numel, std::uint64_t(size_of(ti.dtype)), &nbytes) && nbytes == *e - *b, pre,
+               tn, ": ", ds, " shape ", ti.shape, " needs ", numel, " x ", size_of(ti.dtype),
+               " bytes but data_offsets [", *b, ", ", *e, "] span ", *e - *b);
+    ti.begin = std::size_t(*b);
+    ti.end = std::size_t(*e);
+    st.tensors_.emplace(name, std::move(ti));
+  }
+
+  // ---- layout: the tensors must tile [0, data_size) exactly ---------------------------------------------------
+  std::vector<const TensorInfo*> sorted;
+  sorted.reserve(st.tensors_.size());
+  for (const auto& [name, ti] : st.tensors_) sorted.push_back(&ti);
+  std::sort(sorted.begin(), sorted.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return std::tie(a->begin, a->end, a->name) < std::tie(b->begin, b->end, b->name);
+  });
+  std::size_t covered = 0;
+  const TensorInfo* last = nullptr;  // the tensor that ends at `covered`
+  for (const TensorInfo* ti : sorted) {
+    if (ti->begin < covered)
+      fail(pre, "tensor ", detail::quoted(ti->name), " (bytes [", ti->begin, ", ", ti->end, ")) overlaps tensor ",
+           detail::quoted(last->name), " (bytes [", last->begin, ", ", last->end, "))");
+    if (ti->begin > covered)
+      fail(pre, "bytes [", covered, ", ", ti->begin, ") of the data section belong to no tensor (a hole before ",
+           detail::quoted(ti->name), "); safetensors requires the tensors to cover the data section contiguously");
+    if (ti->end > covered || !last) last = ti;
+    covered = ti->end;
+    st.order_.push_back(ti->name);
+  }
+  CUMO_CHECK(covered == st.data_size_, pre, "the data section has ", st.data_size_, " bytes but the tensors cover only ",
+             covered, " (", st.data_size_ - covered, " trailing bytes; corrupt file?)");
+  return st;
+}
+
+inline SafeTensors SafeTensors::open(const std::string& path) {
+  const std::string pre = "safetensors: " + detail::quoted(path) + ": ";
+#if CUMO_IO_POSIX
+  // O_NONBLOCK: opening a FIFO someone named by mistake must not hang; it is rejected below as not a regular file.
+  detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  CUMO_CHECK(fd.fd >= 0, pre, "cannot open: ", std::strerror(errno));
+  struct stat st {};
+  CUMO_CHECK(::fstat(fd.fd, &st) == 0, pre, "cannot stat: ", std::strerror(errno));
+  CUMO_CHECK(S_ISREG(st.st_mode), pre, "not a regular file");
+  CUMO_CHECK(st.st_size >= 8, pre, "file is ", st.st_size, " bytes, too short for the 8-byte header length (truncated?)");
+  CUMO_CHECK(std::uint64_t(st.st_size) <= std::numeric_limits<std::size_t>::max(), pre,
+             "file is too large to map in this address space");
+  auto map = std::make_shared<detail::Mapping>();
+  map->len = std::size_t(st.st_size);
+  map->addr = ::mmap(nullptr, map->len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.fd, 0);
+  if (map->addr == MAP_FAILED) {
+    const int err = errno;
+    map->addr = nullptr;
+    fail(pre, "cannot mmap ", map->len, " bytes: ", std::strerror(err));
+  }
+  const auto* p = static_cast<const std::uint8_t*>(map->addr);
+  return from_bytes(p, map->len, std::shared_ptr<void>(map, map->addr), path);
+#else
+  std::ifstream f(path, std::ios::binary);
+  CUMO_CHECK(f, pre, "cannot open");
+  auto bytes = std::make_shared<std::vector<std::uint8_t>>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  CUMO_CHECK(!f.bad(), pre, "read error");
+  return parse(std::move(bytes), path);
+#endif
+}
+
+// The file image save() would write, in memory (tests, fuzzing round trips, sending over a network).
+inline std::vector<std::uint8_t> serialize(const std::vector<std::pair<std::string, Tensor>>& tensors,
+                                           const std::map<std::string, std::string>& metadata = {}) {
+  const detail::SavePlan plan = detail::plan_save(tensors, metadata, "safetensors::serialize");
+  std::vector<std::uint8_t> out;
+  out.reserve(8 + plan.header.size() + plan.data_bytes);
+  detail::emit(plan, [&](const void* p, std::size_t n) {
+    const auto* c = static_cast<const std::uint8_t*>(p);
+    out.insert(out.end(), c, c + n);
+  });
+  return out;
+}
+
+// Writes atomically: a temporary file in the target's directory, fsync, rename over the target, fsync the
+// directory. A crash or an error at any point leaves either the old file or the complete new one, never a torn
+// file, and no temporary behind (on error). Tensors may be strided or on CUDA; they are copied out one at a time.
+inline void save(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                 const std::map<std::string, std::string>& metadata = {}) {
+  const std::string where = "safetensors::save(" + detail::quoted(path) + ")";
+  const detail::SavePlan plan = detail::plan_save(tensors, metadata, where);
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  CUMO_CHECK(!target.filename().empty(), where, ": path names a directory, not a file");
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+#if CUMO_IO_POSIX
+  std::string tmp = (dir / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
+  detail::Fd fd(::mkstemp(tmp.data()));
+  CUMO_CHECK(fd.fd >= 0, where, ": cannot create a temporary file in ", detail::quoted(dir.string()), ": ",
+             std::strerror(errno));
+  // From here on, any failure removes the temporary; the target is only ever replaced by rename().
+  struct Unlink {
+    const std::string* tmp;
+    bool armed = true;
+    ~Unlink() {
+      if (armed) ::unlink(tmp->c_str());
+    }
+  } cleanup{&tmp};
+  // mkstemp creates 0600; keep the mode of the file we replace, or the usual 0644 for a new one.
+  struct stat old {};
+  ::fchmod(fd.fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : 0644);
+  detail::emit(plan, [&](const void* p, std::size_t n) { detail::write_all(fd.fd, p, n, tmp); });
+  CUMO_CHECK(::fsync(fd.fd) == 0, where, ": fsync of ", detail::quoted(tmp), " failed: ", std::strerror(errno));
+  // close() can report deferred write errors (NFS), so it is checked too.
+  CUMO_CHECK(::close(fd.release()) == 0, where, ": close of ", detail::quoted(tmp), " failed: ", std::strerror(errno));
+  CUMO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, where, ": cannot rename ", detail::quoted(tmp),
+             " over the target: ", std::strerror(errno));
+  cleanup.armed = false;
+  // Make the rename itself durable. Best effort: the new file is already complete and in place, so a failure here
+  // (some filesystems refuse fsync on directories) is not worth an exception.
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
+  }
+#else
+  const fs::path tmp = dir / ("." + target.filename().string() + ".tmp");
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    CUMO_CHECK(f, where, ": cannot create a temporary file in ", detail::quoted(dir.string()));
+    try {
+      detail::emit(plan, [&](const void* p, std::size_t n) {
+        f.write(static_cast<const char*>(p), std::streamsize(n));
+        CUMO_CHECK(f, where, ": writing ", detail::quoted(tmp.string()), " failed");
+      });
+      f.flush();
+      CUMO_CHECK(f, where, ": writing ", detail::quoted(tmp.string()), " failed");
+    } catch (...) {
+      f.close();
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      throw;
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    fail(where, ": cannot rename the temporary over the target");
+  }
+#endif
+}
+
+}  // namespace cumo::io

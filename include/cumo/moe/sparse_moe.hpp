@@ -1,0 +1,218 @@
+#pragma once
+// SparseMoE<Router, Expert, Backend>: the sparse block y_t = Σ_k w_tk · Expert_{e_tk}(x_t), with its auxiliary
+// losses and an explicit backward. The forward saves what the backward needs; one backward per forward.
+//
+//   x (T, H) ─ router ─→ logits (T, E) → probs → top-k idx, w (T, K)
+//            ─ plan (counting sort of the T·K choices by expert) → gather → xs (rows, H)
+//            ─ experts (grouped GEMMs over expert-contiguous rows) → out (rows, H)
+//            ─ combine (each token sums its k weighted rows, slot order) → y (T, H)
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "cumo/backend/cpu.hpp"
+#include "cumo/core/parameter.hpp"
+#include "cumo/core/rng.hpp"
+#include "cumo/moe/expert.hpp"
+#include "cumo/moe/router.hpp"
+#include "cumo/moe/types.hpp"
+
+namespace cumo {
+
+struct SparseMoEOptions {
+  bool renormalize = true;                      // w / Σ w over the chosen k (Mixtral, CuMo)
+  BalanceCounts balance = BalanceCounts::top1;  // which counts the balance loss's gradient uses
+  float capacity_factor = 0.f;                  // 0 = dropless; else capacity = ceil(k · T · cf / E) per expert
+  std::int64_t min_capacity = 0;                // lower bound on the capacity when one is set
+  float jitter = 0.f;                           // router input jitter while training
+  bool check_finite = true;                     // reject NaN/Inf in x (costs one pass over x)
+};
+
+struct ForwardArgs {
+  std::int64_t segments = 1;  // images in the batch: aux losses are reduced per image, then averaged (CuMo)
+  bool training = true;
+};
+
+template <class RouterT, class ExpertT, class Backend = backend::Cpu>
+class SparseMoE {
+  static_assert(is_router<RouterT>::value,
+                "SparseMoE<Router, Expert, Backend>: the first argument must be a Router<TopK<K>>");
+  static_assert(is_expert<ExpertT>::value,
+                "SparseMoE<Router, Expert, Backend>: the second argument must be Expert<MLP<Act>> or "
+                "Expert<GatedMLP<Act>>");
+
+ public:
+  using router_type = RouterT;
+  using expert_type = ExpertT;
+  using backend_type = Backend;
+  using topk_type = typename RouterT::topk_type;
+
+  struct Output {
+    Tensor y;        // (T, H)
+    AuxLosses aux;   // balance (both countings) and z-loss of this forward
+  };
+
+  SparseMoE(std::int64_t hidden, std::int64_t ffn, int experts, SparseMoEOptions options = {},
+            topk_type topk = {})
+      : router_(hidden, experts, topk, RouterOptions{options.renormalize, options.jitter}, Backend::device),
+        experts_(experts, hidden, ffn, Backend::device),
+        options_(options) {
+    CUMO_CHECK(ffn >= 1, "SparseMoE: ffn must be positive, got ", ffn);
+    CUMO_CHECK(options.capacity_factor >= 0.f, "SparseMoE: capacity_factor must be >= 0, got ",
+               options.capacity_factor);
+  }
+
+  // Fresh weights: PyTorch nn.Linear default init for every expert and the router.
+  void reset_parameters(Rng& rng) {
+    experts_.reset_parameters(rng);
+    router_.reset_parameters(rng);
+  }
+
+  RouterT& router() { return router_; }
+  const RouterT& router() const { return router_; }
+  ExpertT& experts() { return experts_; }
+  const ExpertT& experts() const { return experts_; }
+  const SparseMoEOptions& options() const { return options_; }
+  std::int64_t hidden() const { return router_.hidden(); }
+  int num_experts() const { return router_.experts(); }
+  int top_k() const { return router_.k(); }
+
+  ParameterList parameters() {
+    ParameterList p = experts_.parameters();
+    p.push_back(&router_.weight);
+    return p;
+  }
+  void zero_grad() { cumo::zero_grad(parameters()); }
+
+  // ---- forward ----------------------------------------------------------------------------------------------
+  Output forward(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
+    constexpr const char* where = "SparseMoE::forward";
+    check_device(where, "x", x, Backend::device);
+    check_dtype(where, "x", x, DType::f32);
+    CUMO_CHECK(x.dim() == 2, where, ": x has shape ", x.shape(), " but expected (tokens, ", hidden(), ")");
+    CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
+               hidden());
+    const std::int64_t T = x.size(0);
+    CUMO_CHECK(T > 0, where, ": x has shape ", x.shape(), " — zero tokens");
+    CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
+               args.segments, " equal segments (images)");
+    const Tensor xc = x.contiguous();
+    if (options_.check_finite)
+      CUMO_CHECK(Backend::all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
+
+    const int E = num_experts(), K = top_k();
+    saved_ = {};
+    saved_.segments = args.segments;
+    saved_.x = xc;
+    router_.template forward<Backend>(xc, args.training, rng, saved_.router);  // (T, E), (T, K)
+
+    Output out;
+    out.aux = new_aux();
+    Backend::aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
+
+    DispatchPlan& plan = saved_.plan;
+    plan.tokens = T;
+    plan.experts = E;
+    plan.top_k = K;
+    plan.capacity = capacity(T);
+    plan.demand = Tensor::empty({E}, DType::i32, Backend::device);
+    plan.counts = Tensor::empty({E}, DType::i32, Backend::device);
+    plan.offsets = Tensor::empty({E + 1}, DType::i32, Backend::device);
+    plan.row_of_slot = Tensor::empty({T * K}, DType::i32, Backend::device);
+    plan.slot_of_row = Tensor::empty({T * K}, DType::i32, Backend::device);
+    Backend::make_plan(saved_.router.topk_idx, plan);
+
+    saved_.xs = Tensor::empty({T * K, hidden()}, DType::f32, Backend::device);
+    saved_.out = Tensor::empty({T * K, hidden()}, DType::f32, Backend::device);
+    Backend::gather_rows(xc, plan, saved_.xs);                                              // (rows, H)
+    experts_.template forward<Backend>(saved_.xs, plan, saved_.experts, saved_.out);        // (rows, H)
+    out.y = Tensor::empty({T, hidden()}, DType::f32, Backend::device);
+    Backend::combine(saved_.out, saved_.router.topk_w, plan, out.y);                        // (T, H)
+    saved_.valid = true;
+    return out;
+  }
+
+  // ---- backward ---------------------------------------------------------------------------------------------
+  // dy (T, H) = d objective / d y; `aux` = the coefficients of the balance and z losses in the objective.
+  // Accumulates every parameter gradient and returns d objective / d x (T, H).
+  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
+    constexpr const char* where = "SparseMoE::backward";
+    CUMO_CHECK(saved_.valid, where, ": no saved forward (call forward first; one backward per forward)");
+    check_device(where, "dy", dy, Backend::device);
+    check_dtype(where, "dy", dy, DType::f32);
+    check_same_shape(where, "dy", dy, "y", saved_.x);
+    const Tensor dyc = dy.contiguous();
+    const DispatchPlan& plan = saved_.plan;
+    const RouterOutput& r = saved_.router;
+    const std::int64_t T = plan.tokens, H = hidden();
+    const int E = num_experts(), K = top_k();
+
+    // combine: d out rows and d topk weights
+    Tensor dout = Tensor::empty({T * K, H}, DType::f32, Backend::device);
+    Tensor dw = Tensor::empty({T, K}, DType::f32, Backend::device);
+    Backend::combine_backward(dyc, saved_.out, r.topk_w, plan, dout, dw);  // (rows, H), (T, K)
+
+    // experts, then the gather's transpose: every token sums its k row gradients
+    Tensor dxs = Tensor::empty({T * K, H}, DType::f32, Backend::device);
+    experts_.template backward<Backend>(saved_.xs, dout, plan, saved_.experts, dxs);  // (rows, H)
+    Tensor dx = Tensor::zeros({T, H}, DType::f32, Backend::device);
+    Backend::scatter_add_rows(dxs, plan, dx);  // (T, H)
+
+    // router: top-k weights → probs (+ balance) → logits (+ z) → weight and input
+    Tensor dprobs = Tensor::zeros({T, E}, DType::f32, Backend::device);
+    Tensor dlogits = Tensor::zeros({T, E}, DType::f32, Backend::device);
+    Backend::topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
+    Backend::aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                                 AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
+    Backend::softmax_backward(r.probs, dprobs, dlogits);  // (T, E)
+    Backend::aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                                 AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
+    router_.template backward<Backend>(r, dlogits, dx);  // (E, H), (T, H)
+    saved_.valid = false;
+    return dx;
+  }
+
+  // ---- what the last forward did ----------------------------------------------------------------------------
+  const RouterOutput& router_output() const { return saved_.router; }
+  const DispatchPlan& plan() const { return saved_.plan; }
+  ExpertLoad load() const {
+    ExpertLoad l;
+    if (!saved_.plan.counts.defined()) return l;
+    const Tensor counts = saved_.plan.counts.to(Device::cpu);
+    const Tensor demand = saved_.plan.demand.to(Device::cpu);
+    for (int e = 0; e < num_experts(); ++e) {
+      l.tokens.push_back(counts.data<std::int32_t>()[e]);
+      l.dropped += demand.data<std::int32_t>()[e] - counts.data<std::int32_t>()[e];
+    }
+    return l;
+  }
+  // Capacity per expert for T tokens (-1 = dropless): ceil(k · T · cf / E), at least min_capacity.
+  std::int64_t capacity(std::int64_t T) const {
+    if (options_.capacity_factor <= 0.f) return -1;
+    const auto c = std::int64_t(std::ceil(double(top_k()) * double(T) * options_.capacity_factor / num_experts()));
+    return c > options_.min_capacity ? c : options_.min_capacity;
+  }
+
+ private:
+  AuxLosses new_aux() const {
+    return {Tensor::zeros({1}, DType::f32, Backend::device), Tensor::zeros({1}, DType::f32, Backend::device),
+            Tensor::zeros({1}, DType::f32, Backend::device)};
+  }
+
+  struct Saved {
+    bool valid = false;
+    std::int64_t segments = 1;
+    Tensor x;
+    RouterOutput router;
+    DispatchPlan plan;
+    Tensor xs, out;  // (T*K, H) permuted inputs and unweighted expert outputs
+    typename ExpertT::Saved experts;
+  };
+
+  RouterT router_;
+  ExpertT experts_;
+  SparseMoEOptions options_;
+  Saved saved_;
+};
+
+}  // namespace cumo

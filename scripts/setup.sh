@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cumo builds and tests with, if any are missing. Idempotent; needs root (or sudo).
+set -euo pipefail
+packages=(
+  cmake g++ make pkg-config ccache
+  libeigen3-dev          # CPU backend
+  nlohmann-json3-dev     # safetensors headers, configs
+  libstb-dev             # image loading (PNG/JPEG)
+  doctest-dev            # tests
+  libbenchmark-dev       # benchmarks
+  libopenblas-dev        # optional BLAS for the CPU GEMMs (benchmarked beside Eigen's own)
+  clang libclang-rt-14-dev  # libFuzzer harness for the safetensors parser
+  python3
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup.sh: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup.sh: all packages present"
+fi
