@@ -1,0 +1,3 @@
+// must not compile: a Router over something that is not a TopK policy
+#include <cumo/moe.hpp>
+cumo::Router<int> r(16, 4);
