@@ -255,3 +255,19 @@ TEST_CASE("bad input: shape mismatch, K > E, zero tokens, NaN, backward misuse g
   CHECK_THROWS_WITH_AS(moe.backward(Tensor::zeros({4, 1024})),
                        "SparseMoE::backward: dy has shape (4, 1024) but y has shape (3, 1024)", Error);
 }
+
+TEST_CASE("upcycling: a connector-shaped dense MLP (hidden → other width) is reproduced too") {
+  Rng rng(81);
+  const std::int64_t H = 12, F = 20, O = 9, T = 15;
+  DenseMLPWeights d{randn({F, H}, rng, 0.3f), randn({F}, rng, 0.1f), randn({O, F}, rng, 0.3f), randn({O}, rng, 0.1f)};
+  auto moe = upcycle_from_dense<SparseMoE<Router<TopK<2>>, Expert<MLP<GELU>>>>(d, 4, rng);
+  CHECK(moe.out_features() == O);
+  const Tensor x = randn({T, H}, rng);
+  Tensor h = Tensor::empty({T, F}), y = Tensor::empty({T, O});
+  cpu::linear(x, d.fc1_weight, &d.fc1_bias, h);
+  cpu::activation_forward<GELU>(h, T, h);
+  cpu::linear(h, d.fc2_weight, &d.fc2_bias, y);
+  CHECK(rel_error(moe.forward(x).y, y) < 1e-6);
+  CHECK_THROWS_WITH_AS(moe.backward(Tensor::zeros({T, H})),
+                       doctest::Contains("dy has shape (15, 12) but y has shape (15, 9)"), Error);
+}

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/io/safetensors.hpp"
+#include "parity/models.hpp"
 #include "parity/moe.hpp"
 #include "parity/report.hpp"
 #if defined(__CUDACC__)
@@ -29,6 +30,16 @@ std::map<std::string, Runner> kinds() {
       {"moe_mlp", run_moe_mlp<Backend>},
       {"moe_swiglu", run_moe_swiglu<Backend>},
   };
+}
+
+// Model kinds run on the CPU backend only so far (the model layers have no CUDA backend yet).
+void add_model_kinds(std::map<std::string, Runner>& table) {
+  using namespace cumo::parity;
+  table["clip_vision"] = run_clip_vision;
+  table["mistral"] = run_mistral;
+  table["qwen2"] = run_qwen2;
+  table["mixtral"] = run_mixtral;
+  table["llava"] = run_llava;
 }
 
 int usage() {
@@ -56,6 +67,7 @@ int main(int argc, char** argv) {
   std::map<std::string, Runner> table;
   if (device == "cpu") {
     table = kinds<cumo::backend::Cpu>();
+    add_model_kinds(table);
   } else if (device == "cuda") {
 #if defined(__CUDACC__)
     int n = 0;

@@ -1,8 +1,9 @@
 #pragma once
 // Expert<MLP<Act>> and Expert<GatedMLP<Act>>: the E experts of a block, their weights stacked along a leading
 // expert dimension in Hugging Face's fused layout, run as grouped GEMMs over expert-contiguous rows.
-//   MLP:      out = fc2(Act(fc1(x)))                 fc1 (E, F, H) + bias (E, F), fc2 (E, H, F) + bias (E, H)
-//   GatedMLP: out = down(Act(gate(x)) ⊙ up(x))       gate_up_proj (E, 2F, H) [gate rows, then up], down_proj (E, H, F)
+//   MLP:      out = fc2(Act(fc1(x)))                 fc1 (E, F, H) + bias (E, F), fc2 (E, O, F) + bias (E, O)
+//   GatedMLP: out = down(Act(gate(x)) ⊙ up(x))       gate_up_proj (E, 2F, H) [gate rows, then up], down_proj (E, O, F)
+// O, the output width, is H unless given (the LLaVA connector maps vision width to text width).
 #include <cmath>
 #include <cstdint>
 
@@ -65,20 +66,23 @@ class Expert<MLP<Act>> {
     Tensor a;  // (rows, F) Act(h)
   };
 
-  Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu)
+  // out = 0 means out = hidden; the LLaVA connector's experts map vision width to text width.
+  Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu, std::int64_t out = 0)
       : fc1_weight("experts.fc1.weight", Tensor::zeros({experts, ffn, hidden}, DType::f32, device)),
         fc1_bias("experts.fc1.bias", Tensor::zeros({experts, ffn}, DType::f32, device)),
-        fc2_weight("experts.fc2.weight", Tensor::zeros({experts, hidden, ffn}, DType::f32, device)),
-        fc2_bias("experts.fc2.bias", Tensor::zeros({experts, hidden}, DType::f32, device)),
+        fc2_weight("experts.fc2.weight", Tensor::zeros({experts, out ? out : hidden, ffn}, DType::f32, device)),
+        fc2_bias("experts.fc2.bias", Tensor::zeros({experts, out ? out : hidden}, DType::f32, device)),
         experts_(experts),
         hidden_(hidden),
-        ffn_(ffn) {}
+        ffn_(ffn),
+        out_(out ? out : hidden) {}
 
   Parameter fc1_weight, fc1_bias, fc2_weight, fc2_bias;
 
   int experts() const { return experts_; }
   std::int64_t hidden() const { return hidden_; }
   std::int64_t ffn() const { return ffn_; }
+  std::int64_t out_features() const { return out_; }
   ParameterList parameters() { return {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias}; }
 
   void reset_parameters(Rng& rng) {
@@ -97,7 +101,7 @@ class Expert<MLP<Act>> {
     }
   }
 
-  // xs (rows, H) in expert-contiguous order → out (rows, H)
+  // xs (rows, H) in expert-contiguous order → out (rows, out_features)
   template <class Backend>
   void forward(const Tensor& xs, const DispatchPlan& plan, Saved& saved, Tensor& out) const {
     const std::int64_t cap = xs.size(0), rows = plan.rows();
@@ -105,10 +109,10 @@ class Expert<MLP<Act>> {
     saved.a = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
     Backend::grouped_linear(xs, fc1_weight.value, &fc1_bias.value, plan, saved.h);  // (rows, F)
     Backend::template activation_forward<Act>(saved.h, rows, saved.a);               // (rows, F)
-    Backend::grouped_linear(saved.a, fc2_weight.value, &fc2_bias.value, plan, out);  // (rows, H)
+    Backend::grouped_linear(saved.a, fc2_weight.value, &fc2_bias.value, plan, out);  // (rows, out)
   }
 
-  // dout (rows, H) → dxs (rows, H); weight and bias gradients accumulate.
+  // dout (rows, out) → dxs (rows, H); weight and bias gradients accumulate.
   template <class Backend>
   void backward(const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
                 Tensor& dxs) {
@@ -123,7 +127,7 @@ class Expert<MLP<Act>> {
 
  private:
   int experts_;
-  std::int64_t hidden_, ffn_;
+  std::int64_t hidden_, ffn_, out_;
 };
 
 template <Activation Act>
@@ -137,18 +141,20 @@ class Expert<GatedMLP<Act>> {
     Tensor a;  // (rows, F)  Act(gate) ⊙ up
   };
 
-  Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu)
+  Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu, std::int64_t out = 0)
       : gate_up_proj("experts.gate_up_proj", Tensor::zeros({experts, 2 * ffn, hidden}, DType::f32, device)),
-        down_proj("experts.down_proj", Tensor::zeros({experts, hidden, ffn}, DType::f32, device)),
+        down_proj("experts.down_proj", Tensor::zeros({experts, out ? out : hidden, ffn}, DType::f32, device)),
         experts_(experts),
         hidden_(hidden),
-        ffn_(ffn) {}
+        ffn_(ffn),
+        out_(out ? out : hidden) {}
 
   Parameter gate_up_proj, down_proj;
 
   int experts() const { return experts_; }
   std::int64_t hidden() const { return hidden_; }
   std::int64_t ffn() const { return ffn_; }
+  std::int64_t out_features() const { return out_; }
   ParameterList parameters() { return {&gate_up_proj, &down_proj}; }
 
   void reset_parameters(Rng& rng) {
@@ -193,7 +199,7 @@ class Expert<GatedMLP<Act>> {
 
  private:
   int experts_;
-  std::int64_t hidden_, ffn_;
+  std::int64_t hidden_, ffn_, out_;
 };
 
 template <class T>

@@ -48,14 +48,15 @@ class SparseMoE {
   using topk_type = typename RouterT::topk_type;
 
   struct Output {
-    Tensor y;        // (T, H)
+    Tensor y;        // (T, O), O = out_features (= H unless set)
     AuxLosses aux;   // balance (both countings) and z-loss of this forward
   };
 
+  // out_features = 0: the block maps hidden → hidden; else hidden → out_features (a connector).
   SparseMoE(std::int64_t hidden, std::int64_t ffn, int experts, SparseMoEOptions options = {},
-            topk_type topk = {})
+            topk_type topk = {}, std::int64_t out_features = 0)
       : router_(hidden, experts, topk, RouterOptions{options.renormalize, options.jitter}, Backend::device),
-        experts_(experts, hidden, ffn, Backend::device),
+        experts_(experts, hidden, ffn, Backend::device, out_features),
         options_(options) {
     CUMO_CHECK(ffn >= 1, "SparseMoE: ffn must be positive, got ", ffn);
     CUMO_CHECK(options.capacity_factor >= 0.f, "SparseMoE: capacity_factor must be >= 0, got ",
@@ -74,6 +75,7 @@ class SparseMoE {
   const ExpertT& experts() const { return experts_; }
   const SparseMoEOptions& options() const { return options_; }
   std::int64_t hidden() const { return router_.hidden(); }
+  std::int64_t out_features() const { return experts_.out_features(); }
   int num_experts() const { return router_.experts(); }
   int top_k() const { return router_.k(); }
 
@@ -123,24 +125,25 @@ class SparseMoE {
     Backend::make_plan(saved_.router.topk_idx, plan);
 
     saved_.xs = Tensor::empty({T * K, hidden()}, DType::f32, Backend::device);
-    saved_.out = Tensor::empty({T * K, hidden()}, DType::f32, Backend::device);
+    saved_.out = Tensor::empty({T * K, out_features()}, DType::f32, Backend::device);
     Backend::gather_rows(xc, plan, saved_.xs);                                              // (rows, H)
-    experts_.template forward<Backend>(saved_.xs, plan, saved_.experts, saved_.out);        // (rows, H)
-    out.y = Tensor::empty({T, hidden()}, DType::f32, Backend::device);
-    Backend::combine(saved_.out, saved_.router.topk_w, plan, out.y);                        // (T, H)
+    experts_.template forward<Backend>(saved_.xs, plan, saved_.experts, saved_.out);        // (rows, O)
+    out.y = Tensor::empty({T, out_features()}, DType::f32, Backend::device);
+    Backend::combine(saved_.out, saved_.router.topk_w, plan, out.y);                        // (T, O)
     saved_.valid = true;
     return out;
   }
 
   // ---- backward ---------------------------------------------------------------------------------------------
-  // dy (T, H) = d objective / d y; `aux` = the coefficients of the balance and z losses in the objective.
+  // dy (T, O) = d objective / d y; `aux` = the coefficients of the balance and z losses in the objective.
   // Accumulates every parameter gradient and returns d objective / d x (T, H).
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
     constexpr const char* where = "SparseMoE::backward";
     CUMO_CHECK(saved_.valid, where, ": no saved forward (call forward first; one backward per forward)");
     check_device(where, "dy", dy, Backend::device);
     check_dtype(where, "dy", dy, DType::f32);
-    check_same_shape(where, "dy", dy, "y", saved_.x);
+    CUMO_CHECK(dy.dim() == 2 && dy.size(0) == saved_.plan.tokens && dy.size(1) == out_features(), where,
+               ": dy has shape ", dy.shape(), " but y has shape ", Shape{saved_.plan.tokens, out_features()});
     const Tensor dyc = dy.contiguous();
     const DispatchPlan& plan = saved_.plan;
     const RouterOutput& r = saved_.router;
@@ -148,9 +151,9 @@ class SparseMoE {
     const int E = num_experts(), K = top_k();
 
     // combine: d out rows and d topk weights
-    Tensor dout = Tensor::empty({T * K, H}, DType::f32, Backend::device);
+    Tensor dout = Tensor::empty({T * K, out_features()}, DType::f32, Backend::device);
     Tensor dw = Tensor::empty({T, K}, DType::f32, Backend::device);
-    Backend::combine_backward(dyc, saved_.out, r.topk_w, plan, dout, dw);  // (rows, H), (T, K)
+    Backend::combine_backward(dyc, saved_.out, r.topk_w, plan, dout, dw);  // (rows, O), (T, K)
 
     // experts, then the gather's transpose: every token sums its k row gradients
     Tensor dxs = Tensor::empty({T * K, H}, DType::f32, Backend::device);

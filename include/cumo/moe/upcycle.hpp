@@ -12,7 +12,7 @@ MoE upcycle_from_dense(const DenseMLPWeights& dense, int experts, Rng& rng, Spar
   static_assert(!MoE::expert_type::gated, "upcycle_from_dense(DenseMLPWeights): the block's experts must be MLP<Act>");
   CUMO_CHECK(dense.fc1_weight.dim() == 2, "upcycle_from_dense: fc1.weight has shape ", dense.fc1_weight.shape(),
              " but expected (ffn, hidden)");
-  MoE moe(dense.fc1_weight.size(1), dense.fc1_weight.size(0), experts, options, topk);
+  MoE moe(dense.fc1_weight.size(1), dense.fc1_weight.size(0), experts, options, topk, dense.fc2_weight.size(0));
   moe.experts().copy_from_dense(dense);
   moe.router().reset_parameters(rng);
   return moe;
@@ -25,7 +25,7 @@ MoE upcycle_from_dense(const DenseGatedWeights& dense, int experts, Rng& rng, Sp
                 "upcycle_from_dense(DenseGatedWeights): the block's experts must be GatedMLP<Act>");
   CUMO_CHECK(dense.gate_proj.dim() == 2, "upcycle_from_dense: gate_proj has shape ", dense.gate_proj.shape(),
              " but expected (ffn, hidden)");
-  MoE moe(dense.gate_proj.size(1), dense.gate_proj.size(0), experts, options, topk);
+  MoE moe(dense.gate_proj.size(1), dense.gate_proj.size(0), experts, options, topk, dense.down_proj.size(0));
   moe.experts().copy_from_dense(dense);
   moe.router().reset_parameters(rng);
   return moe;

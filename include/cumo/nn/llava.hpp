@@ -1,0 +1,119 @@
+#pragma once
+// nn::Llava — LLaVA-1.5 (HF LlavaForConditionalGeneration): CLIP features of layer feature_layer (−2) without CLS
+// → Connector → written, in order, into the rows whose input id is image_token_id (the prompt already holds one
+// such id per patch, as HF's processor expands it) → the decoder LM and its causal-LM loss.
+// The embedding table gets no gradient from the image rows (HF's masked_scatter replaces them).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cumo/nn/connector.hpp"
+#include "cumo/nn/decoder.hpp"
+#include "cumo/nn/vit.hpp"
+
+namespace cumo::nn {
+
+struct LlavaConfig {
+  VisionConfig vision;
+  DecoderConfig text;
+  std::int64_t image_token_id = -1;
+
+  static LlavaConfig from_json(const nlohmann::json& j) {
+    LlavaConfig c;
+    c.vision = VisionConfig::from_json(j.at("vision_config"));
+    c.text = DecoderConfig::from_json(j.at("text_config"));
+    c.image_token_id = j.contains("image_token_id") ? j["image_token_id"].get<std::int64_t>()
+                                                    : j.at("image_token_index").get<std::int64_t>();
+    c.vision.feature_layer = j.value("vision_feature_layer", -2);
+    const std::string strategy = j.value("vision_feature_select_strategy", std::string("default"));
+    CUMO_CHECK(strategy == "default", "LlavaConfig: vision_feature_select_strategy '", strategy,
+               "' is not supported (only 'default': drop CLS)");
+    const std::string act = j.value("projector_hidden_act", std::string("gelu"));
+    CUMO_CHECK(act == "gelu", "LlavaConfig: projector_hidden_act '", act, "' is not supported (only erf 'gelu')");
+    return c;
+  }
+};
+
+class Llava {
+ public:
+  explicit Llava(LlavaConfig c)
+      : vision_tower(c.vision, "model.vision_tower."),
+        projector("model.multi_modal_projector", c.vision.hidden, c.text.hidden),
+        language_model(c.text, "model.language_model.", "lm_head"),
+        cfg_(c) {}
+
+  ClipVision vision_tower;
+  Connector projector;
+  DecoderLM language_model;
+
+  const LlavaConfig& config() const { return cfg_; }
+  ParameterList parameters() {
+    ParameterList p = vision_tower.parameters();
+    projector.collect(p);
+    for (Parameter* q : language_model.parameters()) p.push_back(q);
+    return p;
+  }
+
+  // ids, labels (B*T); pixels (images, C, S, S) with images · patches == the number of image tokens.
+  DecoderLM::Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
+                            const std::vector<std::int64_t>* labels = nullptr,
+                            const std::vector<std::uint8_t>* key_valid = nullptr) {
+    constexpr const char* where = "Llava::forward";
+    CUMO_CHECK(std::int64_t(ids.size()) == B * T, where, ": ", ids.size(), " ids for B = ", B, ", T = ", T);
+    is_image_.assign(ids.size(), false);
+    std::int64_t n_img = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      if (ids[i] == cfg_.image_token_id) {
+        is_image_[i] = true;
+        ++n_img;
+      }
+    // The table has no row for a placeholder id outside the vocabulary; embed a valid id there instead.
+    std::vector<std::int64_t> safe = ids;
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      if (is_image_[i] && (safe[i] < 0 || safe[i] >= cfg_.text.vocab)) safe[i] = 0;
+    Tensor emb = language_model.embed(safe);  // (B*T, Ht)
+    if (pixels.defined() && pixels.numel() > 0) {
+      const auto vis = vision_tower.forward(pixels, /*all_layers=*/true);
+      const Tensor proj = projector.forward(vis.features, pixels.size(0));  // (images*N, Ht)
+      CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
+                 ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
+                 cfg_.vision.patches(), " patches)");
+      const std::int64_t H = cfg_.text.hidden;
+      std::int64_t k = 0;
+      for (std::size_t i = 0; i < ids.size(); ++i)
+        if (is_image_[i]) std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + std::int64_t(i) * H);
+      has_images_ = true;
+    } else {
+      CUMO_CHECK(n_img == 0, where, ": the prompt has ", n_img, " image tokens but no pixel_values were given");
+      has_images_ = false;
+    }
+    return language_model.forward_embeds(emb, B, T, labels, key_valid);
+  }
+
+  // Back-propagates the last forward's loss (scaled by dloss) through all three parts.
+  void backward(float dloss = 1.f, AuxLossWeights vision_aux = {}, AuxLossWeights projector_aux = {}) {
+    const Tensor demb = language_model.backward(dloss);  // (B*T, Ht)
+    language_model.backward_embeddings(demb, &is_image_);
+    if (!has_images_) return;
+    const std::int64_t H = cfg_.text.hidden;
+    std::int64_t n = 0;
+    for (bool b : is_image_) n += b;
+    Tensor dproj = matrix(n, H);
+    std::int64_t k = 0;
+    for (std::size_t i = 0; i < is_image_.size(); ++i)
+      if (is_image_[i]) std::copy_n(demb.data<float>() + std::int64_t(i) * H, H, dproj.data<float>() + (k++) * H);
+    const Tensor dfeat = projector.backward(dproj, projector_aux);
+    last_dpixels_ = vision_tower.backward(dfeat, vision_aux);
+  }
+  const Tensor& last_dpixels() const { return last_dpixels_; }
+
+ private:
+  LlavaConfig cfg_;
+  std::vector<bool> is_image_;
+  bool has_images_ = false;
+  Tensor last_dpixels_;
+};
+
+}  // namespace cumo::nn

@@ -1,0 +1,179 @@
+#pragma once
+// Dense MLPs and the slot that holds either one or a SparseMoE of the same expert type.
+//   DenseMLP<Act>:      fc2(Act(fc1 x)), biases (CLIP: fc1/fc2, quick_gelu; LLaVA connector: linear_1/linear_2, GELU)
+//   DenseGatedMLP<Act>: down(Act(gate x) ⊙ up x), no biases (Mistral / Qwen2 SwiGLU)
+//   FeedForward<Dense, Sparse>: a std::variant of the two — how CuMo swaps every CLIP MLP and the connector for a
+//   top-k MoE (`upcycle()`), and how a Mixtral layer is built directly sparse.
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <variant>
+
+#include "cumo/moe.hpp"
+#include "cumo/nn/linear.hpp"
+
+namespace cumo::nn {
+
+template <Activation Act>
+class DenseMLP {
+ public:
+  using activation = Act;
+  using expert_kind = cumo::MLP<Act>;
+
+  DenseMLP() = default;
+  // names of the two linears inside `name`: CLIP "fc1"/"fc2", llava-hf's projector "linear_1"/"linear_2"
+  DenseMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn, std::int64_t out = 0,
+           const std::string& n1 = "fc1", const std::string& n2 = "fc2")
+      : fc1(name + "." + n1, hidden, ffn, true), fc2(name + "." + n2, ffn, out ? out : hidden, true) {}
+
+  Linear fc1, fc2;
+
+  std::int64_t hidden() const { return fc1.in_features(); }
+  std::int64_t ffn() const { return fc1.out_features(); }
+  void collect(ParameterList& out) {
+    fc1.collect(out);
+    fc2.collect(out);
+  }
+  DenseMLPWeights weights() const { return {fc1.weight.value, fc1.bias.value, fc2.weight.value, fc2.bias.value}; }
+
+  Tensor forward(const Tensor& x) {
+    h_ = fc1.forward(x);  // (N, F)
+    Tensor a = matrix(h_.size(0), h_.size(1));
+    const float* ph = h_.data<float>();
+    float* pa = a.data<float>();
+    for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(ph[i]);
+    return fc2.forward(a);  // (N, out)
+  }
+  Tensor backward(const Tensor& dy) {
+    Tensor da = fc2.backward(dy);  // (N, F)
+    const float* ph = h_.data<float>();
+    float* p = da.data<float>();
+    for (std::int64_t i = 0; i < da.numel(); ++i) p[i] *= Act::df(ph[i]);
+    return fc1.backward(da);
+  }
+
+ private:
+  Tensor h_;  // (N, F) pre-activation
+};
+
+template <Activation Act>
+class DenseGatedMLP {
+ public:
+  using activation = Act;
+  using expert_kind = cumo::GatedMLP<Act>;
+
+  DenseGatedMLP() = default;
+  DenseGatedMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn)
+      : gate_proj(name + ".gate_proj", hidden, ffn, false),
+        up_proj(name + ".up_proj", hidden, ffn, false),
+        down_proj(name + ".down_proj", ffn, hidden, false) {}
+
+  Linear gate_proj, up_proj, down_proj;
+
+  std::int64_t hidden() const { return gate_proj.in_features(); }
+  std::int64_t ffn() const { return gate_proj.out_features(); }
+  void collect(ParameterList& out) {
+    gate_proj.collect(out);
+    up_proj.collect(out);
+    down_proj.collect(out);
+  }
+  DenseGatedWeights weights() const { return {gate_proj.weight.value, up_proj.weight.value, down_proj.weight.value}; }
+
+  Tensor forward(const Tensor& x) {
+    g_ = gate_proj.forward(x);  // (N, F)
+    u_ = up_proj.forward(x);    // (N, F)
+    Tensor a = matrix(g_.size(0), g_.size(1));
+    const float *pg = g_.data<float>(), *pu = u_.data<float>();
+    float* pa = a.data<float>();
+    for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(pg[i]) * pu[i];
+    return down_proj.forward(a);  // (N, H)
+  }
+  Tensor backward(const Tensor& dy) {
+    const Tensor da = down_proj.backward(dy);  // (N, F)
+    Tensor dg = matrix(da.size(0), da.size(1)), du = matrix(da.size(0), da.size(1));
+    const float *pg = g_.data<float>(), *pu = u_.data<float>(), *pa = da.data<float>();
+    float *pdg = dg.data<float>(), *pdu = du.data<float>();
+    for (std::int64_t i = 0; i < da.numel(); ++i) {
+      pdg[i] = pa[i] * pu[i] * Act::df(pg[i]);
+      pdu[i] = pa[i] * Act::f(pg[i]);
+    }
+    Tensor dx = gate_proj.backward(dg);
+    add_(dx, up_proj.backward(du));
+    return dx;
+  }
+
+ private:
+  Tensor g_, u_;  // (N, F) gate and up pre-activations
+};
+
+// A dense MLP or a SparseMoE whose experts are that MLP's kind. Parameter names: the dense MLP's own, or
+// "<name>.gate.weight" / "<name>.experts.<...>" for the sparse block (HF's Mixtral naming, fused experts).
+template <class Dense, class Sparse>
+class FeedForward {
+  static_assert(std::is_same_v<typename Sparse::expert_type, Expert<typename Dense::expert_kind>>,
+                "FeedForward<Dense, Sparse>: the sparse block's experts must be of the dense MLP's kind "
+                "(DenseMLP<A> pairs with Expert<MLP<A>>, DenseGatedMLP<A> with Expert<GatedMLP<A>>)");
+
+ public:
+  using dense_type = Dense;
+  using sparse_type = Sparse;
+
+  FeedForward() = default;
+  FeedForward(std::string name, Dense dense) : name_(std::move(name)), impl_(std::move(dense)) {}
+  FeedForward(std::string name, Sparse sparse) : name_(std::move(name)), impl_(std::move(sparse)) { rename(); }
+
+  bool is_sparse() const { return std::holds_alternative<Sparse>(impl_); }
+  Dense& dense() { return std::get<Dense>(impl_); }
+  Sparse& sparse() { return std::get<Sparse>(impl_); }
+  const Sparse& sparse() const { return std::get<Sparse>(impl_); }
+  const std::string& name() const { return name_; }
+
+  // Replace the dense MLP by a top-k MoE whose every expert is a copy of it (CuMo stage 3), fresh seeded router.
+  void upcycle(int experts, int k, Rng& rng, SparseMoEOptions options = {}) {
+    CUMO_CHECK(!is_sparse(), "FeedForward::upcycle (", name_, "): already sparse");
+    impl_ = upcycle_from_dense<Sparse>(dense().weights(), experts, rng, options,
+                                       typename Sparse::topk_type{make_topk(k)});
+    rename();
+  }
+
+  void collect(ParameterList& out) {
+    if (is_sparse())
+      for (Parameter* p : sparse().parameters()) out.push_back(p);
+    else
+      dense().collect(out);
+  }
+
+  // x (N, H) → (N, H). For a sparse block the aux losses of this call are kept in last_aux().
+  Tensor forward(const Tensor& x, ForwardArgs args = {}) {
+    if (!is_sparse()) return dense().forward(x);
+    auto out = sparse().forward(x, args);
+    aux_ = out.aux;
+    return out.y;
+  }
+  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
+    return is_sparse() ? sparse().backward(dy, aux) : dense().backward(dy);
+  }
+  const AuxLosses& last_aux() const { return aux_; }
+
+ private:
+  static auto make_topk(int k) {
+    using P = typename Sparse::topk_type;
+    if constexpr (P::compile_time_k == 0) {
+      return P{k};
+    } else {
+      CUMO_CHECK(k == P::compile_time_k, "FeedForward::upcycle: this block is TopK<", P::compile_time_k,
+                 ">, asked for k = ", k);
+      return P{};
+    }
+  }
+  void rename() {
+    for (Parameter* p : sparse().parameters())
+      if (!p->name.starts_with(name_ + ".")) p->name = name_ + "." + p->name;
+  }
+
+  std::string name_;
+  std::variant<Dense, Sparse> impl_;
+  AuxLosses aux_;
+};
+
+}  // namespace cumo::nn

@@ -1,0 +1,124 @@
+#pragma once
+// Parity kinds `clip_vision`, `mistral`, `qwen2`, `mixtral`, `llava`: each model is built from the fixture's
+// metadata config alone (never the file name), its weights loaded through io::load_hf (the naming map included),
+// run forward and backward on the fixture's inputs and objective, and every output and every parameter gradient
+// is compared. A parameter with no `grad.` entry in the fixture (nothing reaches it in PyTorch: CLIP's last layer
+// and post_layernorm) must come out exactly zero here too.
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cumo/io/checkpoint_hf.hpp"
+#include "cumo/io/safetensors.hpp"
+#include "cumo/nn.hpp"
+#include "report.hpp"
+
+namespace cumo::parity {
+
+namespace detail {
+
+inline constexpr double kOutputTol = 1e-4, kGradTol = 1e-3;
+
+inline std::vector<std::int64_t> int_vector(const io::SafeTensors& f, const std::string& name) {
+  const Tensor t = f.get(name).to(DType::i64);
+  return std::vector<std::int64_t>(t.data<std::int64_t>(), t.data<std::int64_t>() + t.numel());
+}
+
+inline void load(const ParameterList& params, const io::SafeTensors& f) {
+  io::LoadOptions opt;
+  opt.prefix = "param.";
+  io::load_hf(params, io::HFCheckpoint::from(f), opt);
+}
+
+inline double norm(const Tensor& t) { return rel_error(t, Tensor::zeros(t.shape(), t.dtype())); }
+inline double abs_error(const Tensor& a, const Tensor& b) {
+  const Tensor x = a.to(DType::f64), y = b.to(DType::f64);
+  double s = 0;
+  for (std::int64_t i = 0; i < x.numel(); ++i) s += (x.data<double>()[i] - y.data<double>()[i]) * (x.data<double>()[i] - y.data<double>()[i]);
+  return std::sqrt(s);
+}
+
+// A gradient that is zero in exact arithmetic — the key bias of attention without RoPE: a bias on every key adds the
+// same q·b to a query's scores, which the softmax ignores — is rounding noise in both implementations, so a relative
+// error means nothing there. Such a tensor (the fixture's norm below 1e-6) is checked in absolute terms instead.
+inline constexpr double kNoiseNorm = 1e-6, kNoiseAbsTol = 1e-5;
+
+inline void check_grads(const ParameterList& params, const io::SafeTensors& f, Report& r) {
+  for (Parameter* p : params) {
+    const std::string name = "grad." + p->name;
+    if (f.contains(name) && norm(f.get_f32(name)) < kNoiseNorm)
+      r.record(name + " (zero in exact math)", abs_error(p->grad, f.get_f32(name)), kNoiseAbsTol, "abs");
+    else if (f.contains(name))
+      r.check(name, p->grad, f.get_f32(name), kGradTol);
+    else
+      r.check(name + " (none in PyTorch: must be 0)", p->grad, Tensor::zeros(p->grad.shape()), 0.0);
+  }
+}
+
+inline void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  const nn::DecoderConfig c = nn::DecoderConfig::from_json(config);
+  nn::DecoderLM m(c);
+  load(m.parameters(), f);
+  const Tensor ids_t = f.get("input.input_ids");
+  const std::int64_t B = ids_t.size(0), T = ids_t.size(1);
+  const auto ids = int_vector(f, "input.input_ids"), labels = int_vector(f, "input.labels");
+  const auto out = m.forward(ids, B, T, &labels);
+  r.check("output.logits", out.logits, f.get_f32("output.logits"), kOutputTol);
+  r.check("output.loss", Tensor::full<double>({1}, out.loss), f.get_f32("output.loss"), kOutputTol);
+  if (f.contains("output.aux_loss"))
+    r.check("output.aux_loss", Tensor::full<double>({1}, out.aux), f.get_f32("output.aux_loss"), kOutputTol);
+  const auto rl = m.router_logits();
+  for (std::size_t i = 0; i < rl.size(); ++i) {
+    const std::string name = "output.router_logits_" + std::to_string(i);
+    if (f.contains(name)) r.check(name, rl[i], f.get_f32(name), kOutputTol);
+  }
+  m.backward_all();
+  check_grads(m.parameters(), f, r);
+}
+
+}  // namespace detail
+
+inline void run_clip_vision(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  nn::VisionConfig c = nn::VisionConfig::from_json(config);
+  c.feature_layer = -2;  // the fixture's features: hidden_states[-2][:, 1:]
+  nn::ClipVision m(c);
+  detail::load(m.parameters(), f);
+  const Tensor px = f.get_f32("input.pixel_values");
+  const auto out = m.forward(px, /*all_layers=*/true);
+  for (std::size_t i = 0; i < out.hidden_states.size(); ++i) {
+    const std::string name = "output.hidden_state_" + std::to_string(i);
+    r.check(name, out.hidden_states[i], f.get_f32(name), detail::kOutputTol);
+  }
+  r.check("output.features", out.features, f.get_f32("output.features"), detail::kOutputTol);
+  const Tensor dpx = m.backward(f.get_f32("input.dfeatures"));
+  r.check("grad.input.pixel_values", dpx, f.get_f32("grad.input.pixel_values"), detail::kGradTol);
+  detail::check_grads(m.parameters(), f, r);
+}
+
+inline void run_mistral(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  detail::run_decoder(f, config, r);
+}
+inline void run_qwen2(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  detail::run_decoder(f, config, r);
+}
+inline void run_mixtral(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  detail::run_decoder(f, config, r);
+}
+
+inline void run_llava(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  nn::Llava m(nn::LlavaConfig::from_json(config));
+  detail::load(m.parameters(), f);
+  const Tensor ids_t = f.get("input.input_ids");
+  const std::int64_t B = ids_t.size(0), T = ids_t.size(1);
+  const auto ids = detail::int_vector(f, "input.input_ids"), labels = detail::int_vector(f, "input.labels");
+  const auto out = m.forward(ids, B, T, f.get_f32("input.pixel_values"), &labels);
+  r.check("output.logits", out.logits, f.get_f32("output.logits"), detail::kOutputTol);
+  r.check("output.loss", Tensor::full<double>({1}, out.loss), f.get_f32("output.loss"), detail::kOutputTol);
+  m.backward();
+  detail::check_grads(m.parameters(), f, r);
+}
+
+}  // namespace cumo::parity
