@@ -8,6 +8,7 @@ packages=(
   libstb-dev             # image loading (PNG/JPEG)
   doctest-dev            # tests
   libbenchmark-dev       # benchmarks
+  libsentencepiece-dev   # tokenizer.model support (optional in the library, used by the tools and tests)
   libopenblas-dev        # optional BLAS for the CPU GEMMs (benchmarked beside Eigen's own)
   clang libclang-rt-14-dev  # libFuzzer harness for the safetensors parser
   python3

@@ -38,14 +38,14 @@ struct Cpu {
     const float* pa = a.data<float>();
     const float* pb = b.data<float>();
     float* po = out.data<float>();
-    cpu::parallel_for(a.numel(), [&](std::int64_t i) { po[i] = pa[i] * pb[i]; }, 1 << 14);
+    cpu::parallel_for(a.numel(), [&](std::int64_t i) { po[i] = pa[i] * pb[i]; });
   }
   // out = a + b
   static void add(const Tensor& a, const Tensor& b, Tensor& out) {
     const float* pa = a.data<float>();
     const float* pb = b.data<float>();
     float* po = out.data<float>();
-    cpu::parallel_for(a.numel(), [&](std::int64_t i) { po[i] = pa[i] + pb[i]; }, 1 << 14);
+    cpu::parallel_for(a.numel(), [&](std::int64_t i) { po[i] = pa[i] + pb[i]; });
   }
   static void fill_uniform(Tensor& t, Rng& rng, float lo, float hi) { rng.fill_uniform(t, lo, hi); }
   // Whether every element is finite (NaN/Inf inputs are rejected at the door).

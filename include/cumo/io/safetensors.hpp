@@ -35,7 +35,8 @@
 #include "cumo/core/shape.hpp"
 #include "cumo/core/tensor.hpp"
 
-#if defined(__unix__) || defined(__APPLE__)
+// CUMO_IO_NO_POSIX forces the portable (read-into-memory, no fsync) path, e.g. to test it on Linux.
+#if (defined(__unix__) || defined(__APPLE__)) && !defined(CUMO_IO_NO_POSIX)
 #define CUMO_IO_POSIX 1
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -44,6 +45,7 @@
 #else
 #define CUMO_IO_POSIX 0
 #include <fstream>
+#include <iterator>
 #endif
 
 namespace cumo::io {
@@ -96,7 +98,7 @@ inline bool is_other_safetensors_dtype(std::string_view s) {
 
 // Names and keys come from untrusted files: quote them with control bytes escaped and long ones cut, so an error
 // message stays one readable line.
-inline std::string quoted(std::string_view s) {
+inline std::string quote_untrusted(std::string_view s) {
   constexpr std::size_t kMax = 160;
   std::string out = "'";
   for (std::size_t i = 0; i < s.size() && i < kMax; ++i) {
@@ -116,7 +118,7 @@ inline std::string quoted(std::string_view s) {
 
 // A short description of a JSON value for error messages; never dumps containers (they may be huge).
 inline std::string describe(const nlohmann::json& v) {
-  if (v.is_string()) return "the string " + quoted(v.get_ref<const std::string&>());
+  if (v.is_string()) return "the string " + quote_untrusted(v.get_ref<const std::string&>());
   if (v.is_number() || v.is_boolean() || v.is_null()) return v.dump();
   return std::string("a JSON ") + v.type_name();
 }
@@ -135,6 +137,13 @@ inline std::optional<std::uint64_t> json_size(const nlohmann::json& v) {
     return std::uint64_t(i);
   }
   return std::nullopt;
+}
+
+// a * b without wrapping; false when the product does not fit (portable spelling of __builtin_mul_overflow).
+inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t* out) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
+  *out = a * b;
+  return true;
 }
 
 #if CUMO_IO_POSIX
@@ -168,7 +177,7 @@ inline void write_all(int fd, const void* p, std::size_t n, const std::string& t
     const ssize_t w = ::write(fd, c, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      fail("safetensors::save: writing ", quoted(tmp), " failed: ", std::strerror(errno));
+      fail("safetensors::save: writing ", quote_untrusted(tmp), " failed: ", std::strerror(errno));
     }
     c += w;
     n -= std::size_t(w);
@@ -189,8 +198,8 @@ inline SavePlan plan_save(const std::vector<std::pair<std::string, Tensor>>& ten
   std::set<std::string_view> seen;
   for (const auto& [name, t] : tensors) {
     CUMO_CHECK(name != "__metadata__", where, ": '__metadata__' is reserved by the format and cannot name a tensor");
-    CUMO_CHECK(seen.insert(name).second, where, ": duplicate tensor name ", quoted(name));
-    CUMO_CHECK(t.defined(), where, ": tensor ", quoted(name), " is undefined");
+    CUMO_CHECK(seen.insert(name).second, where, ": duplicate tensor name ", quote_untrusted(name));
+    CUMO_CHECK(t.defined(), where, ": tensor ", quote_untrusted(name), " is undefined");
     plan.ordered.emplace_back(name, t);
   }
   // Largest element first (F64/I64, then F32/I32, then F16/BF16), as the reference writer does: every tensor then
@@ -252,7 +261,7 @@ class SafeTensors {
   // and keep it alive. `name` is what error messages call the source.
   static SafeTensors parse(std::shared_ptr<const std::vector<std::uint8_t>> bytes,
                            const std::string& name = "<memory>") {
-    CUMO_CHECK(bytes, "safetensors: ", detail::quoted(name), ": no bytes given (null pointer)");
+    CUMO_CHECK(bytes, "safetensors: ", detail::quote_untrusted(name), ": no bytes given (null pointer)");
     const std::uint8_t* p = bytes->data();
     const std::size_t n = bytes->size();
     // Tensor::borrow wants a mutable keepalive; the aliasing constructor shares ownership of the vector.
@@ -265,7 +274,7 @@ class SafeTensors {
 
   const TensorInfo& info(std::string_view name) const {
     auto it = tensors_.find(name);
-    if (it == tensors_.end()) fail(prefix(), "no tensor named ", detail::quoted(name), missing_hint(name));
+    if (it == tensors_.end()) fail(prefix(), "no tensor named ", detail::quote_untrusted(name), missing_hint(name));
     return it->second;
   }
 
@@ -324,7 +333,7 @@ class SafeTensors {
   std::size_t data_bytes() const { return data_size_; }
 
  private:
-  std::string prefix() const { return "safetensors: " + detail::quoted(path_) + ": "; }
+  std::string prefix() const { return "safetensors: " + detail::quote_untrusted(path_) + ": "; }
 
   // Suggest names that differ only by a prefix (the usual "model." vs "language_model.model." mismatch).
   std::string missing_hint(std::string_view name) const {
@@ -338,16 +347,19 @@ class SafeTensors {
     std::string hint = " (the file has " + std::to_string(order_.size()) + " tensors";
     if (!close.empty()) {
       hint += "; similar: ";
-      for (std::size_t i = 0; i < close.size(); ++i) hint += (i ? ", " : "") + detail::quoted(close[i]);
+      for (std::size_t i = 0; i < close.size(); ++i) hint += (i ? ", " : "") + detail::quote_untrusted(close[i]);
     } else if (!order_.empty()) {
       hint += ", e.g. ";
-      for (std::size_t i = 0; i < order_.size() && i < 3; ++i) hint += (i ? ", " : "") + detail::quoted(order_[i]);
+      for (std::size_t i = 0; i < order_.size() && i < 3; ++i)
+        hint += (i ? ", " : "") + detail::quote_untrusted(order_[i]);
     }
     return hint + ")";
   }
 
   static SafeTensors from_bytes(const std::uint8_t* p, std::size_t size, std::shared_ptr<void> keepalive,
                                 std::string path);
+  // Validates one top-level header entry (a tensor or __metadata__) and records it.
+  void add_entry(const std::string& name, const nlohmann::json& entry, bool& seen_metadata);
 
   std::string path_;
   std::shared_ptr<void> keepalive_;  // the mapping or the caller's vector
@@ -357,6 +369,81 @@ class SafeTensors {
   std::vector<std::string> order_;
   std::map<std::string, std::string> metadata_;
 };
+
+inline void SafeTensors::add_entry(const std::string& name, const nlohmann::json& entry, bool& seen_metadata) {
+  const std::string pre = prefix();
+  if (name == "__metadata__") {
+    // While streaming, the parser callback has already moved every pair into metadata_ and left this object
+    // empty; the loop still checks what a direct caller passes.
+    seen_metadata = true;
+    CUMO_CHECK(entry.is_object(), pre, "__metadata__ must be an object of strings, got ", detail::describe(entry));
+    for (const auto& [k, v] : entry.items()) {
+      CUMO_CHECK(v.is_string(), pre, "__metadata__ value for key ", detail::quote_untrusted(k),
+                 " must be a string, got ", detail::describe(v));
+      metadata_.emplace(k, v.get<std::string>());
+    }
+    return;
+  }
+  const std::string tn = "tensor " + detail::quote_untrusted(name);
+  CUMO_CHECK(entry.is_object(), pre, tn, ": entry must be a JSON object, got ", detail::describe(entry));
+  TensorInfo ti;
+  ti.name = name;
+
+  // dtype
+  auto dt = entry.find("dtype");
+  CUMO_CHECK(dt != entry.end(), pre, tn, ": missing field 'dtype'");
+  CUMO_CHECK(dt->is_string(), pre, tn, ": 'dtype' must be a string, got ", detail::describe(*dt));
+  const std::string& ds = dt->get_ref<const std::string&>();
+  const auto dtype = detail::safetensors_dtype(ds);
+  if (!dtype) {
+    if (detail::is_other_safetensors_dtype(ds))
+      fail(pre, tn, " has dtype ", detail::quote_untrusted(ds),
+           ", which cumo does not support (supported: F32, F16, BF16, F64, I64, I32)");
+    fail(pre, tn, " has dtype ", detail::quote_untrusted(ds), ", which is not a safetensors dtype");
+  }
+  ti.dtype = *dtype;
+
+  // shape: up to Shape::kMaxDims non-negative integers whose product (of the non-zero ones) fits in int64, so
+  // that numel and contiguous strides can never overflow, even for zero-element tensors.
+  auto sh = entry.find("shape");
+  CUMO_CHECK(sh != entry.end(), pre, tn, ": missing field 'shape'");
+  CUMO_CHECK(sh->is_array(), pre, tn, ": 'shape' must be an array, got ", detail::describe(*sh));
+  CUMO_CHECK(sh->size() <= std::size_t(Shape::kMaxDims), pre, tn, ": shape has ", sh->size(),
+             " dimensions; cumo supports at most ", Shape::kMaxDims);
+  std::uint64_t numel = 1, nonzero = 1;
+  for (std::size_t i = 0; i < sh->size(); ++i) {
+    const auto d = detail::json_size((*sh)[i]);
+    CUMO_CHECK(d, pre, tn, ": shape entry ", i, " must be a non-negative integer, got ",
+               detail::describe((*sh)[i]));
+    if (*d != 0) {
+      CUMO_CHECK(detail::checked_mul(nonzero, *d, &nonzero) &&
+                     nonzero <= std::uint64_t(std::numeric_limits<std::int64_t>::max()),
+                 pre, tn, ": shape ", sh->dump(), " has an element count that overflows 64 bits");
+    }
+    numel *= *d;  // cannot overflow: |numel| <= nonzero
+    ti.shape.push_back(std::int64_t(*d));
+  }
+
+  // data_offsets: [begin, end] within the data section
+  auto off = entry.find("data_offsets");
+  CUMO_CHECK(off != entry.end(), pre, tn, ": missing field 'data_offsets'");
+  CUMO_CHECK(off->is_array() && off->size() == 2, pre, tn,
+             ": 'data_offsets' must be an array of two integers [begin, end], got ",
+             off->is_array() ? "an array of " + std::to_string(off->size()) : detail::describe(*off));
+  const auto b = detail::json_size((*off)[0]), e = detail::json_size((*off)[1]);
+  CUMO_CHECK(b && e, pre, tn, ": data_offsets must be non-negative integers, got [",
+             detail::describe((*off)[0]), ", ", detail::describe((*off)[1]), "]");
+  CUMO_CHECK(*b <= *e, pre, tn, ": data_offsets [", *b, ", ", *e, "] have begin > end");
+  CUMO_CHECK(*e <= data_size_, pre, tn, ": data_offsets [", *b, ", ", *e,
+             "] run past the end of the data section (", data_size_, " bytes; truncated?)");
+  std::uint64_t nbytes = 0;
+  CUMO_CHECK(detail::checked_mul(numel, std::uint64_t(size_of(ti.dtype)), &nbytes) && nbytes == *e - *b, pre,
+             tn, ": ", ds, " shape ", ti.shape, " needs ", numel, " x ", size_of(ti.dtype),
+             " bytes but data_offsets [", *b, ", ", *e, "] span ", *e - *b);
+  ti.begin = std::size_t(*b);
+  ti.end = std::size_t(*e);
+  tensors_.emplace(name, std::move(ti));
+}
 
 inline SafeTensors SafeTensors::from_bytes(const std::uint8_t* p, std::size_t size, std::shared_ptr<void> keepalive,
                                            std::string path) {
@@ -378,109 +465,90 @@ inline SafeTensors SafeTensors::from_bytes(const std::uint8_t* p, std::size_t si
   st.data_size_ = size - 8 - std::size_t(n);
   CUMO_CHECK(n > 0 && p[8] == '{', pre, "header does not start with '{' (not a safetensors file?)");
 
-  // ---- JSON ----------------------------------------------------------------------------------------------------
-  // The callback rejects nesting deeper than the format uses (arrays inside entries inside the top object) while
-  // parsing, so a hostile "[[[[..." costs nothing, and it catches duplicate keys, which a DOM would silently merge.
-  nlohmann::json header;
+  // ---- JSON, validated while it streams ----------------------------------------------------------------------
+  // The parser callback checks each top-level entry as soon as its closing brace is read and then discards it, so a
+  // bad header fails at its first bad entry and a good one never exists as a whole DOM (memory stays a small
+  // multiple of the header). While parsing it also rejects nesting deeper than the format uses and arrays longer
+  // than a shape can be (so "[[[[..." or a billion-element shape cost nothing), and duplicate keys, which a DOM
+  // would merge silently.
   {
-    std::vector<std::set<std::string>> keys;  // one set per open object
-    std::string top_key;                      // the top-level key being parsed, for messages
-    auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& v) -> bool {
-      using E = nlohmann::json::parse_event_t;
-      if (ev == E::object_start || ev == E::array_start) {
-        CUMO_CHECK(depth <= 2, pre, "header nests deeper than the format allows",
-                   top_key.empty() ? std::string() : " (in entry " + detail::quoted(top_key) + ")");
-        if (ev == E::object_start) keys.emplace_back();
-      } else if (ev == E::object_end) {
-        if (!keys.empty()) keys.pop_back();
-      } else if (ev == E::key && !keys.empty()) {
-        const std::string& k = v.get_ref<const std::string&>();
-        if (depth == 1) top_key = k;
-        if (!keys.back().insert(k).second) {
-          if (depth == 1) fail(pre, "duplicate tensor name ", detail::quoted(k), " in the header");
-          fail(pre, "duplicate key ", detail::quoted(k), " in the header entry ", detail::quoted(top_key));
+    using E = nlohmann::json::parse_event_t;
+    bool seen_metadata = false;
+    std::string entry_name;            // the top-level key being parsed
+    std::set<std::string> entry_keys;  // keys seen inside it
+    std::string field;                 // the key inside the entry whose array is open
+    std::size_t array_len = 0;
+    auto cb = [&](int depth, E ev, nlohmann::json& v) -> bool {
+      switch (ev) {
+        case E::object_start:
+        case E::array_start:
+          CUMO_CHECK(depth <= 2, pre, "header nests deeper than the format allows (in entry ",
+                     detail::quote_untrusted(entry_name), ")");
+          CUMO_CHECK(depth != 2 || entry_name != "__metadata__", pre, "__metadata__ value for key ",
+                     detail::quote_untrusted(field), " must be a string, got ",
+                     ev == E::object_start ? "an object" : "an array");
+          if (depth == 1) {
+            CUMO_CHECK(ev == E::object_start, pre,
+                       entry_name == "__metadata__" ? std::string("__metadata__ must be an object of strings")
+                                                    : "tensor " + detail::quote_untrusted(entry_name) +
+                                                          ": entry must be a JSON object",
+                       ", got an array");
+            entry_keys.clear();
+          }
+          if (depth == 2 && ev == E::array_start) array_len = 0;
+          return true;
+        case E::key: {
+          const std::string& k = v.get_ref<const std::string&>();
+          if (depth == 1) {
+            const bool dup = k == "__metadata__" ? seen_metadata : st.tensors_.count(k) > 0;
+            CUMO_CHECK(!dup, pre, "duplicate tensor name ", detail::quote_untrusted(k), " in the header");
+            entry_name = k;
+          } else if (depth == 2) {
+            field = k;
+            // Metadata pairs go straight into metadata_ (value event below), never into a DOM or a key set:
+            // a header of millions of tiny pairs then costs one map node each.
+            if (entry_name == "__metadata__") return false;
+            CUMO_CHECK(entry_keys.insert(k).second, pre, "duplicate key ", detail::quote_untrusted(k),
+                       " in the header entry ", detail::quote_untrusted(entry_name));
+          }
+          return true;
         }
+        case E::value:
+          if (depth == 1) {  // a scalar where an entry object belongs: add_entry reports it
+            st.add_entry(entry_name, v, seen_metadata);
+            return false;
+          }
+          if (depth == 2 && entry_name == "__metadata__") {
+            CUMO_CHECK(v.is_string(), pre, "__metadata__ value for key ", detail::quote_untrusted(field),
+                       " must be a string, got ", detail::describe(v));
+            CUMO_CHECK(st.metadata_.emplace(field, std::move(v.get_ref<std::string&>())).second, pre,
+                       "duplicate key ", detail::quote_untrusted(field), " in the header entry '__metadata__'");
+            return false;
+          }
+          if (depth == 3 && ++array_len > std::size_t(Shape::kMaxDims)) {
+            if (field == "shape")
+              fail(pre, "tensor ", detail::quote_untrusted(entry_name), ": shape has more than ", Shape::kMaxDims,
+                   " dimensions; cumo supports at most ", Shape::kMaxDims);
+            fail(pre, "tensor ", detail::quote_untrusted(entry_name), ": ", detail::quote_untrusted(field),
+                 " holds an array longer than the format allows");
+          }
+          return true;
+        case E::object_end:
+          if (depth == 1) {  // an entry is complete: validate it now, then drop its JSON
+            st.add_entry(entry_name, v, seen_metadata);
+            return false;
+          }
+          return true;
+        default:
+          return true;
       }
-      return true;
     };
     try {
-      header = nlohmann::json::parse(p + 8, p + 8 + n, cb);
+      const nlohmann::json rest = nlohmann::json::parse(p + 8, p + 8 + n, cb);  // only the emptied top object
+      (void)rest;
     } catch (const nlohmann::json::exception& e) {
       fail(pre, "header is not valid JSON: ", e.what());
     }
-  }
-  CUMO_CHECK(header.is_object(), pre, "header must be a JSON object, got ", detail::describe(header));
-
-  // ---- entries -------------------------------------------------------------------------------------------------
-  for (auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      CUMO_CHECK(entry.is_object(), pre, "__metadata__ must be an object of strings, got ", detail::describe(entry));
-      for (auto& [k, v] : entry.items()) {
-        CUMO_CHECK(v.is_string(), pre, "__metadata__ value for key ", detail::quoted(k),
-                   " must be a string, got ", detail::describe(v));
-        st.metadata_.emplace(k, v.get<std::string>());
-      }
-      continue;
-    }
-    const std::string tn = "tensor " + detail::quoted(name);
-    CUMO_CHECK(entry.is_object(), pre, tn, ": entry must be a JSON object, got ", detail::describe(entry));
-    TensorInfo ti;
-    ti.name = name;
-
-    // dtype
-    auto dt = entry.find("dtype");
-    CUMO_CHECK(dt != entry.end(), pre, tn, ": missing field 'dtype'");
-    CUMO_CHECK(dt->is_string(), pre, tn, ": 'dtype' must be a string, got ", detail::describe(*dt));
-    const std::string& ds = dt->get_ref<const std::string&>();
-    const auto dtype = detail::safetensors_dtype(ds);
-    if (!dtype) {
-      if (detail::is_other_safetensors_dtype(ds))
-        fail(pre, tn, " has dtype ", detail::quoted(ds),
-             ", which cumo does not support (supported: F32, F16, BF16, F64, I64, I32)");
-      fail(pre, tn, " has dtype ", detail::quoted(ds), ", which is not a safetensors dtype");
-    }
-    ti.dtype = *dtype;
-
-    // shape: up to Shape::kMaxDims non-negative integers whose product (of the non-zero ones) fits in int64, so
-    // that numel and contiguous strides can never overflow, even for zero-element tensors.
-    auto sh = entry.find("shape");
-    CUMO_CHECK(sh != entry.end(), pre, tn, ": missing field 'shape'");
-    CUMO_CHECK(sh->is_array(), pre, tn, ": 'shape' must be an array, got ", detail::describe(*sh));
-    CUMO_CHECK(sh->size() <= std::size_t(Shape::kMaxDims), pre, tn, ": shape has ", sh->size(),
-               " dimensions; cumo supports at most ", Shape::kMaxDims);
-    std::uint64_t numel = 1, nonzero = 1;
-    for (std::size_t i = 0; i < sh->size(); ++i) {
-      const auto d = detail::json_size((*sh)[i]);
-      CUMO_CHECK(d, pre, tn, ": shape entry ", i, " must be a non-negative integer, got ",
-                 detail::describe((*sh)[i]));
-      if (*d != 0) {
-        CUMO_CHECK(!__builtin_mul_overflow(nonzero, *d, &nonzero) &&
-                       nonzero <= std::uint64_t(std::numeric_limits<std::int64_t>::max()),
-                   pre, tn, ": shape ", sh->dump(), " has an element count that overflows 64 bits");
-      }
-      numel *= *d;  // cannot overflow: |numel| <= nonzero
-      ti.shape.push_back(std::int64_t(*d));
-    }
-
-    // data_offsets: [begin, end] within the data section
-    auto off = entry.find("data_offsets");
-    CUMO_CHECK(off != entry.end(), pre, tn, ": missing field 'data_offsets'");
-    CUMO_CHECK(off->is_array() && off->size() == 2, pre, tn,
-               ": 'data_offsets' must be an array of two integers [begin, end], got ",
-               off->is_array() ? "an array of " + std::to_string(off->size()) : detail::describe(*off));
-    const auto b = detail::json_size((*off)[0]), e = detail::json_size((*off)[1]);
-    CUMO_CHECK(b && e, pre, tn, ": data_offsets must be non-negative integers, got [",
-               detail::describe((*off)[0]), ", ", detail::describe((*off)[1]), "]");
-    CUMO_CHECK(*b <= *e, pre, tn, ": data_offsets [", *b, ", ", *e, "] have begin > end");
-    CUMO_CHECK(*e <= st.data_size_, pre, tn, ": data_offsets [", *b, ", ", *e,
-               "] run past the end of the data section (", st.data_size_, " bytes; truncated?)");
-    std::uint64_t nbytes = 0;
-    CUMO_CHECK(!__builtin_mul_overflow(numel, std::uint64_t(size_of(ti.dtype)), &nbytes) && nbytes == *e - *b, pre,
-               tn, ": ", ds, " shape ", ti.shape, " needs ", numel, " x ", size_of(ti.dtype),
-               " bytes but data_offsets [", *b, ", ", *e, "] span ", *e - *b);
-    ti.begin = std::size_t(*b);
-    ti.end = std::size_t(*e);
-    st.tensors_.emplace(name, std::move(ti));
   }
 
   // ---- layout: the tensors must tile [0, data_size) exactly ---------------------------------------------------
@@ -494,22 +562,24 @@ inline SafeTensors SafeTensors::from_bytes(const std::uint8_t* p, std::size_t si
   const TensorInfo* last = nullptr;  // the tensor that ends at `covered`
   for (const TensorInfo* ti : sorted) {
     if (ti->begin < covered)
-      fail(pre, "tensor ", detail::quoted(ti->name), " (bytes [", ti->begin, ", ", ti->end, ")) overlaps tensor ",
-           detail::quoted(last->name), " (bytes [", last->begin, ", ", last->end, "))");
+      fail(pre, "tensor ", detail::quote_untrusted(ti->name), " (bytes [", ti->begin, ", ", ti->end,
+           ")) overlaps tensor ", detail::quote_untrusted(last->name), " (bytes [", last->begin, ", ", last->end, "))");
     if (ti->begin > covered)
       fail(pre, "bytes [", covered, ", ", ti->begin, ") of the data section belong to no tensor (a hole before ",
-           detail::quoted(ti->name), "); safetensors requires the tensors to cover the data section contiguously");
+           detail::quote_untrusted(ti->name),
+           "); safetensors requires the tensors to cover the data section contiguously");
     if (ti->end > covered || !last) last = ti;
     covered = ti->end;
     st.order_.push_back(ti->name);
   }
-  CUMO_CHECK(covered == st.data_size_, pre, "the data section has ", st.data_size_, " bytes but the tensors cover only ",
-             covered, " (", st.data_size_ - covered, " trailing bytes; corrupt file?)");
+  CUMO_CHECK(covered == st.data_size_, pre, "the data section has ", st.data_size_,
+             " bytes but the tensors cover only ", covered, " (", st.data_size_ - covered,
+             " trailing bytes; corrupt file?)");
   return st;
 }
 
 inline SafeTensors SafeTensors::open(const std::string& path) {
-  const std::string pre = "safetensors: " + detail::quoted(path) + ": ";
+  const std::string pre = "safetensors: " + detail::quote_untrusted(path) + ": ";
 #if CUMO_IO_POSIX
   // O_NONBLOCK: opening a FIFO someone named by mistake must not hang; it is rejected below as not a regular file.
   detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
@@ -517,7 +587,8 @@ inline SafeTensors SafeTensors::open(const std::string& path) {
   struct stat st {};
   CUMO_CHECK(::fstat(fd.fd, &st) == 0, pre, "cannot stat: ", std::strerror(errno));
   CUMO_CHECK(S_ISREG(st.st_mode), pre, "not a regular file");
-  CUMO_CHECK(st.st_size >= 8, pre, "file is ", st.st_size, " bytes, too short for the 8-byte header length (truncated?)");
+  CUMO_CHECK(st.st_size >= 8, pre, "file is ", st.st_size,
+             " bytes, too short for the 8-byte header length (truncated?)");
   CUMO_CHECK(std::uint64_t(st.st_size) <= std::numeric_limits<std::size_t>::max(), pre,
              "file is too large to map in this address space");
   auto map = std::make_shared<detail::Mapping>();
@@ -533,7 +604,8 @@ inline SafeTensors SafeTensors::open(const std::string& path) {
 #else
   std::ifstream f(path, std::ios::binary);
   CUMO_CHECK(f, pre, "cannot open");
-  auto bytes = std::make_shared<std::vector<std::uint8_t>>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  auto bytes = std::make_shared<std::vector<std::uint8_t>>(std::istreambuf_iterator<char>(f),
+                                                           std::istreambuf_iterator<char>());
   CUMO_CHECK(!f.bad(), pre, "read error");
   return parse(std::move(bytes), path);
 #endif
@@ -543,11 +615,11 @@ inline SafeTensors SafeTensors::open(const std::string& path) {
 inline std::vector<std::uint8_t> serialize(const std::vector<std::pair<std::string, Tensor>>& tensors,
                                            const std::map<std::string, std::string>& metadata = {}) {
   const detail::SavePlan plan = detail::plan_save(tensors, metadata, "safetensors::serialize");
-  std::vector<std::uint8_t> out;
-  out.reserve(8 + plan.header.size() + plan.data_bytes);
+  std::vector<std::uint8_t> out(8 + plan.header.size() + plan.data_bytes);
+  std::size_t at = 0;
   detail::emit(plan, [&](const void* p, std::size_t n) {
-    const auto* c = static_cast<const std::uint8_t*>(p);
-    out.insert(out.end(), c, c + n);
+    std::memcpy(out.data() + at, p, n);
+    at += n;
   });
   return out;
 }
@@ -557,7 +629,7 @@ inline std::vector<std::uint8_t> serialize(const std::vector<std::pair<std::stri
 // file, and no temporary behind (on error). Tensors may be strided or on CUDA; they are copied out one at a time.
 inline void save(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                  const std::map<std::string, std::string>& metadata = {}) {
-  const std::string where = "safetensors::save(" + detail::quoted(path) + ")";
+  const std::string where = "safetensors::save(" + detail::quote_untrusted(path) + ")";
   const detail::SavePlan plan = detail::plan_save(tensors, metadata, where);
   namespace fs = std::filesystem;
   const fs::path target(path);
@@ -566,7 +638,7 @@ inline void save(const std::string& path, const std::vector<std::pair<std::strin
 #if CUMO_IO_POSIX
   std::string tmp = (dir / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
   detail::Fd fd(::mkstemp(tmp.data()));
-  CUMO_CHECK(fd.fd >= 0, where, ": cannot create a temporary file in ", detail::quoted(dir.string()), ": ",
+  CUMO_CHECK(fd.fd >= 0, where, ": cannot create a temporary file in ", detail::quote_untrusted(dir.string()), ": ",
              std::strerror(errno));
   // From here on, any failure removes the temporary; the target is only ever replaced by rename().
   struct Unlink {
@@ -578,12 +650,14 @@ inline void save(const std::string& path, const std::vector<std::pair<std::strin
   } cleanup{&tmp};
   // mkstemp creates 0600; keep the mode of the file we replace, or the usual 0644 for a new one.
   struct stat old {};
-  ::fchmod(fd.fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : 0644);
+  (void)::fchmod(fd.fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : 0644);
   detail::emit(plan, [&](const void* p, std::size_t n) { detail::write_all(fd.fd, p, n, tmp); });
-  CUMO_CHECK(::fsync(fd.fd) == 0, where, ": fsync of ", detail::quoted(tmp), " failed: ", std::strerror(errno));
+  CUMO_CHECK(::fsync(fd.fd) == 0, where, ": fsync of ", detail::quote_untrusted(tmp), " failed: ",
+             std::strerror(errno));
   // close() can report deferred write errors (NFS), so it is checked too.
-  CUMO_CHECK(::close(fd.release()) == 0, where, ": close of ", detail::quoted(tmp), " failed: ", std::strerror(errno));
-  CUMO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, where, ": cannot rename ", detail::quoted(tmp),
+  CUMO_CHECK(::close(fd.release()) == 0, where, ": close of ", detail::quote_untrusted(tmp), " failed: ",
+             std::strerror(errno));
+  CUMO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, where, ": cannot rename ", detail::quote_untrusted(tmp),
              " over the target: ", std::strerror(errno));
   cleanup.armed = false;
   // Make the rename itself durable. Best effort: the new file is already complete and in place, so a failure here
@@ -597,14 +671,14 @@ inline void save(const std::string& path, const std::vector<std::pair<std::strin
   const fs::path tmp = dir / ("." + target.filename().string() + ".tmp");
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    CUMO_CHECK(f, where, ": cannot create a temporary file in ", detail::quoted(dir.string()));
+    CUMO_CHECK(f, where, ": cannot create a temporary file in ", detail::quote_untrusted(dir.string()));
     try {
       detail::emit(plan, [&](const void* p, std::size_t n) {
         f.write(static_cast<const char*>(p), std::streamsize(n));
-        CUMO_CHECK(f, where, ": writing ", detail::quoted(tmp.string()), " failed");
+        CUMO_CHECK(f, where, ": writing ", detail::quote_untrusted(tmp.string()), " failed");
       });
       f.flush();
-      CUMO_CHECK(f, where, ": writing ", detail::quoted(tmp.string()), " failed");
+      CUMO_CHECK(f, where, ": writing ", detail::quote_untrusted(tmp.string()), " failed");
     } catch (...) {
       f.close();
       std::error_code ec;

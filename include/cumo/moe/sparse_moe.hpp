@@ -171,8 +171,26 @@ class SparseMoE {
     Backend::aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
                                  AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
     router_.template backward<Backend>(r, dlogits, dx);  // (E, H), (T, H)
+    // Free the activations now rather than at the next forward; the plan and router output stay for load().
     saved_.valid = false;
+    saved_.x = Tensor();
+    saved_.xs = Tensor();
+    saved_.out = Tensor();
+    saved_.experts = {};
     return dx;
+  }
+
+  // Two-phase memory for backends that define a Workspace (CUDA): every device tensor of the step is carved
+  // from the caller's arena. Size it by running a step and reading the arena's required_bytes().
+  template <class B = Backend>
+  Output forward(typename B::Workspace& ws, const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
+    typename B::WorkspaceScope scope(ws);
+    return forward(x, args, rng);
+  }
+  template <class B = Backend>
+  Tensor backward(typename B::Workspace& ws, const Tensor& dy, AuxLossWeights aux = {}) {
+    typename B::WorkspaceScope scope(ws);
+    return backward(dy, aux);
   }
 
   // ---- what the last forward did ----------------------------------------------------------------------------

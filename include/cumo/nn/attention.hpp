@@ -116,7 +116,7 @@ class Attention {
         cpu::gemm(cpu::Op::T, cpu::Op::N, T, D, T, scale, dP.data(), T, pq + b * T * ldq + h * D, ldq, 1.f,
                   pdk + b * T * ldk + g * D, ldk);  // dk += dS^T q
       }
-    });
+    }, 4 * per * T * T * D);
     if (cfg_.rope_theta > 0) {
       rope_.rotate(dq, H, pos_, /*inverse=*/true);
       rope_.rotate(dk, G, pos_, /*inverse=*/true);
@@ -213,7 +213,7 @@ class Attention {
       }
       cpu::gemm(cpu::Op::N, cpu::Op::N, Tq, D, S, 1.f, P, S, pv + b * kstride * ldk + g * D, ldk, 0.f,
                 pc + b * Tq * ldq + h * D, ldq);  // ctx = P v
-    });
+    }, 4 * S * D * Tq);
   }
 
   AttentionConfig cfg_;

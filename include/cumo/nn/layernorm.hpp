@@ -48,7 +48,7 @@ class LayerNorm {
         xh[r * H + j] = float((px[r * H + j] - mean) * rstd);
         py[r * H + j] = xh[r * H + j] * w[j] + b[j];
       }
-    }, 16);
+    }, 8 * H);
     return y;
   }
 
@@ -82,7 +82,7 @@ class LayerNorm {
       const double rstd = rstd_.data<float>()[r];
       for (std::int64_t j = 0; j < H; ++j)
         pdx[r * H + j] = float(rstd * (double(pg[r * H + j]) * w[j] - m1 - xh[r * H + j] * m2));
-    }, 16);
+    }, 8 * H);
     return dx;
   }
 

@@ -53,7 +53,7 @@ class RMSNorm {
       const double rs = rr[r];
       for (std::int64_t j = 0; j < H; ++j)
         pdx[r * H + j] = float(rs * double(pg[r * H + j]) * w[j] - double(px[r * H + j]) * rs * rs * rs * m);
-    }, 16);
+    }, 8 * H);
     return dx;
   }
 
@@ -72,7 +72,7 @@ class RMSNorm {
       for (std::int64_t j = 0; j < H; ++j) ss += double(px[r * H + j]) * px[r * H + j];
       rr[r] = float(1.0 / std::sqrt(ss / double(H) + eps_));
       for (std::int64_t j = 0; j < H; ++j) py[r * H + j] = w[j] * (px[r * H + j] * rr[r]);
-    }, 16);
+    }, 8 * H);
     return y;
   }
 

@@ -42,7 +42,7 @@ class RotaryEmbedding {
           v[i + half] = b * c + a * sn;
         }
       }
-    }, 16);
+    }, 8 * half);
   }
 
  private:

@@ -88,7 +88,7 @@ inline void scale_grads(const ParameterList& params, float factor) {
     if (!p->trainable || !p->grad.defined()) continue;
     check_dtype("scale_grads", p->name + ".grad", p->grad, DType::f32);
     float* g = p->grad.data<float>();
-    cpu::parallel_for(p->grad.numel(), [&](std::int64_t i) { g[i] *= factor; }, 1 << 14);
+    cpu::parallel_for(p->grad.numel(), [&](std::int64_t i) { g[i] *= factor; });
   }
 }
 
@@ -106,7 +106,7 @@ inline void add_grads(const ParameterList& dst, const ParameterList& src, float 
     const Tensor sc = s.grad.contiguous();
     float* g = d.grad.data<float>();
     const float* h = sc.data<float>();
-    cpu::parallel_for(d.grad.numel(), [&](std::int64_t i) { g[i] += scale * h[i]; }, 1 << 14);
+    cpu::parallel_for(d.grad.numel(), [&](std::int64_t i) { g[i] += scale * h[i]; });
   }
 }
 

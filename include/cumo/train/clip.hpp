@@ -43,7 +43,7 @@ inline double sum_of_squares(const float* g, std::int64_t n) {
     double s = 0;
     for (std::int64_t i = b; i < e; ++i) s += double(g[i]) * double(g[i]);
     partial[std::size_t(c)] = s;
-  });
+  }, kNormChunk);
   double s = 0;
   for (double x : partial) s += x;
   return s;
@@ -92,7 +92,7 @@ inline float clip_grad_norm(const ParameterList& params, double max_norm, std::i
   for (Parameter* p : params) {
     if (!p->trainable || !p->grad.defined()) continue;
     float* g = p->grad.data<float>();
-    cpu::parallel_for(p->grad.numel(), [&](std::int64_t i) { g[i] *= coef; }, 1 << 14);
+    cpu::parallel_for(p->grad.numel(), [&](std::int64_t i) { g[i] *= coef; });
   }
   return total;
 }

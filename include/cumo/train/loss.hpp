@@ -92,7 +92,7 @@ CrossEntropyResult cross_entropy_rows(const T* x, std::int64_t N, std::int64_t V
       // d(-log p_y)/dx_j = p_j - [j == y]
       for (std::int64_t j = 0; j < V; ++j) di[j] = T((std::exp(double(xi[j]) - mx - log_s) - (j == y)) * gscale);
     }
-  }, 16);
+  }, 8 * V);
   for (double l : row_loss) r.sum += l;
   r.loss = denom > 0 ? r.sum / denom : 0.0;
   return r;

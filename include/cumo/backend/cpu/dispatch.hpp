@@ -60,7 +60,7 @@ inline void gather_rows(const Tensor& x, const DispatchPlan& plan, Tensor& xs) {
   float* dst = xs.data<float>();
   parallel_for(rows, [&](std::int64_t r) {
     std::memcpy(dst + r * H, src + (slot[r] / plan.top_k) * H, std::size_t(H) * sizeof(float));
-  }, 256);
+  }, H);
 }
 
 // y (T, H) = Σ_k w[t,k] · out[row_of_slot[t,k]], dropped slots contributing 0.
@@ -81,7 +81,7 @@ inline void combine(const Tensor& out, const Tensor& w, const DispatchPlan& plan
       const float* orow = o + std::int64_t(r) * H;
       for (std::int64_t h = 0; h < H; ++h) yt[h] += wk * orow[h];
     }
-  }, 16);
+  }, 2 * H * K);
 }
 
 // Backward of combine: dout[r] = w[t,k] · dy[t];  dw[t,k] = <dy[t], out[r]> (0 for dropped slots).
@@ -113,7 +113,7 @@ inline void combine_backward(const Tensor& dy, const Tensor& out, const Tensor& 
       }
       dW[t * K + k] = dot;
     }
-  }, 16);
+  }, 2 * H * K);
 }
 
 // dx (T, H) += Σ_k dxs[row_of_slot[t,k]]: the gather's backward, summed per token in slot order.
@@ -131,7 +131,7 @@ inline void scatter_add_rows(const Tensor& dxs, const DispatchPlan& plan, Tensor
       const float* s = src + std::int64_t(r) * H;
       for (std::int64_t h = 0; h < H; ++h) dt[h] += s[h];
     }
-  }, 16);
+  }, 2 * H * K);
 }
 
 }  // namespace cumo::cpu

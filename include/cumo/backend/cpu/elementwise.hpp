@@ -14,7 +14,7 @@ void activation_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
   const std::int64_t n = rows * h.size(1);
   const float* src = h.data<float>();
   float* dst = a.data<float>();
-  parallel_for(n, [&](std::int64_t i) { dst[i] = Act::f(src[i]); }, 1 << 14);
+  parallel_for(n, [&](std::int64_t i) { dst[i] = Act::f(src[i]); }, 20);
 }
 // dh = da ⊙ Act'(h)
 template <class Act>
@@ -23,7 +23,7 @@ void activation_backward(const Tensor& h, const Tensor& da, std::int64_t rows, T
   const float* hp = h.data<float>();
   const float* g = da.data<float>();
   float* d = dh.data<float>();
-  parallel_for(n, [&](std::int64_t i) { d[i] = g[i] * Act::df(hp[i]); }, 1 << 14);
+  parallel_for(n, [&](std::int64_t i) { d[i] = g[i] * Act::df(hp[i]); }, 30);
 }
 
 // h (rows, 2F) = [gate | up];  a (rows, F) = Act(gate) ⊙ up  (SwiGLU when Act = SiLU)
@@ -36,7 +36,7 @@ void glu_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
     const float* g = hp + r * 2 * F;
     const float* u = g + F;
     for (std::int64_t j = 0; j < F; ++j) ap[r * F + j] = Act::f(g[j]) * u[j];
-  }, 64);
+  }, 30 * F);
 }
 // dh = [da ⊙ up ⊙ Act'(gate) | da ⊙ Act(gate)]
 template <class Act>
@@ -55,7 +55,7 @@ void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& 
       dg[j] = gj * up[j] * Act::df(gate[j]);
       du[j] = gj * Act::f(gate[j]);
     }
-  }, 64);
+  }, 30 * F);
 }
 
 }  // namespace cumo::cpu

@@ -20,7 +20,7 @@ void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops
   // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores.
   const bool small_groups = E > 1 && rows * flops_per_row / E < (std::int64_t(4) << 20);
   if (small_groups)
-    parallel_for_dynamic(E, [&](std::int64_t e) { f(e); });
+    parallel_for_dynamic(E, [&](std::int64_t e) { f(e); }, rows * flops_per_row);
   else
     for (std::int64_t e = 0; e < E; ++e) f(e);
 }

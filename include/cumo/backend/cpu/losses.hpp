@@ -75,14 +75,14 @@ inline void aux_losses_backward(const Tensor& logits, const Tensor& probs, const
     parallel_for(T, [&](std::int64_t t) {
       const std::int64_t s = t / n;
       for (int e = 0; e < E; ++e) dp[t * E + e] += float(scale * c[std::size_t(s * E + e)]);
-    }, 64);
+    }, 2 * E);
   }
   if (coef.z != 0.f) {
     const double scale = 2.0 * double(coef.z) / double(T);
     parallel_for(T, [&](std::int64_t t) {
       const float l = detail::logsumexp_row(z + t * E, E);
       for (int e = 0; e < E; ++e) dz[t * E + e] += float(scale * l * p[t * E + e]);
-    }, 64);
+    }, 30 * E);
   }
 }
 

@@ -42,7 +42,7 @@ inline void softmax_topk(const Tensor& logits, Tensor& probs, Tensor& idx, Tenso
     }
     if (renormalize)
       for (int k = 0; k < K; ++k) wtt[k] /= wsum;
-  }, 64);
+  }, std::int64_t(E) * (K + 2));
 }
 
 // Adds to dprobs (T, E) the gradient that flows from d topk_w (T, K) through the selection (and the
@@ -70,7 +70,7 @@ inline void topk_weights_backward(const Tensor& probs, const Tensor& idx, const 
       gw += gt[k] * wt[t * K + k];
     }
     for (int k = 0; k < K; ++k) dpt[it[k]] += (gt[k] - gw) / psum;
-  }, 64);
+  }, 4 * K);
 }
 
 // dlogits (T, E) += p ⊙ (dp − Σ_e p_e dp_e): the softmax Jacobian applied to dprobs.
@@ -84,7 +84,7 @@ inline void softmax_backward(const Tensor& probs, const Tensor& dprobs, Tensor& 
     float dot = 0.f;
     for (int e = 0; e < E; ++e) dot += p[t * E + e] * dp[t * E + e];
     for (int e = 0; e < E; ++e) dz[t * E + e] += p[t * E + e] * (dp[t * E + e] - dot);
-  }, 64);
+  }, 4 * E);
 }
 
 }  // namespace cumo::cpu

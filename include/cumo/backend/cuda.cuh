@@ -1,0 +1,137 @@
+#pragma once
+// backend::Cuda — the GPU policy for SparseMoE and the model layers, with exactly the static functions (and
+// semantics) of backend::Cpu, which is its reference: every operation here is tested against its CPU twin.
+//   SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>
+// Layers: the public call (SparseMoE::forward) builds a plan (dispatch.cuh: CUB radix sort, offsets on the
+// device) and calls these functions; they check their arguments, pick kernels and launch shapes and call cuBLAS
+// (gemm.cuh, grouped_gemm.cuh) or the kernels of router.cuh, losses.cuh, dispatch.cuh and elementwise.cuh.
+// Everything runs on gpu::stream() (default: the legacy default stream; gpu::set_stream to change it), and device
+// tensors come from CUDA's stream-ordered pool or from a caller-owned gpu::Workspace (memory.cuh).
+//
+// Including this header (from a .cu file) registers the CUDA allocator with cumo::Tensor at static
+// initialisation; nothing touches the GPU until the first device tensor or kernel, so a program built with it
+// still starts on a machine without one (gpu::device_available() says whether one is there).
+#if !defined(__CUDACC__)
+#error "<cumo/backend/cuda.cuh> is CUDA code: include it from a .cu file compiled by nvcc (a CPU-only build includes <cumo/moe.hpp> alone)"
+#endif
+
+#include <cstdint>
+
+#include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/dispatch.cuh"
+#include "cumo/backend/cuda/elementwise.cuh"
+#include "cumo/backend/cuda/gemm.cuh"
+#include "cumo/backend/cuda/grouped_gemm.cuh"
+#include "cumo/backend/cuda/losses.cuh"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/cuda/router.cuh"
+#include "cumo/core/rng.hpp"
+#include "cumo/moe/types.hpp"
+
+namespace cumo::gpu {
+namespace detail {
+inline bool register_device_ops() {
+  auto& ops = ::cumo::detail::cuda_ops();
+  ops.alloc = &device_alloc;
+  ops.free = &device_free;
+  ops.copy = &device_copy;
+  ops.memset0 = &device_memset0;
+  return true;
+}
+// An inline variable: initialised once per program, whichever translation units include this header.
+inline const bool device_ops_registered = register_device_ops();
+}  // namespace detail
+}  // namespace cumo::gpu
+
+namespace cumo::backend {
+
+struct Cuda {
+  static constexpr Device device = Device::cuda;
+  static constexpr const char* name = "cuda";
+  // Caller-owned memory for a whole step (see cuda/memory.cuh): device tensors allocated on this thread while a
+  // WorkspaceScope is alive come from the Workspace's one buffer.
+  using Workspace = gpu::Workspace;
+  using WorkspaceScope = gpu::WorkspaceScope;
+
+  // ---- dense pieces (router) --------------------------------------------------------------------------------
+  // y (M, N) = x (M, K) · w (N, K)^T
+  static void linear(const Tensor& x, const Tensor& w, Tensor& y) { gpu::linear(x, w, y); }
+  // dx (M, K) (+)= dy (M, N) · w (N, K)
+  static void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate) {
+    gpu::linear_dinput(dy, w, dx, accumulate);
+  }
+  // dw (N, K) += dy (M, N)^T · x (M, K)
+  static void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw) { gpu::linear_dweight(dy, x, dw); }
+  static void multiply(const Tensor& a, const Tensor& b, Tensor& out) { gpu::multiply(a, b, out); }
+  static void add(const Tensor& a, const Tensor& b, Tensor& out) { gpu::add(a, b, out); }
+  // Bitwise the CPU's numbers (same Philox stream), and the generator advances as on the CPU.
+  static void fill_uniform(Tensor& t, Rng& rng, float lo, float hi) { gpu::fill_uniform(t, rng, lo, hi); }
+  static bool all_finite(const Tensor& t) { return gpu::all_finite(t); }  // host sync
+  static float item(const Tensor& t) { return gpu::item(t); }              // host sync
+
+  // ---- router -----------------------------------------------------------------------------------------------
+  static void softmax_topk(const Tensor& logits, Tensor& probs, Tensor& idx, Tensor& w, bool renormalize) {
+    gpu::softmax_topk(logits, probs, idx, w, renormalize);
+  }
+  static void topk_weights_backward(const Tensor& probs, const Tensor& idx, const Tensor& w, const Tensor& dw,
+                                    bool renormalize, Tensor& dprobs) {
+    gpu::topk_weights_backward(probs, idx, w, dw, renormalize, dprobs);
+  }
+  static void softmax_backward(const Tensor& probs, const Tensor& dprobs, Tensor& dlogits) {
+    gpu::softmax_backward(probs, dprobs, dlogits);
+  }
+  static void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
+                         AuxLosses& out) {
+    gpu::aux_losses(logits, probs, idx, segments, out);
+  }
+  static void aux_losses_backward(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
+                                  BalanceCounts counting, AuxLossWeights coef, Tensor& dprobs, Tensor& dlogits) {
+    gpu::aux_losses_backward(logits, probs, idx, segments, counting, coef, dprobs, dlogits);
+  }
+
+  // ---- dispatch ---------------------------------------------------------------------------------------------
+  // Fills plan.host_offsets too unless gpu::options().plan_host_offsets is off (the forward's one host sync).
+  static void make_plan(const Tensor& idx, DispatchPlan& plan) { gpu::make_plan(idx, plan); }
+  static void gather_rows(const Tensor& x, const DispatchPlan& plan, Tensor& xs) { gpu::gather_rows(x, plan, xs); }
+  static void combine(const Tensor& out, const Tensor& w, const DispatchPlan& plan, Tensor& y) {
+    gpu::combine(out, w, plan, y);
+  }
+  static void combine_backward(const Tensor& dy, const Tensor& out, const Tensor& w, const DispatchPlan& plan,
+                               Tensor& dout, Tensor& dw) {
+    gpu::combine_backward(dy, out, w, plan, dout, dw);
+  }
+  static void scatter_add_rows(const Tensor& dxs, const DispatchPlan& plan, Tensor& dx) {
+    gpu::scatter_add_rows(dxs, plan, dx);
+  }
+
+  // ---- experts ----------------------------------------------------------------------------------------------
+  static void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan,
+                             Tensor& c) {
+    gpu::grouped_linear(a, w, bias, plan, c);
+  }
+  static void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da) {
+    gpu::grouped_linear_dinput(dc, w, plan, da);
+  }
+  static void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const DispatchPlan& plan, Tensor& dw,
+                                     Tensor* dbias) {
+    gpu::grouped_linear_dweight(dc, a, plan, dw, dbias);
+  }
+  template <class Act>
+  static void activation_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
+    gpu::activation_forward<Act>(h, rows, a);
+  }
+  template <class Act>
+  static void activation_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) {
+    gpu::activation_backward<Act>(h, da, rows, dh);
+  }
+  template <class Act>
+  static void glu_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
+    gpu::glu_forward<Act>(h, rows, a);
+  }
+  template <class Act>
+  static void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) {
+    gpu::glu_backward<Act>(h, da, rows, dh);
+  }
+};
+
+}  // namespace cumo::backend

@@ -1,0 +1,386 @@
+#pragma once
+// Images: PNG/JPEG/BMP/TGA/GIF decode through stb_image, PNG encode through stb_image_write, and the CLIP
+// preprocessing of Hugging Face's CLIPImageProcessor (LLaVA's "pad" aspect mode as an option).
+//
+// Header-only and stb: by default this header compiles a private copy of stb_image / stb_image_write into every
+// translation unit that includes it (STB_IMAGE_STATIC / STB_IMAGE_WRITE_STATIC make every stb function `static`),
+// so nothing has to be defined "exactly once" and two libraries that both do this never clash at link time.
+// A translation unit that ALSO includes stb_image.h for its own use (with its own STB_IMAGE_IMPLEMENTATION
+// somewhere in the program) defines CUMO_STB_EXTERNAL before including this header: then only stb's declarations
+// are pulled in and the program's single implementation is used.
+//
+// Resampling follows Pillow (PIL) bit for bit: the same filter kernels, the same support widening when
+// downsampling (that is PIL's antialias), the same 22-bit fixed-point coefficients, the same horizontal-then-
+// vertical passes with rounding to 8 bits in between. HF's CLIPImageProcessor resizes through PIL with BICUBIC,
+// so the pixels here equal its output for PNG input (JPEG decoders differ slightly: stb vs libjpeg).
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+#include "cumo/core/error.hpp"
+#include "cumo/core/tensor.hpp"
+
+#if !defined(CUMO_STB_EXTERNAL)
+#if defined(STBI_INCLUDE_STB_IMAGE_H) || defined(INCLUDE_STB_IMAGE_WRITE_H)
+#error "cumo/io/image.hpp: stb_image.h / stb_image_write.h was included before this header; include cumo's header \
+first, or define CUMO_STB_EXTERNAL and provide STB_IMAGE_IMPLEMENTATION / STB_IMAGE_WRITE_IMPLEMENTATION yourself"
+#endif
+#define STB_IMAGE_STATIC
+#define STB_IMAGE_IMPLEMENTATION
+#define STB_IMAGE_WRITE_STATIC
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#endif
+#include <stb/stb_image.h>
+#include <stb/stb_image_write.h>
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#undef STB_IMAGE_IMPLEMENTATION
+#undef STB_IMAGE_WRITE_IMPLEMENTATION
+#else
+#include <stb/stb_image.h>
+#include <stb/stb_image_write.h>
+#endif
+
+namespace cumo::io {
+
+// ================================================================================================================
+// Image: 8-bit, interleaved (HWC), row-major, top row first.
+// ================================================================================================================
+struct Image {
+  int width = 0, height = 0, channels = 0;
+  std::vector<std::uint8_t> pixels;  // (height, width, channels)
+
+  Image() = default;
+  Image(int w, int h, int c, std::uint8_t fill = 0) : width(w), height(h), channels(c) {
+    CUMO_CHECK(w > 0 && h > 0 && c >= 1 && c <= 4, "Image: bad size ", w, "x", h, "x", c);
+    pixels.assign(std::size_t(w) * std::size_t(h) * std::size_t(c), fill);
+  }
+  bool empty() const { return pixels.empty(); }
+  std::uint8_t& at(int y, int x, int c) { return pixels[(std::size_t(y) * width + x) * channels + c]; }
+  const std::uint8_t& at(int y, int x, int c) const { return pixels[(std::size_t(y) * width + x) * channels + c]; }
+  friend bool operator==(const Image&, const Image&) = default;
+};
+
+// ================================================================================================================
+// Decode / encode
+// ================================================================================================================
+namespace detail {
+inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::string_view where) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(where, ": '", path, "' is a directory, not an image file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(where, ": cannot open '", path, "': ", std::strerror(errno));
+  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) fail(where, ": read error on '", path, "'");
+  return bytes;
+}
+
+inline void write_file_atomic(const std::string& path, const void* data, std::size_t n, std::string_view where) {
+  // Write beside the target, then rename: a crash never leaves a half-written image under the final name.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) fail(where, ": cannot create '", tmp, "': ", std::strerror(errno));
+    f.write(static_cast<const char*>(data), std::streamsize(n));
+    f.flush();
+    if (!f) fail(where, ": write error on '", tmp, "'");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    fail(where, ": cannot rename '", tmp, "' to '", path, "'");
+  }
+}
+}  // namespace detail
+
+// Decodes an encoded image held in memory; `channels` = 3 gives RGB whatever the file holds (grey is replicated,
+// alpha dropped, palettes expanded — PIL's convert("RGB") does the same for these cases). `name` is used in errors.
+inline Image decode_image(const std::uint8_t* data, std::size_t n, const std::string& name = "<memory>",
+                          int channels = 3) {
+  constexpr const char* where = "decode_image";
+  CUMO_CHECK(channels >= 1 && channels <= 4, where, ": channels must be 1..4, got ", channels);
+  CUMO_CHECK(n > 0, where, ": '", name, "' is empty (0 bytes)");
+  CUMO_CHECK(n <= std::size_t(INT_MAX), where, ": '", name, "' is too large (", n, " bytes)");
+  int w = 0, h = 0, file_c = 0;
+  stbi_uc* p = stbi_load_from_memory(data, int(n), &w, &h, &file_c, channels);
+  if (!p) {
+    const char* why = stbi_failure_reason();
+    fail("cannot decode image '", name, "' (", n, " bytes): stb_image: ", why ? why : "unknown error");
+  }
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.channels = channels;
+  img.pixels.assign(p, p + std::size_t(w) * std::size_t(h) * std::size_t(channels));
+  stbi_image_free(p);
+  return img;
+}
+inline Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& name = "<memory>",
+                          int channels = 3) {
+  return decode_image(bytes.data(), bytes.size(), name, channels);
+}
+
+// Loads a PNG/JPEG/BMP/TGA/GIF file. A missing, unreadable, truncated or non-image file throws cumo::Error naming
+// the path and stb's reason; it never crashes.
+inline Image load_image(const std::string& path, int channels = 3) {
+  const auto bytes = detail::read_file_bytes(path, "load_image");
+  return decode_image(bytes.data(), bytes.size(), path, channels);
+}
+
+// PNG bytes of an image (1–4 channels). Deterministic: the same pixels always give the same bytes.
+inline std::vector<std::uint8_t> encode_png(const Image& img) {
+  constexpr const char* where = "encode_png";
+  CUMO_CHECK(img.width > 0 && img.height > 0 && img.channels >= 1 && img.channels <= 4, where, ": bad image ",
+             img.width, "x", img.height, "x", img.channels);
+  CUMO_CHECK(img.pixels.size() == std::size_t(img.width) * img.height * img.channels, where, ": ",
+             img.pixels.size(), " bytes of pixels for ", img.width, "x", img.height, "x", img.channels);
+  std::vector<std::uint8_t> out;
+  auto sink = [](void* ctx, void* data, int size) {
+    auto* v = static_cast<std::vector<std::uint8_t>*>(ctx);
+    v->insert(v->end(), static_cast<std::uint8_t*>(data), static_cast<std::uint8_t*>(data) + size);
+  };
+  const int ok = stbi_write_png_to_func(sink, &out, img.width, img.height, img.channels, img.pixels.data(),
+                                        img.width * img.channels);
+  CUMO_CHECK(ok && !out.empty(), where, ": stb_image_write failed for a ", img.width, "x", img.height, " image");
+  return out;
+}
+
+// Writes a PNG atomically (temporary file + rename).
+inline void write_png(const std::string& path, const Image& img) {
+  const auto bytes = encode_png(img);
+  detail::write_file_atomic(path, bytes.data(), bytes.size(), "write_png");
+}
+
+// ================================================================================================================
+// Resampling, as Pillow's ImagingResample (libImaging/Resample.c) computes it for 8-bit images.
+// ================================================================================================================
+enum class Resample { bilinear, bicubic };
+
+namespace detail {
+inline double pil_filter(Resample r, double x) {
+  if (x < 0) x = -x;
+  if (r == Resample::bilinear) return x < 1.0 ? 1.0 - x : 0.0;
+  constexpr double a = -0.5;  // PIL's bicubic (Keys, a = -0.5)
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+inline double pil_support(Resample r) { return r == Resample::bilinear ? 1.0 : 2.0; }
+
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
+// For each output position: the first input index, the count, and ksize fixed-point weights.
+struct ResampleCoeffs {
+  int ksize = 0;
+  std::vector<int> bounds;       // (out, 2): xmin, count
+  std::vector<std::int32_t> kk;  // (out, ksize)
+};
+
+inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r) {
+  // precompute_coeffs + normalize_coeffs_8bpc with box = [0, in_size).
+  const double in0 = 0.0, in1 = double(float(in_size));
+  double filterscale, scale;
+  filterscale = scale = (in1 - in0) / out_size;
+  if (filterscale < 1.0) filterscale = 1.0;  // upsampling: the plain kernel; downsampling: widened (antialias)
+  const double support = pil_support(r) * filterscale;
+  ResampleCoeffs c;
+  c.ksize = int(std::ceil(support)) * 2 + 1;
+  c.bounds.assign(std::size_t(out_size) * 2, 0);
+  c.kk.assign(std::size_t(out_size) * c.ksize, 0);
+  std::vector<double> k(c.ksize);
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = in0 + (xx + 0.5) * scale;
+    const double ss = 1.0 / filterscale;
+    int xmin = int(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = int(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double ww = 0.0;
+    for (int x = 0; x < xmax; ++x) {
+      const double w = pil_filter(r, (x + xmin - center + 0.5) * ss);
+      k[x] = w;
+      ww += w;
+    }
+    for (int x = 0; x < c.ksize; ++x) {
+      double v = x < xmax ? (ww != 0.0 ? k[x] / ww : k[x]) : 0.0;
+      c.kk[std::size_t(xx) * c.ksize + x] =
+          v < 0 ? int(-0.5 + v * (1 << kPrecisionBits)) : int(0.5 + v * (1 << kPrecisionBits));
+    }
+    c.bounds[2 * xx] = xmin;
+    c.bounds[2 * xx + 1] = xmax;
+  }
+  return c;
+}
+
+inline std::uint8_t pil_clip8(std::int64_t in) {
+  if (in >= (std::int64_t(1) << kPrecisionBits << 8)) return 255;
+  if (in <= 0) return 0;
+  return std::uint8_t(in >> kPrecisionBits);
+}
+}  // namespace detail
+
+// Resizes to out_w × out_h exactly as PIL's Image.resize((out_w, out_h), BICUBIC | BILINEAR) does for 8-bit images
+// (reducing_gap=None, the default and what Hugging Face uses). A pass whose size does not change is skipped, as in
+// PIL, so a same-size resize returns the input unchanged.
+inline Image resize(const Image& in, int out_w, int out_h, Resample r = Resample::bicubic) {
+  constexpr const char* where = "resize";
+  CUMO_CHECK(!in.empty(), where, ": input image is empty");
+  CUMO_CHECK(out_w > 0 && out_h > 0, where, ": bad output size ", out_w, "x", out_h);
+  const int C = in.channels;
+  Image cur = in;
+  if (out_w != in.width) {  // horizontal pass
+    const auto co = detail::pil_coeffs(in.width, out_w, r);
+    Image tmp(out_w, cur.height, C);
+    for (int y = 0; y < cur.height; ++y)
+      for (int xx = 0; xx < out_w; ++xx) {
+        const int xmin = co.bounds[2 * xx], n = co.bounds[2 * xx + 1];
+        const std::int32_t* k = &co.kk[std::size_t(xx) * co.ksize];
+        for (int ch = 0; ch < C; ++ch) {
+          std::int64_t ss = std::int64_t(1) << (detail::kPrecisionBits - 1);
+          for (int x = 0; x < n; ++x) ss += std::int64_t(cur.at(y, xmin + x, ch)) * k[x];
+          tmp.at(y, xx, ch) = detail::pil_clip8(ss);
+        }
+      }
+    cur = std::move(tmp);
+  }
+  if (out_h != in.height) {  // vertical pass
+    const auto co = detail::pil_coeffs(in.height, out_h, r);
+    Image tmp(cur.width, out_h, C);
+    for (int yy = 0; yy < out_h; ++yy) {
+      const int ymin = co.bounds[2 * yy], n = co.bounds[2 * yy + 1];
+      const std::int32_t* k = &co.kk[std::size_t(yy) * co.ksize];
+      for (int x = 0; x < cur.width; ++x)
+        for (int ch = 0; ch < C; ++ch) {
+          std::int64_t ss = std::int64_t(1) << (detail::kPrecisionBits - 1);
+          for (int y = 0; y < n; ++y) ss += std::int64_t(cur.at(ymin + y, x, ch)) * k[y];
+          tmp.at(yy, x, ch) = detail::pil_clip8(ss);
+        }
+    }
+    cur = std::move(tmp);
+  }
+  return cur;
+}
+
+// Rows [top, top+h) and columns [left, left+w); must lie inside the image.
+inline Image crop(const Image& in, int left, int top, int w, int h) {
+  CUMO_CHECK(left >= 0 && top >= 0 && w > 0 && h > 0 && left + w <= in.width && top + h <= in.height,
+             "crop: box (left ", left, ", top ", top, ", ", w, "x", h, ") is outside the ", in.width, "x", in.height,
+             " image");
+  Image out(w, h, in.channels);
+  const std::size_t row = std::size_t(w) * in.channels;
+  for (int y = 0; y < h; ++y)
+    std::memcpy(&out.at(y, 0, 0), &in.at(top + y, left, 0), row);
+  return out;
+}
+
+// LLaVA's expand2square: the image pasted onto a square canvas of side max(w, h) filled with `fill`, centred with
+// PIL's integer offsets ((side - w) // 2, (side - h) // 2).
+inline Image pad_to_square(const Image& in, std::array<std::uint8_t, 3> fill) {
+  CUMO_CHECK(!in.empty(), "pad_to_square: input image is empty");
+  if (in.width == in.height) return in;
+  const int side = std::max(in.width, in.height);
+  Image out(side, side, in.channels);
+  for (int y = 0; y < side; ++y)
+    for (int x = 0; x < side; ++x)
+      for (int c = 0; c < in.channels; ++c) out.at(y, x, c) = fill[std::min(c, 2)];
+  const int left = (side - in.width) / 2, top = (side - in.height) / 2;
+  for (int y = 0; y < in.height; ++y)
+    std::memcpy(&out.at(top + y, left, 0), &in.at(y, 0, 0), std::size_t(in.width) * in.channels);
+  return out;
+}
+
+// ================================================================================================================
+// CLIP preprocessing (HF CLIPImageProcessor with openai/clip-vit-* defaults)
+// ================================================================================================================
+enum class AspectMode {
+  center_crop,  // HF default: resize the shortest side to `size`, crop the centre crop × crop
+  pad,          // LLaVA image_aspect_ratio="pad": expand2square with the mean colour first, then as above
+};
+
+struct ClipPreprocess {
+  int size = 224;  // shortest_edge after resize
+  int crop = 0;    // crop_size (0: same as size)
+  Resample resample = Resample::bicubic;  // HF: PILImageResampling.BICUBIC
+  AspectMode aspect = AspectMode::center_crop;
+  double rescale = 1.0 / 255.0;
+  std::array<float, 3> mean = {0.48145466f, 0.4578275f, 0.40821073f};
+  std::array<float, 3> std = {0.26862954f, 0.26130258f, 0.27577711f};
+
+  int crop_size() const { return crop > 0 ? crop : size; }
+  // LLaVA's pad colour: tuple(int(x * 255) for x in image_mean) = (122, 116, 104) for CLIP.
+  std::array<std::uint8_t, 3> pad_colour() const {
+    std::array<std::uint8_t, 3> c{};
+    for (int i = 0; i < 3; ++i) c[i] = std::uint8_t(std::clamp(int(double(mean[i]) * 255.0), 0, 255));
+    return c;
+  }
+};
+
+// HF's get_resize_output_image_size(default_to_square=False): the short side becomes `size`, the long side
+// int(size * long / short) (truncated, as Python's int() does). Returns {width, height}.
+inline std::array<int, 2> shortest_edge_size(int width, int height, int size) {
+  const bool w_short = width <= height;
+  const int short_side = w_short ? width : height, long_side = w_short ? height : width;
+  const int new_long = int(double(std::int64_t(size) * long_side) / double(short_side));
+  return w_short ? std::array<int, 2>{size, new_long} : std::array<int, 2>{new_long, size};
+}
+
+// The uint8 image that the processor normalises: (pad) → resize shortest side → centre crop.
+inline Image clip_resize_crop(const Image& img, const ClipPreprocess& p = {}) {
+  constexpr const char* where = "clip_preprocess";
+  CUMO_CHECK(!img.empty(), where, ": image is empty");
+  CUMO_CHECK(img.channels == 3, where, ": expected an RGB image (3 channels), got ", img.channels);
+  CUMO_CHECK(p.size > 0 && p.crop_size() > 0, where, ": size ", p.size, " / crop ", p.crop_size(), " must be > 0");
+  const Image src = p.aspect == AspectMode::pad ? pad_to_square(img, p.pad_colour()) : img;
+  const auto [rw, rh] = shortest_edge_size(src.width, src.height, p.size);
+  const Image r = resize(src, rw, rh, p.resample);
+  const int S = p.crop_size();
+  CUMO_CHECK(S <= r.width && S <= r.height, where, ": crop ", S, " is larger than the resized ", r.width, "x",
+             r.height, " image (size ", p.size, ")");
+  // HF center_crop: top = (h - crop_h) // 2, left = (w - crop_w) // 2.
+  return crop(r, (r.width - S) / 2, (r.height - S) / 2, S, S);
+}
+
+// Full preprocessing → (3, S, S) f32, CHW, with HF's arithmetic: x = float32(double(u8) * rescale), then
+// (x - float32(mean)) / float32(std) in float32.
+inline Tensor clip_normalize(const Image& img, const ClipPreprocess& p = {}) {
+  CUMO_CHECK(img.channels == 3, "clip_normalize: expected an RGB image, got ", img.channels, " channels");
+  const int H = img.height, W = img.width;
+  Tensor t = Tensor::empty({3, H, W});  // (3, H, W)
+  float* out = t.data<float>();
+  for (int c = 0; c < 3; ++c)
+    for (int y = 0; y < H; ++y)
+      for (int x = 0; x < W; ++x) {
+        const float v = float(double(img.at(y, x, c)) * p.rescale);
+        out[(std::size_t(c) * H + y) * W + x] = (v - p.mean[c]) / p.std[c];
+      }
+  return t;
+}
+
+inline Tensor clip_preprocess(const Image& img, const ClipPreprocess& p = {}) {
+  return clip_normalize(clip_resize_crop(img, p), p);  // (3, S, S)
+}
+inline Tensor clip_preprocess_file(const std::string& path, const ClipPreprocess& p = {}) {
+  return clip_preprocess(load_image(path, 3), p);
+}
+
+}  // namespace cumo::io
