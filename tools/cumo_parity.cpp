@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/io/safetensors.hpp"
+#include "parity/cumo.hpp"
+#include "parity/llava_mod.hpp"
 #include "parity/models.hpp"
 #include "parity/moe.hpp"
 #include "parity/report.hpp"
@@ -40,6 +42,8 @@ void add_model_kinds(std::map<std::string, Runner>& table) {
   table["qwen2"] = run_qwen2;
   table["mixtral"] = run_mixtral;
   table["llava"] = run_llava;
+  table["cumo"] = run_cumo;
+  table["llava_mod_distill"] = run_llava_mod_distill;
 }
 
 int usage() {

@@ -2,8 +2,8 @@
 // nn::Connector — the LLaVA-1.5 projector from vision features to the LLM's embedding space:
 //   linear_1 (Hv → Ht) → GELU (erf) → linear_2 (Ht → Ht), biases on both (llava-hf: multi_modal_projector.linear_{1,2};
 //   original LLaVA / CuMo checkpoints: model.mm_projector.{0,2} — io/hf_names.hpp maps the two).
-// CuMo's MLP-MoE connector is the same slot after upcycle() (a SparseMoE of such MLPs; it needs Hv == Ht because an
-// Expert<MLP> maps hidden → hidden).
+// CuMo's MLP-MoE connector is the same slot after upcycle(): a SparseMoE of such MLPs, each expert mapping Hv → Ht
+// (SparseMoE's out_features).
 #include <cstdint>
 #include <string>
 

@@ -18,7 +18,13 @@ void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops
   const std::int64_t E = std::int64_t(offsets.size()) - 1;
   const std::int64_t rows = offsets.back();
   // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores.
+#if defined(CUMO_CPU_BLAS)
+  // A threaded BLAS (OpenBLAS's pthread build) inside our OpenMP threads would oversubscribe the cores: let the
+  // BLAS thread every product and run the groups in order.
+  const bool small_groups = false;
+#else
   const bool small_groups = E > 1 && rows * flops_per_row / E < (std::int64_t(4) << 20);
+#endif
   if (small_groups)
     parallel_for_dynamic(E, [&](std::int64_t e) { f(e); }, rows * flops_per_row);
   else

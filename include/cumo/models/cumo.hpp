@@ -1,0 +1,373 @@
+#pragma once
+// models::CuMo — the CuMo multimodal model (Li et al. 2024, "CuMo: Scaling Multimodal LLM with Co-Upcycled
+// Mixture-of-Experts"): nn::Llava (CLIP ViT → 2-layer GELU connector → Mistral-style decoder) whose every CLIP MLP
+// and whose connector become top-k-of-E sparse MoE blocks at stage 3 (upcycle()), trained with
+//
+//   total = LM loss + balance_coef · (L_b,clip + L_b,mlp) + z_coef · (L_z,clip + L_z,mlp)      (0.1 / 0.01)
+//
+//   L_b = E Σ_e f_e P_e per image (f from TOP-1 choices, P = mean router prob), then the batch mean
+//   L_z = mean over tokens of logsumexp(router logits)²  (per image, then batch mean = mean over all tokens)
+//   L_*,clip = the mean over ALL CLIP layers — the last layer's output never reaches the features (layer −2), but it
+//   runs, its losses count, and their gradients reach its router and, through the router's input, every layer below.
+//
+// Composition rather than duplication: the three parts are nn::Llava's (ClipVision, Connector, DecoderLM), whose
+// MLP slots are FeedForward<Dense, Sparse> variants; this header adds the stage-3 transformation, the CuMo loss and
+// its backward, the loss/load report, KV-cached greedy generation over an image prompt, and checkpoint I/O that
+// detects a sparse checkpoint and upcycles the shapes before loading.
+//
+// Parameter names are HF's (transformers 5): model.vision_tower.…, model.multi_modal_projector.…,
+// model.language_model.…, lm_head.weight; sparse blocks add `<mlp>.gate.weight` (router) and fused
+// `<mlp>.experts.{fc1,fc2}.{weight,bias}` (E, …) — io::load_hf also reads per-expert tensors
+// (`…experts.{e}.fc1.weight`, the projector's `…experts.{e}.linear_1.weight`).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cumo/io/checkpoint_hf.hpp"
+#include "cumo/nn/llava.hpp"
+
+namespace cumo::models {
+
+struct CuMoConfig {
+  nn::LlavaConfig llava;  // vision + text + image_token_id
+  int experts = 4, top_k = 2;
+  float balance_coef = 0.1f, z_coef = 0.01f;  // CuMo's bzloss
+
+  // Accepts {"llava": {HF LlavaConfig}, "experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity fixture's
+  // config, and what to_json() writes) or a plain HF LlavaConfig (then experts/top_k/coefficients keep their
+  // defaults unless given at the top level).
+  static CuMoConfig from_json(const nlohmann::json& j) {
+    CuMoConfig c;
+    CUMO_CHECK(j.is_object(), "CuMoConfig::from_json: expected a JSON object");
+    const bool nested = j.contains("llava");
+    CUMO_CHECK(nested || j.contains("vision_config"),
+               "CuMoConfig::from_json: neither a \"llava\" object nor a LlavaConfig (\"vision_config\") in the JSON");
+    c.llava = nn::LlavaConfig::from_json(nested ? j.at("llava") : j);
+    c.experts = j.value("experts", c.experts);
+    c.top_k = j.value("top_k", c.top_k);
+    if (j.contains("aux") && j["aux"].is_object()) {
+      c.balance_coef = j["aux"].value("balance_coef", c.balance_coef);
+      c.z_coef = j["aux"].value("z_coef", c.z_coef);
+    }
+    CUMO_CHECK(c.experts >= 1, "CuMoConfig: experts must be >= 1, got ", c.experts);
+    CUMO_CHECK(c.top_k >= 1 && c.top_k <= c.experts, "CuMoConfig: top_k = ", c.top_k, " must be in [1, experts = ",
+               c.experts, "]");
+    return c;
+  }
+
+  // The nested form, readable by from_json() and by HF for the "llava" part.
+  nlohmann::json to_json() const {
+    const nn::VisionConfig& v = llava.vision;
+    const nn::DecoderConfig& t = llava.text;
+    nlohmann::json vc = {{"model_type", "clip_vision_model"},
+                         {"hidden_size", v.hidden},
+                         {"num_hidden_layers", v.layers},
+                         {"num_attention_heads", v.heads},
+                         {"intermediate_size", v.ffn},
+                         {"image_size", v.image_size},
+                         {"patch_size", v.patch_size},
+                         {"num_channels", v.channels},
+                         {"layer_norm_eps", v.eps},
+                         {"hidden_act", "quick_gelu"}};
+    nlohmann::json tc = {{"model_type", t.model_type},
+                         {"vocab_size", t.vocab},
+                         {"hidden_size", t.hidden},
+                         {"num_hidden_layers", t.layers},
+                         {"num_attention_heads", t.heads},
+                         {"num_key_value_heads", t.kv_heads},
+                         {"head_dim", t.head_dim},
+                         {"intermediate_size", t.ffn},
+                         {"rms_norm_eps", t.rms_eps},
+                         {"rope_parameters", {{"rope_theta", t.rope_theta}, {"rope_type", "default"}}},
+                         {"attention_bias", t.qkv_bias},
+                         {"tie_word_embeddings", t.tie_embeddings},
+                         {"hidden_act", "silu"}};
+    if (t.experts > 0) {
+      tc["num_local_experts"] = t.experts;
+      tc["num_experts_per_tok"] = t.top_k;
+      tc["router_aux_loss_coef"] = t.aux_coef;
+    }
+    nlohmann::json lc = {{"model_type", "llava"},
+                         {"vision_config", vc},
+                         {"text_config", tc},
+                         {"image_token_id", llava.image_token_id},
+                         {"vision_feature_layer", v.feature_layer},
+                         {"vision_feature_select_strategy", "default"},
+                         {"projector_hidden_act", "gelu"}};
+    return {{"llava", lc},
+            {"experts", experts},
+            {"top_k", top_k},
+            {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
+  }
+};
+
+class CuMo {
+ public:
+  explicit CuMo(CuMoConfig c) : cfg_(std::move(c)), m_(cfg_.llava) {}
+
+  const CuMoConfig& config() const { return cfg_; }
+  // The composition itself, for callers that want a layer (e.g. to read one router's output).
+  nn::Llava& llava() { return m_; }
+  const nn::Llava& llava() const { return m_; }
+
+  // ---- initialisation -------------------------------------------------------------------------------------
+  // Fresh weights for training from scratch: every matrix and embedding (patch, class, position, token) ~ N(0, 0.02²)
+  // (HF's initializer_range), biases 0, LayerNorm / RMSNorm weight 1 and bias 0; a router that already exists gets
+  // PyTorch's Linear default U(±1/√fan_in), as at upcycling. Deterministic in `rng`, in parameters() order.
+  void reset_parameters(Rng& rng) {
+    for (Parameter* p : parameters()) {
+      const std::string& n = p->name;
+      const bool is_norm = p->value.dim() == 1 && (n.find("norm") != std::string::npos ||
+                                                   n.find("layrnorm") != std::string::npos);
+      if (is_router(n)) {
+        const float bound = 1.f / std::sqrt(float(p->value.size(p->value.dim() - 1)));
+        rng.fill_uniform(p->value, -bound, bound);
+      } else if (is_norm) {
+        if (n.ends_with("weight"))
+          fill(p->value, 1.f);
+        else
+          fill(p->value, 0.f);
+      } else if (n.ends_with("bias")) {
+        fill(p->value, 0.f);
+      } else {
+        rng.fill_normal(p->value, 0.f, 0.02f);
+      }
+    }
+  }
+
+  // ---- stage 3: co-upcycling ------------------------------------------------------------------------------
+  // Every CLIP MLP (vision) and the connector (connector) become a top-k-of-E SparseMoE whose experts are exact
+  // copies of the dense MLP — the block then computes exactly the dense function for any router — and whose
+  // router is fresh (PyTorch Linear init, from `rng`: CLIP layers 0…L−1, then the connector). from_scratch: the
+  // experts get fresh PyTorch Linear init instead (the paper's failing ablation). Parts already sparse are skipped.
+  void upcycle(Rng& rng, bool vision = true, bool connector = true, bool from_scratch = false) {
+    if (vision)
+      for (auto& layer : m_.vision_tower.layers) {
+        if (layer.mlp.is_sparse()) continue;
+        layer.mlp.upcycle(cfg_.experts, cfg_.top_k, rng);
+        if (from_scratch) layer.mlp.sparse().experts().reset_parameters(rng);
+      }
+    if (connector && !m_.projector.mlp.is_sparse()) {
+      m_.projector.mlp.upcycle(cfg_.experts, cfg_.top_k, rng);
+      if (from_scratch) m_.projector.mlp.sparse().experts().reset_parameters(rng);
+    }
+  }
+  bool vision_is_sparse() const {
+    for (const auto& layer : m_.vision_tower.layers)
+      if (!layer.mlp.is_sparse()) return false;
+    return !m_.vision_tower.layers.empty();
+  }
+  bool connector_is_sparse() const { return m_.projector.mlp.is_sparse(); }
+
+  // ---- forward / backward ---------------------------------------------------------------------------------
+  struct Output {
+    Tensor logits;  // (B*T, V)
+    double ce = 0;      // the language model's mean CE over the counted targets
+    double lm_aux = 0;  // a Mixtral decoder's HF load-balancing loss (0 for Mistral / Qwen2), unweighted
+    double total = 0;   // ce + router_aux_loss_coef·lm_aux
+                        //    + balance_coef·(vision_balance + projector_balance) + z_coef·(vision_z + projector_z)
+    double vision_balance = 0, vision_z = 0, projector_balance = 0, projector_z = 0;  // 0 while dense
+    std::vector<double> vision_balance_per_layer, vision_z_per_layer;                // per CLIP layer
+    std::vector<ExpertLoad> vision_load;  // per CLIP layer (empty while dense)
+    ExpertLoad projector_load;            // empty while dense
+    std::int64_t targets = 0;             // label positions counted in ce
+  };
+
+  // ids / labels / key_valid: B*T (labels unshifted, −100 ignored; key_valid 0 = padding key, may be null);
+  // pixels (images, 3, S, S) with images · patches == the number of image_token_id entries in ids.
+  // Every CLIP layer runs (the last one's aux losses count). `training` is accepted for symmetry: CuMo's blocks have
+  // no jitter and no dropout, so the computation is the same; the activations for backward() are always kept.
+  Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
+                 const std::vector<std::int64_t>* labels, const std::vector<std::uint8_t>* key_valid = nullptr,
+                 bool training = true) {
+    (void)training;
+    const auto lm = m_.forward(ids, B, T, pixels, labels, key_valid);
+    Output out;
+    out.logits = lm.logits;
+    out.ce = lm.ce;
+    out.lm_aux = lm.aux;
+    out.targets = lm.targets;
+    const bool images = pixels.defined() && pixels.numel() > 0;
+    if (images) {
+      for (auto& layer : m_.vision_tower.layers) {
+        if (!layer.mlp.is_sparse()) continue;
+        const AuxLosses& a = layer.mlp.last_aux();
+        out.vision_balance_per_layer.push_back(scalar(a.balance_top1));
+        out.vision_z_per_layer.push_back(scalar(a.z));
+        out.vision_load.push_back(layer.mlp.sparse().load());
+      }
+      if (!out.vision_balance_per_layer.empty()) {
+        for (std::size_t l = 0; l < out.vision_balance_per_layer.size(); ++l) {
+          out.vision_balance += out.vision_balance_per_layer[l];
+          out.vision_z += out.vision_z_per_layer[l];
+        }
+        out.vision_balance /= double(out.vision_balance_per_layer.size());
+        out.vision_z /= double(out.vision_z_per_layer.size());
+      }
+      if (m_.projector.mlp.is_sparse()) {
+        const AuxLosses& a = m_.projector.mlp.last_aux();
+        out.projector_balance = scalar(a.balance_top1);
+        out.projector_z = scalar(a.z);
+        out.projector_load = m_.projector.mlp.sparse().load();
+      }
+    }
+    vision_sparse_layers_ = std::int64_t(out.vision_balance_per_layer.size());
+    out.total = lm.loss + cfg_.balance_coef * (out.vision_balance + out.projector_balance) +
+                cfg_.z_coef * (out.vision_z + out.projector_z);
+    has_forward_ = true;
+    return out;
+  }
+
+  // d total / d every parameter, scaled by `dtotal`, accumulated into the gradients. Needs the last forward to have
+  // had labels (the LM loss is part of total). One backward per forward.
+  void backward(double dtotal = 1.0) {
+    CUMO_CHECK(has_forward_, "CuMo::backward: no forward to differentiate (call forward with labels first)");
+    has_forward_ = false;
+    const double L = double(std::max<std::int64_t>(vision_sparse_layers_, 1));
+    const AuxLossWeights vision{float(dtotal * cfg_.balance_coef / L), float(dtotal * cfg_.z_coef / L)};
+    const AuxLossWeights projector{float(dtotal * cfg_.balance_coef), float(dtotal * cfg_.z_coef)};
+    m_.backward(float(dtotal), vision, projector);
+  }
+
+  // ---- parameters -----------------------------------------------------------------------------------------
+  ParameterList parameters() { return m_.parameters(); }
+  ParameterList vision_parameters() { return m_.vision_tower.parameters(); }
+  ParameterList connector_parameters() { return m_.projector.parameters(); }
+  ParameterList language_parameters() { return m_.language_model.parameters(); }
+
+  // ---- generation -----------------------------------------------------------------------------------------
+  // Greedy decoding for one image and one prompt with the decoder's KV cache. The prompt holds either one
+  // image_token_id per patch (as forward() wants) or a single image_token_id, which is expanded to patches() of them.
+  // Returns the new token ids, stopping after eos_id (included) or max_new tokens. Overwrites the saved forward
+  // state (no backward() for a forward before it).
+  std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt_ids, const Tensor& pixels,
+                                     std::int64_t max_new, std::int64_t eos_id) {
+    constexpr const char* where = "CuMo::generate";
+    has_forward_ = false;
+    const nn::VisionConfig& vc = cfg_.llava.vision;
+    const std::int64_t image_id = cfg_.llava.image_token_id, N = vc.patches();
+    CUMO_CHECK(!prompt_ids.empty(), where, ": empty prompt");
+    std::vector<std::int64_t> ids;
+    std::int64_t n_img = 0;
+    for (auto id : prompt_ids) n_img += id == image_id;
+    for (auto id : prompt_ids) {
+      if (id == image_id && n_img == 1 && N > 1)
+        ids.insert(ids.end(), std::size_t(N), image_id);
+      else
+        ids.push_back(id);
+    }
+    if (n_img == 1) n_img = N;
+    const bool has_image = pixels.defined() && pixels.numel() > 0;
+    CUMO_CHECK(!has_image || pixels.size(0) == 1, where, ": one image at a time, got pixel_values of shape ",
+               pixels.shape());
+    CUMO_CHECK(n_img == (has_image ? N : 0), where, ": the prompt has ", n_img, " image tokens (id ", image_id,
+               ") but the image gives ", has_image ? N : 0, " features");
+    auto& lm = m_.language_model;
+    const nn::DecoderConfig& tc = cfg_.llava.text;
+    const std::int64_t P = std::int64_t(ids.size()), H = tc.hidden;
+
+    std::vector<std::int64_t> safe = ids;
+    for (auto& id : safe)
+      if (id == image_id && (id < 0 || id >= tc.vocab)) id = 0;
+    Tensor emb = lm.embed_tokens.apply(safe);  // (P, H)
+    if (has_image) {
+      const auto vis = m_.vision_tower.forward(pixels, /*all_layers=*/false);
+      const Tensor proj = m_.projector.forward(vis.features, 1);  // (N, H)
+      std::int64_t k = 0;
+      for (std::int64_t i = 0; i < P; ++i)
+        if (ids[std::size_t(i)] == image_id)
+          std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + i * H);
+    }
+    auto cache = lm.make_cache(1, P + std::max<std::int64_t>(max_new, 1));
+    std::vector<std::int64_t> out;
+    Tensor logits = decode(emb, P, cache);  // (P, V)
+    for (std::int64_t s = 0; s < max_new; ++s) {
+      const std::int64_t next = argmax_row(logits, logits.size(0) - 1);
+      out.push_back(next);
+      if (next == eos_id || s + 1 == max_new) break;
+      logits = decode(lm.embed_tokens.apply({next}), 1, cache);
+    }
+    return out;
+  }
+
+  // ---- checkpoints ----------------------------------------------------------------------------------------
+  // Loads HF-named weights. A checkpoint whose CLIP MLPs / connector are sparse (it has `…mlp.gate.weight` /
+  // `multi_modal_projector.gate.weight` under any accepted prefix) turns the corresponding dense parts of this model
+  // sparse first — E from the router's rows, k from the config — so a stage-3 checkpoint loads into a freshly built
+  // model. Loading a dense checkpoint into an already sparse part fails (load_hf names the missing tensors).
+  void load(const io::HFCheckpoint& ck, const std::string& prefix = "") {
+    auto gate_rows = [&](const std::string& name) -> std::int64_t {
+      for (const auto& n : io::hf_name_variants(name))
+        if (ck.contains(prefix + n)) return ck.info(prefix + n).shape[0];
+      return 0;
+    };
+    if (!m_.vision_tower.layers.empty()) {
+      const std::int64_t E = gate_rows(m_.vision_tower.layers[0].mlp.name() + ".gate.weight");
+      if (E > 0 && !vision_is_sparse()) {
+        cfg_.experts = int(E);
+        Rng dummy(0);  // the shapes matter here; load_hf overwrites every value
+        upcycle(dummy, true, false);
+      }
+    }
+    {
+      const std::int64_t E = gate_rows(m_.projector.mlp.name() + ".gate.weight");
+      if (E > 0 && !connector_is_sparse()) {
+        cfg_.experts = int(E);
+        Rng dummy(0);
+        upcycle(dummy, false, true);
+      }
+    }
+    io::LoadOptions opt;
+    opt.prefix = prefix;
+    io::load_hf(parameters(), ck, opt);
+  }
+  void load(const std::string& path) { load(io::HFCheckpoint::open(path)); }
+  // Writes every parameter under its HF name (fused experts), with the config in the metadata ("cumo_config").
+  void save(const std::string& path) {
+    io::save_hf(path, parameters(), {{"cumo_config", cfg_.to_json().dump()}});
+  }
+
+ private:
+  static bool is_router(const std::string& n) { return n.ends_with(".gate.weight"); }
+  static void fill(Tensor& t, float v) {
+    float* p = t.data<float>();
+    for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = v;
+  }
+  static double scalar(const Tensor& t) {
+    const Tensor c = t.to(Device::cpu).to(DType::f64);
+    return c.data<double>()[0];
+  }
+  static std::int64_t argmax_row(const Tensor& logits, std::int64_t row) {
+    const std::int64_t V = logits.size(1);
+    const float* z = logits.data<float>() + row * V;
+    return std::int64_t(std::max_element(z, z + V) - z);
+  }
+  // x (t, H) embeddings of t new positions of one sequence → logits (t, V), appending to the caches.
+  Tensor decode(const Tensor& x, std::int64_t t, std::vector<nn::KVCache>& cache) {
+    auto& lm = m_.language_model;
+    const nn::DecoderConfig& tc = cfg_.llava.text;
+    Tensor h = x;
+    for (std::size_t l = 0; l < lm.layers.size(); ++l) {
+      auto& L = lm.layers[l];
+      h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), 1, t, cache[l]));
+      h = nn::add(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
+    }
+    const Tensor hn = lm.norm.apply(h);
+    const Tensor& W = tc.tie_embeddings ? lm.embed_tokens.weight.value : lm.lm_head.weight.value;
+    Tensor logits = nn::matrix(t, tc.vocab);
+    cpu::gemm(cpu::Op::N, cpu::Op::T, t, tc.vocab, tc.hidden, 1.f, hn.data<float>(), tc.hidden, W.data<float>(),
+              tc.hidden, 0.f, logits.data<float>(), tc.vocab);  // (t, V)
+    return logits;
+  }
+
+  CuMoConfig cfg_;
+  nn::Llava m_;
+  std::int64_t vision_sparse_layers_ = 0;
+  bool has_forward_ = false;
+};
+
+}  // namespace cumo::models

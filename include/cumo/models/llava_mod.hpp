@@ -1,0 +1,239 @@
+#pragma once
+// LLaVA-MoD's model parts on top of nn::DecoderLM (docs/llava_mod.md):
+//
+//   make_sparse_student(lm, E, k, rng)   upcycles the FFNs of layers 0, 2, 4, … (or any list) into top-k-of-E
+//                                        SparseMoE blocks in place: every expert an exact copy of the dense FFN,
+//                                        a fresh router (PyTorch Linear init), top-1 balance counting (DeepSpeed /
+//                                        Switch l_aux), optional capacity factor with DeepSpeed semantics.
+//   eval_logits(teacher, ids, B, T)      the teacher's forward in eval mode: nothing is kept for a backward (no
+//                                        layer input, no attention probabilities); the only buffers that outlive one
+//                                        layer are the residual stream and the logits.
+//   StudentPass(student)                 forward / backward of a DecoderLM under an EXTERNAL loss on its logits (the
+//                                        distillation losses of train/distill.hpp), with the MoE aux loss as
+//                                        LLaVA-MoD sums it: each sparse layer's own balance loss, summed over layers
+//                                        (and over `segments`, the independent forwards a batch concatenates —
+//                                        chosen and rejected in preference distillation).
+//
+// None of this changes nn/: StudentPass and eval_logits drive the DecoderLM's public layers (the same calls, in the
+// same order, as DecoderLM::forward_embeds / backward), so the arithmetic is the DecoderLM's own.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cumo/core/rng.hpp"
+#include "cumo/moe.hpp"
+#include "cumo/nn/decoder.hpp"
+
+namespace cumo::models {
+
+// The student's sparse blocks: renormalised top-k, balance counted on first choices (the l_aux of DeepSpeed-MoE that
+// LLaVA-MoD trains with); capacity_factor > 0 gives DeepSpeed's capacity ceil(k · tokens · cf / E) per expert, the
+// overflow tokens getting 0 from the block (only the residual passes them on).
+inline SparseMoEOptions mod_moe_options(float capacity_factor = 0.f) {
+  SparseMoEOptions o;
+  o.renormalize = true;
+  o.balance = BalanceCounts::top1;
+  o.capacity_factor = capacity_factor;
+  return o;
+}
+
+// 0, 2, 4, … below `layers` (LLaVA-MoD's "every other layer").
+inline std::vector<int> every_other_layer(std::int64_t layers) {
+  std::vector<int> l;
+  for (std::int64_t i = 0; i < layers; i += 2) l.push_back(int(i));
+  return l;
+}
+
+// Upcycles, in place, the FFN of every listed layer (default: every_other_layer) into a top_k-of-`experts` SparseMoE
+// whose experts are exact copies of that FFN and whose router is fresh (drawn from `rng`). Parameter names become
+// HF's "<layer>.mlp.experts.gate_up_proj" / ".experts.down_proj" / ".mlp.gate.weight" (load_hf also reads the
+// per-expert "...experts.{e}.{gate,up,down}_proj.weight" form). Returns the layers it upcycled. At upcycling the
+// student's logits equal the dense student's (the renormalised top-k weights sum to 1).
+inline std::vector<int> make_sparse_student(nn::DecoderLM& lm, int experts, int top_k, Rng& rng,
+                                            std::vector<int> layers = {}, SparseMoEOptions options = mod_moe_options()) {
+  constexpr const char* where = "make_sparse_student";
+  if (layers.empty()) layers = every_other_layer(std::int64_t(lm.layers.size()));
+  CUMO_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, where, ": need 1 <= top_k <= experts, got top_k = ",
+             top_k, ", experts = ", experts);
+  for (int l : layers) {
+    CUMO_CHECK(l >= 0 && l < int(lm.layers.size()), where, ": layer ", l, " is outside [0, ", lm.layers.size(), ")");
+    CUMO_CHECK(!lm.layers[std::size_t(l)].mlp.is_sparse(), where, ": layer ", l, "'s FFN is already sparse");
+  }
+  for (int l : layers) lm.layers[std::size_t(l)].mlp.upcycle(experts, top_k, rng, options);
+  return layers;
+}
+
+// LLaVA-MoD's default trainable set in the distillation stages: the FFNs (experts) and routers of the LLM; attention,
+// norms and embeddings frozen. Sets Parameter::trainable on every parameter of `lm`; returns how many train.
+inline std::size_t train_only_ffn(nn::DecoderLM& lm) {
+  for (Parameter* p : lm.parameters()) p->trainable = false;
+  std::size_t n = 0;
+  for (auto& L : lm.layers) {
+    ParameterList ps;
+    L.mlp.collect(ps);
+    for (Parameter* p : ps) {
+      p->trainable = true;
+      ++n;
+    }
+  }
+  return n;
+}
+
+inline std::int64_t parameter_count(const ParameterList& ps) {
+  std::int64_t n = 0;
+  for (const Parameter* p : ps) n += p->value.numel();
+  return n;
+}
+// Bytes of the values (and, with_grads, of the gradient buffers every Parameter carries).
+inline std::int64_t parameter_bytes(const ParameterList& ps, bool with_grads = false) {
+  std::int64_t n = 0;
+  for (const Parameter* p : ps) n += std::int64_t(p->value.nbytes()) + (with_grads ? std::int64_t(p->grad.nbytes()) : 0);
+  return n;
+}
+
+namespace detail {
+inline Tensor head_logits(const nn::DecoderLM& m, const Tensor& hn) {
+  const auto& c = m.config();
+  const Parameter& W = c.tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
+  Tensor logits = nn::matrix(hn.size(0), c.vocab);
+  cpu::gemm(cpu::Op::N, cpu::Op::T, hn.size(0), c.vocab, c.hidden, 1.f, hn.data<float>(), c.hidden,
+            W.value.data<float>(), c.hidden, 0.f, logits.data<float>(), c.vocab);  // (N, V)
+  return logits;
+}
+// DenseGatedMLP::forward's arithmetic without saving g, u.
+inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
+  const Tensor g = mlp.gate_proj.apply(x), u = mlp.up_proj.apply(x);
+  Tensor a = nn::matrix(g.size(0), g.size(1));
+  const float *pg = g.data<float>(), *pu = u.data<float>();
+  float* pa = a.data<float>();
+  for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = SiLU::f(pg[i]) * pu[i];
+  return mlp.down_proj.apply(a);
+}
+}  // namespace detail
+
+// ---- the teacher: eval-mode forward -------------------------------------------------------------------------------
+// x (B·T, H) → logits (B·T, V), keeping nothing for a backward. Each layer's attention runs as a prefill into a
+// KV cache that lives for that layer only (the same scores, softmax and sums as the training forward), dense FFNs
+// run without saving their gate / up activations. A sparse FFN in the teacher runs its forward with training off
+// (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
+// DecoderLM::forward on the same input. key_valid (B·T): 0 marks a padding key.
+inline Tensor eval_logits_embeds(nn::DecoderLM& m, const Tensor& x, std::int64_t B, std::int64_t T,
+                                 const std::vector<std::uint8_t>* key_valid = nullptr) {
+  constexpr const char* where = "eval_logits";
+  const auto& c = m.config();
+  Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden);
+  CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
+  for (auto& L : m.layers) {
+    nn::KVCache cache = L.self_attn.make_cache(B, T);
+    h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, T, cache, key_valid));
+    const Tensor hn = L.post_attention_layernorm.apply(h);
+    h = nn::add(h, L.mlp.is_sparse() ? L.mlp.forward(hn, ForwardArgs{1, false}) : detail::gated_apply(L.mlp.dense(), hn));
+  }
+  return detail::head_logits(m, m.norm.apply(h));
+}
+inline Tensor eval_logits(nn::DecoderLM& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                          const std::vector<std::uint8_t>* key_valid = nullptr) {
+  CUMO_CHECK(std::int64_t(ids.size()) == B * T, "eval_logits: ", ids.size(), " ids for B = ", B, ", T = ", T);
+  return eval_logits_embeds(m, m.embed_tokens.apply(ids), B, T, key_valid);
+}
+
+// ---- the student: forward / backward under an external loss -------------------------------------------------------
+class StudentPass {
+ public:
+  explicit StudentPass(nn::DecoderLM& m) : m_(&m) {}
+
+  struct Output {
+    Tensor logits;                   // (B·T, V)
+    double aux = 0;                  // Σ over sparse layers and segments of the block's balance loss (its counting)
+    double z = 0;                    // Σ over sparse layers and segments of the block's z-loss
+    std::vector<double> aux_layers;  // per sparse layer, in layer order (summed over segments)
+  };
+
+  nn::DecoderLM& model() { return *m_; }
+
+  // ids (B·T); `segments` splits the rows into that many equal consecutive parts, each a forward of its own for
+  // the aux losses (LLaVA-MoD's aux_chosen + aux_rejected when chosen and rejected are concatenated).
+  Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::int64_t segments = 1,
+                 const std::vector<std::uint8_t>* key_valid = nullptr) {
+    CUMO_CHECK(std::int64_t(ids.size()) == B * T, "StudentPass::forward: ", ids.size(), " ids for B = ", B, ", T = ", T);
+    embedded_ = true;
+    return run(m_->embed_tokens.forward(ids), B, T, segments, key_valid);
+  }
+  // x (B·T, H): embeddings built by the caller (a multimodal model writes image features into them).
+  Output forward_embeds(const Tensor& x, std::int64_t B, std::int64_t T, std::int64_t segments = 1,
+                        const std::vector<std::uint8_t>* key_valid = nullptr) {
+    embedded_ = false;
+    return run(x, B, T, segments, key_valid);
+  }
+
+  // dlogits (B·T, V) f32 = d objective / d logits; `aux` = the objective's coefficients of Output::aux and
+  // Output::z. Accumulates every parameter gradient except the embedding table's rows and returns d inputs_embeds.
+  Tensor backward(const Tensor& dlogits, AuxLossWeights aux = {}) {
+    constexpr const char* where = "StudentPass::backward";
+    CUMO_CHECK(hn_.defined(), where, ": no saved forward (one backward per forward)");
+    nn::DecoderLM& m = *m_;
+    const auto& c = m.config();
+    const std::int64_t N = hn_.size(0), H = c.hidden, V = c.vocab;
+    const Tensor dl = nn::check_input(where, "dlogits", dlogits, V);
+    CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but the forward had ", N, " rows");
+    Parameter& W = c.tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
+    cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
+              W.grad.data<float>(), H);  // (V, H)
+    Tensor dh = nn::matrix(N, H);
+    cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
+              dh.data<float>(), H);  // (N, H)
+    hn_ = Tensor();
+    dh = m.norm.backward(dh);
+    const AuxLossWeights per_block{float(double(aux.balance) * double(segments_)), float(double(aux.z) * double(segments_))};
+    for (std::size_t l = m.layers.size(); l-- > 0;) {
+      auto& L = m.layers[l];
+      const Tensor dffn_in = L.mlp.backward(dh, per_block);
+      Tensor dmid = nn::add(dh, L.post_attention_layernorm.backward(dffn_in));
+      dh = nn::add(dmid, L.input_layernorm.backward(L.self_attn.backward(dmid)));
+    }
+    return dh;
+  }
+  // backward() and then the embedding table (only after forward(ids)).
+  void backward_all(const Tensor& dlogits, AuxLossWeights aux = {}) {
+    CUMO_CHECK(embedded_, "StudentPass::backward_all: the last forward took embeddings, not ids (call backward() "
+                          "and route d inputs_embeds yourself)");
+    m_->embed_tokens.backward(backward(dlogits, aux));
+  }
+
+ private:
+  Output run(const Tensor& x, std::int64_t B, std::int64_t T, std::int64_t segments,
+             const std::vector<std::uint8_t>* key_valid) {
+    constexpr const char* where = "StudentPass::forward";
+    nn::DecoderLM& m = *m_;
+    const auto& c = m.config();
+    Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden);
+    CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
+    CUMO_CHECK(segments >= 1 && B % segments == 0, where, ": ", B, " sequences do not split into ", segments,
+               " equal segments");
+    segments_ = segments;
+    Output out;
+    for (auto& L : m.layers) {
+      h = nn::add(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
+      h = nn::add(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{segments, true}));
+      if (L.mlp.is_sparse()) {
+        const AuxLosses& a = L.mlp.last_aux();
+        const bool top1 = L.mlp.sparse().options().balance == BalanceCounts::top1;
+        // the block reduces per segment and averages; LLaVA-MoD adds the forwards' losses
+        const double bal = double((top1 ? a.balance_top1 : a.balance_allk).data<float>()[0]) * double(segments);
+        out.aux_layers.push_back(bal);
+        out.aux += bal;
+        out.z += double(a.z.data<float>()[0]) * double(segments);
+      }
+    }
+    hn_ = m.norm.forward(h);
+    out.logits = detail::head_logits(m, hn_);
+    return out;
+  }
+
+  nn::DecoderLM* m_;
+  Tensor hn_;  // (N, H) final-norm output, for the head's gradient
+  std::int64_t segments_ = 1;
+  bool embedded_ = false;
+};
+
+}  // namespace cumo::models

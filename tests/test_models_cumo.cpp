@@ -1,0 +1,304 @@
+// models::CuMo: parity with the PyTorch fixture (kind `cumo`), the upcycling invariant, the from-scratch ablation,
+// finite-difference gradients of the whole model's total loss (every part, routers included), KV-cached greedy
+// generation against the full forward, stage-1 freezing through the parameter lists, and checkpoint round trips.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <string>
+
+#include "../tools/parity/cumo.hpp"
+#include "cumo/models/cumo.hpp"
+#include "cumo/train/optimizer.hpp"
+#include "nn_test_util.hpp"
+
+using namespace cumo;
+using cumo::test::gradcheck;
+using cumo::test::random_tensor;
+using cumo::test::randomize;
+
+namespace {
+
+// A tiny CuMo: CLIP 2 layers (width 8, 4 patches + CLS per image), connector 8 → 12, Mistral 1 layer of width 12.
+models::CuMoConfig tiny_config() {
+  models::CuMoConfig c;
+  nn::LlavaConfig& l = c.llava;
+  l.vision.hidden = 8;
+  l.vision.layers = 2;
+  l.vision.heads = 2;
+  l.vision.ffn = 16;
+  l.vision.image_size = 8;
+  l.vision.patch_size = 4;
+  l.text.vocab = 13;
+  l.text.hidden = 12;
+  l.text.layers = 1;
+  l.text.heads = 3;
+  l.text.kv_heads = 1;
+  l.text.head_dim = 4;
+  l.text.ffn = 16;
+  l.image_token_id = 12;
+  c.experts = 4;
+  c.top_k = 2;
+  return c;
+}
+
+// Two sequences of 9 tokens, each with one image (4 image tokens) at positions 1..4; labels on the text after it.
+struct Batch {
+  std::vector<std::int64_t> ids{1, 12, 12, 12, 12, 4, 5, 6, 7, 2, 12, 12, 12, 12, 8, 3, 9, 1};
+  std::vector<std::int64_t> labels{-100, -100, -100, -100, -100, 4, 5, 6, 7, -100, -100, -100, -100, -100, 8, 3, 9, 1};
+  std::int64_t B = 2, T = 9;
+  Tensor px;
+  explicit Batch(Rng& rng) : px(random_tensor({2, 3, 8, 8}, rng)) {}
+};
+
+const std::string kFixture = std::string(CUMO_FIXTURE_DIR) + "/cumo_e4_k2_v32_t32.safetensors";
+
+}  // namespace
+
+TEST_CASE("models cumo: parity with the PyTorch CuMo fixture (outputs, every bzloss term, every grad, AdamW steps)") {
+  const auto f = io::SafeTensors::open(kFixture);
+  REQUIRE(f.metadata().at("kind") == "cumo");
+  parity::Report r;
+  parity::run_cumo(f, nlohmann::json::parse(f.metadata().at("config")), r);
+  CHECK(r.failed == 0);
+  CHECK(r.passed > 60);
+}
+
+TEST_CASE("models cumo: config JSON — the fixture's nested form, a plain LlavaConfig, and to_json round trip") {
+  const auto f = io::SafeTensors::open(kFixture);
+  const auto j = nlohmann::json::parse(f.metadata().at("config"));
+  const auto c = models::CuMoConfig::from_json(j);
+  CHECK(c.experts == 4);
+  CHECK(c.top_k == 2);
+  CHECK(c.balance_coef == doctest::Approx(0.1));
+  CHECK(c.z_coef == doctest::Approx(0.01));
+  CHECK(c.llava.vision.hidden == 32);
+  CHECK(c.llava.text.vocab == 97);
+  CHECK(c.llava.image_token_id == 96);
+  const auto plain = models::CuMoConfig::from_json(j.at("llava"));
+  CHECK(plain.llava.text.ffn == 72);
+  const auto back = models::CuMoConfig::from_json(c.to_json());
+  CHECK(back.to_json() == c.to_json());
+  CHECK(back.llava.text.kv_heads == 2);
+  CHECK(back.llava.vision.feature_layer == -2);
+  CHECK_THROWS_AS(models::CuMoConfig::from_json(nlohmann::json{{"experts", 4}}), Error);
+}
+
+TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from-scratch experts do not") {
+  Rng rng(3);
+  Batch b(rng);
+  models::CuMo m(tiny_config());
+  randomize(m.parameters(), rng, 0.4f);
+  CHECK_FALSE(m.vision_is_sparse());
+  CHECK_FALSE(m.connector_is_sparse());
+  const auto dense = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  CHECK(dense.vision_balance == 0);
+  CHECK(dense.vision_load.empty());
+  CHECK(dense.total == doctest::Approx(dense.ce));
+  const Tensor dense_logits = dense.logits.clone();
+  const std::size_t dense_count = m.parameters().size();
+
+  models::CuMo scratch = m;  // same dense weights, upcycled with random experts below
+  Rng up(7);
+  m.upcycle(up);
+  CHECK(m.vision_is_sparse());
+  CHECK(m.connector_is_sparse());
+  // each dense MLP (4 tensors) becomes fused experts (4 tensors) + a router
+  CHECK(m.parameters().size() == dense_count + 2 + 1);
+  const auto sparse = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  CHECK(rel_error(sparse.logits, dense_logits) <= 1e-5);
+  CHECK(sparse.ce == doctest::Approx(dense.ce).epsilon(1e-5));
+  REQUIRE(sparse.vision_balance_per_layer.size() == 2);
+  REQUIRE(sparse.vision_load.size() == 2);
+  for (const auto& l : sparse.vision_load) {
+    std::int64_t s = 0;
+    for (auto t : l.tokens) s += t;
+    CHECK(s == 2 * 5 * 2);  // images × (patches + CLS) × k
+  }
+  CHECK(sparse.vision_balance > 0);
+  CHECK(sparse.projector_z > 0);
+  CHECK(sparse.total == doctest::Approx(sparse.ce + 0.1 * (sparse.vision_balance + sparse.projector_balance) +
+                                        0.01 * (sparse.vision_z + sparse.projector_z)));
+
+  Rng up2(7);
+  scratch.upcycle(up2, true, true, /*from_scratch=*/true);
+  const auto s2 = scratch.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  CHECK(rel_error(s2.logits, dense_logits) > 1e-2);
+
+  // upcycling only one part
+  models::CuMo only_vision(tiny_config());
+  Rng r3(1);
+  only_vision.upcycle(r3, true, false);
+  CHECK(only_vision.vision_is_sparse());
+  CHECK_FALSE(only_vision.connector_is_sparse());
+}
+
+TEST_CASE("models cumo: finite differences of the total loss (CE + bzloss) w.r.t. every part, routers included") {
+  Rng rng(21);
+  Batch b(rng);
+  models::CuMo m(tiny_config());
+  randomize(m.parameters(), rng, 0.4f);
+  Rng up(5);
+  m.upcycle(up);
+  const ParameterList params = m.parameters();
+  // routers a little sharper than PyTorch's init so the aux losses carry real gradient
+  for (Parameter* p : params)
+    if (p->name.ends_with(".gate.weight")) rng.fill_normal(p->value, 0.f, 0.8f);
+  zero_grad(params);
+  const auto base = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  m.backward();
+
+  // Routing must not change under the ±h perturbations (top-k is piecewise constant; a flip would be a jump, not a
+  // gradient): record every block's choices and require the same choices at every evaluation.
+  auto routing = [&] {
+    std::vector<std::int32_t> r;
+    auto add = [&](const Tensor& idx) { r.insert(r.end(), idx.data<std::int32_t>(), idx.data<std::int32_t>() + idx.numel()); };
+    for (auto& l : m.llava().vision_tower.layers) add(l.mlp.sparse().router_output().topk_idx);
+    add(m.llava().projector.mlp.sparse().router_output().topk_idx);
+    return r;
+  };
+  m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  const auto want_routing = routing();
+  int flips = 0;
+  auto objective = [&] {
+    const double t = m.forward(b.ids, b.B, b.T, b.px, &b.labels).total;
+    flips += routing() != want_routing;
+    return t;
+  };
+  CHECK(base.vision_balance > 0);
+
+  // the last CLIP layer's output is unused: only its router's aux losses reach it (attention, norms, router)
+  std::vector<test::GradTarget> targets;
+  std::set<std::string> seen_parts;
+  for (Parameter* p : params) {
+    const std::string& n = p->name;
+    if (n.find("post_layernorm") != std::string::npos) continue;  // no gradient by construction (checked below)
+    if (n.find("layers.1.mlp.experts") != std::string::npos) continue;  // idem
+    targets.push_back({n, p->value, p->grad});
+  }
+  gradcheck(targets, objective, 6, 2e-3, 1e-2);
+  CHECK(flips == 0);
+
+  for (Parameter* p : params) {
+    const std::string& n = p->name;
+    if (n.find("post_layernorm") != std::string::npos || n.find("layers.1.mlp.experts") != std::string::npos) {
+      CAPTURE(n);
+      CHECK(test::dot(p->grad, p->grad) == 0.0);
+    }
+    if (n == "model.vision_tower.encoder.layers.1.mlp.gate.weight" ||
+        n == "model.vision_tower.encoder.layers.1.self_attn.q_proj.weight") {
+      CAPTURE(n);
+      CHECK(test::dot(p->grad, p->grad) > 0.0);  // the last layer's aux losses do reach it
+    }
+  }
+}
+
+TEST_CASE("models cumo: greedy generation with the KV cache equals the argmax of the full forward, step by step") {
+  Rng rng(8);
+  models::CuMo m(tiny_config());
+  randomize(m.parameters(), rng, 0.6f);
+  Rng up(2);
+  m.upcycle(up);
+  const Tensor px = random_tensor({1, 3, 8, 8}, rng);
+  const std::vector<std::int64_t> prompt{1, 12, 12, 12, 12, 4, 5};
+  const std::int64_t max_new = 6;
+  const auto gen = m.generate(prompt, px, max_new, /*eos_id=*/-1);
+  REQUIRE(gen.size() == std::size_t(max_new));
+  std::vector<std::int64_t> seq = prompt;
+  for (std::int64_t s = 0; s < max_new; ++s) {
+    const std::int64_t T = std::int64_t(seq.size());
+    const auto out = m.forward(seq, 1, T, px, nullptr, nullptr, /*training=*/false);
+    const float* z = out.logits.data<float>() + (T - 1) * 13;
+    const std::int64_t best = std::int64_t(std::max_element(z, z + 13) - z);
+    CAPTURE(s);
+    CHECK(gen[std::size_t(s)] == best);
+    seq.push_back(gen[std::size_t(s)]);
+  }
+  // a single image token is expanded to one per patch
+  const auto gen1 = m.generate({1, 12, 4, 5}, px, max_new, -1);
+  CHECK(gen1 == gen);
+  // stops at eos (included)
+  const auto stop = m.generate(prompt, px, max_new, gen[2]);
+  CHECK(stop.size() <= 3);
+  CHECK(stop.back() == gen[2]);
+  CHECK_THROWS_AS(m.generate({1, 12, 12, 4}, px, 2, -1), Error);  // 2 image tokens for 4 patches
+}
+
+TEST_CASE("models cumo: stage 1 trains only the connector (parameter lists partition the model)") {
+  Rng rng(4);
+  Batch b(rng);
+  models::CuMo m(tiny_config());
+  m.reset_parameters(rng);
+  const ParameterList all = m.parameters(), vis = m.vision_parameters(), con = m.connector_parameters(),
+                      lang = m.language_parameters();
+  CHECK(all.size() == vis.size() + con.size() + lang.size());
+  std::set<Parameter*> u(vis.begin(), vis.end());
+  u.insert(con.begin(), con.end());
+  u.insert(lang.begin(), lang.end());
+  CHECK(u == std::set<Parameter*>(all.begin(), all.end()));
+  for (Parameter* p : con) CHECK(p->name.starts_with("model.multi_modal_projector."));
+  // reset_parameters: norms 1/0, biases 0, matrices N(0, 0.02²)
+  for (Parameter* p : all) {
+    if (p->name.ends_with("layer_norm1.weight")) CHECK(p->value.data<float>()[0] == 1.f);
+    if (p->name.ends_with("fc1.bias")) CHECK(p->value.data<float>()[0] == 0.f);
+    if (p->name == "lm_head.weight") {
+      const double rms = std::sqrt(test::dot(p->value, p->value) / double(p->value.numel()));
+      CHECK(rms == doctest::Approx(0.02).epsilon(0.2));
+    }
+  }
+
+  std::vector<Tensor> before;
+  for (Parameter* p : all) before.push_back(p->value.clone());
+  train::AdamWOptions o;
+  o.lr = 1e-2;
+  o.weight_decay = 0;
+  train::AdamW opt({train::ParamGroup{"vision", vis, 1.0, std::nullopt, true},
+                    train::ParamGroup{"connector", con, 1.0, std::nullopt, false},
+                    train::ParamGroup{"language", lang, 1.0, std::nullopt, true}},
+                   o);
+  opt.zero_grad();
+  m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  m.backward();
+  opt.step();
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    const bool changed = rel_error(all[i]->value, before[i]) > 0;
+    const bool is_con = all[i]->name.starts_with("model.multi_modal_projector.");
+    CAPTURE(all[i]->name);
+    CHECK(changed == is_con);
+  }
+}
+
+TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly built (dense) model") {
+  namespace fs = std::filesystem;
+  Rng rng(6);
+  Batch b(rng);
+  models::CuMo m(tiny_config());
+  randomize(m.parameters(), rng, 0.4f);
+  Rng up(9);
+  m.upcycle(up);
+  const auto want = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  const fs::path dir = fs::path(CUMO_TEST_TMPDIR) / "cumo_model";
+  fs::create_directories(dir);
+  const std::string path = (dir / "cumo.safetensors").string();
+  m.save(path);
+  const auto f = io::SafeTensors::open(path);
+  const auto cfg = models::CuMoConfig::from_json(nlohmann::json::parse(f.metadata().at("cumo_config")));
+  models::CuMo back(cfg);
+  back.load(path);
+  CHECK(back.vision_is_sparse());
+  CHECK(back.connector_is_sparse());
+  const auto got = back.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  CHECK(bitwise_equal(got.logits, want.logits));
+  CHECK(got.total == want.total);
+
+  // a dense checkpoint into a sparse model: a clear error naming the missing tensors
+  models::CuMo dense(tiny_config());
+  randomize(dense.parameters(), rng, 0.4f);
+  const std::string dpath = (dir / "dense.safetensors").string();
+  dense.save(dpath);
+  models::CuMo sparse(tiny_config());
+  Rng r(1);
+  sparse.upcycle(r);
+  CHECK_THROWS_AS(sparse.load(dpath), Error);
+}
