@@ -1,6 +1,8 @@
 // Images: PNG round trip, bad files, Pillow-exact resampling, CLIP preprocessing against hand-computed values.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -15,7 +17,7 @@ using cumo::io::Image;
 
 namespace {
 fs::path image_tmp(const std::string& name) {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / ("data_image_" + name);
+  const fs::path d = cumo::test::tmp_root() / ("data_image_" + name);
   fs::remove_all(d);
   fs::create_directories(d);
   return d;

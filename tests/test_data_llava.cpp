@@ -2,6 +2,8 @@
 // set, padding, and the batch iterator's exact resume.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -17,7 +19,7 @@ using namespace cumo::io;
 
 namespace {
 fs::path llava_tmp(const std::string& name) {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / ("data_llava_" + name);
+  const fs::path d = cumo::test::tmp_root() / ("data_llava_" + name);
   fs::remove_all(d);
   fs::create_directories(d);
   return d;

@@ -2,6 +2,8 @@
 // load through the real LLaVA loaders.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -123,7 +125,7 @@ void check_answer(const Scene& sc, const std::string& type, const std::string& q
 }  // namespace
 
 TEST_CASE("data/shapes: the same seed writes byte-identical files and another seed writes different ones") {
-  const fs::path root = fs::path(CUMO_TEST_TMPDIR) / "data_shapes_determinism";
+  const fs::path root = cumo::test::tmp_root() / "data_shapes_determinism";
   fs::remove_all(root);
   const ShapesConfig c = small_world(5);
   const auto s1 = write_shapes_world((root / "a").string(), c);
@@ -245,7 +247,7 @@ TEST_CASE("data/shapes: the eval split is held out (own images, no pixel-identic
 }
 
 TEST_CASE("data/shapes: the written world loads through the LLaVA data set with the byte tokenizer") {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / "data_shapes_load";
+  const fs::path d = cumo::test::tmp_root() / "data_shapes_load";
   fs::remove_all(d);
   ShapesConfig c = small_world(9);
   c.questions_per_image = 2;

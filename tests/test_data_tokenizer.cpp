@@ -2,6 +2,8 @@
 // SentencePiece (trained here on a tiny corpus, so no model file has to be shipped).
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -77,7 +79,7 @@ TEST_CASE("data/tokenizer: load_tokenizer gives the byte tokenizer for \"byte\" 
 
 #if defined(CUMO_TEST_SENTENCEPIECE)
 TEST_CASE("data/tokenizer: SentencePiece model trained on a tiny corpus round-trips text, with bos/eos/pad/image ids") {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / "data_tokenizer_sp";
+  const fs::path d = cumo::test::tmp_root() / "data_tokenizer_sp";
   fs::remove_all(d);
   fs::create_directories(d);
   {

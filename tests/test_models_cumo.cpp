@@ -3,6 +3,8 @@
 // generation against the full forward, stage-1 freezing through the parameter lists, and checkpoint round trips.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -278,7 +280,7 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   Rng up(9);
   m.upcycle(up);
   const auto want = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
-  const fs::path dir = fs::path(CUMO_TEST_TMPDIR) / "cumo_model";
+  const fs::path dir = cumo::test::tmp_root() / "cumo_model";
   fs::create_directories(dir);
   const std::string path = (dir / "cumo.safetensors").string();
   m.save(path);

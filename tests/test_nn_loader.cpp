@@ -2,6 +2,8 @@
 // trip, and its errors (missing tensor, wrong shape, truncated file) naming the tensor and both shapes.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -16,7 +18,7 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string tmpdir(const std::string& leaf) {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / ("nn_loader_" + leaf);
+  const fs::path d = cumo::test::tmp_root() / ("nn_loader_" + leaf);
   fs::create_directories(d);
   return d.string();
 }

@@ -2,6 +2,8 @@
 // promises to reject, truncation/corruption sweeps (fixed seeds), and the atomic-write guarantees of save().
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -33,7 +35,7 @@ const std::string kMixtral = kFixtures + "/moe_mixtral_h16_f32_e8_k2_t10.safeten
 
 // A fresh, empty directory per test case: ctest may run the cases in parallel.
 fs::path scratch(const std::string& name) {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / ("safetensors_" + name);
+  const fs::path d = cumo::test::tmp_root() / ("safetensors_" + name);
   fs::remove_all(d);
   fs::create_directories(d);
   return d;

@@ -3,6 +3,8 @@
 // leaves the model untouched.
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -27,7 +29,7 @@ using cumo::train::ParamGroup;
 using cumo::train::TrainerState;
 
 fs::path scratch(const std::string& name) {
-  const fs::path d = fs::path(CUMO_TEST_TMPDIR) / ("train_checkpoint_" + name);
+  const fs::path d = cumo::test::tmp_root() / ("train_checkpoint_" + name);
   fs::remove_all(d);
   fs::create_directories(d);
   return d;

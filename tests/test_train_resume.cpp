@@ -5,6 +5,8 @@
 //  - the model overfits a tiny batch to near-zero loss (a smoke test of forward, backward and optimizer together).
 #include <doctest/doctest.h>
 
+#include "test_tmp.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -193,7 +195,7 @@ bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
 }  // namespace
 
 TEST_CASE("train/resume: N steps == N/2 steps + checkpoint + fresh objects + N/2 steps, bitwise") {
-  const fs::path root = fs::path(CUMO_TEST_TMPDIR) / "train_resume";
+  const fs::path root = cumo::test::tmp_root() / "train_resume";
   fs::remove_all(root);
   fs::create_directories(root);
   constexpr std::int64_t N = Run::kSteps, half = N / 2;
