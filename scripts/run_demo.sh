@@ -13,6 +13,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+bash scripts/setup.sh
 CONFIG=${CONFIG:-configs/demo.json}
 OUT=${OUT:-runs/demo}
 BUILD=${BUILD:-build}
