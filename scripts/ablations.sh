@@ -75,11 +75,11 @@ train_variant() {
   echo "seed $seed $v: $(grep overall "$out/eval.log")"
 }
 
+start=$(date +%s)
 # The data set is generated once, before any job needs it.
 "$TRAIN" --config "$CONFIG" --stage 1 --max-steps 0 --out "$ABL/.probe" --quiet > /dev/null 2>&1 || true
 rm -rf "$ABL/.probe"
 
-start=$(date +%s)
 for seed in $SEEDS; do
   mkdir -p "$ABL/seed$seed"
   throttle
@@ -123,7 +123,7 @@ cfg = json.load(open(os.path.join(abl, "config.json")))
 st = cfg.get("stages", {})
 lines.append(f"Config `{cfg.get('name', '?')}` — seeds {' '.join(seeds)}; stage-3 budget per variant: "
              f"{st.get('3', {}).get('steps', '?')} steps. Cells: mean ± sample std over seeds (n per row).\n")
-lines.append("| variant | n | " + " | ".join(types) + " | overall | eval CE | stage-3 s |")
+lines.append("| variant | n | " + " | ".join(types) + " | overall | eval CE | stage-3 s (mean) |")
 lines.append("|" + " --- |" * (len(types) + 5))
 for v in variants:
     rs = res[v]
@@ -131,8 +131,9 @@ for v in variants:
         lines.append(f"| {v} | 0 |" + " pending |" * (len(types) + 3))
         continue
     row = [v, str(len(rs))] + [ms([r["per_type"].get(t, {}).get("accuracy") for r in rs]) for t in types]
+    ts = [x for x in secs[v] if x is not None]
     row += [ms([r["accuracy"] for r in rs]), ms([r["eval_ce"] for r in rs]),
-            ms([x for x in secs[v] if x is not None]).replace(".000", "")]
+            f"{sum(ts) / len(ts):.0f}" if ts else "—"]
     lines.append("| " + " | ".join(row) + " |")
 any_r = next((rs[0] for rs in res.values() if rs), None)
 if any_r:

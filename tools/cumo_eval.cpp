@@ -136,7 +136,9 @@ int evaluate(const Args& a) {
     ts.correct += ok;
     ts.answers[want] += 1;
     correct += ok;
-    preds << nlohmann::json{{"id", r.id}, {"type", type}, {"answer", want}, {"prediction", got}, {"correct", ok}}.dump()
+    // A byte-level model can emit bytes that are not UTF-8: replace them rather than fail the JSON.
+    preds << nlohmann::json{{"id", r.id}, {"type", type}, {"answer", want}, {"prediction", got}, {"correct", ok}}.dump(
+                 -1, ' ', false, nlohmann::json::error_handler_t::replace)
           << "\n";
     if (!a.quiet && train::stderr_is_tty() && (i % 10 == 0 || i + 1 == n)) {
       std::fprintf(stderr, "\rgenerating %zu/%zu  accuracy so far %.3f ", i + 1, n, double(correct) / double(i + 1));
@@ -245,7 +247,8 @@ int evaluate(const Args& a) {
     std::printf("expert load: the model is dense (no MoE layers)\n");
     res["expert_load"] = nlohmann::ordered_json::object();
   }
-  std::ofstream(fs::path(out_dir) / "eval_results.json", std::ios::trunc) << res.dump(2) << "\n";
+  std::ofstream(fs::path(out_dir) / "eval_results.json", std::ios::trunc)
+      << res.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
   if (!a.quiet) std::fprintf(stderr, "wrote %s/{eval_results.json,expert_load.csv,eval_predictions.jsonl}\n", out_dir.c_str());
   return 0;
 }

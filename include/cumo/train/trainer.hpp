@@ -245,6 +245,9 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
       rg.get("colours", s.colours);
       rg.get("questions_per_image", s.questions_per_image);
       rg.get("supersample", s.supersample);
+      rg.get("min_size", s.min_size);
+      rg.get("max_size", s.max_size);
+      rg.get("min_dx", s.min_dx);
       rg.reject_unknown();
       s.validate();
     }
