@@ -11,7 +11,7 @@
 # that seed's stage-2 checkpoint. Writes ABL/seed<s>/<variant>/{metrics.csv,eval_results.json,expert_load.csv} and
 # the markdown table ABL/ablations.md (accuracy per question type, expert load max/mean per layer).
 #
-#   scripts/ablations.sh                                  # configs/demo.json, seeds 0 1 2, all four variants
+#   scripts/ablations.sh                                  # configs/ablation.json, seeds 0 1 2, all four variants
 #   CONFIG=configs/demo.json SEEDS="0 1 2 3 4" VARIANTS="dense moe" ABL=runs/ablations JOBS=1 scripts/ablations.sh
 #
 # JOBS > 1 runs that many trainings side by side (each with OMP_NUM_THREADS threads); wall times then stretch but
@@ -19,7 +19,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-CONFIG=${CONFIG:-configs/demo.json}
+CONFIG=${CONFIG:-configs/ablation.json}
 ABL=${ABL:-runs/ablations}
 BUILD=${BUILD:-build}
 SEEDS=${SEEDS:-"0 1 2"}
