@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cumo/io/llava_data.hpp"
+#include "cumo/io/prefetch.hpp"
 
 namespace fs = std::filesystem;
 using namespace cumo::io;
@@ -353,4 +354,60 @@ TEST_CASE("data/llava: batch iterator covers each epoch once, and a restored pos
   // drop_last keeps every batch full.
   BatchIterator full(ds, 5, 1, true, /*drop_last=*/true);
   for (int k = 0; k < 12; ++k) CHECK(full.next_indices().size() == 5);
+}
+
+TEST_CASE("data/llava: prefetched batches are the iterator's, in order, and their position resumes exactly") {
+  const fs::path d = make_dataset_dir();
+  const ByteTokenizer tok;
+  const auto ds = LlavaDataset::load((d / "data.json").string(), tok, small_options());
+  BatchIterator plain(ds, 3, 11);
+  std::vector<Batch> want;
+  std::vector<DataPosition> after;
+  for (int i = 0; i < 7; ++i) {  // crosses epochs (4 samples, batches of 3 and 1)
+    want.push_back(plain.next());
+    after.push_back(plain.position());
+  }
+  auto same = [](const Batch& a, const Batch& b) {
+    bool px = a.images() == b.images();
+    if (px && a.images() > 0)
+      px = std::equal(a.pixels.data<float>(), a.pixels.data<float>() + a.pixels.numel(), b.pixels.data<float>());
+    return a.B == b.B && a.T == b.T && a.input_ids == b.input_ids && a.labels == b.labels &&
+           a.key_valid == b.key_valid && a.indices == b.indices && px;
+  };
+  for (int depth : {1, 3}) {
+    CAPTURE(depth);
+    PrefetchedBatches pre(BatchIterator(ds, 3, 11), depth);
+    CHECK(pre.position() == DataPosition{11, 0, 0, 4});
+    for (int i = 0; i < 7; ++i) {
+      CAPTURE(i);
+      CHECK(same(pre.next(), want[std::size_t(i)]));
+      CHECK(pre.position() == after[std::size_t(i)]);  // what was taken, not what was read ahead
+    }
+  }
+  // resume: a fresh iterator at the position after batch 3 continues with batch 4
+  DataPosition pos;
+  {
+    PrefetchedBatches pre(BatchIterator(ds, 3, 11), 2);
+    for (int i = 0; i < 3; ++i) (void)pre.next();
+    pos = pre.position();
+  }
+  BatchIterator resumed(ds, 3, 11);
+  resumed.set_position(pos);
+  PrefetchedBatches pre(std::move(resumed), 2);
+  CHECK(same(pre.next(), want[3]));
+  CHECK(same(pre.next(), want[4]));
+}
+
+TEST_CASE("data/llava: a batch that fails to load in the prefetch worker throws at its next(), then stops") {
+  const fs::path d = make_dataset_dir();
+  const ByteTokenizer tok;
+  const auto ds = LlavaDataset::load((d / "data.json").string(), tok, small_options());
+  fs::remove(d / "img" / "p1.png");  // after the data set checked it: the worker meets the missing file
+  PrefetchedBatches pre(BatchIterator(ds, 1, 0, /*shuffle=*/false), 2);
+  (void)pre.next();  // record 0
+  const std::string m = error_of([&] { (void)pre.next(); });  // record 1
+  CHECK(m.find("record 1") != std::string::npos);
+  CHECK(m.find("p1.png") != std::string::npos);
+  CHECK(pre.position() == DataPosition{0, 0, 1, 4});  // still after record 0
+  CHECK(error_of([&] { (void)pre.next(); }).find("no more batches") != std::string::npos);
 }
