@@ -9,6 +9,8 @@
 //   L_z = mean over tokens of logsumexp(router logits)²  (per image, then batch mean = mean over all tokens)
 //   L_*,clip = the mean over ALL CLIP layers — the last layer's output never reaches the features (layer −2), but it
 //   runs, its losses count, and their gradients reach its router and, through the router's input, every layer below.
+//   With S² (config.llava.vision.s2, nn/s2.hpp) the tower runs on each image (1×) and on its 9 tiles of the 3×
+//   upsampled image; each layer's loss is ½(1× + 3×), every image and every tile one segment (CuMo's code).
 //
 // Composition rather than duplication: the three parts are nn::Llava's (ClipVision, Connector, DecoderLM), whose
 // MLP slots are FeedForward<Dense, Sparse> variants; this header adds the stage-3 transformation, the CuMo loss and
@@ -37,9 +39,9 @@ struct CuMoConfig {
   int experts = 4, top_k = 2;
   float balance_coef = 0.1f, z_coef = 0.01f;  // CuMo's bzloss
 
-  // Accepts {"llava": {HF LlavaConfig}, "experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity fixture's
-  // config, and what to_json() writes) or a plain HF LlavaConfig (then experts/top_k/coefficients keep their
-  // defaults unless given at the top level).
+  // Accepts {"llava": {HF LlavaConfig}, "s2", "experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity
+  // fixture's config, and what to_json() writes) or a plain HF LlavaConfig (then s2/experts/top_k/coefficients keep
+  // their defaults unless given at the top level). "s2": true turns on S² multi-scale vision features (nn/s2.hpp).
   static CuMoConfig from_json(const nlohmann::json& j) {
     CuMoConfig c;
     CUMO_CHECK(j.is_object(), "CuMoConfig::from_json: expected a JSON object");
@@ -47,6 +49,7 @@ struct CuMoConfig {
     CUMO_CHECK(nested || j.contains("vision_config"),
                "CuMoConfig::from_json: neither a \"llava\" object nor a LlavaConfig (\"vision_config\") in the JSON");
     c.llava = nn::LlavaConfig::from_json(nested ? j.at("llava") : j);
+    c.llava.vision.s2 = j.value("s2", false);  // not an HF LlavaConfig key: top level in either form
     c.experts = j.value("experts", c.experts);
     c.top_k = j.value("top_k", c.top_k);
     if (j.contains("aux") && j["aux"].is_object()) {
@@ -99,6 +102,7 @@ struct CuMoConfig {
                          {"vision_feature_select_strategy", "default"},
                          {"projector_hidden_act", "gelu"}};
     return {{"llava", lc},
+            {"s2", v.s2},
             {"experts", experts},
             {"top_k", top_k},
             {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
@@ -193,13 +197,12 @@ class CuMo {
     out.targets = lm.targets;
     const bool images = pixels.defined() && pixels.numel() > 0;
     if (images) {
-      for (auto& layer : m_.vision_tower.layers) {
-        if (!layer.mlp.is_sparse()) continue;
-        const AuxLosses& a = layer.mlp.last_aux();
+      // per sparse CLIP layer; with S² each is ½(1× + 3× pass), the loads both passes' tokens (nn/s2.hpp)
+      for (const AuxLosses& a : m_.vision_aux_losses()) {
         out.vision_balance_per_layer.push_back(scalar(a.balance_top1));
         out.vision_z_per_layer.push_back(scalar(a.z));
-        out.vision_load.push_back(layer.mlp.sparse().load());
       }
+      out.vision_load = m_.vision_loads();
       if (!out.vision_balance_per_layer.empty()) {
         for (std::size_t l = 0; l < out.vision_balance_per_layer.size(); ++l) {
           out.vision_balance += out.vision_balance_per_layer[l];
@@ -275,8 +278,8 @@ class CuMo {
       if (id == image_id && (id < 0 || id >= tc.vocab)) id = 0;
     Tensor emb = lm.embed_tokens.apply(safe);  // (P, H)
     if (has_image) {
-      const auto vis = m_.vision_tower.forward(pixels, /*all_layers=*/false);
-      const Tensor proj = m_.projector.forward(vis.features, 1);  // (N, H)
+      const Tensor features = m_.encode_images(pixels, /*all_layers=*/false);  // (N, Hv or 2·Hv)
+      const Tensor proj = m_.projector.forward(features, 1);                  // (N, H)
       std::int64_t k = 0;
       for (std::int64_t i = 0; i < P; ++i)
         if (ids[std::size_t(i)] == image_id)

@@ -3,6 +3,8 @@
 // → Connector → written, in order, into the rows whose input id is image_token_id (the prompt already holds one
 // such id per patch, as HF's processor expands it) → the decoder LM and its causal-LM loss.
 // The embedding table gets no gradient from the image rows (HF's masked_scatter replaces them).
+// With vision.s2 the features are S² multi-scale ones (nn/s2.hpp: [1× | pooled 3× tiles], 2·Hv wide) and the
+// connector maps 2·Hv → Ht, as CuMo's `mm_hidden_size * len(scales)`.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -11,6 +13,7 @@
 
 #include "cumo/nn/connector.hpp"
 #include "cumo/nn/decoder.hpp"
+#include "cumo/nn/s2.hpp"
 #include "cumo/nn/vit.hpp"
 
 namespace cumo::nn {
@@ -40,7 +43,7 @@ class Llava {
  public:
   explicit Llava(LlavaConfig c)
       : vision_tower(c.vision, "model.vision_tower."),
-        projector("model.multi_modal_projector", c.vision.hidden, c.text.hidden),
+        projector("model.multi_modal_projector", c.vision.feature_width(), c.text.hidden),
         language_model(c.text, "model.language_model.", "lm_head"),
         cfg_(c) {}
 
@@ -54,6 +57,24 @@ class Llava {
     projector.collect(p);
     for (Parameter* q : language_model.parameters()) p.push_back(q);
     return p;
+  }
+
+  // pixels (images, C, S, S) → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers: see
+  // ClipVision::forward (false stops at the feature layer: generation).
+  Tensor encode_images(const Tensor& pixels, bool all_layers = true) {
+    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers)
+                          : vision_tower.forward(pixels, all_layers).features;
+  }
+  // d features → d pixels; accumulates the vision tower's gradients (both S² passes). aux as ClipVision::backward.
+  Tensor encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
+    return cfg_.vision.s2 ? s2_.backward(vision_tower, dfeatures, aux) : vision_tower.backward(dfeatures, aux);
+  }
+  // Per sparse CLIP layer of the last encode: its aux losses (with S²: ½(1× + 3×), see nn/s2.hpp) and expert load.
+  std::vector<AuxLosses> vision_aux_losses() const {
+    return cfg_.vision.s2 ? s2_.aux_losses(vision_tower) : vision_tower.aux_losses();
+  }
+  std::vector<ExpertLoad> vision_loads() const {
+    return cfg_.vision.s2 ? s2_.loads(vision_tower) : vision_tower.loads();
   }
 
   // ids, labels (B*T); pixels (images, C, S, S) with images · patches == the number of image tokens.
@@ -75,8 +96,8 @@ class Llava {
       if (is_image_[i] && (safe[i] < 0 || safe[i] >= cfg_.text.vocab)) safe[i] = 0;
     Tensor emb = language_model.embed(safe);  // (B*T, Ht)
     if (pixels.defined() && pixels.numel() > 0) {
-      const auto vis = vision_tower.forward(pixels, /*all_layers=*/true);
-      const Tensor proj = projector.forward(vis.features, pixels.size(0));  // (images*N, Ht)
+      const Tensor features = encode_images(pixels, /*all_layers=*/true);  // (images*N, Hv or 2·Hv)
+      const Tensor proj = projector.forward(features, pixels.size(0));      // (images*N, Ht)
       CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
                  ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
                  cfg_.vision.patches(), " patches)");
@@ -105,12 +126,13 @@ class Llava {
     for (std::size_t i = 0; i < is_image_.size(); ++i)
       if (is_image_[i]) std::copy_n(demb.data<float>() + std::int64_t(i) * H, H, dproj.data<float>() + (k++) * H);
     const Tensor dfeat = projector.backward(dproj, projector_aux);
-    last_dpixels_ = vision_tower.backward(dfeat, vision_aux);
+    last_dpixels_ = encode_images_backward(dfeat, vision_aux);
   }
   const Tensor& last_dpixels() const { return last_dpixels_; }
 
  private:
   LlavaConfig cfg_;
+  S2Vision s2_;  // used when cfg_.vision.s2 (holds the 3× pass's state)
   std::vector<bool> is_image_;
   bool has_images_ = false;
   Tensor last_dpixels_;

@@ -22,9 +22,14 @@ struct VisionConfig {
   std::int64_t hidden = 0, layers = 0, heads = 0, ffn = 0, image_size = 0, patch_size = 0, channels = 3;
   double eps = 1e-5;
   int feature_layer = -2;  // which hidden state LLaVA takes (Python-style index into hidden_states)
+  // S² multi-scale features (1× + area-pooled 3× tiles, channel concat; nn/s2.hpp). Not part of HF's CLIPVisionConfig:
+  // ClipVision ignores it, nn::Llava reads it (features, and so the connector's input, become 2·hidden wide).
+  bool s2 = false;
 
   std::int64_t grid() const { return image_size / patch_size; }
   std::int64_t patches() const { return grid() * grid(); }
+  // Width of the image features the connector receives.
+  std::int64_t feature_width() const { return s2 ? 2 * hidden : hidden; }
 
   // From HF's CLIPVisionConfig JSON (the vision_config of a LlavaConfig, or a CLIPVisionModel's config).
   static VisionConfig from_json(const nlohmann::json& j) {
@@ -228,6 +233,13 @@ class ClipVision {
     std::vector<AuxLosses> a;
     for (std::int64_t l = 0; l < ran_; ++l)
       if (layers[std::size_t(l)].mlp.is_sparse()) a.push_back(layers[std::size_t(l)].mlp.last_aux());
+    return a;
+  }
+  // Tokens per expert of every sparse encoder layer in the last forward (empty when all are dense).
+  std::vector<ExpertLoad> loads() const {
+    std::vector<ExpertLoad> a;
+    for (std::int64_t l = 0; l < ran_; ++l)
+      if (layers[std::size_t(l)].mlp.is_sparse()) a.push_back(layers[std::size_t(l)].mlp.sparse().load());
     return a;
   }
 

@@ -104,6 +104,7 @@ struct ModelDims {
   std::int64_t image_size = 32, patch_size = 8;
   std::int64_t v_hidden = 64, v_layers = 2, v_heads = 4, v_ffn = 256;
   int feature_layer = -2;
+  bool s2 = false;  // S² multi-scale vision features (model.vision.s2; nn/s2.hpp)
   std::int64_t t_hidden = 64, t_layers = 2, t_heads = 4, t_kv_heads = 0, t_ffn = 192, t_head_dim = 0;
   double rope_theta = 10000.0;
   int experts = 4, top_k = 2;
@@ -144,6 +145,7 @@ struct RunConfig {
     v.patch_size = model.patch_size;
     v.channels = 3;
     v.feature_layer = model.feature_layer;
+    v.s2 = model.s2;
     nn::DecoderConfig& t = c.llava.text;
     t.model_type = "mistral";
     t.vocab = tok.vocab_size();
@@ -270,6 +272,7 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
       rv.get("heads", d.v_heads);
       rv.get("ffn", d.v_ffn);
       rv.get("feature_layer", d.feature_layer);
+      rv.get("s2", d.s2);
       rv.reject_unknown();
     }
     if (const auto* t = rm.object("text")) {
