@@ -7,6 +7,9 @@
 // (gemm.cuh, grouped_gemm.cuh) or the kernels of router.cuh, losses.cuh, dispatch.cuh and elementwise.cuh.
 // Everything runs on gpu::stream() (default: the legacy default stream; gpu::set_stream to change it), and device
 // tensors come from CUDA's stream-ordered pool or from a caller-owned gpu::Workspace (memory.cuh).
+// The dense model layers' kernels (layers.cuh: norms, RoPE, gated activation, cross-entropy; attention.cuh;
+// optim.cuh: AdamW, gradient norm and clipping) are included too, as gpu:: functions; they are not yet part of
+// this policy, because nn/ and train/ do not take a Backend yet (see docs/cuda.md, "Model layers").
 //
 // Including this header (from a .cu file) registers the CUDA allocator with cumo::Tensor at static
 // initialisation; nothing touches the GPU until the first device tensor or kernel, so a program built with it
@@ -17,13 +20,16 @@
 
 #include <cstdint>
 
+#include "cumo/backend/cuda/attention.cuh"
 #include "cumo/backend/cuda/common.cuh"
 #include "cumo/backend/cuda/dispatch.cuh"
 #include "cumo/backend/cuda/elementwise.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/grouped_gemm.cuh"
+#include "cumo/backend/cuda/layers.cuh"
 #include "cumo/backend/cuda/losses.cuh"
 #include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/cuda/optim.cuh"
 #include "cumo/backend/cuda/router.cuh"
 #include "cumo/core/rng.hpp"
 #include "cumo/moe/types.hpp"

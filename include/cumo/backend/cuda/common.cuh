@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -235,6 +236,7 @@ template <> struct device_dtype<__nv_bfloat16> { static constexpr DType value = 
 template <> struct device_dtype<__half> { static constexpr DType value = DType::f16; };
 template <> struct device_dtype<double> { static constexpr DType value = DType::f64; };
 template <> struct device_dtype<std::int32_t> { static constexpr DType value = DType::i32; };
+template <> struct device_dtype<std::int64_t> { static constexpr DType value = DType::i64; };
 
 // Typed device pointer of a tensor (which must be on the GPU and of T's dtype).
 template <class T>
@@ -284,6 +286,27 @@ inline void expect_rows(const char* where, const char* name, const Tensor& t) {
              ") must be a 2-D tensor with unit column stride");
 }
 
+// An f32 vector of n elements (norm parameters, saved row statistics).
+inline void expect_f32_vector(const char* where, const char* name, const Tensor& t, std::int64_t n) {
+  expect_contiguous(where, name, t);
+  check_dtype(where, name, t, DType::f32);
+  CUMO_CHECK(t.numel() == n, where, ": ", name, " has shape ", t.shape(), " but expected (", n, ",)");
+}
+// A same-shaped, same-dtype partner (y, dy, dx) on the GPU, contiguous.
+inline void expect_same_layout(const char* where, const char* name, const Tensor& t, const char* ref_name,
+                               const Tensor& ref) {
+  expect_contiguous(where, name, t);
+  check_same_shape(where, name, t, ref_name, ref);
+  CUMO_CHECK(t.dtype() == ref.dtype(), where, ": ", name, " has dtype ", name_of(t.dtype()), " but ", ref_name,
+             " has dtype ", name_of(ref.dtype()));
+}
+// A contiguous (rows, features) tensor on the GPU; returns rows.
+inline std::int64_t expect_matrix(const char* where, const char* name, const Tensor& x) {
+  expect_contiguous(where, name, x);
+  CUMO_CHECK(x.dim() == 2, where, ": ", name, " has shape ", x.shape(), " but expected (rows, features)");
+  return x.size(0);
+}
+
 // ---- launch helpers --------------------------------------------------------------------------------------------
 // Kernels are templates (with a dummy parameter where none is natural): a header-only library defines them in
 // every translation unit, and only templates may be defined more than once without duplicate device stubs.
@@ -322,6 +345,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   float t = lane < warps ? scratch[lane] : 0.f;
   t = warp_sum(t);  // every warp reduces the same values in the same order: the same result everywhere
   return t;
+}
+// The same fixed-order block sum in double (row statistics, loss and norm partials). `scratch`: ≥ 32 doubles.
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double t = lane < warps ? scratch[lane] : 0.0;
+  return warp_sum(t);
+}
+// Maximum over a block (same contract as block_sum; NaN-ignoring like fmaxf).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? scratch[lane] : -INFINITY;
+  return warp_max(t);
 }
 
 }  // namespace cumo::gpu
