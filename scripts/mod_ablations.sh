@@ -8,6 +8,7 @@
 #   dense     kd's stages with a dense student whose FFNs are wide enough to match the sparse student's activated
 #             FFN parameters (2 layers x ffn 192 = 128 x top-2 + 128)
 #   kd_dpo    kd, then preference distillation (DPO, the teacher as reference): hallucination rate and accuracy
+#   kd_kto    kd, then preference distillation with the KTO-pair loss
 #
 # Every arm of a seed starts from the same init stage (kd's), except `dense`, whose architecture differs. Writes
 # ABL/seed<s>/<arm>/{eval_results.json,eval_predictions.jsonl,metrics.csv,distill_summary.json} and the markdown
@@ -15,6 +16,9 @@
 #
 #   scripts/mod_ablations.sh                        # seeds 0 1 2, two runs side by side with one thread each
 #   SEEDS="0 1 2 3" JOBS=1 OMP_NUM_THREADS=2 ABL=runs/mod scripts/mod_ablations.sh
+#
+# The teacher trains with OMP_NUM_THREADS x JOBS threads (TEACHER_THREADS overrides). On a machine that other work
+# shares, use 1: an OpenMP team whose threads get descheduled waits at every barrier (10x slower measured here).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -41,11 +45,16 @@ start=$(date +%s)
 # ---- the teacher (both cores) -----------------------------------------------------------------------------------
 TEACHER=$ABL/teacher
 if [[ ! -f $TEACHER/stage3/trainer_state.json ]]; then
-  echo "== training the teacher ($TEACHER_CONFIG -> $TEACHER)"
-  OMP_NUM_THREADS=$(( OMP_NUM_THREADS * JOBS )) "$TRAIN" --config "$TEACHER_CONFIG" --out "$TEACHER" --quiet \
-    > "$ABL/teacher.log" 2>&1 || { echo "teacher training failed: see $ABL/teacher.log"; exit 1; }
+  # continue after the last finished stage of an interrupted run
+  from=()
+  for s in 1 2; do [[ -f $TEACHER/stage$s/trainer_state.json ]] && from=(--resume "$TEACHER/stage$s"); done
+  echo "== training the teacher ($TEACHER_CONFIG -> $TEACHER ${from[*]})"
+  if [[ ${#from[@]} -eq 0 ]]; then from=(--config "$TEACHER_CONFIG" --out "$TEACHER"); fi
+  OMP_NUM_THREADS=${TEACHER_THREADS:-$(( OMP_NUM_THREADS * JOBS ))} "$TRAIN" "${from[@]}" --quiet \
+    >> "$ABL/teacher.log" 2>&1 || { echo "teacher training failed: see $ABL/teacher.log"; exit 1; }
 fi
-t_teacher=$(( $(date +%s) - start ))
+# the teacher's training time, from its own summary (it may have been trained by an earlier invocation)
+t_teacher=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(round(sum(v['seconds'] for k, v in d.items() if k.startswith('stage'))))" "$TEACHER/train_summary.json")
 if [[ ! -f $ABL/teacher_eval/eval_results.json ]]; then
   "$DISTILL" --config "$CONFIG" --teacher "$TEACHER/stage3" --eval-teacher --out "$ABL/teacher_eval" --quiet > "$ABL/teacher_eval.log" 2>&1 ||
     { echo "teacher eval failed: see $ABL/teacher_eval.log"; exit 1; }
@@ -71,6 +80,7 @@ seed_runs() {
   local seed=$1 d=$ABL/seed$1
   arm "$seed" kd --stages init,d2d,d2s
   arm "$seed" kd_dpo --from "$d/kd/d2s" --stages dpo
+  arm "$seed" kd_kto --from "$d/kd/d2s" --stages kto
   arm "$seed" sft --from "$d/kd/init" --stages sft_dense,sft_sparse
   arm "$seed" d2s_only --from "$d/kd/init" --stages d2s_long
 }
@@ -86,15 +96,15 @@ for seed in $SEEDS; do
 done
 wait
 total=$(( $(date +%s) - start ))
-echo "all runs done in $total s (teacher $t_teacher s)"
+echo "all runs done in $total s of wall time in this invocation (teacher training: $t_teacher s)"
 
 python3 - "$ABL" "$SEEDS" "$total" "$t_teacher" <<'PY'
 import json, math, os, sys
 abl, seeds, total, t_teacher = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
-arms = ["kd", "sft", "d2s_only", "dense", "kd_dpo"]
+arms = ["kd", "sft", "d2s_only", "dense", "kd_dpo", "kd_kto"]
 label = {"kd": "KD: init → D2D → D2S (sparse)", "sft": "SFT: init → CE → CE (sparse)",
          "d2s_only": "D2S only (sparse)", "dense": "KD, dense student (same active FFN)",
-         "kd_dpo": "KD + DPO (sparse)"}
+         "kd_dpo": "KD + DPO (sparse)", "kd_kto": "KD + KTO-pair (sparse)"}
 
 def ms(xs):
     xs = [x for x in xs if x is not None]
@@ -112,8 +122,8 @@ teacher = load(os.path.join(abl, "teacher_eval", "eval_results.json"))
 types = sorted({t for rs in res.values() for r in rs for t in r["per_type"]} |
                (set(teacher["per_type"]) if teacher else set()))
 lines = [f"Seeds {' '.join(seeds)}; cells: mean ± sample std over seeds (n per row); accuracy = exact match, "
-         f"halluc. = share of answers naming something absent from the image. Wall time of the whole script: "
-         f"{total} s on this machine (teacher {t_teacher} s).\n",
+         f"halluc. = share of answers naming something absent from the image. Wall time of the students in this "
+         f"invocation: {total} s; the teacher's training: {t_teacher} s.\n",
          "| model | n | " + " | ".join(types) + " | accuracy | halluc. |",
          "|" + " --- |" * (len(types) + 4)]
 if teacher:

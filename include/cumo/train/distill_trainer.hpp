@@ -41,6 +41,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/data/preference.hpp"
+#include "cumo/io/prefetch.hpp"
 #include "cumo/models/llava_mod.hpp"
 #include "cumo/train/distill.hpp"
 #include "cumo/train/trainer.hpp"
@@ -423,8 +424,8 @@ class DistillStep {
     const std::int64_t image_id = s_->config().llava.image_token_id;
     const std::int64_t segments = pairs ? 2 : 1;
     // The frozen vision tower is the teacher's (the student holds a copy): its features serve both.
-    Tensor features;  // (images·N, Hv)
-    if (b.images() > 0) features = s_->llava().vision_tower.forward(b.pixels, /*all_layers=*/false).features;
+    Tensor features;  // (images·N, Hv), or (images·N, 2·Hv) with S²
+    if (b.images() > 0) features = s_->llava().encode_images(b.pixels, /*all_layers=*/false);
     safe_ids_ = b.input_ids;
     is_image_.assign(b.input_ids.size(), false);
     for (std::size_t i = 0; i < safe_ids_.size(); ++i)
@@ -691,7 +692,7 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
   } else {
     data.emplace(io::LlavaDataset::load(trun.data_path(st.data), *run.tok, dopt));
   }
-  io::BatchIterator it(*data, st.batch, st.data_seed);
+  io::PrefetchedBatches it(io::BatchIterator(*data, st.batch, st.data_seed));  // the next batches load meanwhile
 
   MemoryReport mem;
   {

@@ -47,6 +47,7 @@
 #include "cumo/core/rng.hpp"
 #include "cumo/data/shapes_world.hpp"
 #include "cumo/io/llava_data.hpp"
+#include "cumo/io/prefetch.hpp"
 #include "cumo/io/tokenizer.hpp"
 #include "cumo/models/cumo.hpp"
 #include "cumo/train/checkpoint.hpp"
@@ -701,7 +702,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   AdamW opt(std::move(groups), AdamWOptions{sc.lr, sc.beta1, sc.beta2, sc.eps, sc.weight_decay});
   CUMO_CHECK(!opt.trainable_parameters().empty(), tag, ": every parameter group is frozen; nothing to train");
   const auto sched = CosineWithWarmup::with_warmup_ratio(sc.lr, sc.steps, sc.warmup_ratio);
-  io::BatchIterator it(data, sc.batch, sc.data_seed);
+  io::BatchIterator order(data, sc.batch, sc.data_seed);
 
   TrainerState st;
   if (!ro.resume_dir.empty()) {
@@ -714,8 +715,11 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                " but the stage has only ", sc.steps, " steps");
     CUMO_CHECK(opt.steps() == st.step, tag, ": checkpoint '", ro.resume_dir, "': optimizer steps ", opt.steps(),
                " != trainer step ", st.step);
-    it.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
+    order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
+  // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches
+  // and positions are the iterator's exactly.
+  io::PrefetchedBatches it(std::move(order));
   for (const auto& [k, v] : ro.rngs) st.rngs[k] = v;
   for (const auto& [k, v] : ro.metadata) st.metadata[k] = v;
   st.metadata["stage"] = std::to_string(sc.stage);
