@@ -107,6 +107,8 @@ struct ModelDims {
   int feature_layer = -2;
   bool s2 = false;  // S² multi-scale vision features (model.vision.s2; nn/s2.hpp)
   std::int64_t t_hidden = 64, t_layers = 2, t_heads = 4, t_kv_heads = 0, t_ffn = 192, t_head_dim = 0;
+  int t_experts = 0, t_top_k = 2;  // t_experts > 0: a Mixtral-style LLM (every FFN a top-k MoE from stage 1)
+  double t_aux_coef = 0.001;       // its router_aux_loss_coef (HF Mixtral's default)
   double rope_theta = 10000.0;
   int experts = 4, top_k = 2;
   double balance_coef = 0.1, z_coef = 0.01;
@@ -156,6 +158,12 @@ struct RunConfig {
     t.kv_heads = model.t_kv_heads > 0 ? model.t_kv_heads : model.t_heads;
     t.head_dim = model.t_head_dim > 0 ? model.t_head_dim : model.t_hidden / model.t_heads;
     t.ffn = model.t_ffn;
+    if (model.t_experts > 0) {
+      t.model_type = "mixtral";
+      t.experts = model.t_experts;
+      t.top_k = model.t_top_k;
+      t.aux_coef = model.t_aux_coef;
+    }
     t.rope_theta = model.rope_theta;
     c.llava.image_token_id = tok.image_id();
     c.experts = model.experts;
@@ -284,6 +292,9 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
       rt.get("kv_heads", d.t_kv_heads);
       rt.get("head_dim", d.t_head_dim);
       rt.get("ffn", d.t_ffn);
+      rt.get("experts", d.t_experts);
+      rt.get("top_k", d.t_top_k);
+      rt.get("aux_coef", d.t_aux_coef);
       rt.get("rope_theta", d.rope_theta);
       rt.reject_unknown();
     }
@@ -301,6 +312,8 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
              "] (0, the embeddings, is not allowed)");
   CUMO_CHECK(d.t_hidden > 0 && d.t_layers > 0 && d.t_heads > 0 && d.t_ffn > 0, mw,
              ": text needs positive hidden/layers/heads/ffn");
+  CUMO_CHECK(d.t_experts == 0 || (d.t_experts >= 1 && d.t_top_k >= 1 && d.t_top_k <= d.t_experts && d.t_aux_coef >= 0),
+             mw, ": text needs 1 <= top_k (", d.t_top_k, ") <= experts (", d.t_experts, ") and aux_coef >= 0");
   CUMO_CHECK(d.t_head_dim > 0 || d.t_hidden % d.t_heads == 0, mw, ": text hidden ", d.t_hidden,
              " is not divisible by heads ", d.t_heads, " (or give head_dim)");
   CUMO_CHECK(d.t_kv_heads == 0 || d.t_heads % d.t_kv_heads == 0, mw, ": text heads ", d.t_heads,
