@@ -77,8 +77,8 @@ train_variant() {
 
 start=$(date +%s)
 # The data set is generated once, before any job needs it.
-"$TRAIN" --config "$CONFIG" --stage 1 --max-steps 0 --out "$ABL/.probe" --quiet > /dev/null 2>&1 || true
-rm -rf "$ABL/.probe"
+"$TRAIN" --config "$CONFIG" --stage 1 --max-steps 0 --out "$ABL/.probe.$$" --quiet > /dev/null 2>&1 || true
+rm -rf "$ABL/.probe.$$" || true
 
 for seed in $SEEDS; do
   mkdir -p "$ABL/seed$seed"
