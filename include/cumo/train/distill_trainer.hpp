@@ -802,6 +802,10 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
 // (upcycling the layers its metadata lists first).
 inline void load_student_checkpoint(models::CuMo& student, const StudentConfig& sc, const std::string& dir) {
   const nlohmann::json st = read_trainer_state(dir);
+  const auto meta = st.find("metadata");
+  CUMO_CHECK(meta != st.end() && meta->is_object() && meta->contains("student_sparse_layers"),
+             "load_student_checkpoint: '", dir, "' is not a cumo_distill stage checkpoint (its metadata has no "
+             "'student_sparse_layers'; a cumo_train checkpoint is a teacher, not a student)");
   const std::string layers = metadata_of(st, "student_sparse_layers", dir);
   if (!layers.empty()) {
     std::vector<int> ls;
