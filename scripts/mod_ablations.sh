@@ -9,6 +9,7 @@
 #             FFN parameters (2 layers x ffn 192 = 128 x top-2 + 128)
 #   kd_dpo    kd, then preference distillation (DPO, the teacher as reference): hallucination rate and accuracy
 #   kd_kto    kd, then preference distillation with the KTO-pair loss
+#   kd_dpo_ce kd, then DPO + the CE of the chosen answers (an RPO-style anchor)
 #
 # Every arm of a seed starts from the same init stage (kd's), except `dense`, whose architecture differs. Writes
 # ABL/seed<s>/<arm>/{eval_results.json,eval_predictions.jsonl,metrics.csv,distill_summary.json} and the markdown
@@ -81,6 +82,7 @@ seed_runs() {
   arm "$seed" kd --stages init,d2d,d2s
   arm "$seed" kd_dpo --from "$d/kd/d2s" --stages dpo
   arm "$seed" kd_kto --from "$d/kd/d2s" --stages kto
+  arm "$seed" kd_dpo_ce --from "$d/kd/d2s" --stages dpo_ce
   arm "$seed" sft --from "$d/kd/init" --stages sft_dense,sft_sparse
   arm "$seed" d2s_only --from "$d/kd/init" --stages d2s_long
 }
@@ -101,10 +103,11 @@ echo "all runs done in $total s of wall time in this invocation (teacher trainin
 python3 - "$ABL" "$SEEDS" "$total" "$t_teacher" <<'PY'
 import json, math, os, sys
 abl, seeds, total, t_teacher = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
-arms = ["kd", "sft", "d2s_only", "dense", "kd_dpo", "kd_kto"]
+arms = ["kd", "sft", "d2s_only", "dense", "kd_dpo", "kd_kto", "kd_dpo_ce"]
 label = {"kd": "KD: init → D2D → D2S (sparse)", "sft": "SFT: init → CE → CE (sparse)",
          "d2s_only": "D2S only (sparse)", "dense": "KD, dense student (same active FFN)",
-         "kd_dpo": "KD + DPO (sparse)", "kd_kto": "KD + KTO-pair (sparse)"}
+         "kd_dpo": "KD + DPO (sparse)", "kd_kto": "KD + KTO-pair (sparse)",
+         "kd_dpo_ce": "KD + DPO + CE on chosen (sparse)"}
 
 def ms(xs):
     xs = [x for x in xs if x is not None]

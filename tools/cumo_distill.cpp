@@ -122,7 +122,11 @@ int run(const Args& a) {
   run.tok = tok.get();
   run.teacher = &teacher;
   run.student = &student;
-  train::DistillCsv csv((fs::path(cfg.out) / "metrics.csv").string(), names);
+  // A stage whose checkpoint exists is loaded, not rerun: its rows in metrics.csv stay.
+  std::vector<std::string> rerun;
+  for (const auto& n : names)
+    if (!fs::exists(fs::path(cfg.out) / n / "trainer_state.json")) rerun.push_back(n);
+  train::DistillCsv csv((fs::path(cfg.out) / "metrics.csv").string(), rerun);
   nlohmann::json summary;
   {
     std::ifstream f(fs::path(cfg.out) / "distill_summary.json");

@@ -14,6 +14,7 @@
 //   d2d       dense-to-dense mimic distillation: token-level KL(p_T ‖ p_S) on response tokens   (+ ce_weight·CE)
 //   d2s       dense-to-sparse: KL + CE + aux (the MoE balance loss summed over sparse layers × aux_coef)
 //   dpo       preference distillation, the teacher as reference model, DPO (sigmoid) loss, β
+//             (+ ce_weight·CE of the chosen answers, 0 by default: an RPO-style anchor)
 //   kto_pair  the same with TRL's KTO-pair loss
 // A stage with "upcycle": true makes the student sparse first (experts exact copies of each FFN, fresh routers);
 // the ce / d2d / d2s kinds all add the aux loss while the student is sparse. Which parameters train is per stage
@@ -96,7 +97,7 @@ struct DistillStage {
   bool upcycle = false;
   bool train_connector = true, train_ffn = true, train_attention = true;
   double kl_weight = 1.0;   // d2d / d2s: weight of KL(p_T ‖ p_S)
-  double ce_weight = 0.0;   // d2d: 0 by default; d2s: 1 by default; ce: 1
+  double ce_weight = 0.0;   // d2d, dpo, kto_pair: 0 by default (preference: CE of the chosen answers); d2s, ce: 1
   double temperature = 1.0;
   double beta = 0.1;        // dpo / kto_pair
   std::uint64_t data_seed = 0;
@@ -216,7 +217,7 @@ inline DistillConfig DistillConfig::from_json(const nlohmann::json& j, const std
     st.kind = parse_distill_kind(kind);
     // The kinds' own default loss weights, unless the stage sets them.
     if (!sj.contains("ce_weight") && !defaults.contains("ce_weight"))
-      st.ce_weight = st.kind == DistillKind::d2d ? 0.0 : 1.0;
+      st.ce_weight = st.kind == DistillKind::d2d || is_preference(st.kind) ? 0.0 : 1.0;
     CUMO_CHECK(st.steps >= 1 && st.batch >= 1, where, ": steps and batch must be >= 1");
     CUMO_CHECK(st.lr >= 0 && std::isfinite(st.lr) && st.max_grad_norm > 0, where, ": need lr >= 0, max_grad_norm > 0");
     CUMO_CHECK(st.temperature > 0 && st.beta > 0, where, ": temperature and beta must be > 0");
@@ -740,6 +741,20 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
       m.reward_acc = r.pref.reward_accuracy;
       m.reward_margin = r.pref.reward_margin;
       m.loss = r.pref.loss;
+      if (st.ce_weight > 0) {
+        // + ce_weight · CE of the chosen answers (RPO-style anchor: keeps the chosen answers likely while the
+        // preference term pushes the rejected ones down); the rejected rows are masked out.
+        Tensor chosen = labels.clone();  // (2P, T)
+        std::int64_t* lp = chosen.data<std::int64_t>();
+        std::fill(lp + std::int64_t(P) * b.T, lp + chosen.numel(), std::int64_t(kIgnoreIndex));
+        MimicWeights w;
+        w.align = 0;
+        w.kl = 0;
+        w.ce = st.ce_weight;
+        const auto c = mimic_distill_loss(f.student_logits, f.teacher_logits, chosen, &dl, w);
+        m.ce = c.ce;
+        m.loss += c.objective;
+      }
     } else {
       MimicWeights w;
       w.align = 0;
