@@ -244,15 +244,7 @@ inline DistillConfig DistillConfig::from_json(const nlohmann::json& j, const std
 }
 
 inline DistillConfig load_distill_config(const std::string& path) {
-  std::ifstream f(path);
-  CUMO_CHECK(f, "load_distill_config: cannot open '", path, "'");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f, nullptr, true, /*ignore_comments=*/true);
-  } catch (const nlohmann::json::exception& e) {
-    fail("load_distill_config: '", path, "' is not valid JSON: ", e.what());
-  }
-  return DistillConfig::from_json(j, "'" + path + "'");
+  return DistillConfig::from_json(detail::read_config_file(path, "load_distill_config"), "'" + path + "'");
 }
 
 // ================================================================================================================

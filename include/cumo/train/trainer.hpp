@@ -398,16 +398,21 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
   return c;
 }
 
-inline RunConfig load_run_config(const std::string& path) {
+namespace detail {
+// A JSON config file (// and /* */ comments allowed); errors name `who` and the path.
+inline nlohmann::json read_config_file(const std::string& path, const char* who) {
   std::ifstream f(path);
-  CUMO_CHECK(f, "load_run_config: cannot open '", path, "'");
-  nlohmann::json j;
+  CUMO_CHECK(f, who, ": cannot open '", path, "'");
   try {
-    j = nlohmann::json::parse(f, nullptr, true, /*ignore_comments=*/true);
+    return nlohmann::json::parse(f, nullptr, true, /*ignore_comments=*/true);
   } catch (const nlohmann::json::exception& e) {
-    fail("load_run_config: '", path, "' is not valid JSON: ", e.what());
+    fail(who, ": '", path, "' is not valid JSON: ", e.what());
   }
-  return RunConfig::from_json(j, "'" + path + "'");
+}
+}  // namespace detail
+
+inline RunConfig load_run_config(const std::string& path) {
+  return RunConfig::from_json(detail::read_config_file(path, "load_run_config"), "'" + path + "'");
 }
 
 // Generates the shapes world into the data directory when any file the run reads is missing.
