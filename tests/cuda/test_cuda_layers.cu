@@ -35,6 +35,7 @@
 #include "cumo/core/compare.hpp"
 #include "cumo/moe/activation.hpp"
 #include "cumo/nn/attention.hpp"
+#include "cumo/nn/embedding.hpp"
 #include "cumo/nn/layernorm.hpp"
 #include "cumo/nn/rmsnorm.hpp"
 #include "cumo/nn/rope.hpp"
@@ -601,4 +602,47 @@ int main(int argc, char** argv) {
   doctest::Context ctx;
   ctx.applyCommandLine(argc, argv);
   return ctx.run();
+}
+
+TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, skipped rows; bitwise)") {
+  Rng rng(g_seed + __LINE__);
+  const std::int64_t V = 37, H = 24;
+  nn::Embedding emb("embed_tokens", V, H);
+  rng.fill_normal(emb.weight.value, 0.f, 1.f);
+  // repeated ids (7 four times), the first and last id of the vocabulary, skipped (image) rows
+  const std::vector<std::int64_t> ids = {7, 0, 7, 36, 5, 7, 5, 12, 7, 0, 3};
+  std::vector<bool> skip(ids.size(), false);
+  skip[2] = skip[4] = true;
+  const Tensor y_cpu = emb.forward(ids);  // (N, H)
+  const Tensor dy = randn({std::int64_t(ids.size()), H}, rng);
+  rng.fill_normal(emb.weight.grad, 0.f, 1.f);  // accumulate onto something non-zero
+  const Tensor g0 = emb.weight.grad.clone();
+  emb.backward(dy, &skip);
+
+  const Tensor table = on_gpu(emb.weight.value);
+  Tensor y = poisoned({std::int64_t(ids.size()), H});
+  gpu::embedding_forward(table, ids, y);
+  CHECK(bitwise_equal(on_cpu(y), y_cpu));
+  Tensor dtable = on_gpu(g0);
+  gpu::embedding_backward(on_gpu(dy), ids, dtable, &skip);
+  CHECK(bitwise_equal(on_cpu(dtable), emb.weight.grad));
+
+  // bf16 table and activations: the rows are copied exactly; the gradient sums the rounded dy in fp32
+  Tensor yb = poisoned({std::int64_t(ids.size()), H}, DType::bf16);
+  gpu::embedding_forward(as_bf16_gpu(emb.weight.value), ids, yb);
+  CHECK(bitwise_equal(on_cpu(yb), y_cpu.to(DType::bf16)));
+  nn::Embedding ref("ref", V, H);
+  (void)ref.forward(ids);
+  ref.weight.grad.copy_from(g0);
+  ref.backward(rounded(dy), &skip);
+  Tensor dtable_b = on_gpu(g0);
+  gpu::embedding_backward(as_bf16_gpu(dy), ids, dtable_b, &skip);
+  CHECK(bitwise_equal(on_cpu(dtable_b), ref.weight.grad));
+
+  // errors name the position and the shapes
+  Tensor y3 = poisoned({3, H});
+  CHECK_THROWS_WITH_AS(gpu::embedding_forward(table, {1, 2, 37}, y3), doctest::Contains("token id 37 at position 2"),
+                       Error);
+  Tensor small = gpu_zeros({V, H + 1});
+  CHECK_THROWS_WITH_AS(gpu::embedding_backward(on_gpu(dy), ids, small), doctest::Contains("dtable"), Error);
 }

@@ -24,6 +24,7 @@
 #include "cumo/backend/cuda/common.cuh"
 #include "cumo/backend/cuda/dispatch.cuh"
 #include "cumo/backend/cuda/elementwise.cuh"
+#include "cumo/backend/cuda/embedding.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/grouped_gemm.cuh"
 #include "cumo/backend/cuda/layers.cuh"

@@ -1,0 +1,128 @@
+#pragma once
+// nn::Embedding on the device, its reference in tests/cuda/test_cuda_layers.cu:
+//   embedding_forward    y[r] = table[ids[r]]                     a row copy in the widest word that fits
+//   embedding_backward   dtable[v] += Σ_{r: ids[r] = v, not skipped} dy[r], rows in increasing r
+// The ids live on the host (the data loader's batch), as nn::Embedding takes them: they are checked there, naming
+// the position of a bad one, and the backward's per-id row lists are built there (a stable sort by id). Each
+// distinct id is then one block that adds its rows in order into the fp32 gradient: no atomics, and bitwise the
+// CPU's sums (the same fp32 additions in the same order).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cumo/backend/cuda/common.cuh"
+
+namespace cumo::gpu {
+
+namespace kernels {
+
+// y[r] = table[ids[r]], rows copied as words of type W.
+template <class W>
+__global__ void embedding_gather(const W* __restrict__ table, std::int64_t row_words,
+                                 const std::int32_t* __restrict__ ids, std::int64_t n, W* __restrict__ y) {
+  for (std::int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const W* src = table + std::int64_t(ids[r]) * row_words;
+    W* dst = y + r * row_words;
+    for (std::int64_t i = threadIdx.x; i < row_words; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// One block per distinct id u: dtable[uid[u]] += dy[rows[start[u]]] + … + dy[rows[start[u+1] − 1]], in that order.
+template <class T>
+__global__ void embedding_scatter(const T* __restrict__ dy, std::int64_t H, const std::int32_t* __restrict__ uid,
+                                  const std::int32_t* __restrict__ start, const std::int32_t* __restrict__ rows,
+                                  std::int64_t distinct, float* __restrict__ dtable) {
+  for (std::int64_t u = blockIdx.x; u < distinct; u += gridDim.x) {
+    float* out = dtable + std::int64_t(uid[u]) * H;
+    const std::int32_t b = start[u], e = start[u + 1];
+    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+      float acc = out[h];
+      for (std::int32_t i = b; i < e; ++i) acc = __fadd_rn(acc, to_f32(dy[std::int64_t(rows[i]) * H + h]));
+      out[h] = acc;
+    }
+  }
+}
+
+}  // namespace kernels
+
+namespace detail {
+// A host int32 table on the device (a synchronous copy; the tables are B·T entries at most).
+inline Tensor int32_on_device(const std::vector<std::int32_t>& v) {
+  Tensor h = Tensor::empty({std::int64_t(v.size())}, DType::i32);
+  std::copy(v.begin(), v.end(), h.data<std::int32_t>());
+  return h.to(Device::cuda);
+}
+inline void check_ids(const char* where, const std::vector<std::int64_t>& ids, std::int64_t vocab) {
+  CUMO_CHECK(std::int64_t(ids.size()) <= INT_MAX, where, ": ", ids.size(), " ids exceed one launch");
+  for (std::size_t r = 0; r < ids.size(); ++r)
+    CUMO_CHECK(ids[r] >= 0 && ids[r] < vocab, where, ": token id ", ids[r], " at position ", r,
+               " is outside the vocabulary [0, ", vocab, ")");
+}
+}  // namespace detail
+
+// table (V, H) f32 / bf16 / f16 on the GPU; ids (N) on the host; y (N, H), same dtype as the table (overwritten).
+inline void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) {
+  constexpr const char* where = "gpu::embedding_forward";
+  const std::int64_t V = expect_matrix(where, "table", table), H = table.size(1), N = std::int64_t(ids.size());
+  expect_matrix(where, "y", y);
+  check_shape(where, "y", y, {N, H});
+  CUMO_CHECK(y.dtype() == table.dtype(), where, ": y has dtype ", name_of(y.dtype()), " but the table has dtype ",
+             name_of(table.dtype()));
+  detail::check_ids(where, ids, V);
+  if (N == 0 || H == 0) return;
+  const Tensor d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()));
+  const std::int64_t row_bytes = H * std::int64_t(size_of(table.dtype()));
+  const auto addr = reinterpret_cast<std::uintptr_t>(table.raw()) | reinterpret_cast<std::uintptr_t>(y.raw());
+  const unsigned grid = grid_for(N, 1);
+  if (row_bytes % 16 == 0 && addr % 16 == 0)
+    kernels::embedding_gather<uint4><<<grid, 128, 0, stream()>>>(static_cast<const uint4*>(table.raw()),
+                                                                  row_bytes / 16, ptr<std::int32_t>(d_ids), N,
+                                                                  static_cast<uint4*>(y.raw()));
+  else
+    kernels::embedding_gather<std::uint16_t><<<grid, 128, 0, stream()>>>(
+        static_cast<const std::uint16_t*>(table.raw()), row_bytes / 2, ptr<std::int32_t>(d_ids), N,
+        static_cast<std::uint16_t*>(y.raw()));
+  CUMO_CUDA_LAUNCH_CHECK("embedding_gather");
+}
+
+// dy (N, H) f32 / bf16 / f16 on the GPU; ids (N) on the host, as embedded; dtable (V, H) f32 accumulates.
+// skip (N, optional): positions left out (image rows whose embedding was replaced, as nn::Embedding::backward).
+inline void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>& ids, Tensor& dtable,
+                               const std::vector<bool>* skip = nullptr) {
+  constexpr const char* where = "gpu::embedding_backward";
+  const std::int64_t N = expect_matrix(where, "dy", dy), H = dy.size(1);
+  const std::int64_t V = expect_matrix(where, "dtable", dtable);
+  check_dtype(where, "dtable", dtable, DType::f32);
+  check_shape(where, "dtable", dtable, {V, H});
+  CUMO_CHECK(std::int64_t(ids.size()) == N, where, ": dy has shape ", dy.shape(), " but ", ids.size(),
+             " ids were embedded");
+  CUMO_CHECK(!skip || skip->size() == ids.size(), where, ": skip has ", skip ? skip->size() : 0, " entries for ",
+             ids.size(), " ids");
+  detail::check_ids(where, ids, V);
+  // rows grouped by id, each group in increasing row order (a stable sort)
+  std::vector<std::int32_t> rows;
+  rows.reserve(ids.size());
+  for (std::size_t r = 0; r < ids.size(); ++r)
+    if (!skip || !(*skip)[r]) rows.push_back(std::int32_t(r));
+  std::stable_sort(rows.begin(), rows.end(), [&](std::int32_t a, std::int32_t b) { return ids[a] < ids[b]; });
+  std::vector<std::int32_t> uid, start;
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    if (i == 0 || ids[rows[i]] != ids[rows[i - 1]]) {
+      uid.push_back(std::int32_t(ids[rows[i]]));
+      start.push_back(std::int32_t(i));
+    }
+  start.push_back(std::int32_t(rows.size()));
+  if (uid.empty() || H == 0) return;
+  const Tensor d_uid = detail::int32_on_device(uid), d_start = detail::int32_on_device(start),
+               d_rows = detail::int32_on_device(rows);
+  const std::int64_t U = std::int64_t(uid.size());
+  dispatch_float(dy.dtype(), where, [&](auto tag) {
+    using T = decltype(tag);
+    kernels::embedding_scatter<T><<<grid_for(U, 1), 256, 0, stream()>>>(
+        ptr<T>(dy), H, ptr<std::int32_t>(d_uid), ptr<std::int32_t>(d_start), ptr<std::int32_t>(d_rows), U,
+        ptr<float>(dtable));
+  });
+  CUMO_CUDA_LAUNCH_CHECK("embedding_scatter");
+}
+
+}  // namespace cumo::gpu
