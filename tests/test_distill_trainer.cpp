@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cumo/train/distill_trainer.hpp"
+#include "cumo_test_config.hpp"
 #include "nn_test_util.hpp"
 
 using namespace cumo;
@@ -17,26 +18,8 @@ using cumo::test::randomize;
 
 namespace {
 
-// Teacher: CLIP 2 layers (width 8, 4 patches), LLM 1 layer of width 12. Vocabulary 13, image id 12.
-models::CuMoConfig teacher_config() {
-  models::CuMoConfig c;
-  nn::LlavaConfig& l = c.llava;
-  l.vision.hidden = 8;
-  l.vision.layers = 2;
-  l.vision.heads = 2;
-  l.vision.ffn = 16;
-  l.vision.image_size = 8;
-  l.vision.patch_size = 4;
-  l.text.vocab = 13;
-  l.text.hidden = 12;
-  l.text.layers = 1;
-  l.text.heads = 3;
-  l.text.kv_heads = 1;
-  l.text.head_dim = 4;
-  l.text.ffn = 16;
-  l.image_token_id = 12;
-  return c;
-}
+// Teacher: the shared tiny CuMo (CLIP 2 layers of width 8, 4 patches; LLM 1 layer of width 12; vocabulary 13, image id 12).
+models::CuMoConfig teacher_config() { return test::tiny_cumo_config(); }
 train::StudentConfig student_config() {
   train::StudentConfig s;
   s.hidden = 8;

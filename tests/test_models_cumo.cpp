@@ -13,6 +13,7 @@
 #include "../tools/parity/cumo.hpp"
 #include "cumo/models/cumo.hpp"
 #include "cumo/train/optimizer.hpp"
+#include "cumo_test_config.hpp"
 #include "nn_test_util.hpp"
 
 using namespace cumo;
@@ -23,27 +24,7 @@ using cumo::test::randomize;
 namespace {
 
 // A tiny CuMo: CLIP 2 layers (width 8, 4 patches + CLS per image), connector 8 → 12, Mistral 1 layer of width 12.
-models::CuMoConfig tiny_config() {
-  models::CuMoConfig c;
-  nn::LlavaConfig& l = c.llava;
-  l.vision.hidden = 8;
-  l.vision.layers = 2;
-  l.vision.heads = 2;
-  l.vision.ffn = 16;
-  l.vision.image_size = 8;
-  l.vision.patch_size = 4;
-  l.text.vocab = 13;
-  l.text.hidden = 12;
-  l.text.layers = 1;
-  l.text.heads = 3;
-  l.text.kv_heads = 1;
-  l.text.head_dim = 4;
-  l.text.ffn = 16;
-  l.image_token_id = 12;
-  c.experts = 4;
-  c.top_k = 2;
-  return c;
-}
+models::CuMoConfig tiny_config() { return test::tiny_cumo_config(); }
 
 // Two sequences of 9 tokens, each with one image (4 image tokens) at positions 1..4; labels on the text after it.
 struct Batch {

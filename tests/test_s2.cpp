@@ -17,6 +17,7 @@
 #include "cumo/models/cumo.hpp"
 #include "cumo/nn/s2.hpp"
 #include "cumo/train/trainer.hpp"
+#include "cumo_test_config.hpp"
 #include "nn_test_util.hpp"
 
 using namespace cumo;
@@ -27,33 +28,12 @@ using cumo::test::randomize;
 namespace {
 
 // CLIP 2 layers, width 8, 8×8 images in 4×4 patches: G = 2, 4 patches + CLS; 3× = 24×24 in 9 tiles.
-nn::VisionConfig tiny_vision() {
-  nn::VisionConfig v;
-  v.hidden = 8;
-  v.layers = 2;
-  v.heads = 2;
-  v.ffn = 16;
-  v.image_size = 8;
-  v.patch_size = 4;
-  return v;
-}
+nn::VisionConfig tiny_vision() { return test::tiny_cumo_config().llava.vision; }
 
 // The tiny CuMo of test_models_cumo.cpp, with S².
 models::CuMoConfig tiny_cumo_s2() {
-  models::CuMoConfig c;
-  nn::LlavaConfig& l = c.llava;
-  l.vision = tiny_vision();
-  l.vision.s2 = true;
-  l.text.vocab = 13;
-  l.text.hidden = 12;
-  l.text.layers = 1;
-  l.text.heads = 3;
-  l.text.kv_heads = 1;
-  l.text.head_dim = 4;
-  l.text.ffn = 16;
-  l.image_token_id = 12;
-  c.experts = 4;
-  c.top_k = 2;
+  models::CuMoConfig c = test::tiny_cumo_config();
+  c.llava.vision.s2 = true;
   return c;
 }
 

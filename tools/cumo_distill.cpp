@@ -18,9 +18,11 @@
 #include <string>
 #include <string_view>
 
+#include "cli.hpp"
 #include "cumo/train/distill_trainer.hpp"
 
 namespace {
+constexpr const char* kTool = "cumo_distill";
 namespace fs = std::filesystem;
 using namespace cumo;
 
@@ -36,16 +38,6 @@ void usage(std::ostream& os) {
         "  --student-ffn    override student.ffn (e.g. a dense student with the sparse one's active parameters)\n"
         "  --dense-student  student.sparse = false: 'upcycle' stages leave the student dense\n"
         "  --eval-teacher   evaluate the teacher checkpoint and exit\n";
-}
-
-long long to_int(std::string_view flag, const char* v) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  if (!end || *end != '\0' || end == v) {
-    std::cerr << "cumo_distill: " << flag << " expects an integer, got '" << v << "'\n";
-    std::exit(2);
-  }
-  return x;
 }
 
 struct Args {
@@ -164,36 +156,27 @@ int run(const Args& a) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view f = argv[i];
-    if (f == "-h" || f == "--help") {
-      usage(std::cout);
-      return 0;
-    }
-    if (f == "--eval") { a.eval = true; continue; }
-    if (f == "--eval-teacher") { a.eval_teacher = true; continue; }
-    if (f == "--dense-student") { a.dense_student = true; continue; }
-    if (f == "--quiet" || f == "-q") { a.quiet = true; continue; }
-    if (i + 1 >= argc) {
-      std::cerr << "cumo_distill: " << f << " needs a value (or is unknown)\n";
-      usage(std::cerr);
-      return 2;
-    }
-    const char* v = argv[++i];
+  auto on_switch = [&](std::string_view f) {
+    if (f == "--eval") return a.eval = true;
+    if (f == "--eval-teacher") return a.eval_teacher = true;
+    if (f == "--dense-student") return a.dense_student = true;
+    if (f == "--quiet" || f == "-q") return a.quiet = true;
+    return false;
+  };
+  auto on_value = [&](std::string_view f, const char* v) {
     if (f == "--config") a.config = v;
     else if (f == "--out") a.out = v;
     else if (f == "--stages") a.stages = v;
     else if (f == "--from") a.from = v;
     else if (f == "--teacher") a.teacher = v;
-    else if (f == "--seed") a.seed = to_int(f, v);
-    else if (f == "--student-ffn") a.student_ffn = to_int(f, v);
-    else if (f == "--log-every") a.log_every = to_int(f, v);
-    else {
-      std::cerr << "cumo_distill: unknown flag " << f << "\n";
-      usage(std::cerr);
-      return 2;
-    }
-  }
+    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v);
+    else if (f == "--student-ffn") a.student_ffn = cli::to_int(kTool, f, v);
+    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v);
+    else return false;
+    return true;
+  };
+  if (const auto status = cli::parse_args(kTool, argc, argv, usage, on_switch, on_value)) return *status;
+
   if (a.config.empty()) {
     std::cerr << "cumo_distill: --config CONFIG.json is required\n";
     usage(std::cerr);

@@ -20,9 +20,11 @@
 #include <string>
 #include <string_view>
 
+#include "cli.hpp"
 #include "cumo/train/trainer.hpp"
 
 namespace {
+constexpr const char* kTool = "cumo_eval";
 namespace fs = std::filesystem;
 using namespace cumo;
 
@@ -38,23 +40,6 @@ void usage(std::ostream& os) {
         "  --limit       evaluate only the first N records\n";
 }
 
-long long to_int(std::string_view flag, const char* v) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  if (!end || *end != '\0' || end == v) {
-    std::cerr << "cumo_eval: " << flag << " expects an integer, got '" << v << "'\n";
-    std::exit(2);
-  }
-  return x;
-}
-
-std::string trim(std::string s) {
-  const auto b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return {};
-  const auto e = s.find_last_not_of(" \t\r\n");
-  return s.substr(b, e - b + 1);
-}
-
 struct Args {
   std::string checkpoint, data, config, out, image, question;
   long long limit = -1, batch = -1, max_new = -1;
@@ -65,7 +50,7 @@ std::string answer_of(models::CuMo& model, const io::Tokenizer& tok, const std::
                       const Tensor& pixels, std::int64_t max_new) {
   std::vector<std::int64_t> ids(prompt.begin(), prompt.end());
   const auto out = model.generate(ids, pixels, max_new, tok.eos_id());
-  return trim(tok.decode(out, /*skip_special=*/true));
+  return train::trim_answer(tok.decode(out, /*skip_special=*/true));
 }
 
 int generate_one(const Args& a) {
@@ -128,7 +113,7 @@ int evaluate(const Args& a) {
       pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
     }
     const std::string got = answer_of(model, tok, p.ids, pixels, max_new);
-    const std::string want = trim(p.answer);
+    const std::string want = train::trim_answer(p.answer);
     const bool ok = got == want;
     const std::string type = r.type.empty() ? "all" : r.type;
     TypeStats& ts = by_type[type];
@@ -256,41 +241,26 @@ int evaluate(const Args& a) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view f = argv[i];
-    if (f == "-h" || f == "--help") {
-      usage(std::cout);
-      return 0;
-    }
-    if (f == "--generate") {
-      a.generate = true;
-      continue;
-    }
-    if (f == "--quiet" || f == "-q") {
-      a.quiet = true;
-      continue;
-    }
-    if (i + 1 >= argc) {
-      std::cerr << "cumo_eval: " << f << " needs a value (or is unknown)\n";
-      usage(std::cerr);
-      return 2;
-    }
-    const char* v = argv[++i];
+  auto on_switch = [&](std::string_view f) {
+    if (f == "--generate") return a.generate = true;
+    if (f == "--quiet" || f == "-q") return a.quiet = true;
+    return false;
+  };
+  auto on_value = [&](std::string_view f, const char* v) {
     if (f == "--checkpoint") a.checkpoint = v;
     else if (f == "--data") a.data = v;
     else if (f == "--config") a.config = v;
     else if (f == "--out") a.out = v;
     else if (f == "--image") a.image = v;
     else if (f == "--question") a.question = v;
-    else if (f == "--limit") a.limit = to_int(f, v);
-    else if (f == "--batch") a.batch = to_int(f, v);
-    else if (f == "--max-new") a.max_new = to_int(f, v);
-    else {
-      std::cerr << "cumo_eval: unknown flag " << f << "\n";
-      usage(std::cerr);
-      return 2;
-    }
-  }
+    else if (f == "--limit") a.limit = cli::to_int(kTool, f, v);
+    else if (f == "--batch") a.batch = cli::to_int(kTool, f, v);
+    else if (f == "--max-new") a.max_new = cli::to_int(kTool, f, v);
+    else return false;
+    return true;
+  };
+  if (const auto status = cli::parse_args(kTool, argc, argv, usage, on_switch, on_value)) return *status;
+
   if (a.checkpoint.empty()) {
     std::cerr << "cumo_eval: --checkpoint DIR is required\n";
     usage(std::cerr);

@@ -16,9 +16,11 @@
 #include <string>
 #include <string_view>
 
+#include "cli.hpp"
 #include "cumo/train/trainer.hpp"
 
 namespace {
+constexpr const char* kTool = "cumo_train";
 namespace fs = std::filesystem;
 using namespace cumo;
 
@@ -39,16 +41,6 @@ void usage(std::ostream& os) {
         "  --max-steps  stop each stage after N steps, saving <out>/stage<s>-partial (resume with --resume)\n"
         "  --log-every  a plain log line on stderr every N steps (default: the bar on a terminal, else none)\n"
         "  --quiet      no progress output\n";
-}
-
-long long to_int(std::string_view flag, const char* v) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  if (!end || *end != '\0' || end == v) {
-    std::cerr << "cumo_train: " << flag << " expects an integer, got '" << v << "'\n";
-    std::exit(2);
-  }
-  return x;
 }
 
 struct Args {
@@ -223,37 +215,25 @@ int run(const Args& a) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view f = argv[i];
-    if (f == "-h" || f == "--help") {
-      usage(std::cout);
-      return 0;
-    }
-    if (f == "--quiet" || f == "-q") {
-      a.quiet = true;
-      continue;
-    }
-    if (i + 1 >= argc) {
-      std::cerr << "cumo_train: " << f << " needs a value (or is unknown)\n";
-      usage(std::cerr);
-      return 2;
-    }
-    const char* v = argv[++i];
+  auto on_switch = [&](std::string_view f) {
+    if (f == "--quiet" || f == "-q") return a.quiet = true;
+    return false;
+  };
+  auto on_value = [&](std::string_view f, const char* v) {
     if (f == "--config") a.config = v;
     else if (f == "--stage") a.stage = v;
     else if (f == "--resume") a.resume = v;
     else if (f == "--from") a.from = v;
     else if (f == "--out") a.out = v;
     else if (f == "--variant") a.variant = v;
-    else if (f == "--seed") a.seed = to_int(f, v);
-    else if (f == "--max-steps") a.max_steps = to_int(f, v);
-    else if (f == "--log-every") a.log_every = to_int(f, v);
-    else {
-      std::cerr << "cumo_train: unknown flag " << f << "\n";
-      usage(std::cerr);
-      return 2;
-    }
-  }
+    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v);
+    else if (f == "--max-steps") a.max_steps = cli::to_int(kTool, f, v);
+    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v);
+    else return false;
+    return true;
+  };
+  if (const auto status = cli::parse_args(kTool, argc, argv, usage, on_switch, on_value)) return *status;
+
   try {
     return run(a);
   } catch (const std::exception& e) {

@@ -639,6 +639,21 @@ TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, sk
   gpu::embedding_backward(as_bf16_gpu(dy), ids, dtable_b, &skip);
   CHECK(bitwise_equal(on_cpu(dtable_b), ref.weight.grad));
 
+  // more ids than a staging slot holds (16 Ki): the tables take the device-tensor path
+  std::vector<std::int64_t> many(20000);
+  for (std::size_t r = 0; r < many.size(); ++r) many[r] = std::int64_t((r * 7919) % std::size_t(V));
+  nn::Embedding big("big", V, H);
+  big.weight.value.copy_from(emb.weight.value);
+  const Tensor y_big = big.forward(many);
+  const Tensor dy_big = randn({std::int64_t(many.size()), H}, rng);
+  big.backward(dy_big);
+  Tensor yg_big = poisoned({std::int64_t(many.size()), H});
+  gpu::embedding_forward(table, many, yg_big);
+  CHECK(bitwise_equal(on_cpu(yg_big), y_big));
+  Tensor dg_big = gpu_zeros({V, H});
+  gpu::embedding_backward(on_gpu(dy_big), many, dg_big);
+  CHECK(bitwise_equal(on_cpu(dg_big), big.weight.grad));
+
   // errors name the position and the shapes
   Tensor y3 = poisoned({3, H});
   CHECK_THROWS_WITH_AS(gpu::embedding_forward(table, {1, 2, 37}, y3), doctest::Contains("token id 37 at position 2"),

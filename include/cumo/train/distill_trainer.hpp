@@ -388,18 +388,19 @@ inline io::Batch concat_pair_batches(const io::Batch& w, const io::Batch& l, std
 // ================================================================================================================
 // One forward of teacher and student on a batch
 // ================================================================================================================
-// Writes `features` (rows of image tokens, in order) into the embeddings of the image positions.
+// Writes `proj` (rows of image features, in order) into the embeddings of the image positions. pairs: the rows
+// are chosen then rejected, both halves reading the same features (their shared images).
 inline void scatter_image_rows(Tensor& emb, const std::vector<std::int64_t>& ids, std::int64_t image_id,
-                               const Tensor& proj, std::int64_t H, std::int64_t repeat_rows_after = -1) {
+                               const Tensor& proj, std::int64_t H, bool pairs = false) {
   std::int64_t k = 0;
   const std::int64_t n = proj.size(0);
   for (std::size_t i = 0; i < ids.size(); ++i)
     if (ids[i] == image_id) {
-      const std::int64_t src = repeat_rows_after > 0 ? k % n : k;
+      const std::int64_t src = pairs ? k % n : k;
       std::copy_n(proj.data<float>() + src * H, H, emb.data<float>() + std::int64_t(i) * H);
       ++k;
     }
-  CUMO_CHECK(repeat_rows_after > 0 ? k % n == 0 : k == n, "distill: the batch has ", k, " image tokens but the images give ",
+  CUMO_CHECK(pairs ? k == 2 * n : k == n, "distill: the batch has ", k, " image tokens but the images give ",
              n, " features");
 }
 
@@ -419,30 +420,30 @@ class DistillStep {
     // The frozen vision tower is the teacher's (the student holds a copy): its features serve both.
     Tensor features;  // (images·N, Hv), or (images·N, 2·Hv) with S²
     if (b.images() > 0) features = s_->llava().encode_images(b.pixels, /*all_layers=*/false);
-    safe_ids_ = b.input_ids;
+    std::vector<std::int64_t> safe_ids = b.input_ids;  // image positions embed id 0; their rows are replaced
     is_image_.assign(b.input_ids.size(), false);
-    for (std::size_t i = 0; i < safe_ids_.size(); ++i)
-      if (safe_ids_[i] == image_id) {
+    for (std::size_t i = 0; i < safe_ids.size(); ++i)
+      if (safe_ids[i] == image_id) {
         is_image_[i] = true;
-        safe_ids_[i] = 0;
+        safe_ids[i] = 0;
       }
     Forward f;
     {  // teacher, eval mode
       auto& tl = t_->llava();
-      Tensor emb = tl.language_model.embed_tokens.apply(safe_ids_);  // (B·T, Ht)
+      Tensor emb = tl.language_model.embed_tokens.apply(safe_ids);  // (B·T, Ht)
       if (features.defined()) {
         const Tensor proj = tl.projector.forward(features, b.images());  // (images·N, Ht)
-        scatter_image_rows(emb, b.input_ids, image_id, proj, tl.config().text.hidden, pairs ? 1 : -1);
+        scatter_image_rows(emb, b.input_ids, image_id, proj, tl.config().text.hidden, pairs);
       }
       f.teacher_logits = models::eval_logits_embeds(tl.language_model, emb, b.B, b.T, &b.key_valid);
     }
     {  // student, training mode
       auto& sl = s_->llava();
-      Tensor emb = sl.language_model.embed(safe_ids_);  // (B·T, Hs)
+      Tensor emb = sl.language_model.embed(safe_ids);  // (B·T, Hs)
       images_ = b.images();
       if (features.defined()) {
         const Tensor proj = sl.projector.forward(features, b.images());  // (images·N, Hs)
-        scatter_image_rows(emb, b.input_ids, image_id, proj, sl.config().text.hidden, pairs ? 1 : -1);
+        scatter_image_rows(emb, b.input_ids, image_id, proj, sl.config().text.hidden, pairs);
       }
       pairs_ = pairs;
       f.out = pass_.forward_embeds(emb, b.B, b.T, segments, &b.key_valid);
@@ -477,7 +478,6 @@ class DistillStep {
   models::CuMo* t_;
   models::CuMo* s_;
   models::StudentPass pass_;
-  std::vector<std::int64_t> safe_ids_;
   std::vector<bool> is_image_;
   std::int64_t images_ = 0;
   bool pairs_ = false;
@@ -496,13 +496,6 @@ struct DistillEval {
     return j;
   }
 };
-
-inline std::string trim_answer(std::string s) {
-  const auto b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return {};
-  const auto e = s.find_last_not_of(" \t\r\n");
-  return s.substr(b, e - b + 1);
-}
 
 // eval records are the shapes world's ("eval_<index>_<type>"); scenes: the world's eval scenes, for the
 // hallucination check. Writes one JSON line per record to `predictions` when given.

@@ -450,6 +450,14 @@ inline bool ensure_data(const RunConfig& c, std::ostream* log = &std::cerr) {
   return true;
 }
 
+// A generated or reference answer without surrounding white space (what exact match compares).
+inline std::string trim_answer(std::string s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return {};
+  const auto e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
 // ================================================================================================================
 // Checkpoint metadata
 // ================================================================================================================

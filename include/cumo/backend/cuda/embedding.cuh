@@ -3,7 +3,8 @@
 //   embedding_forward    y[r] = table[ids[r]]                     a row copy in the widest word that fits
 //   embedding_backward   dtable[v] += Σ_{r: ids[r] = v, not skipped} dy[r], rows in increasing r
 // The ids live on the host (the data loader's batch), as nn::Embedding takes them: they are checked there, naming
-// the position of a bad one, and the backward's per-id row lists are built there (a stable sort by id). Each
+// the position of a bad one, and the backward's per-id row lists are built there (a stable sort by id); the tables
+// reach the device through the context's pinned staging ring, without a host sync up to 16 Ki entries. Each
 // distinct id is then one block that adds its rows in order into the fp32 gradient: no atomics, and bitwise the
 // CPU's sums (the same fp32 additions in the same order).
 #include <algorithm>
@@ -46,11 +47,16 @@ __global__ void embedding_scatter(const T* __restrict__ dy, std::int64_t H, cons
 }  // namespace kernels
 
 namespace detail {
-// A host int32 table on the device (a synchronous copy; the tables are B·T entries at most).
-inline Tensor int32_on_device(const std::vector<std::int32_t>& v) {
+// A host int32 table on the device for the next launch on this stream. Up to a staging slot (16 Ki entries) it
+// goes through the context's pinned ring without a host sync; a larger one is copied into `owner` (synchronously).
+inline const std::int32_t* int32_on_device(const std::vector<std::int32_t>& v, Tensor& owner) {
+  const std::size_t bytes = v.size() * sizeof(std::int32_t);
+  if (bytes <= Context::kStagingSlotBytes)
+    return static_cast<const std::int32_t*>(context().stage_to_device(v.data(), bytes));
   Tensor h = Tensor::empty({std::int64_t(v.size())}, DType::i32);
   std::copy(v.begin(), v.end(), h.data<std::int32_t>());
-  return h.to(Device::cuda);
+  owner = h.to(Device::cuda);
+  return ptr<std::int32_t>(owner);
 }
 inline void check_ids(const char* where, const std::vector<std::int64_t>& ids, std::int64_t vocab) {
   CUMO_CHECK(std::int64_t(ids.size()) <= INT_MAX, where, ": ", ids.size(), " ids exceed one launch");
@@ -70,17 +76,18 @@ inline void embedding_forward(const Tensor& table, const std::vector<std::int64_
              name_of(table.dtype()));
   detail::check_ids(where, ids, V);
   if (N == 0 || H == 0) return;
-  const Tensor d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()));
+  Tensor owner;
+  const std::int32_t* d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()), owner);
   const std::int64_t row_bytes = H * std::int64_t(size_of(table.dtype()));
   const auto addr = reinterpret_cast<std::uintptr_t>(table.raw()) | reinterpret_cast<std::uintptr_t>(y.raw());
   const unsigned grid = grid_for(N, 1);
   if (row_bytes % 16 == 0 && addr % 16 == 0)
     kernels::embedding_gather<uint4><<<grid, 128, 0, stream()>>>(static_cast<const uint4*>(table.raw()),
-                                                                  row_bytes / 16, ptr<std::int32_t>(d_ids), N,
+                                                                  row_bytes / 16, d_ids, N,
                                                                   static_cast<uint4*>(y.raw()));
   else
     kernels::embedding_gather<std::uint16_t><<<grid, 128, 0, stream()>>>(
-        static_cast<const std::uint16_t*>(table.raw()), row_bytes / 2, ptr<std::int32_t>(d_ids), N,
+        static_cast<const std::uint16_t*>(table.raw()), row_bytes / 2, d_ids, N,
         static_cast<std::uint16_t*>(y.raw()));
   CUMO_CUDA_LAUNCH_CHECK("embedding_gather");
 }
@@ -113,13 +120,15 @@ inline void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>
     }
   start.push_back(std::int32_t(rows.size()));
   if (uid.empty() || H == 0) return;
-  const Tensor d_uid = detail::int32_on_device(uid), d_start = detail::int32_on_device(start),
-               d_rows = detail::int32_on_device(rows);
+  Tensor owners[3];  // three tables, within the staging ring's 8 slots
+  const std::int32_t* d_uid = detail::int32_on_device(uid, owners[0]);
+  const std::int32_t* d_start = detail::int32_on_device(start, owners[1]);
+  const std::int32_t* d_rows = detail::int32_on_device(rows, owners[2]);
   const std::int64_t U = std::int64_t(uid.size());
   dispatch_float(dy.dtype(), where, [&](auto tag) {
     using T = decltype(tag);
     kernels::embedding_scatter<T><<<grid_for(U, 1), 256, 0, stream()>>>(
-        ptr<T>(dy), H, ptr<std::int32_t>(d_uid), ptr<std::int32_t>(d_start), ptr<std::int32_t>(d_rows), U,
+        ptr<T>(dy), H, d_uid, d_start, d_rows, U,
         ptr<float>(dtable));
   });
   CUMO_CUDA_LAUNCH_CHECK("embedding_scatter");
