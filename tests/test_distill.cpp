@@ -281,7 +281,7 @@ TEST_CASE("distill: DPO and KTO-pair against hand-computed values") {
 TEST_CASE("llava_mod student: upcycling every other layer keeps the dense student's logits; eval forward == training forward") {
   Rng rng(11);
   const auto c = tiny_qwen2();
-  nn::DecoderLM dense(c), sparse(c);
+  nn::DecoderLM<> dense(c), sparse(c);
   test::randomize(dense.parameters(), rng, 0.5f);
   const auto dp = dense.parameters(), sp = sparse.parameters();
   for (std::size_t i = 0; i < dp.size(); ++i) sp[i]->value.copy_from(dp[i]->value);
@@ -319,7 +319,7 @@ TEST_CASE("llava_mod student: upcycling every other layer keeps the dense studen
 TEST_CASE("llava_mod student: StudentPass under CE gives DecoderLM's gradients (dense), and segments add the aux losses") {
   Rng rng(13);
   const auto c = tiny_qwen2();
-  nn::DecoderLM a(c), b(c);
+  nn::DecoderLM<> a(c), b(c);
   test::randomize(a.parameters(), rng, 0.5f);
   const auto pa = a.parameters(), pb = b.parameters();
   for (std::size_t i = 0; i < pa.size(); ++i) pb[i]->value.copy_from(pa[i]->value);
@@ -350,7 +350,7 @@ TEST_CASE("llava_mod student: StudentPass under CE gives DecoderLM's gradients (
 TEST_CASE("llava_mod student: finite differences of the whole D2S objective (KD + CE + aux) through the sparse student") {
   Rng rng(15);
   const auto c = tiny_qwen2();
-  nn::DecoderLM m(c);
+  nn::DecoderLM<> m(c);
   test::randomize(m.parameters(), rng, 0.5f);
   Rng r2(16);
   models::make_sparse_student(m, 4, 2, r2);

@@ -58,9 +58,9 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
 
 TEST_CASE("distill trainer: make_student copies the teacher's vision tower and builds the student's own LLM") {
   Rng rng(1);
-  models::CuMo teacher(teacher_config());
+  models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
-  models::CuMo student = train::make_student(teacher, student_config(), 7);
+  models::CuMo<> student = train::make_student(teacher, student_config(), 7);
   const ParameterList tv = teacher.vision_parameters(), sv = student.vision_parameters();
   REQUIRE(tv.size() == sv.size());
   for (std::size_t i = 0; i < tv.size(); ++i) {
@@ -77,7 +77,7 @@ TEST_CASE("distill trainer: make_student copies the teacher's vision tower and b
   CHECK(L[0].mlp.is_sparse());  // every other layer: 0
   CHECK_FALSE(L[1].mlp.is_sparse());
   // A dense student stays dense through an "upcycle" stage.
-  models::CuMo dense = train::make_student(teacher, student_config(), 7);
+  models::CuMo<> dense = train::make_student(teacher, student_config(), 7);
   train::StudentConfig dc = student_config();
   dc.sparse = false;
   train::upcycle_student(dense, dc, up);
@@ -89,9 +89,9 @@ TEST_CASE("distill trainer: make_student copies the teacher's vision tower and b
 
 TEST_CASE("distill trainer: the student's logits and CE gradients are CuMo::forward / backward's (frozen vision)") {
   Rng rng(2);
-  models::CuMo teacher(teacher_config());
+  models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
-  models::CuMo student = train::make_student(teacher, student_config(), 5);
+  models::CuMo<> student = train::make_student(teacher, student_config(), 5);
   randomize(student.language_parameters(), rng, 0.4f);
   randomize(student.connector_parameters(), rng, 0.4f);
   const io::Batch b = make_batch(rng);
@@ -131,10 +131,10 @@ TEST_CASE("distill trainer: the student's logits and CE gradients are CuMo::forw
 
 TEST_CASE("distill trainer: finite differences of D2S (KL + CE + aux) and DPO through the sparse student") {
   Rng rng(3);
-  models::CuMo teacher(teacher_config());
+  models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
   train::StudentConfig sc = student_config();
-  models::CuMo student = train::make_student(teacher, sc, 5);
+  models::CuMo<> student = train::make_student(teacher, sc, 5);
   randomize(student.language_parameters(), rng, 0.4f);
   randomize(student.connector_parameters(), rng, 0.4f);
   Rng up(9);

@@ -71,7 +71,7 @@ TEST_CASE("models cumo: config JSON — the fixture's nested form, a plain Llava
 TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from-scratch experts do not") {
   Rng rng(3);
   Batch b(rng);
-  models::CuMo m(tiny_config());
+  models::CuMo<> m(tiny_config());
   randomize(m.parameters(), rng, 0.4f);
   CHECK_FALSE(m.vision_is_sparse());
   CHECK_FALSE(m.connector_is_sparse());
@@ -82,7 +82,7 @@ TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from
   const Tensor dense_logits = dense.logits.clone();
   const std::size_t dense_count = m.parameters().size();
 
-  models::CuMo scratch = m;  // same dense weights, upcycled with random experts below
+  models::CuMo<> scratch = m;  // same dense weights, upcycled with random experts below
   Rng up(7);
   m.upcycle(up);
   CHECK(m.vision_is_sparse());
@@ -110,7 +110,7 @@ TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from
   CHECK(rel_error(s2.logits, dense_logits) > 1e-2);
 
   // upcycling only one part
-  models::CuMo only_vision(tiny_config());
+  models::CuMo<> only_vision(tiny_config());
   Rng r3(1);
   only_vision.upcycle(r3, true, false);
   CHECK(only_vision.vision_is_sparse());
@@ -120,7 +120,7 @@ TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from
 TEST_CASE("models cumo: finite differences of the total loss (CE + bzloss) w.r.t. every part, routers included") {
   Rng rng(21);
   Batch b(rng);
-  models::CuMo m(tiny_config());
+  models::CuMo<> m(tiny_config());
   randomize(m.parameters(), rng, 0.4f);
   Rng up(5);
   m.upcycle(up);
@@ -179,7 +179,7 @@ TEST_CASE("models cumo: finite differences of the total loss (CE + bzloss) w.r.t
 
 TEST_CASE("models cumo: greedy generation with the KV cache equals the argmax of the full forward, step by step") {
   Rng rng(8);
-  models::CuMo m(tiny_config());
+  models::CuMo<> m(tiny_config());
   randomize(m.parameters(), rng, 0.6f);
   Rng up(2);
   m.upcycle(up);
@@ -211,7 +211,7 @@ TEST_CASE("models cumo: greedy generation with the KV cache equals the argmax of
 TEST_CASE("models cumo: stage 1 trains only the connector (parameter lists partition the model)") {
   Rng rng(4);
   Batch b(rng);
-  models::CuMo m(tiny_config());
+  models::CuMo<> m(tiny_config());
   m.reset_parameters(rng);
   const ParameterList all = m.parameters(), vis = m.vision_parameters(), con = m.connector_parameters(),
                       lang = m.language_parameters();
@@ -256,7 +256,7 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   namespace fs = std::filesystem;
   Rng rng(6);
   Batch b(rng);
-  models::CuMo m(tiny_config());
+  models::CuMo<> m(tiny_config());
   randomize(m.parameters(), rng, 0.4f);
   Rng up(9);
   m.upcycle(up);
@@ -267,7 +267,7 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   m.save(path);
   const auto f = io::SafeTensors::open(path);
   const auto cfg = models::CuMoConfig::from_json(nlohmann::json::parse(f.metadata().at("cumo_config")));
-  models::CuMo back(cfg);
+  models::CuMo<> back(cfg);
   back.load(path);
   CHECK(back.vision_is_sparse());
   CHECK(back.connector_is_sparse());
@@ -276,11 +276,11 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   CHECK(got.total == want.total);
 
   // a dense checkpoint into a sparse model: a clear error naming the missing tensors
-  models::CuMo dense(tiny_config());
+  models::CuMo<> dense(tiny_config());
   randomize(dense.parameters(), rng, 0.4f);
   const std::string dpath = (dir / "dense.safetensors").string();
   dense.save(dpath);
-  models::CuMo sparse(tiny_config());
+  models::CuMo<> sparse(tiny_config());
   Rng r(1);
   sparse.upcycle(r);
   CHECK_THROWS_AS(sparse.load(dpath), Error);

@@ -17,7 +17,7 @@ TEST_CASE("nn generation: prefill + token-by-token decoding with the KV cache eq
   c.head_dim = 4;
   c.ffn = 24;
   c.qkv_bias = true;
-  nn::DecoderLM m(c);
+  nn::DecoderLM<> m(c);
   test::randomize(m.parameters(), rng, 0.4f);
   const std::int64_t B = 2, T = 7, prefill = 3;
   std::vector<std::int64_t> ids(B * T);

@@ -26,7 +26,7 @@ void check_layer(const ParameterList& params, Tensor x, Fwd fwd, Bwd bwd, Rng& r
 TEST_CASE("nn gradcheck: Linear with and without bias") {
   Rng rng(1);
   for (bool bias : {true, false}) {
-    nn::Linear l("lin", 6, 5, bias);
+    nn::Linear<> l("lin", 6, 5, bias);
     ParameterList p;
     l.collect(p);
     randomize(p, rng);
@@ -37,13 +37,13 @@ TEST_CASE("nn gradcheck: Linear with and without bias") {
 
 TEST_CASE("nn gradcheck: LayerNorm and RMSNorm") {
   Rng rng(2);
-  nn::LayerNorm ln("ln", 9, 1e-5);
+  nn::LayerNorm<> ln("ln", 9, 1e-5);
   ParameterList p;
   ln.collect(p);
   randomize(p, rng);
   check_layer(p, random_tensor({5, 9}, rng), [&](const Tensor& x) { return ln.forward(x); },
               [&](const Tensor& d) { return ln.backward(d); }, rng);
-  nn::RMSNorm rms("norm", 9, 1e-6);
+  nn::RMSNorm<> rms("norm", 9, 1e-6);
   ParameterList q;
   rms.collect(q);
   randomize(q, rng);
@@ -53,7 +53,7 @@ TEST_CASE("nn gradcheck: LayerNorm and RMSNorm") {
 
 TEST_CASE("nn gradcheck: Embedding scatters into the rows it read, repeated ids accumulate") {
   Rng rng(3);
-  nn::Embedding e("embed_tokens", 11, 4);
+  nn::Embedding<> e("embed_tokens", 11, 4);
   ParameterList p;
   e.collect(p);
   randomize(p, rng);
@@ -67,7 +67,7 @@ TEST_CASE("nn gradcheck: Embedding scatters into the rows it read, repeated ids 
 
 TEST_CASE("nn gradcheck: bidirectional attention with biases (CLIP)") {
   Rng rng(4);
-  nn::Attention a("attn", nn::AttentionConfig{12, 3, 3, 0, true, true, false, 0.0, "out_proj"});
+  nn::Attention<> a("attn", nn::AttentionConfig{12, 3, 3, 0, true, true, false, 0.0, "out_proj"});
   ParameterList p;
   a.collect(p);
   randomize(p, rng, 0.4f);
@@ -77,7 +77,7 @@ TEST_CASE("nn gradcheck: bidirectional attention with biases (CLIP)") {
 
 TEST_CASE("nn gradcheck: causal GQA attention with RoPE, q/k/v biases and a padding mask") {
   Rng rng(5);
-  nn::Attention a("self_attn", nn::AttentionConfig{16, 4, 2, 6, true, false, true, 10000.0, "o_proj"});
+  nn::Attention<> a("self_attn", nn::AttentionConfig{16, 4, 2, 6, true, false, true, 10000.0, "o_proj"});
   ParameterList p;
   a.collect(p);
   randomize(p, rng, 0.4f);
@@ -103,7 +103,7 @@ TEST_CASE("nn gradcheck: dense MLP (quick_gelu), SwiGLU MLP, and the sparse Feed
               [&](const Tensor& d) { return g.backward(d); }, rng);
 
   // upcycled: the slot keeps the dense MLP's function (weights sum to 1), then its backward is checked
-  nn::VisionFFN ffn("mlp", nn::DenseMLP<QuickGELU>("mlp", 8, 16));
+  nn::VisionFFN<> ffn("mlp", nn::DenseMLP<QuickGELU>("mlp", 8, 16));
   ParameterList d;
   ffn.collect(d);
   randomize(d, rng);
@@ -141,7 +141,7 @@ TEST_CASE("nn gradcheck: CLIP vision tower, features to pixels and every paramet
   c.ffn = 16;
   c.image_size = 8;
   c.patch_size = 4;
-  nn::ClipVision m(c);
+  nn::ClipVision<> m(c);
   const auto params = m.parameters();
   randomize(params, rng);
   const Tensor px = random_tensor({2, 3, 8, 8}, rng);
@@ -174,7 +174,7 @@ TEST_CASE("nn gradcheck: decoder LMs (Mistral, Qwen2 tied + biases, Mixtral with
       c.top_k = 2;
       c.aux_coef = 0.5;  // large, so the aux gradient is visible in the check
     }
-    nn::DecoderLM m(c);
+    nn::DecoderLM<> m(c);
     const auto params = m.parameters();
     randomize(params, rng, 0.5f);
     const std::vector<std::int64_t> ids{1, 5, 7, 2, 12, 0, 3, 3, 9, 4};
@@ -203,7 +203,7 @@ TEST_CASE("nn gradcheck: connector and the LLaVA composition") {
   c.text.head_dim = 4;
   c.text.ffn = 12;
   c.image_token_id = 10;
-  nn::Llava m(c);
+  nn::Llava<> m(c);
   const auto params = m.parameters();
   randomize(params, rng, 0.5f);
   const Tensor px = random_tensor({1, 3, 8, 8}, rng);

@@ -67,7 +67,7 @@ TEST_CASE("nn loader: name variants map to the canonical transformers-5 names") 
 
 TEST_CASE("nn loader: llava-hf names, bf16 storage and a sharded index load into the canonical model") {
   Rng rng(1);
-  nn::DecoderLM src(tiny_text(), "model.language_model.");
+  nn::DecoderLM<> src(tiny_text(), "model.language_model.");
   test::randomize(src.parameters(), rng);
   // write under llava-hf 4.x names, bf16, split over two shards
   std::vector<std::pair<std::string, Tensor>> a, b;
@@ -86,7 +86,7 @@ TEST_CASE("nn loader: llava-hf names, bf16 storage and a sharded index load into
   io::save(dir + "/model-00002-of-00002.safetensors", b);
   std::ofstream(dir + "/model.safetensors.index.json") << index.dump();
 
-  nn::DecoderLM dst(tiny_text(), "model.language_model.");
+  nn::DecoderLM<> dst(tiny_text(), "model.language_model.");
   const auto res = io::load_hf(dst.parameters(), dir);
   CHECK(res.loaded.size() == dst.parameters().size());
   auto ps = src.parameters(), pd = dst.parameters();
@@ -99,7 +99,7 @@ TEST_CASE("nn loader: llava-hf names, bf16 storage and a sharded index load into
 
 TEST_CASE("nn loader: Mixtral per-expert w1/w2/w3 assemble into fused gate_up_proj / down_proj") {
   Rng rng(2);
-  nn::DecoderLM src(tiny_text(3));
+  nn::DecoderLM<> src(tiny_text(3));
   test::randomize(src.parameters(), rng);
   std::vector<std::pair<std::string, Tensor>> t;
   const std::int64_t F = 6;
@@ -121,7 +121,7 @@ TEST_CASE("nn loader: Mixtral per-expert w1/w2/w3 assemble into fused gate_up_pr
   }
   const std::string path = tmpdir("mixtral") + "/model.safetensors";
   io::save(path, t);
-  nn::DecoderLM dst(tiny_text(3));
+  nn::DecoderLM<> dst(tiny_text(3));
   io::load_hf(dst.parameters(), path);
   auto ps = src.parameters(), pd = dst.parameters();
   for (std::size_t k = 0; k < ps.size(); ++k) {
@@ -132,7 +132,7 @@ TEST_CASE("nn loader: Mixtral per-expert w1/w2/w3 assemble into fused gate_up_pr
 
 TEST_CASE("nn loader: save_hf round-trips under canonical names") {
   Rng rng(3);
-  nn::DecoderLM a(tiny_text()), b(tiny_text());
+  nn::DecoderLM<> a(tiny_text()), b(tiny_text());
   test::randomize(a.parameters(), rng);
   const std::string path = tmpdir("roundtrip") + "/model.safetensors";
   io::save_hf(path, a.parameters());
@@ -146,13 +146,13 @@ TEST_CASE("nn loader: save_hf round-trips under canonical names") {
 
 TEST_CASE("nn loader: a missing tensor is named, with the names tried") {
   Rng rng(4);
-  nn::DecoderLM a(tiny_text());
+  nn::DecoderLM<> a(tiny_text());
   std::vector<std::pair<std::string, Tensor>> t;
   for (Parameter* p : a.parameters())
     if (p->name != "model.norm.weight") t.emplace_back(p->name, p->value);
   const std::string path = tmpdir("missing") + "/model.safetensors";
   io::save(path, t);
-  nn::DecoderLM b(tiny_text());
+  nn::DecoderLM<> b(tiny_text());
   const std::string msg = message_of([&] { io::load_hf(b.parameters(), path); });
   INFO(msg);
   CHECK(msg.find("missing 'model.norm.weight'") != std::string::npos);
@@ -164,7 +164,7 @@ TEST_CASE("nn loader: a missing tensor is named, with the names tried") {
 }
 
 TEST_CASE("nn loader: a mis-shaped tensor is reported with both shapes") {
-  nn::DecoderLM a(tiny_text());
+  nn::DecoderLM<> a(tiny_text());
   std::vector<std::pair<std::string, Tensor>> t;
   for (Parameter* p : a.parameters())
     t.emplace_back(p->name, p->name == "model.layers.0.self_attn.k_proj.weight" ? Tensor::zeros({4, 4}) : p->value);
@@ -177,7 +177,7 @@ TEST_CASE("nn loader: a mis-shaped tensor is reported with both shapes") {
 }
 
 TEST_CASE("nn loader: a truncated file gives a clear error, not a crash") {
-  nn::DecoderLM a(tiny_text());
+  nn::DecoderLM<> a(tiny_text());
   const std::string dir = tmpdir("truncated");
   io::save_hf(dir + "/full.safetensors", a.parameters());
   const auto size = fs::file_size(dir + "/full.safetensors");

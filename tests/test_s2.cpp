@@ -74,7 +74,7 @@ double max_abs_diff(const Tensor& a, const std::vector<double>& b) {
 }
 
 // Top-k choices of every sparse layer of a tower (for "routing did not change under ±h").
-void append_routing(const nn::ClipVision& t, std::vector<std::int32_t>& r) {
+void append_routing(const nn::ClipVision<>& t, std::vector<std::int32_t>& r) {
   for (const auto& l : t.layers)
     if (l.mlp.is_sparse()) {
       const Tensor& idx = l.mlp.sparse().router_output().topk_idx;
@@ -202,14 +202,14 @@ TEST_CASE("s2: the 1× half equals the plain tower's features bitwise; the 3× h
   const nn::VisionConfig vc = tiny_vision();
   for (const bool sparse : {false, true}) {
     CAPTURE(sparse);
-    nn::ClipVision tower(vc);
+    nn::ClipVision<> tower(vc);
     randomize(tower.parameters(), rng, 0.4f);
     if (sparse)
       for (auto& l : tower.layers) l.mlp.upcycle(4, 2, rng);
     const std::int64_t B = 2, H = vc.hidden, N = vc.patches(), G = vc.grid(), S = vc.image_size;
     const Tensor px = random_tensor({B, 3, S, S}, rng);
 
-    nn::ClipVision plain = tower;  // shares the parameters
+    nn::ClipVision<> plain = tower;  // shares the parameters
     const Tensor f1 = plain.forward(px).features.clone();  // (B·N, H)
     // the 3× pass by hand: upsample, cut the tiles in s2wrapper's order, run, pool each image's 3×3 windows
     const Tensor up = nn::s2::bicubic_resize(px, 3 * S);
@@ -258,7 +258,7 @@ TEST_CASE("s2: the 1× half equals the plain tower's features bitwise; the 3× h
 
 TEST_CASE("s2: finite differences of Σ features·R w.r.t. every tower parameter and the pixels (dense tower)") {
   Rng rng(16);
-  nn::ClipVision tower(tiny_vision());
+  nn::ClipVision<> tower(tiny_vision());
   randomize(tower.parameters(), rng, 0.4f);
   Tensor px = random_tensor({2, 3, 8, 8}, rng);
   nn::S2Vision s2;
@@ -279,7 +279,7 @@ TEST_CASE("s2: finite differences of Σ features·R w.r.t. every tower parameter
 
 TEST_CASE("s2: finite differences with a sparse tower — features plus every layer's ½(1× + 3×) balance and z losses") {
   Rng rng(17);
-  nn::ClipVision tower(tiny_vision());
+  nn::ClipVision<> tower(tiny_vision());
   randomize(tower.parameters(), rng, 0.4f);
   for (auto& l : tower.layers) l.mlp.upcycle(4, 2, rng);
   const ParameterList params = tower.parameters();
@@ -334,7 +334,7 @@ TEST_CASE("s2: finite differences with a sparse tower — features plus every la
 TEST_CASE("s2: CuMo with s2 — connector input 2·Hv, loss terms, load over 1 + 9 crops, finite differences") {
   Rng rng(18);
   const models::CuMoConfig cfg = tiny_cumo_s2();
-  models::CuMo m(cfg);
+  models::CuMo<> m(cfg);
   randomize(m.parameters(), rng, 0.4f);
   const std::vector<std::int64_t> ids{1, 12, 12, 12, 12, 4, 5, 6, 7, 2, 12, 12, 12, 12, 8, 3, 9, 1};
   const std::vector<std::int64_t> labels{-100, -100, -100, -100, -100, 4, 5, 6, 7,

@@ -73,11 +73,11 @@ int run(const Args& a) {
   // Teacher: a cumo_train checkpoint, with its tokenizer and data.
   train::RunConfig trun = train::run_config_of_checkpoint(cfg.teacher);
   const auto tok = io::load_tokenizer(trun.tokenizer);
-  models::CuMo teacher = train::load_model_from_checkpoint(cfg.teacher, *tok, &trun);
+  models::CuMo<> teacher = train::load_model_from_checkpoint(cfg.teacher, *tok, &trun);
   train::ensure_data(trun, a.quiet ? nullptr : &std::cerr);
   fs::create_directories(cfg.out);
 
-  auto evaluate = [&](models::CuMo& m, const std::string& who) {
+  auto evaluate = [&](models::CuMo<>& m, const std::string& who) {
     const std::string path = trun.data_path(cfg.eval_data.empty() ? trun.eval_data : cfg.eval_data);
     const auto data = io::LlavaDataset::load(path, *tok, trun.data_options(trun.eval_template));
     const data::ShapesWorld w = data::generate_shapes_world(trun.shapes);
@@ -97,7 +97,7 @@ int run(const Args& a) {
     return 0;
   }
 
-  models::CuMo student = train::make_student(teacher, cfg.student, cfg.seed);
+  models::CuMo<> student = train::make_student(teacher, cfg.student, cfg.seed);
   if (!a.from.empty()) train::load_student_checkpoint(student, cfg.student, a.from);
 
   std::vector<std::string> names;

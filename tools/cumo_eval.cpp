@@ -46,7 +46,7 @@ struct Args {
   bool generate = false, quiet = false;
 };
 
-std::string answer_of(models::CuMo& model, const io::Tokenizer& tok, const std::vector<std::int32_t>& prompt,
+std::string answer_of(models::CuMo<>& model, const io::Tokenizer& tok, const std::vector<std::int32_t>& prompt,
                       const Tensor& pixels, std::int64_t max_new) {
   std::vector<std::int64_t> ids(prompt.begin(), prompt.end());
   const auto out = model.generate(ids, pixels, max_new, tok.eos_id());
@@ -57,7 +57,7 @@ int generate_one(const Args& a) {
   CUMO_CHECK(!a.image.empty() && !a.question.empty(), "cumo_eval --generate needs --image PATH and --question TEXT");
   const auto tok = io::load_tokenizer(train::run_config_of_checkpoint(a.checkpoint).tokenizer);
   train::RunConfig cfg;
-  models::CuMo model = train::load_model_from_checkpoint(a.checkpoint, *tok, &cfg);
+  models::CuMo<> model = train::load_model_from_checkpoint(a.checkpoint, *tok, &cfg);
   io::LlavaRecord r;
   r.id = "generate";
   r.image = a.image;
@@ -76,7 +76,7 @@ int evaluate(const Args& a) {
   const io::Tokenizer& tok = *tok_ptr;
   train::RunConfig stored;
   nlohmann::json state;
-  models::CuMo model = train::load_model_from_checkpoint(a.checkpoint, tok, &stored, &state);
+  models::CuMo<> model = train::load_model_from_checkpoint(a.checkpoint, tok, &stored, &state);
   train::RunConfig cfg = a.config.empty() ? stored : train::load_run_config(a.config);
   const std::string data_path = a.data.empty() ? cfg.data_path(cfg.eval_data) : a.data;
   if (a.data.empty()) train::ensure_data(cfg, a.quiet ? nullptr : &std::cerr);

@@ -137,7 +137,7 @@ int run(const Args& a) {
   // ---- data and model ------------------------------------------------------------------------------------------
   train::ensure_data(cfg, a.quiet ? nullptr : &std::cerr);
   const auto tok = io::load_tokenizer(cfg.tokenizer);
-  models::CuMo model(cfg.model_config(*tok));
+  models::CuMo<> model(cfg.model_config(*tok));
   Rng init_rng(cfg.seed);
   model.reset_parameters(init_rng);
   const Rng::State init_state = init_rng.state();

@@ -97,14 +97,14 @@ Tensor matmul(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 // =================================================================================================================
 // norms
 // =================================================================================================================
-TEST_CASE("cuda layernorm forward/backward match nn::LayerNorm (fp32; bf16 storage on rounded inputs)") {
+TEST_CASE("cuda layernorm forward/backward match nn::LayerNorm<> (fp32; bf16 storage on rounded inputs)") {
   Rng rng(g_seed + __LINE__);
   const std::int64_t shapes[][2] = {{37, 96}, {5, 1000}, {130, 33}, {1, 3}};
   for (const auto& s : shapes) {
     const std::int64_t N = s[0], H = s[1];
     CAPTURE(N);
     CAPTURE(H);
-    nn::LayerNorm ln("ln", H, 1e-5);
+    nn::LayerNorm<> ln("ln", H, 1e-5);
     rng.fill_normal(ln.weight.value, 1.f, 0.3f);
     rng.fill_normal(ln.bias.value, 0.f, 0.3f);
     const Tensor x = randn({N, H}, rng, 2.f, 3.f);  // an offset mean: the statistics must not cancel
@@ -124,7 +124,7 @@ TEST_CASE("cuda layernorm forward/backward match nn::LayerNorm (fp32; bf16 stora
     expect_close("layernorm dbias", db, ln.bias.grad, kF32);
 
     // bf16 activations, fp32 parameters and statistics: the CPU layer on the same rounded values.
-    nn::LayerNorm lr("lr", H, 1e-5);
+    nn::LayerNorm<> lr("lr", H, 1e-5);
     lr.weight.value.copy_from(ln.weight.value);
     lr.bias.value.copy_from(ln.bias.value);
     const Tensor xr = rounded(x), dyr = rounded(dy);
@@ -160,14 +160,14 @@ TEST_CASE("cuda layernorm_backward accumulates parameter gradients and checks sh
                        doctest::Contains("gpu::layernorm_forward: weight has shape"), Error);
 }
 
-TEST_CASE("cuda rmsnorm forward/backward match nn::RMSNorm (fp32; bf16 storage on rounded inputs)") {
+TEST_CASE("cuda rmsnorm forward/backward match nn::RMSNorm<> (fp32; bf16 storage on rounded inputs)") {
   Rng rng(g_seed + __LINE__);
   const std::int64_t shapes[][2] = {{37, 96}, {3, 4096}, {100, 17}};
   for (const auto& s : shapes) {
     const std::int64_t N = s[0], H = s[1];
     CAPTURE(N);
     CAPTURE(H);
-    nn::RMSNorm rn("rms", H, 1e-6);
+    nn::RMSNorm<> rn("rms", H, 1e-6);
     rng.fill_normal(rn.weight.value, 1.f, 0.3f);
     const Tensor x = randn({N, H}, rng, 1.5f, 0.5f), dy = randn({N, H}, rng);
     const Tensor y = rn.forward(x), dx = rn.backward(dy);
@@ -180,7 +180,7 @@ TEST_CASE("cuda rmsnorm forward/backward match nn::RMSNorm (fp32; bf16 storage o
     expect_close("rmsnorm dx", dxg, dx, kF32);
     expect_close("rmsnorm dweight", dw, rn.weight.grad, kF32);
 
-    nn::RMSNorm rb("rb", H, 1e-6);
+    nn::RMSNorm<> rb("rb", H, 1e-6);
     rb.weight.value.copy_from(rn.weight.value);
     const Tensor yr = rb.forward(rounded(x)), dxr = rb.backward(rounded(dy));
     Tensor yb = poisoned({N, H}, DType::bf16), dxb = poisoned({N, H}, DType::bf16), dwb = gpu_zeros({H});
@@ -249,7 +249,7 @@ void check_gated(const char* name, Rng& rng) {
   expect_close(std::string(name) + " gated dup", dug, du, kF32);
 }
 
-TEST_CASE("cuda gated activation Act(gate)·up forward/backward matches nn::DenseGatedMLP's loop (SiLU, GELU)") {
+TEST_CASE("cuda gated activation Act(gate)·up forward/backward matches nn::DenseGatedMLP<>'s loop (SiLU, GELU)") {
   // The plain activations (GELU, QuickGELU, SiLU) are gpu::activation_forward/backward, tested in
   // test_cuda_backend.cu against the CPU backend's loops.
   Rng rng(g_seed + __LINE__);
@@ -336,7 +336,7 @@ struct AttnCase {
 
 void check_attention(const AttnCase& c, Rng& rng) {
   CAPTURE(c.name);
-  nn::Attention attn("attn", c.cfg);
+  nn::Attention<> attn("attn", c.cfg);
   const nn::AttentionConfig& cfg = attn.config();
   const std::int64_t B = c.B, T = c.T, H = cfg.heads, G = cfg.kv_heads, D = cfg.head_dim, hidden = cfg.hidden;
   ParameterList ps;
@@ -442,7 +442,7 @@ nn::AttentionConfig attn_cfg(std::int64_t hidden, std::int64_t heads, std::int64
 
 }  // namespace
 
-TEST_CASE("cuda attention forward/backward match nn::Attention (causal GQA + RoPE, bidirectional, padding masks)") {
+TEST_CASE("cuda attention forward/backward match nn::Attention<> (causal GQA + RoPE, bidirectional, padding masks)") {
   Rng rng(g_seed + __LINE__);
   const AttnCase cases[] = {
       {"causal GQA 4/2 heads, D 16, RoPE, padding", attn_cfg(64, 4, 2, 16, true, 10000.0, false), 2, 37, true},
@@ -604,10 +604,10 @@ int main(int argc, char** argv) {
   return ctx.run();
 }
 
-TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, skipped rows; bitwise)") {
+TEST_CASE("cuda embedding forward/backward match nn::Embedding<> (repeated ids, skipped rows; bitwise)") {
   Rng rng(g_seed + __LINE__);
   const std::int64_t V = 37, H = 24;
-  nn::Embedding emb("embed_tokens", V, H);
+  nn::Embedding<> emb("embed_tokens", V, H);
   rng.fill_normal(emb.weight.value, 0.f, 1.f);
   // repeated ids (7 four times), the first and last id of the vocabulary, skipped (image) rows
   const std::vector<std::int64_t> ids = {7, 0, 7, 36, 5, 7, 5, 12, 7, 0, 3};
@@ -631,7 +631,7 @@ TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, sk
   Tensor yb = poisoned({std::int64_t(ids.size()), H}, DType::bf16);
   gpu::embedding_forward(as_bf16_gpu(emb.weight.value), ids, yb);
   CHECK(bitwise_equal(on_cpu(yb), y_cpu.to(DType::bf16)));
-  nn::Embedding ref("ref", V, H);
+  nn::Embedding<> ref("ref", V, H);
   (void)ref.forward(ids);
   ref.weight.grad.copy_from(g0);
   ref.backward(rounded(dy), &skip);
@@ -642,7 +642,7 @@ TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, sk
   // more ids than a staging slot holds (16 Ki): the tables take the device-tensor path
   std::vector<std::int64_t> many(20000);
   for (std::size_t r = 0; r < many.size(); ++r) many[r] = std::int64_t((r * 7919) % std::size_t(V));
-  nn::Embedding big("big", V, H);
+  nn::Embedding<> big("big", V, H);
   big.weight.value.copy_from(emb.weight.value);
   const Tensor y_big = big.forward(many);
   const Tensor dy_big = randn({std::int64_t(many.size()), H}, rng);

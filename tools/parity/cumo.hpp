@@ -57,8 +57,22 @@ inline Tensor vector_tensor(const std::vector<double>& v) {
 
 }  // namespace detail
 
-inline void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
-  using models::CuMo;
+// The fixture's optimizer on a backend: train::AdamW and train::clip_grad_norm on the CPU; cumo_parity's CUDA build
+// specialises it with train::CudaAdamW (which needs nvcc).
+template <class Backend>
+struct ParityOptimizer {
+  ParityOptimizer(ParameterList params, train::AdamWOptions options) : params_(params), opt_(params, options) {}
+  double clip(double max_norm, int step) { return train::clip_grad_norm(params_, max_norm, step); }
+  void step() { opt_.step(); }
+
+ private:
+  ParameterList params_;
+  train::AdamW opt_;
+};
+
+template <class Backend = backend::Cpu>
+void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+  using CuMo = models::CuMo<Backend>;
   using models::CuMoConfig;
   const CuMoConfig cfg = CuMoConfig::from_json(config);
   const io::HFCheckpoint ck = io::HFCheckpoint::from(f);
@@ -104,7 +118,8 @@ inline void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Rep
           f.get_f32("output.vision_z_loss_per_layer"), detail::kOutputTol);
   m.backward();
   {
-    const double raw = train::clip_grad_norm(params, clip);  // the fixture stores clipped gradients (see above)
+    ParityOptimizer<Backend> clipper(params, ao);
+    const double raw = clipper.clip(clip, 0);  // the fixture stores clipped gradients (see above)
     std::printf("  (step-0 gradient norm %.6g before clipping to %g; the fixture's grads are the clipped ones)\n", raw,
                 clip);
     r.record("grad norm before clipping is finite", std::isfinite(raw) ? 0 : 1, 0, "mismatches");
@@ -124,13 +139,13 @@ inline void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Rep
     CuMo t(cfg);
     t.load(ck, "param.");
     ParameterList tp = t.parameters();
-    train::AdamW opt(tp, ao);
+    ParityOptimizer<Backend> opt(tp, ao);
     std::vector<double> losses;
     for (int s = 0; s < steps; ++s) {
       zero_grad(tp);
       losses.push_back(t.forward(ids, B, T, px, &labels).total);
       t.backward();
-      train::clip_grad_norm(tp, clip, s);
+      opt.clip(clip, s);
       opt.step();
     }
     r.check("output.step_losses", detail::vector_tensor(losses), f.get_f32("output.step_losses"),

@@ -106,9 +106,9 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
   const double beta = config.at("beta").get<double>(), aux_coef = config.at("aux_coef").get<double>();
   const AuxLossWeights aux_w{float(aux_coef), 0.f};
 
-  nn::DecoderLM teacher(tc);
+  nn::DecoderLM<> teacher(tc);
   mod_detail::load_prefixed(teacher.parameters(), f, "param.teacher.");
-  nn::DecoderLM student(sc);
+  nn::DecoderLM<> student(sc);
   Rng rng(0);  // the router is overwritten by the fixture's
   models::make_sparse_student(student, E, K, rng, moe_layers);
   mod_detail::load_prefixed(student.parameters(), f, "param.student.");
@@ -121,7 +121,7 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
 
   // the upcycling invariant on the dense student
   {
-    nn::DecoderLM dense(sc), up(sc);
+    nn::DecoderLM<> dense(sc), up(sc);
     mod_detail::load_prefixed(dense.parameters(), f, "param.dense_student.");
     mod_detail::load_prefixed(up.parameters(), f, "param.dense_student.");
     Rng r2(1);

@@ -7,9 +7,10 @@
 // (gemm.cuh, grouped_gemm.cuh) or the kernels of router.cuh, losses.cuh, dispatch.cuh and elementwise.cuh.
 // Everything runs on gpu::stream() (default: the legacy default stream; gpu::set_stream to change it), and device
 // tensors come from CUDA's stream-ordered pool or from a caller-owned gpu::Workspace (memory.cuh).
-// The dense model layers' kernels (layers.cuh: norms, RoPE, gated activation, cross-entropy; attention.cuh;
-// optim.cuh: AdamW, gradient norm and clipping) are included too, as gpu:: functions; they are not yet part of
-// this policy, because nn/ and train/ do not take a Backend yet (see docs/cuda.md, "Model layers").
+// The dense model layers (nn/: Linear, LayerNorm, RMSNorm, Embedding, Attention, the MLPs, ClipVision, DecoderLM,
+// Llava, models::CuMo — each a template on this policy) call the second group of functions below, which wrap the
+// kernels of layers.cuh, attention.cuh, embedding.cuh and model.cuh; optim.cuh holds AdamW and gradient clipping
+// for the training loop.
 //
 // Including this header (from a .cu file) registers the CUDA allocator with cumo::Tensor at static
 // initialisation; nothing touches the GPU until the first device tensor or kernel, so a program built with it
@@ -19,6 +20,7 @@
 #endif
 
 #include <cstdint>
+#include <vector>
 
 #include "cumo/backend/cuda/attention.cuh"
 #include "cumo/backend/cuda/common.cuh"
@@ -30,6 +32,7 @@
 #include "cumo/backend/cuda/layers.cuh"
 #include "cumo/backend/cuda/losses.cuh"
 #include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/cuda/model.cuh"
 #include "cumo/backend/cuda/optim.cuh"
 #include "cumo/backend/cuda/router.cuh"
 #include "cumo/core/rng.hpp"
@@ -138,6 +141,81 @@ struct Cuda {
   template <class Act>
   static void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) {
     gpu::glu_backward<Act>(h, da, rows, dh);
+  }
+
+  // ---- model layers (nn/; the CPU twin of each is inline in the layer) -------------------------------------------
+  static void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
+    gpu::dense_linear(x, w, b, y);
+  }
+  static void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw, Tensor* db,
+                                    Tensor& dx) {
+    gpu::dense_linear_backward(dy, x, w, dw, db, dx);
+  }
+  static void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y,
+                                Tensor& mean, Tensor& rstd) {
+    gpu::layernorm_forward(x, w, b, eps, y, mean, rstd);
+  }
+  static void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                                 const Tensor& rstd, Tensor& dx, Tensor& dw, Tensor& db) {
+    gpu::layernorm_backward(dy, x, w, mean, rstd, dx, dw, db);
+  }
+  static void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rrms) {
+    gpu::rmsnorm_forward(x, w, eps, y, rrms);
+  }
+  static void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rrms, Tensor& dx,
+                               Tensor& dw) {
+    gpu::rmsnorm_backward(dy, x, w, rrms, dx, dw);
+  }
+  static void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) {
+    gpu::embedding_forward(table, ids, y);
+  }
+  static void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>& ids, Tensor& dtable,
+                                 const std::vector<bool>* skip) {
+    gpu::embedding_backward(dy, ids, dtable, skip);
+  }
+  static void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, std::int64_t heads,
+                   bool inverse, Tensor& out) {
+    gpu::rope(x, positions, inv_freq, heads, inverse, out);
+  }
+  static void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
+                                std::int64_t B, std::int64_t T, std::int64_t heads, std::int64_t kv_heads,
+                                std::int64_t head_dim, bool causal, Tensor& out, Tensor& lse) {
+    gpu::attention_forward(q, k, v, key_valid, {B, T, T, heads, kv_heads, head_dim, causal}, out, lse);
+  }
+  static void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
+                                 const Tensor& out, const Tensor& lse, const Tensor& dout, std::int64_t B,
+                                 std::int64_t T, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+                                 bool causal, Tensor& dq, Tensor& dk, Tensor& dv) {
+    gpu::attention_backward(q, k, v, key_valid, out, lse, dout, {B, T, T, heads, kv_heads, head_dim, causal}, dq, dk,
+                            dv);
+  }
+  template <class Act>
+  static void gated_forward(const Tensor& gate, const Tensor& up, Tensor& a) {
+    gpu::gated_forward<Act>(gate, up, a);
+  }
+  template <class Act>
+  static void gated_backward(const Tensor& gate, const Tensor& up, const Tensor& da, Tensor& dgate, Tensor& dup) {
+    gpu::gated_backward<Act>(gate, up, da, dgate, dup);
+  }
+  static void vit_embeddings(const Tensor& patch, const Tensor& cls, const Tensor& pos, std::int64_t B, Tensor& emb) {
+    gpu::vit_embeddings(patch, cls, pos, B, emb);
+  }
+  static void vit_embeddings_backward(const Tensor& demb, std::int64_t B, Tensor& dpatch, Tensor& dcls,
+                                      Tensor& dpos) {
+    gpu::vit_embeddings_backward(demb, B, dpatch, dcls, dpos);
+  }
+  static void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                          std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+    gpu::copy_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
+  }
+  static void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                         std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+    gpu::add_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
+  }
+  static void scale(Tensor& t, float alpha) { gpu::scale(t, alpha); }
+  static gpu::CrossEntropyHostResult causal_lm_loss(const Tensor& logits, const std::vector<std::int64_t>& labels,
+                                                    std::int64_t B, std::int64_t T, Tensor& dlogits) {
+    return gpu::causal_lm_loss(logits, labels, B, T, dlogits);
   }
 };
 

@@ -210,7 +210,8 @@ inline LoadResult load_hf(const ParameterList& params, const std::string& path, 
 // (HF writes {"format": "pt"}; added when absent).
 inline void save_hf(const std::string& path, const ParameterList& params, std::map<std::string, std::string> metadata = {}) {
   std::vector<std::pair<std::string, Tensor>> t;
-  for (Parameter* p : params) t.emplace_back(p->name, p->value);
+  for (Parameter* p : params)  // a device parameter is written from a host copy
+    t.emplace_back(p->name, p->value.device() == Device::cpu ? p->value : p->value.to(Device::cpu));
   metadata.emplace("format", "pt");
   save(path, t, metadata);
 }

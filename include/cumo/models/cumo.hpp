@@ -109,37 +109,43 @@ struct CuMoConfig {
   }
 };
 
+template <class Backend = backend::Cpu>
 class CuMo {
  public:
+  using backend_type = Backend;
+
   explicit CuMo(CuMoConfig c) : cfg_(std::move(c)), m_(cfg_.llava) {}
 
   const CuMoConfig& config() const { return cfg_; }
   // The composition itself, for callers that want a layer (e.g. to read one router's output).
-  nn::Llava& llava() { return m_; }
-  const nn::Llava& llava() const { return m_; }
+  nn::Llava<Backend>& llava() { return m_; }
+  const nn::Llava<Backend>& llava() const { return m_; }
 
   // ---- initialisation -------------------------------------------------------------------------------------
   // Fresh weights for training from scratch: every matrix and embedding (patch, class, position, token) ~ N(0, 0.02²)
   // (HF's initializer_range), biases 0, LayerNorm / RMSNorm weight 1 and bias 0; a router that already exists gets
-  // PyTorch's Linear default U(±1/√fan_in), as at upcycling. Deterministic in `rng`, in parameters() order.
+  // PyTorch's Linear default U(±1/√fan_in), as at upcycling. Deterministic in `rng`, in parameters() order; the
+  // values are drawn on the host for every backend, so a device model starts from the CPU model's bits.
   void reset_parameters(Rng& rng) {
     for (Parameter* p : parameters()) {
       const std::string& n = p->name;
       const bool is_norm = p->value.dim() == 1 && (n.find("norm") != std::string::npos ||
                                                    n.find("layrnorm") != std::string::npos);
+      Tensor v = p->value.device() == Device::cpu ? p->value : Tensor::empty(p->value.shape());
       if (is_router(n)) {
-        const float bound = 1.f / std::sqrt(float(p->value.size(p->value.dim() - 1)));
-        rng.fill_uniform(p->value, -bound, bound);
+        const float bound = 1.f / std::sqrt(float(v.size(v.dim() - 1)));
+        rng.fill_uniform(v, -bound, bound);
       } else if (is_norm) {
         if (n.ends_with("weight"))
-          fill(p->value, 1.f);
+          fill(v, 1.f);
         else
-          fill(p->value, 0.f);
+          fill(v, 0.f);
       } else if (n.ends_with("bias")) {
-        fill(p->value, 0.f);
+        fill(v, 0.f);
       } else {
-        rng.fill_normal(p->value, 0.f, 0.02f);
+        rng.fill_normal(v, 0.f, 0.02f);
       }
+      if (v.raw() != p->value.raw()) p->value.copy_from(v);
     }
   }
 
@@ -249,6 +255,7 @@ class CuMo {
   // state (no backward() for a forward before it).
   std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt_ids, const Tensor& pixels,
                                      std::int64_t max_new, std::int64_t eos_id) {
+    static_assert(on_cpu, "CuMo::generate: generation (KV cache, greedy decoding) runs on the CPU backend");
     constexpr const char* where = "CuMo::generate";
     has_forward_ = false;
     const nn::VisionConfig& vc = cfg_.llava.vision;
@@ -335,6 +342,8 @@ class CuMo {
   }
 
  private:
+  static constexpr bool on_cpu = Backend::device == Device::cpu;
+
   static bool is_router(const std::string& n) { return n.ends_with(".gate.weight"); }
   static void fill(Tensor& t, float v) {
     float* p = t.data<float>();
@@ -368,7 +377,7 @@ class CuMo {
   }
 
   CuMoConfig cfg_;
-  nn::Llava m_;
+  nn::Llava<Backend> m_;
   std::int64_t vision_sparse_layers_ = 0;
   bool has_forward_ = false;
 };

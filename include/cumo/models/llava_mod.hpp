@@ -49,7 +49,7 @@ inline std::vector<int> every_other_layer(std::int64_t layers) {
 // HF's "<layer>.mlp.experts.gate_up_proj" / ".experts.down_proj" / ".mlp.gate.weight" (load_hf also reads the
 // per-expert "...experts.{e}.{gate,up,down}_proj.weight" form). Returns the layers it upcycled. At upcycling the
 // student's logits equal the dense student's (the renormalised top-k weights sum to 1).
-inline std::vector<int> make_sparse_student(nn::DecoderLM& lm, int experts, int top_k, Rng& rng,
+inline std::vector<int> make_sparse_student(nn::DecoderLM<>& lm, int experts, int top_k, Rng& rng,
                                             std::vector<int> layers = {}, SparseMoEOptions options = mod_moe_options()) {
   constexpr const char* where = "make_sparse_student";
   if (layers.empty()) layers = every_other_layer(std::int64_t(lm.layers.size()));
@@ -65,7 +65,7 @@ inline std::vector<int> make_sparse_student(nn::DecoderLM& lm, int experts, int 
 
 // LLaVA-MoD's default trainable set in the distillation stages: the FFNs (experts) and routers of the LLM; attention,
 // norms and embeddings frozen. Sets Parameter::trainable on every parameter of `lm`; returns how many train.
-inline std::size_t train_only_ffn(nn::DecoderLM& lm) {
+inline std::size_t train_only_ffn(nn::DecoderLM<>& lm) {
   for (Parameter* p : lm.parameters()) p->trainable = false;
   std::size_t n = 0;
   for (auto& L : lm.layers) {
@@ -92,7 +92,7 @@ inline std::int64_t parameter_bytes(const ParameterList& ps, bool with_grads = f
 }
 
 namespace detail {
-inline Tensor head_logits(const nn::DecoderLM& m, const Tensor& hn) {
+inline Tensor head_logits(const nn::DecoderLM<>& m, const Tensor& hn) {
   const auto& c = m.config();
   const Parameter& W = c.tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
   Tensor logits = nn::matrix(hn.size(0), c.vocab);
@@ -117,7 +117,7 @@ inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
 // run without saving their gate / up activations. A sparse FFN in the teacher runs its forward with training off
 // (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
 // DecoderLM::forward on the same input. key_valid (B·T): 0 marks a padding key.
-inline Tensor eval_logits_embeds(nn::DecoderLM& m, const Tensor& x, std::int64_t B, std::int64_t T,
+inline Tensor eval_logits_embeds(nn::DecoderLM<>& m, const Tensor& x, std::int64_t B, std::int64_t T,
                                  const std::vector<std::uint8_t>* key_valid = nullptr) {
   constexpr const char* where = "eval_logits";
   const auto& c = m.config();
@@ -131,7 +131,7 @@ inline Tensor eval_logits_embeds(nn::DecoderLM& m, const Tensor& x, std::int64_t
   }
   return detail::head_logits(m, m.norm.apply(h));
 }
-inline Tensor eval_logits(nn::DecoderLM& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+inline Tensor eval_logits(nn::DecoderLM<>& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                           const std::vector<std::uint8_t>* key_valid = nullptr) {
   CUMO_CHECK(std::int64_t(ids.size()) == B * T, "eval_logits: ", ids.size(), " ids for B = ", B, ", T = ", T);
   return eval_logits_embeds(m, m.embed_tokens.apply(ids), B, T, key_valid);
@@ -140,7 +140,7 @@ inline Tensor eval_logits(nn::DecoderLM& m, const std::vector<std::int64_t>& ids
 // ---- the student: forward / backward under an external loss -------------------------------------------------------
 class StudentPass {
  public:
-  explicit StudentPass(nn::DecoderLM& m) : m_(&m) {}
+  explicit StudentPass(nn::DecoderLM<>& m) : m_(&m) {}
 
   struct Output {
     Tensor logits;                   // (B·T, V)
@@ -149,7 +149,7 @@ class StudentPass {
     std::vector<double> aux_layers;  // per sparse layer, in layer order (summed over segments)
   };
 
-  nn::DecoderLM& model() { return *m_; }
+  nn::DecoderLM<>& model() { return *m_; }
 
   // ids (B·T); `segments` splits the rows into that many equal consecutive parts, each a forward of its own for
   // the aux losses (LLaVA-MoD's aux_chosen + aux_rejected when chosen and rejected are concatenated).
@@ -171,7 +171,7 @@ class StudentPass {
   Tensor backward(const Tensor& dlogits, AuxLossWeights aux = {}) {
     constexpr const char* where = "StudentPass::backward";
     CUMO_CHECK(hn_.defined(), where, ": no saved forward (one backward per forward)");
-    nn::DecoderLM& m = *m_;
+    nn::DecoderLM<>& m = *m_;
     const auto& c = m.config();
     const std::int64_t N = hn_.size(0), H = c.hidden, V = c.vocab;
     const Tensor dl = nn::check_input(where, "dlogits", dlogits, V);
@@ -204,7 +204,7 @@ class StudentPass {
   Output run(const Tensor& x, std::int64_t B, std::int64_t T, std::int64_t segments,
              const std::vector<std::uint8_t>* key_valid) {
     constexpr const char* where = "StudentPass::forward";
-    nn::DecoderLM& m = *m_;
+    nn::DecoderLM<>& m = *m_;
     const auto& c = m.config();
     Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden);
     CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
@@ -230,7 +230,7 @@ class StudentPass {
     return out;
   }
 
-  nn::DecoderLM* m_;
+  nn::DecoderLM<>* m_;
   Tensor hn_;  // (N, H) final-norm output, for the head's gradient
   std::int64_t segments_ = 1;
   bool embedded_ = false;

@@ -1,9 +1,11 @@
 #pragma once
-// nn::Attention — multi-head scaled dot-product attention with explicit backward.
+// nn::Attention<Backend> — multi-head scaled dot-product attention with explicit backward.
 //   bidirectional (CLIP ViT: q/k/v/out biases, "out_proj"), or
 //   causal with grouped-query heads, RoPE and an optional key padding mask (Mistral / Qwen2 / Mixtral: "o_proj").
 // Rows are tokens of B sequences of length T laid out (B*T, ·); head h reads kv head h / (heads / kv_heads).
-// A KV cache serves generation: forward_cached() appends the new tokens' keys/values and attends over all of them.
+// A KV cache serves generation: forward_cached() appends the new tokens' keys/values and attends over all of them
+// (CPU only). On another backend the core is Backend::attention_forward / attention_backward (a fused kernel that keeps
+// the row logsumexp instead of the probabilities) and Backend::rope.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -33,6 +35,7 @@ struct KVCache {
   std::int64_t len = 0;
 };
 
+template <class Backend = backend::Cpu>
 class Attention {
  public:
   Attention() = default;
@@ -42,14 +45,17 @@ class Attention {
     CUMO_CHECK(cfg_.heads % cfg_.kv_heads == 0, "Attention (", name, "): ", cfg_.heads,
                " heads do not split into groups of ", cfg_.kv_heads, " kv heads");
     const std::int64_t D = cfg_.head_dim;
-    q_proj = Linear(name + ".q_proj", cfg_.hidden, cfg_.heads * D, cfg_.qkv_bias);
-    k_proj = Linear(name + ".k_proj", cfg_.hidden, cfg_.kv_heads * D, cfg_.qkv_bias);
-    v_proj = Linear(name + ".v_proj", cfg_.hidden, cfg_.kv_heads * D, cfg_.qkv_bias);
-    o_proj = Linear(name + "." + cfg_.out_name, cfg_.heads * D, cfg_.hidden, cfg_.out_bias);
-    if (cfg_.rope_theta > 0) rope_ = RotaryEmbedding(D, cfg_.rope_theta);
+    q_proj = Linear<Backend>(name + ".q_proj", cfg_.hidden, cfg_.heads * D, cfg_.qkv_bias);
+    k_proj = Linear<Backend>(name + ".k_proj", cfg_.hidden, cfg_.kv_heads * D, cfg_.qkv_bias);
+    v_proj = Linear<Backend>(name + ".v_proj", cfg_.hidden, cfg_.kv_heads * D, cfg_.qkv_bias);
+    o_proj = Linear<Backend>(name + "." + cfg_.out_name, cfg_.heads * D, cfg_.hidden, cfg_.out_bias);
+    if (cfg_.rope_theta > 0) {
+      rope_ = RotaryEmbedding(D, cfg_.rope_theta);
+      if constexpr (!on_cpu<Backend>) inv_freq_ = rope_.inv_freq_tensor().to(Backend::device);
+    }
   }
 
-  Linear q_proj, k_proj, v_proj, o_proj;
+  Linear<Backend> q_proj, k_proj, v_proj, o_proj;
 
   const AttentionConfig& config() const { return cfg_; }
   void collect(ParameterList& out) {
@@ -64,7 +70,7 @@ class Attention {
   Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>* key_valid = nullptr,
                  const std::vector<std::int64_t>* positions = nullptr) {
     constexpr const char* where = "Attention::forward";
-    const Tensor xc = check_input(where, "x", x, cfg_.hidden);
+    const Tensor xc = check_input(where, "x", x, cfg_.hidden, Backend::device);
     CUMO_CHECK(xc.size(0) == B * T, where, ": x has shape ", xc.shape(), " but B = ", B, ", T = ", T);
     CUMO_CHECK(!key_valid || std::int64_t(key_valid->size()) == B * T, where, ": key mask has ",
                key_valid ? key_valid->size() : 0, " entries for ", B * T, " tokens");
@@ -74,6 +80,7 @@ class Attention {
     k_ = k_proj.forward(xc);  // (B*T, kv*D)
     v_ = v_proj.forward(xc);  // (B*T, kv*D)
     pos_ = positions ? *positions : default_positions(B, T, 0);
+    if constexpr (!on_cpu<Backend>) return forward_device(key_valid);
     if (cfg_.rope_theta > 0) {
       rope_.rotate(q_, cfg_.heads, pos_);
       rope_.rotate(k_, cfg_.kv_heads, pos_);
@@ -86,11 +93,12 @@ class Attention {
 
   // dy (B*T, hidden) → dx (B*T, hidden); every projection's gradient accumulates.
   Tensor backward(const Tensor& dy) {
-    CUMO_CHECK(probs_.defined(), "Attention::backward: no saved forward");
+    CUMO_CHECK(probs_.defined() || lse_.defined(), "Attention::backward: no saved forward");
     const std::int64_t B = B_, T = T_, H = cfg_.heads, G = cfg_.kv_heads, D = cfg_.head_dim, per = H / G;
     const std::int64_t ldq = H * D, ldk = G * D;
     const float scale = float(1.0 / std::sqrt(double(D)));
     const Tensor dctx = o_proj.backward(dy);  // (B*T, H*D)
+    if constexpr (!on_cpu<Backend>) return backward_device(dctx);
     Tensor dq = zeros(B * T, ldq), dk = zeros(B * T, ldk), dv = zeros(B * T, ldk);
     const float *pq = q_.data<float>(), *pk = k_.data<float>(), *pv = v_.data<float>(), *pc = dctx.data<float>();
     float *pdq = dq.data<float>(), *pdk = dk.data<float>(), *pdv = dv.data<float>();
@@ -129,6 +137,7 @@ class Attention {
 
   // ---- generation ---------------------------------------------------------------------------------------------
   KVCache make_cache(std::int64_t B, std::int64_t capacity) const {
+    static_assert(on_cpu<Backend>, "Attention::make_cache: generation with a KV cache runs on the CPU backend");
     return {Tensor::zeros({B, capacity, cfg_.kv_heads * cfg_.head_dim}),
             Tensor::zeros({B, capacity, cfg_.kv_heads * cfg_.head_dim}), 0};
   }
@@ -136,6 +145,7 @@ class Attention {
   // key_valid (B * (cache.len + t)) optionally marks padding keys over everything cached so far. No backward.
   Tensor forward_cached(const Tensor& x, std::int64_t B, std::int64_t t, KVCache& cache,
                         const std::vector<std::uint8_t>* key_valid = nullptr) const {
+    static_assert(on_cpu<Backend>, "Attention::forward_cached: generation with a KV cache runs on the CPU backend");
     constexpr const char* where = "Attention::forward_cached";
     const Tensor xc = check_input(where, "x", x, cfg_.hidden);
     const std::int64_t past = cache.len, S = past + t, W = cfg_.kv_heads * cfg_.head_dim;
@@ -166,6 +176,41 @@ class Attention {
   }
 
  private:
+  // The fused device kernel: q, k, v rotated in place, ctx and the row logsumexp kept for the backward.
+  Tensor forward_device(const std::vector<std::uint8_t>* key_valid) {
+    const std::int64_t B = B_, T = T_;
+    if (cfg_.rope_theta > 0) {
+      pos_dev_ = Tensor::borrow(pos_.data(), {B * T}, DType::i64).to(Backend::device);
+      Backend::rope(q_, pos_dev_, inv_freq_, cfg_.heads, /*inverse=*/false, q_);
+      Backend::rope(k_, pos_dev_, inv_freq_, cfg_.kv_heads, /*inverse=*/false, k_);
+    }
+    key_valid_dev_ = Tensor();
+    if (key_valid) {
+      Tensor kv = Tensor::empty({B * T}, DType::i32);
+      for (std::int64_t i = 0; i < B * T; ++i) kv.data<std::int32_t>()[i] = (*key_valid)[std::size_t(i)] ? 1 : 0;
+      key_valid_dev_ = kv.to(Backend::device);
+    }
+    ctx_ = matrix(B * T, cfg_.heads * cfg_.head_dim, Backend::device);
+    lse_ = Tensor::empty({B, cfg_.heads, T}, DType::f32, Backend::device);
+    Backend::attention_forward(q_, k_, v_, key_valid_dev_.defined() ? &key_valid_dev_ : nullptr, B, T, cfg_.heads,
+                               cfg_.kv_heads, cfg_.head_dim, cfg_.causal, ctx_, lse_);
+    return o_proj.forward(ctx_);  // (B*T, hidden)
+  }
+  Tensor backward_device(const Tensor& dctx) {
+    const std::int64_t N = B_ * T_, ldq = cfg_.heads * cfg_.head_dim, ldk = cfg_.kv_heads * cfg_.head_dim;
+    Tensor dq = matrix(N, ldq, Backend::device), dk = matrix(N, ldk, Backend::device);
+    Tensor dv = matrix(N, ldk, Backend::device);
+    Backend::attention_backward(q_, k_, v_, key_valid_dev_.defined() ? &key_valid_dev_ : nullptr, ctx_, lse_, dctx,
+                                B_, T_, cfg_.heads, cfg_.kv_heads, cfg_.head_dim, cfg_.causal, dq, dk, dv);
+    if (cfg_.rope_theta > 0) {
+      Backend::rope(dq, pos_dev_, inv_freq_, cfg_.heads, /*inverse=*/true, dq);
+      Backend::rope(dk, pos_dev_, inv_freq_, cfg_.kv_heads, /*inverse=*/true, dk);
+    }
+    Tensor dx = q_proj.backward(dq);
+    add_<Backend>(dx, k_proj.backward(dk));
+    add_<Backend>(dx, v_proj.backward(dv));
+    return dx;
+  }
   static std::vector<std::int64_t> default_positions(std::int64_t B, std::int64_t T, std::int64_t start) {
     std::vector<std::int64_t> p(std::size_t(B * T));
     for (std::int64_t b = 0; b < B; ++b)
@@ -219,8 +264,9 @@ class Attention {
   AttentionConfig cfg_;
   RotaryEmbedding rope_;
   std::int64_t B_ = 0, T_ = 0;
-  Tensor q_, k_, v_, probs_;  // (B*T, H*D) after RoPE, (B*T, G*D) ×2, (B*H, T, T)
+  Tensor q_, k_, v_, probs_;  // (B*T, H*D) after RoPE, (B*T, G*D) ×2, (B*H, T, T) (CPU)
   std::vector<std::int64_t> pos_;
+  Tensor inv_freq_, pos_dev_, key_valid_dev_, ctx_, lse_;  // other backends: (D/2,), (B*T,) ×2, (B*T, H*D), (B, H, T)
 };
 
 }  // namespace cumo::nn

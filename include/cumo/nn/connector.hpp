@@ -11,16 +11,18 @@
 
 namespace cumo::nn {
 
-using ConnectorFFN = FeedForward<DenseMLP<GELU>, SparseMoE<Router<TopKDynamic>, Expert<MLP<GELU>>>>;
+template <class Backend = backend::Cpu>
+using ConnectorFFN = FeedForward<DenseMLP<GELU, Backend>, SparseMoE<Router<TopKDynamic>, Expert<MLP<GELU>>, Backend>>;
 
+template <class Backend = backend::Cpu>
 class Connector {
  public:
   Connector() = default;
   // name: "model.multi_modal_projector" (transformers 5)
   Connector(const std::string& name, std::int64_t vision_hidden, std::int64_t text_hidden)
-      : mlp(name, DenseMLP<GELU>(name, vision_hidden, text_hidden, text_hidden, "linear_1", "linear_2")) {}
+      : mlp(name, DenseMLP<GELU, Backend>(name, vision_hidden, text_hidden, text_hidden, "linear_1", "linear_2")) {}
 
-  ConnectorFFN mlp;
+  ConnectorFFN<Backend> mlp;
 
   void collect(ParameterList& out) { mlp.collect(out); }
   ParameterList parameters() {

@@ -67,9 +67,12 @@ struct DecoderConfig {
   }
 };
 
-using DecoderMoE = SparseMoE<Router<TopKDynamic>, Expert<GatedMLP<SiLU>>>;
-using DecoderFFN = FeedForward<DenseGatedMLP<SiLU>, DecoderMoE>;
+template <class Backend = backend::Cpu>
+using DecoderMoE = SparseMoE<Router<TopKDynamic>, Expert<GatedMLP<SiLU>>, Backend>;
+template <class Backend = backend::Cpu>
+using DecoderFFN = FeedForward<DenseGatedMLP<SiLU, Backend>, DecoderMoE<Backend>>;
 
+template <class Backend = backend::Cpu>
 class DecoderLayer {
  public:
   DecoderLayer() = default;
@@ -78,12 +81,15 @@ class DecoderLayer {
         post_attention_layernorm(name + ".post_attention_layernorm", c.hidden, c.rms_eps),
         self_attn(name + ".self_attn",
                   AttentionConfig{c.hidden, c.heads, c.kv_heads, c.head_dim, c.qkv_bias, false, true, c.rope_theta, "o_proj"}),
-        mlp(c.experts > 0 ? DecoderFFN(name + ".mlp", DecoderMoE(c.hidden, c.ffn, c.experts, moe_options(), TopKDynamic{c.top_k}))
-                          : DecoderFFN(name + ".mlp", DenseGatedMLP<SiLU>(name + ".mlp", c.hidden, c.ffn))) {}
+        mlp(c.experts > 0 ? FFN(name + ".mlp", MoE(c.hidden, c.ffn, c.experts, moe_options(), TopKDynamic{c.top_k}))
+                          : FFN(name + ".mlp", DenseGatedMLP<SiLU, Backend>(name + ".mlp", c.hidden, c.ffn))) {}
 
-  RMSNorm input_layernorm, post_attention_layernorm;
-  Attention self_attn;
-  DecoderFFN mlp;
+  using FFN = DecoderFFN<Backend>;
+  using MoE = DecoderMoE<Backend>;
+
+  RMSNorm<Backend> input_layernorm, post_attention_layernorm;
+  Attention<Backend> self_attn;
+  FFN mlp;
 
   static SparseMoEOptions moe_options() {
     SparseMoEOptions o;
@@ -97,8 +103,8 @@ class DecoderLayer {
     mlp.collect(out);
   }
   Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>* key_valid) {
-    Tensor h = add(x, self_attn.forward(input_layernorm.forward(x), B, T, key_valid));
-    return add(h, mlp.forward(post_attention_layernorm.forward(h), ForwardArgs{1, true}));
+    Tensor h = add<Backend>(x, self_attn.forward(input_layernorm.forward(x), B, T, key_valid));
+    return add<Backend>(h, mlp.forward(post_attention_layernorm.forward(h), ForwardArgs{1, true}));
   }
   // router_dlogits (N, E): an extra gradient on this layer's router logits (the cross-layer aux loss).
   Tensor backward(const Tensor& dy, const Tensor* router_dlogits = nullptr) {
@@ -106,14 +112,15 @@ class DecoderLayer {
     if (router_dlogits) {
       auto& router = mlp.sparse().router();
       const RouterOutput& ro = mlp.sparse().router_output();
-      backend::Cpu::linear_dweight(*router_dlogits, ro.x, router.weight.grad);                     // (E, H)
-      backend::Cpu::linear_dinput(*router_dlogits, router.weight.value, dffn_in, /*accumulate=*/true);  // (N, H)
+      Backend::linear_dweight(*router_dlogits, ro.x, router.weight.grad);                     // (E, H)
+      Backend::linear_dinput(*router_dlogits, router.weight.value, dffn_in, /*accumulate=*/true);  // (N, H)
     }
-    Tensor dh = add(dy, post_attention_layernorm.backward(dffn_in));
-    return add(dh, input_layernorm.backward(self_attn.backward(dh)));
+    Tensor dh = add<Backend>(dy, post_attention_layernorm.backward(dffn_in));
+    return add<Backend>(dh, input_layernorm.backward(self_attn.backward(dh)));
   }
 };
 
+template <class Backend = backend::Cpu>
 class DecoderLM {
  public:
   // `model_prefix`: "model." (Mistral/Qwen2/Mixtral), "model.language_model." inside LLaVA (transformers 5).
@@ -122,15 +129,17 @@ class DecoderLM {
       : embed_tokens(model_prefix + "embed_tokens", c.vocab, c.hidden),
         norm(model_prefix + "norm", c.hidden, c.rms_eps),
         cfg_(c) {
-    if (!c.tie_embeddings) lm_head = Linear(lm_head_name, c.hidden, c.vocab, false);
+    CUMO_CHECK(on_cpu<Backend> || c.experts == 0, "DecoderLM: a sparse (Mixtral-style) language model runs on the "
+               "CPU backend only for now (its cross-layer load-balancing loss has no ", Backend::name, " kernel)");
+    if (!c.tie_embeddings) lm_head = Linear<Backend>(lm_head_name, c.hidden, c.vocab, false);
     layers.reserve(std::size_t(c.layers));
     for (std::int64_t l = 0; l < c.layers; ++l) layers.emplace_back(model_prefix + "layers." + std::to_string(l), c);
   }
 
-  Embedding embed_tokens;
-  std::vector<DecoderLayer> layers;
-  RMSNorm norm;
-  Linear lm_head;  // unused (no parameters) when the embeddings are tied
+  Embedding<Backend> embed_tokens;
+  std::vector<DecoderLayer<Backend>> layers;
+  RMSNorm<Backend> norm;
+  Linear<Backend> lm_head;  // unused (no parameters) when the embeddings are tied
 
   const DecoderConfig& config() const { return cfg_; }
 
@@ -158,7 +167,7 @@ class DecoderLM {
   Output forward_embeds(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::int64_t>* labels = nullptr,
                         const std::vector<std::uint8_t>* key_valid = nullptr) {
     constexpr const char* where = "DecoderLM::forward";
-    const Tensor xc = check_input(where, "inputs_embeds", x, cfg_.hidden);
+    const Tensor xc = check_input(where, "inputs_embeds", x, cfg_.hidden, Backend::device);
     CUMO_CHECK(xc.size(0) == B * T, where, ": inputs_embeds has shape ", xc.shape(), " but B = ", B, ", T = ", T);
     B_ = B;
     T_ = T;
@@ -166,15 +175,21 @@ class DecoderLM {
     for (auto& l : layers) h = l.forward(h, B, T, key_valid);
     hn_ = norm.forward(h);  // (B*T, H)
     Output out;
-    out.logits = matrix(B * T, cfg_.vocab);
+    out.logits = matrix(B * T, cfg_.vocab, Backend::device);
     const Tensor& W = head_weight().value;
-    cpu::gemm(cpu::Op::N, cpu::Op::T, B * T, cfg_.vocab, cfg_.hidden, 1.f, hn_.data<float>(), cfg_.hidden,
-              W.data<float>(), cfg_.hidden, 0.f, out.logits.data<float>(), cfg_.vocab);  // (B*T, V)
+    Backend::linear(hn_, W, out.logits);  // (B*T, V)
     logits_ = out.logits;
     dlogits_ = Tensor();
     if (labels) {
       CUMO_CHECK(std::int64_t(labels->size()) == B * T, where, ": ", labels->size(), " labels for ", B * T, " tokens");
-      causal_lm_loss(*labels, out);
+      if constexpr (on_cpu<Backend>) {
+        causal_lm_loss(*labels, out);
+      } else {
+        dlogits_ = matrix(B * T, cfg_.vocab, Backend::device);
+        const auto r = Backend::causal_lm_loss(logits_, *labels, B, T, dlogits_);  // one host sync: the loss
+        out.ce = r.loss;
+        out.targets = r.targets;
+      }
     }
     aux_dlogits_.assign(layers.size(), Tensor());
     mixtral_aux(out);
@@ -192,9 +207,18 @@ class DecoderLM {
     CUMO_CHECK(dlogits_.defined(), "DecoderLM::backward: the last forward had no labels (nothing to differentiate)");
     const std::int64_t N = B_ * T_, H = cfg_.hidden, V = cfg_.vocab;
     Tensor dl = dlogits_.clone();
+    Parameter& W = head_weight();
+    if constexpr (!on_cpu<Backend>) {
+      if (dloss != 1.f) Backend::scale(dl, dloss);
+      Backend::linear_dweight(dl, hn_, W.grad);  // (V, H)
+      Tensor dh = matrix(N, H, Backend::device);
+      Backend::linear_dinput(dl, W.value, dh, /*accumulate=*/false);  // (N, H)
+      dh = norm.backward(dh);
+      for (std::size_t l = layers.size(); l-- > 0;) dh = layers[l].backward(dh);
+      return dh;
+    }
     if (dloss != 1.f)
       for (std::int64_t i = 0; i < dl.numel(); ++i) dl.data<float>()[i] *= dloss;
-    Parameter& W = head_weight();
     cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
               W.grad.data<float>(), H);  // (V, H)
     Tensor dh = matrix(N, H);
@@ -224,6 +248,7 @@ class DecoderLM {
 
   // ---- generation ---------------------------------------------------------------------------------------------
   std::vector<KVCache> make_cache(std::int64_t B, std::int64_t capacity) const {
+    static_assert(on_cpu<Backend>, "DecoderLM::make_cache: generation runs on the CPU backend");
     std::vector<KVCache> c;
     for (const auto& l : layers) c.push_back(l.self_attn.make_cache(B, capacity));
     return c;
@@ -232,18 +257,20 @@ class DecoderLM {
   // (a sparse FFN runs its training forward, which is correct but keeps saved state).
   Tensor forward_cached(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t t,
                         std::vector<KVCache>& cache) {
+    static_assert(on_cpu<Backend>, "DecoderLM::forward_cached: generation runs on the CPU backend");
     CUMO_CHECK(cache.size() == layers.size(), "DecoderLM::forward_cached: ", cache.size(), " caches for ",
                layers.size(), " layers");
     Tensor h = embed_tokens.apply(ids);
     for (std::size_t l = 0; l < layers.size(); ++l) {
       auto& L = layers[l];
-      h = add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, t, cache[l]));
-      h = add(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
+      h = add<Backend>(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, t, cache[l]));
+      h = add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
     }
     const Tensor hn = norm.apply(h);
     Tensor logits = matrix(B * t, cfg_.vocab);
+    const Tensor& W = head_weight().value;
     cpu::gemm(cpu::Op::N, cpu::Op::T, B * t, cfg_.vocab, cfg_.hidden, 1.f, hn.data<float>(), cfg_.hidden,
-              head_weight().value.data<float>(), cfg_.hidden, 0.f, logits.data<float>(), cfg_.vocab);
+              W.data<float>(), cfg_.hidden, 0.f, logits.data<float>(), cfg_.vocab);
     return logits;
   }
 
@@ -287,6 +314,7 @@ class DecoderLM {
   // HF load_balancing_loss_func over the concatenation of every sparse layer's router (no attention mask):
   // aux = E Σ_e c_e/(M) · P_e, c_e = all-k count over M = layers·N rows, P_e = mean prob; ∂aux/∂p_re = E c_e / M².
   void mixtral_aux(Output& out) {
+    if constexpr (!on_cpu<Backend>) return;  // dense on other backends (checked at construction)
     std::vector<const RouterOutput*> rs;
     for (const auto& l : layers)
       if (l.mlp.is_sparse()) rs.push_back(&l.mlp.sparse().router_output());

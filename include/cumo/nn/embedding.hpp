@@ -1,5 +1,5 @@
 #pragma once
-// nn::Embedding — rows of a (V, H) table by token id. The backward scatters dy rows back into the table's
+// nn::Embedding<Backend> — rows of a (V, H) table by token id. The backward scatters dy rows back into the table's
 // gradient; rows whose id is negative (masked positions) contribute nothing.
 #include <cstdint>
 #include <string>
@@ -9,11 +9,12 @@
 
 namespace cumo::nn {
 
+template <class Backend = backend::Cpu>
 class Embedding {
  public:
   Embedding() = default;
   Embedding(const std::string& name, std::int64_t vocab, std::int64_t hidden)
-      : weight(param(name + ".weight", {vocab, hidden})), vocab_(vocab), hidden_(hidden) {}
+      : weight(param(name + ".weight", {vocab, hidden}, Backend::device)), vocab_(vocab), hidden_(hidden) {}
 
   Parameter weight;  // (V, H)
 
@@ -21,9 +22,14 @@ class Embedding {
   std::int64_t hidden() const { return hidden_; }
   void collect(ParameterList& out) { out.push_back(&weight); }
 
+  // ids (N, on the host) → (N, H); every id must be in [0, V).
   Tensor apply(const std::vector<std::int64_t>& ids) const {
     const std::int64_t N = std::int64_t(ids.size()), H = hidden_;
-    Tensor y = matrix(N, H);
+    Tensor y = matrix(N, H, Backend::device);
+    if constexpr (!on_cpu<Backend>) {
+      Backend::embedding_forward(weight.value, ids, y);  // checks the ids on the host, naming a bad one
+      return y;
+    }
     const float* w = weight.value.data<float>();
     float* py = y.data<float>();
     for (std::int64_t r = 0; r < N; ++r) {
@@ -42,9 +48,13 @@ class Embedding {
   }
   // dy (N, H); positions listed in `skip` (e.g. replaced by image features) are left out.
   void backward(const Tensor& dy, const std::vector<bool>* skip = nullptr) {
-    const Tensor g = check_input("Embedding::backward", "dy", dy, hidden_);
+    const Tensor g = check_input("Embedding::backward", "dy", dy, hidden_, Backend::device);
     CUMO_CHECK(g.size(0) == std::int64_t(ids_.size()), "Embedding::backward: dy has shape ", g.shape(), " but ",
                ids_.size(), " ids were embedded");
+    if constexpr (!on_cpu<Backend>) {
+      Backend::embedding_backward(g, ids_, weight.grad, skip);
+      return;
+    }
     const std::int64_t H = hidden_;
     float* dw = weight.grad.data<float>();
     const float* pg = g.data<float>();

@@ -1,5 +1,5 @@
 #pragma once
-// nn::LayerNorm — y = (x − μ) / √(σ² + ε) · γ + β over the last dimension (biased variance, as PyTorch).
+// nn::LayerNorm<Backend> — y = (x − μ) / √(σ² + ε) · γ + β over the last dimension (biased variance, as PyTorch).
 // Statistics are accumulated in double so long rows do not lose the mean in fp32 cancellation.
 #include <cmath>
 #include <cstdint>
@@ -9,14 +9,15 @@
 
 namespace cumo::nn {
 
+template <class Backend = backend::Cpu>
 class LayerNorm {
  public:
   LayerNorm() = default;
   LayerNorm(const std::string& name, std::int64_t hidden, double eps = 1e-5)
-      : weight(param(name + ".weight", {hidden})), bias(param(name + ".bias", {hidden})), hidden_(hidden), eps_(eps) {
-    float* w = weight.value.data<float>();
-    for (std::int64_t i = 0; i < hidden; ++i) w[i] = 1.f;
-  }
+      : weight(param(name + ".weight", {hidden}, Backend::device, 1.f)),
+        bias(param(name + ".bias", {hidden}, Backend::device)),
+        hidden_(hidden),
+        eps_(eps) {}
 
   Parameter weight, bias;  // (H,), (H,)
 
@@ -25,10 +26,18 @@ class LayerNorm {
     out.push_back(&bias);
   }
 
-  // x (N, H) → y (N, H); saves x̂ and 1/σ.
+  // x (N, H) → y (N, H); saves x̂ and 1/σ (the CPU) or x, μ and 1/σ (other backends).
   Tensor forward(const Tensor& x) {
-    const Tensor xc = check_input("LayerNorm::forward", weight.name, x, hidden_);
+    const Tensor xc = check_input("LayerNorm::forward", weight.name, x, hidden_, Backend::device);
     const std::int64_t N = xc.size(0), H = hidden_;
+    if constexpr (!on_cpu<Backend>) {
+      xhat_ = xc;  // the input: the device kernels recompute x̂ from it
+      mean_ = Tensor::empty({N}, DType::f32, Backend::device);
+      rstd_ = Tensor::empty({N}, DType::f32, Backend::device);
+      Tensor y = matrix(N, H, Backend::device);
+      Backend::layernorm_forward(xc, weight.value, bias.value, eps_, y, mean_, rstd_);
+      return y;
+    }
     xhat_ = matrix(N, H);
     rstd_ = Tensor::empty({N});
     Tensor y = matrix(N, H);
@@ -55,9 +64,14 @@ class LayerNorm {
   // dy (N, H) → dx = (1/σ)(ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)), ĝ = dy γ
   Tensor backward(const Tensor& dy) {
     CUMO_CHECK(xhat_.defined(), "LayerNorm::backward (", weight.name, "): no saved forward");
-    const Tensor g = check_input("LayerNorm::backward", "dy", dy, hidden_);
+    const Tensor g = check_input("LayerNorm::backward", "dy", dy, hidden_, Backend::device);
     const std::int64_t N = g.size(0), H = hidden_;
     CUMO_CHECK(N == xhat_.size(0), "LayerNorm::backward: dy has shape ", g.shape(), " but x had ", xhat_.shape());
+    if constexpr (!on_cpu<Backend>) {
+      Tensor dx = matrix(N, H, Backend::device);
+      Backend::layernorm_backward(g, xhat_, weight.value, mean_, rstd_, dx, weight.grad, bias.grad);
+      return dx;
+    }
     Tensor dx = matrix(N, H);
     const float* pg = g.data<float>();
     const float* xh = xhat_.data<float>();
@@ -89,7 +103,8 @@ class LayerNorm {
  private:
   std::int64_t hidden_ = 0;
   double eps_ = 1e-5;
-  Tensor xhat_, rstd_;  // (N, H), (N,)
+  Tensor xhat_, rstd_;  // (N, H) x̂ (CPU) or x (other backends), (N,)
+  Tensor mean_;         // (N,) other backends only
 };
 
 }  // namespace cumo::nn

@@ -1,5 +1,5 @@
 #pragma once
-// nn::Linear — y = x W^T (+ b), PyTorch's layout (W is (out, in)). The forward saves x for the backward, which
+// nn::Linear<Backend> — y = x W^T (+ b), PyTorch's layout (W is (out, in)). The forward saves x for the backward, which
 // accumulates dW = dy^T x, db = Σ_rows dy and returns dx = dy W.
 #include <cstdint>
 #include <string>
@@ -8,13 +8,16 @@
 
 namespace cumo::nn {
 
+template <class Backend = backend::Cpu>
 class Linear {
  public:
+  using backend_type = Backend;
+
   Linear() = default;
   // `name` is the HF module path, e.g. "model.layers.0.self_attn.q_proj" (parameters are name.weight / name.bias).
   Linear(const std::string& name, std::int64_t in, std::int64_t out, bool bias)
-      : weight(param(name + ".weight", {out, in})), in_(in), out_(out), has_bias_(bias) {
-    if (bias) this->bias = param(name + ".bias", {out});
+      : weight(param(name + ".weight", {out, in}, Backend::device)), in_(in), out_(out), has_bias_(bias) {
+    if (bias) this->bias = param(name + ".bias", {out}, Backend::device);
   }
 
   Parameter weight;  // (out, in)
@@ -31,34 +34,41 @@ class Linear {
 
   // x (N, in) → y (N, out), without saving anything (inference, generation).
   Tensor apply(const Tensor& x) const {
-    const Tensor xc = check_input("Linear::forward", weight.name.c_str(), x, in_);
-    Tensor y = matrix(xc.size(0), out_);
-    cpu::linear(xc, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
+    const Tensor xc = check_input("Linear::forward", weight.name.c_str(), x, in_, Backend::device);
+    Tensor y = matrix(xc.size(0), out_, Backend::device);
+    if constexpr (on_cpu<Backend>)
+      cpu::linear(xc, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
+    else
+      Backend::dense_linear(xc, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
     return y;
   }
   Tensor forward(const Tensor& x) {
     Tensor y = apply(x);
-    x_ = x.contiguous();
+    x_ = on_cpu<Backend> ? x.contiguous() : x;
     return y;
   }
   // dy (N, out) → dx (N, in); weight/bias grads accumulate.
   Tensor backward(const Tensor& dy) {
     CUMO_CHECK(x_.defined(), "Linear::backward (", weight.name, "): no saved forward");
-    const Tensor g = check_input("Linear::backward", "dy", dy, out_);
+    const Tensor g = check_input("Linear::backward", "dy", dy, out_, Backend::device);
     CUMO_CHECK(g.size(0) == x_.size(0), "Linear::backward (", weight.name, "): dy has shape ", g.shape(),
                " but the forward saw x with shape ", x_.shape());
     const std::int64_t N = g.size(0);
-    cpu::gemm(cpu::Op::T, cpu::Op::N, out_, in_, N, 1.f, g.data<float>(), out_, x_.data<float>(), in_, 1.f,
-              weight.grad.data<float>(), in_);  // (out, in)
-    if (has_bias_) {
-      float* db = bias.grad.data<float>();
-      const float* pg = g.data<float>();
-      for (std::int64_t r = 0; r < N; ++r)
-        for (std::int64_t j = 0; j < out_; ++j) db[j] += pg[r * out_ + j];
+    Tensor dx = matrix(N, in_, Backend::device);
+    if constexpr (on_cpu<Backend>) {
+      cpu::gemm(cpu::Op::T, cpu::Op::N, out_, in_, N, 1.f, g.data<float>(), out_, x_.data<float>(), in_, 1.f,
+                weight.grad.data<float>(), in_);  // (out, in)
+      if (has_bias_) {
+        float* db = bias.grad.data<float>();
+        const float* pg = g.data<float>();
+        for (std::int64_t r = 0; r < N; ++r)
+          for (std::int64_t j = 0; j < out_; ++j) db[j] += pg[r * out_ + j];
+      }
+      cpu::gemm(cpu::Op::N, cpu::Op::N, N, in_, out_, 1.f, g.data<float>(), out_, weight.value.data<float>(), in_,
+                0.f, dx.data<float>(), in_);  // (N, in)
+    } else {
+      Backend::dense_linear_backward(g, x_, weight.value, weight.grad, has_bias_ ? &bias.grad : nullptr, dx);
     }
-    Tensor dx = matrix(N, in_);
-    cpu::gemm(cpu::Op::N, cpu::Op::N, N, in_, out_, 1.f, g.data<float>(), out_, weight.value.data<float>(), in_, 0.f,
-              dx.data<float>(), in_);  // (N, in)
     return dx;
   }
 

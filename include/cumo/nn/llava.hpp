@@ -39,17 +39,22 @@ struct LlavaConfig {
   }
 };
 
+template <class Backend = backend::Cpu>
 class Llava {
  public:
+  using Decoder = DecoderLM<Backend>;
+
   explicit Llava(LlavaConfig c)
       : vision_tower(c.vision, "model.vision_tower."),
         projector("model.multi_modal_projector", c.vision.feature_width(), c.text.hidden),
         language_model(c.text, "model.language_model.", "lm_head"),
-        cfg_(c) {}
+        cfg_(c) {
+    CUMO_CHECK(on_cpu<Backend> || !c.vision.s2, "Llava: S² multi-scale features run on the CPU backend only for now");
+  }
 
-  ClipVision vision_tower;
-  Connector projector;
-  DecoderLM language_model;
+  ClipVision<Backend> vision_tower;
+  Connector<Backend> projector;
+  Decoder language_model;
 
   const LlavaConfig& config() const { return cfg_; }
   ParameterList parameters() {
@@ -62,23 +67,30 @@ class Llava {
   // pixels (images, C, S, S) → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers: see
   // ClipVision::forward (false stops at the feature layer: generation).
   Tensor encode_images(const Tensor& pixels, bool all_layers = true) {
-    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers)
-                          : vision_tower.forward(pixels, all_layers).features;
+    if constexpr (on_cpu<Backend>)
+      if (cfg_.vision.s2) return s2_.forward(vision_tower, pixels, all_layers);
+    return vision_tower.forward(pixels, all_layers).features;
   }
   // d features → d pixels; accumulates the vision tower's gradients (both S² passes). aux as ClipVision::backward.
   Tensor encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
-    return cfg_.vision.s2 ? s2_.backward(vision_tower, dfeatures, aux) : vision_tower.backward(dfeatures, aux);
+    if constexpr (on_cpu<Backend>)
+      if (cfg_.vision.s2) return s2_.backward(vision_tower, dfeatures, aux);
+    return vision_tower.backward(dfeatures, aux);
   }
   // Per sparse CLIP layer of the last encode: its aux losses (with S²: ½(1× + 3×), see nn/s2.hpp) and expert load.
   std::vector<AuxLosses> vision_aux_losses() const {
-    return cfg_.vision.s2 ? s2_.aux_losses(vision_tower) : vision_tower.aux_losses();
+    if constexpr (on_cpu<Backend>)
+      if (cfg_.vision.s2) return s2_.aux_losses(vision_tower);
+    return vision_tower.aux_losses();
   }
   std::vector<ExpertLoad> vision_loads() const {
-    return cfg_.vision.s2 ? s2_.loads(vision_tower) : vision_tower.loads();
+    if constexpr (on_cpu<Backend>)
+      if (cfg_.vision.s2) return s2_.loads(vision_tower);
+    return vision_tower.loads();
   }
 
   // ids, labels (B*T); pixels (images, C, S, S) with images · patches == the number of image tokens.
-  DecoderLM::Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
+  typename Decoder::Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
                             const std::vector<std::int64_t>* labels = nullptr,
                             const std::vector<std::uint8_t>* key_valid = nullptr) {
     constexpr const char* where = "Llava::forward";
@@ -102,9 +114,15 @@ class Llava {
                  ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
                  cfg_.vision.patches(), " patches)");
       const std::int64_t H = cfg_.text.hidden;
-      std::int64_t k = 0;
-      for (std::size_t i = 0; i < ids.size(); ++i)
-        if (is_image_[i]) std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + std::int64_t(i) * H);
+      if constexpr (on_cpu<Backend>) {
+        std::int64_t k = 0;
+        for (std::size_t i = 0; i < ids.size(); ++i)
+          if (is_image_[i]) std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + std::int64_t(i) * H);
+      } else {
+        for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {  // feature rows k… → rows pos…
+          Backend::copy_blocks(proj, k * H, 0, emb, pos * H, 0, len * H, 1);
+        });
+      }
       has_images_ = true;
     } else {
       CUMO_CHECK(n_img == 0, where, ": the prompt has ", n_img, " image tokens but no pixel_values were given");
@@ -121,16 +139,40 @@ class Llava {
     const std::int64_t H = cfg_.text.hidden;
     std::int64_t n = 0;
     for (bool b : is_image_) n += b;
-    Tensor dproj = matrix(n, H);
-    std::int64_t k = 0;
-    for (std::size_t i = 0; i < is_image_.size(); ++i)
-      if (is_image_[i]) std::copy_n(demb.data<float>() + std::int64_t(i) * H, H, dproj.data<float>() + (k++) * H);
+    Tensor dproj = matrix(n, H, Backend::device);
+    if constexpr (on_cpu<Backend>) {
+      std::int64_t k = 0;
+      for (std::size_t i = 0; i < is_image_.size(); ++i)
+        if (is_image_[i]) std::copy_n(demb.data<float>() + std::int64_t(i) * H, H, dproj.data<float>() + (k++) * H);
+    } else {
+      for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {
+        Backend::copy_blocks(demb, pos * H, 0, dproj, k * H, 0, len * H, 1);
+      });
+    }
     const Tensor dfeat = projector.backward(dproj, projector_aux);
     last_dpixels_ = encode_images_backward(dfeat, vision_aux);
   }
   const Tensor& last_dpixels() const { return last_dpixels_; }
 
  private:
+  // f(position, feature index, length) for each maximal run of consecutive image positions: one copy per image
+  // (the processor writes each image's tokens together) instead of one per row.
+  template <class F>
+  void for_each_image_run(F&& f) const {
+    std::int64_t k = 0;
+    for (std::size_t i = 0; i < is_image_.size();) {
+      if (!is_image_[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < is_image_.size() && is_image_[j]) ++j;
+      f(std::int64_t(i), k, std::int64_t(j - i));
+      k += std::int64_t(j - i);
+      i = j;
+    }
+  }
+
   LlavaConfig cfg_;
   S2Vision s2_;  // used when cfg_.vision.s2 (holds the 3× pass's state)
   std::vector<bool> is_image_;

@@ -1,7 +1,7 @@
 #pragma once
 // Dense MLPs and the slot that holds either one or a SparseMoE of the same expert type.
-//   DenseMLP<Act>:      fc2(Act(fc1 x)), biases (CLIP: fc1/fc2, quick_gelu; LLaVA connector: linear_1/linear_2, GELU)
-//   DenseGatedMLP<Act>: down(Act(gate x) ⊙ up x), no biases (Mistral / Qwen2 SwiGLU)
+//   DenseMLP<Act, B>:      fc2(Act(fc1 x)), biases (CLIP: fc1/fc2, quick_gelu; LLaVA connector: linear_1/linear_2, GELU)
+//   DenseGatedMLP<Act, B>: down(Act(gate x) ⊙ up x), no biases (Mistral / Qwen2 SwiGLU)
 //   FeedForward<Dense, Sparse>: a std::variant of the two — how CuMo swaps every CLIP MLP and the connector for a
 //   top-k MoE (`upcycle()`), and how a Mixtral layer is built directly sparse.
 #include <cstdint>
@@ -14,11 +14,12 @@
 
 namespace cumo::nn {
 
-template <Activation Act>
+template <Activation Act, class Backend = backend::Cpu>
 class DenseMLP {
  public:
   using activation = Act;
   using expert_kind = cumo::MLP<Act>;
+  using backend_type = Backend;
 
   DenseMLP() = default;
   // names of the two linears inside `name`: CLIP "fc1"/"fc2", llava-hf's projector "linear_1"/"linear_2"
@@ -26,7 +27,7 @@ class DenseMLP {
            const std::string& n1 = "fc1", const std::string& n2 = "fc2")
       : fc1(name + "." + n1, hidden, ffn, true), fc2(name + "." + n2, ffn, out ? out : hidden, true) {}
 
-  Linear fc1, fc2;
+  Linear<Backend> fc1, fc2;
 
   std::int64_t hidden() const { return fc1.in_features(); }
   std::int64_t ffn() const { return fc1.out_features(); }
@@ -38,7 +39,11 @@ class DenseMLP {
 
   Tensor forward(const Tensor& x) {
     h_ = fc1.forward(x);  // (N, F)
-    Tensor a = matrix(h_.size(0), h_.size(1));
+    Tensor a = matrix(h_.size(0), h_.size(1), Backend::device);
+    if constexpr (!on_cpu<Backend>) {
+      Backend::template activation_forward<Act>(h_, h_.size(0), a);
+      return fc2.forward(a);  // (N, out)
+    }
     const float* ph = h_.data<float>();
     float* pa = a.data<float>();
     for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(ph[i]);
@@ -46,6 +51,10 @@ class DenseMLP {
   }
   Tensor backward(const Tensor& dy) {
     Tensor da = fc2.backward(dy);  // (N, F)
+    if constexpr (!on_cpu<Backend>) {
+      Backend::template activation_backward<Act>(h_, da, da.size(0), da);  // in place: dh may alias da
+      return fc1.backward(da);
+    }
     const float* ph = h_.data<float>();
     float* p = da.data<float>();
     for (std::int64_t i = 0; i < da.numel(); ++i) p[i] *= Act::df(ph[i]);
@@ -56,11 +65,12 @@ class DenseMLP {
   Tensor h_;  // (N, F) pre-activation
 };
 
-template <Activation Act>
+template <Activation Act, class Backend = backend::Cpu>
 class DenseGatedMLP {
  public:
   using activation = Act;
   using expert_kind = cumo::GatedMLP<Act>;
+  using backend_type = Backend;
 
   DenseGatedMLP() = default;
   DenseGatedMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn)
@@ -68,7 +78,7 @@ class DenseGatedMLP {
         up_proj(name + ".up_proj", hidden, ffn, false),
         down_proj(name + ".down_proj", ffn, hidden, false) {}
 
-  Linear gate_proj, up_proj, down_proj;
+  Linear<Backend> gate_proj, up_proj, down_proj;
 
   std::int64_t hidden() const { return gate_proj.in_features(); }
   std::int64_t ffn() const { return gate_proj.out_features(); }
@@ -82,7 +92,11 @@ class DenseGatedMLP {
   Tensor forward(const Tensor& x) {
     g_ = gate_proj.forward(x);  // (N, F)
     u_ = up_proj.forward(x);    // (N, F)
-    Tensor a = matrix(g_.size(0), g_.size(1));
+    Tensor a = matrix(g_.size(0), g_.size(1), Backend::device);
+    if constexpr (!on_cpu<Backend>) {
+      Backend::template gated_forward<Act>(g_, u_, a);
+      return down_proj.forward(a);  // (N, H)
+    }
     const float *pg = g_.data<float>(), *pu = u_.data<float>();
     float* pa = a.data<float>();
     for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(pg[i]) * pu[i];
@@ -90,7 +104,13 @@ class DenseGatedMLP {
   }
   Tensor backward(const Tensor& dy) {
     const Tensor da = down_proj.backward(dy);  // (N, F)
-    Tensor dg = matrix(da.size(0), da.size(1)), du = matrix(da.size(0), da.size(1));
+    Tensor dg = matrix(da.size(0), da.size(1), Backend::device), du = matrix(da.size(0), da.size(1), Backend::device);
+    if constexpr (!on_cpu<Backend>) {
+      Backend::template gated_backward<Act>(g_, u_, da, dg, du);
+      Tensor dx = gate_proj.backward(dg);
+      add_<Backend>(dx, up_proj.backward(du));
+      return dx;
+    }
     const float *pg = g_.data<float>(), *pu = u_.data<float>(), *pa = da.data<float>();
     float *pdg = dg.data<float>(), *pdu = du.data<float>();
     for (std::int64_t i = 0; i < da.numel(); ++i) {
@@ -113,6 +133,8 @@ class FeedForward {
   static_assert(std::is_same_v<typename Sparse::expert_type, Expert<typename Dense::expert_kind>>,
                 "FeedForward<Dense, Sparse>: the sparse block's experts must be of the dense MLP's kind "
                 "(DenseMLP<A> pairs with Expert<MLP<A>>, DenseGatedMLP<A> with Expert<GatedMLP<A>>)");
+  static_assert(std::is_same_v<typename Sparse::backend_type, typename Dense::backend_type>,
+                "FeedForward<Dense, Sparse>: the dense MLP and the sparse block must share a backend");
 
  public:
   using dense_type = Dense;

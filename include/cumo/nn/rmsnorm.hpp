@@ -1,5 +1,5 @@
 #pragma once
-// nn::RMSNorm — y = γ · x / √(mean(x²) + ε) (Mistral / Qwen2 / Mixtral; HF computes it in fp32, as here).
+// nn::RMSNorm<Backend> — y = γ · x / √(mean(x²) + ε) (Mistral / Qwen2 / Mixtral; HF computes it in fp32, as here).
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -8,14 +8,12 @@
 
 namespace cumo::nn {
 
+template <class Backend = backend::Cpu>
 class RMSNorm {
  public:
   RMSNorm() = default;
   RMSNorm(const std::string& name, std::int64_t hidden, double eps = 1e-6)
-      : weight(param(name + ".weight", {hidden})), hidden_(hidden), eps_(eps) {
-    float* w = weight.value.data<float>();
-    for (std::int64_t i = 0; i < hidden; ++i) w[i] = 1.f;
-  }
+      : weight(param(name + ".weight", {hidden}, Backend::device, 1.f)), hidden_(hidden), eps_(eps) {}
 
   Parameter weight;  // (H,)
 
@@ -27,16 +25,21 @@ class RMSNorm {
   }
   // x (N, H) → y (N, H); saves x and 1/rms.
   Tensor forward(const Tensor& x) {
-    x_ = check_input("RMSNorm::forward", weight.name, x, hidden_);
+    x_ = check_input("RMSNorm::forward", weight.name, x, hidden_, Backend::device);
     return run(x_, rrms_);
   }
 
   // dx = r (dy γ) − x r³ mean(dy γ x);  dγ += Σ_rows dy x r
   Tensor backward(const Tensor& dy) {
     CUMO_CHECK(x_.defined(), "RMSNorm::backward (", weight.name, "): no saved forward");
-    const Tensor g = check_input("RMSNorm::backward", "dy", dy, hidden_);
+    const Tensor g = check_input("RMSNorm::backward", "dy", dy, hidden_, Backend::device);
     const std::int64_t N = g.size(0), H = hidden_;
     CUMO_CHECK(N == x_.size(0), "RMSNorm::backward: dy has shape ", g.shape(), " but x had ", x_.shape());
+    if constexpr (!on_cpu<Backend>) {
+      Tensor dx = matrix(N, H, Backend::device);
+      Backend::rmsnorm_backward(g, x_, weight.value, rrms_, dx, weight.grad);
+      return dx;
+    }
     Tensor dx = matrix(N, H);
     const float* pg = g.data<float>();
     const float* px = x_.data<float>();
@@ -59,8 +62,14 @@ class RMSNorm {
 
  private:
   Tensor run(const Tensor& x, Tensor& rrms) const {
-    const Tensor xc = check_input("RMSNorm::forward", weight.name, x, hidden_);
+    const Tensor xc = check_input("RMSNorm::forward", weight.name, x, hidden_, Backend::device);
     const std::int64_t N = xc.size(0), H = hidden_;
+    if constexpr (!on_cpu<Backend>) {
+      rrms = Tensor::empty({N}, DType::f32, Backend::device);
+      Tensor y = matrix(N, H, Backend::device);
+      Backend::rmsnorm_forward(xc, weight.value, eps_, y, rrms);
+      return y;
+    }
     rrms = Tensor::empty({N});
     Tensor y = matrix(N, H);
     const float* px = xc.data<float>();

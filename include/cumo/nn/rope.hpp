@@ -4,6 +4,7 @@
 //   cos/sin = cat(θ_i p, θ_i p), θ_i = base^(−2i/D) for i < D/2.
 // The pairs are (i, i + D/2), not interleaved (GPT-J) pairs. HF computes θ_i and the angles in fp32, so we do too.
 // The backward is the inverse rotation (the transpose of an orthogonal map).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -22,6 +23,12 @@ class RotaryEmbedding {
   }
   std::int64_t head_dim() const { return head_dim_; }
   double theta() const { return theta_; }
+  // θ_i (D/2,) f32 on the CPU, for a device kernel to rotate with the same angles.
+  Tensor inv_freq_tensor() const {
+    Tensor t = Tensor::empty({std::int64_t(inv_freq_.size())});
+    std::copy(inv_freq_.begin(), inv_freq_.end(), t.data<float>());
+    return t;
+  }
 
   // x: rows of `heads` vectors of head_dim, row r at position pos[r]; rotated in place. inverse = the backward.
   void rotate(Tensor& x, std::int64_t heads, const std::vector<std::int64_t>& pos, bool inverse = false) const {

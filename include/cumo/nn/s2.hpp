@@ -273,7 +273,7 @@ class S2Vision {
 
   // pixels (B, C, S, S) → features (B·G², 2·Hv) = [1× | area-pooled n× tiles]. all_layers as ClipVision::forward
   // (true: every layer runs in both passes and every layer's aux losses count).
-  Tensor forward(ClipVision& tower, const Tensor& pixels, bool all_layers = true) {
+  Tensor forward(ClipVision<>& tower, const Tensor& pixels, bool all_layers = true) {
     constexpr const char* where = "S2Vision::forward";
     const VisionConfig& c = tower.config();
     check_dtype(where, "pixel_values", pixels, DType::f32);
@@ -296,7 +296,7 @@ class S2Vision {
 
   // dfeatures (B·G², 2·Hv) → d pixel_values (B, C, S, S); the tower's parameter gradients accumulate from both
   // passes. aux: d objective / d (each layer's combined loss ½(L_1× + L_n×)) — each pass gets half of it.
-  Tensor backward(ClipVision& tower, const Tensor& dfeatures, AuxLossWeights aux = {}) {
+  Tensor backward(ClipVision<>& tower, const Tensor& dfeatures, AuxLossWeights aux = {}) {
     constexpr const char* where = "S2Vision::backward";
     CUMO_CHECK(tiles_.has_value(), where, ": no forward to differentiate");
     const VisionConfig& c = tower.config();
@@ -319,10 +319,10 @@ class S2Vision {
   }
 
   // The copy that ran the n× pass of the last forward (null before one), e.g. to read its routing.
-  const ClipVision* tile_tower() const { return tiles_ ? &*tiles_ : nullptr; }
+  const ClipVision<>* tile_tower() const { return tiles_ ? &*tiles_ : nullptr; }
 
   // Per sparse layer of the last forward: ½(1× + n×) of the balance (top-1 and all-k) and z losses.
-  std::vector<AuxLosses> aux_losses(const ClipVision& tower) const {
+  std::vector<AuxLosses> aux_losses(const ClipVision<>& tower) const {
     std::vector<AuxLosses> a = tower.aux_losses();
     if (!tiles_) return a;
     const std::vector<AuxLosses> t = tiles_->aux_losses();
@@ -341,7 +341,7 @@ class S2Vision {
     return out;
   }
   // Per sparse layer of the last forward: tokens per expert over both passes.
-  std::vector<ExpertLoad> loads(const ClipVision& tower) const {
+  std::vector<ExpertLoad> loads(const ClipVision<>& tower) const {
     std::vector<ExpertLoad> a = tower.loads();
     if (!tiles_) return a;
     const std::vector<ExpertLoad> t = tiles_->loads();
@@ -356,7 +356,7 @@ class S2Vision {
  private:
   static float value(const Tensor& t) { return t.to(Device::cpu).data<float>()[0]; }
   // The copy must still alias the tower's parameters (a load or upcycle between forward and backward replaces them).
-  void check_shared(ClipVision& tower) {
+  void check_shared(ClipVision<>& tower) {
     const ParameterList a = tower.parameters(), b = tiles_->parameters();
     bool same = a.size() == b.size();
     for (std::size_t i = 0; same && i < a.size(); ++i)
@@ -367,7 +367,7 @@ class S2Vision {
   }
 
   std::int64_t n_ = 3, B_ = 0;
-  std::optional<ClipVision> tiles_;  // the n× pass: a parameter-sharing copy of the tower, with its saved state
+  std::optional<ClipVision<>> tiles_;  // the n× pass: a parameter-sharing copy of the tower, with its saved state
 };
 
 }  // namespace cumo::nn

@@ -50,8 +50,11 @@ struct VisionConfig {
   }
 };
 
-using VisionFFN = FeedForward<DenseMLP<QuickGELU>, SparseMoE<Router<TopKDynamic>, Expert<MLP<QuickGELU>>>>;
+template <class Backend = backend::Cpu>
+using VisionFFN = FeedForward<DenseMLP<QuickGELU, Backend>,
+                              SparseMoE<Router<TopKDynamic>, Expert<MLP<QuickGELU>>, Backend>>;
 
+template <class Backend = backend::Cpu>
 class ClipEncoderLayer {
  public:
   ClipEncoderLayer() = default;
@@ -59,11 +62,11 @@ class ClipEncoderLayer {
       : layer_norm1(name + ".layer_norm1", c.hidden, c.eps),
         layer_norm2(name + ".layer_norm2", c.hidden, c.eps),
         self_attn(name + ".self_attn", AttentionConfig{c.hidden, c.heads, c.heads, 0, true, true, false, 0.0, "out_proj"}),
-        mlp(name + ".mlp", DenseMLP<QuickGELU>(name + ".mlp", c.hidden, c.ffn)) {}
+        mlp(name + ".mlp", DenseMLP<QuickGELU, Backend>(name + ".mlp", c.hidden, c.ffn)) {}
 
-  LayerNorm layer_norm1, layer_norm2;
-  Attention self_attn;
-  VisionFFN mlp;
+  LayerNorm<Backend> layer_norm1, layer_norm2;
+  Attention<Backend> self_attn;
+  VisionFFN<Backend> mlp;
 
   void collect(ParameterList& out) {
     self_attn.collect(out);
@@ -73,22 +76,25 @@ class ClipEncoderLayer {
   }
   // x (B*T, H) → (B*T, H)
   Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T) {
-    Tensor h = add(x, self_attn.forward(layer_norm1.forward(x), B, T));
-    return add(h, mlp.forward(layer_norm2.forward(h), ForwardArgs{B, true}));
+    Tensor h = add<Backend>(x, self_attn.forward(layer_norm1.forward(x), B, T));
+    return add<Backend>(h, mlp.forward(layer_norm2.forward(h), ForwardArgs{B, true}));
   }
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
-    Tensor dh = add(dy, layer_norm2.backward(mlp.backward(dy, aux)));
-    return add(dh, layer_norm1.backward(self_attn.backward(dh)));
+    Tensor dh = add<Backend>(dy, layer_norm2.backward(mlp.backward(dy, aux)));
+    return add<Backend>(dh, layer_norm1.backward(self_attn.backward(dh)));
   }
 };
 
+template <class Backend = backend::Cpu>
 class ClipVision {
  public:
   // `prefix`: "" for a CLIPVisionModel state dict (transformers 5), "model.vision_tower." inside LLaVA.
   explicit ClipVision(VisionConfig c, const std::string& prefix = "")
-      : class_embedding(param(prefix + "embeddings.class_embedding", {c.hidden})),
-        patch_embedding(param(prefix + "embeddings.patch_embedding.weight", {c.hidden, c.channels, c.patch_size, c.patch_size})),
-        position_embedding(param(prefix + "embeddings.position_embedding.weight", {c.patches() + 1, c.hidden})),
+      : class_embedding(param(prefix + "embeddings.class_embedding", {c.hidden}, Backend::device)),
+        patch_embedding(param(prefix + "embeddings.patch_embedding.weight",
+                              {c.hidden, c.channels, c.patch_size, c.patch_size}, Backend::device)),
+        position_embedding(
+            param(prefix + "embeddings.position_embedding.weight", {c.patches() + 1, c.hidden}, Backend::device)),
         pre_layrnorm(prefix + "pre_layrnorm", c.hidden, c.eps),
         post_layernorm(prefix + "post_layernorm", c.hidden, c.eps),
         cfg_(c) {
@@ -100,8 +106,8 @@ class ClipVision {
   Parameter class_embedding;     // (H,)
   Parameter patch_embedding;     // (H, C, P, P)
   Parameter position_embedding;  // (N+1, H)
-  LayerNorm pre_layrnorm, post_layernorm;
-  std::vector<ClipEncoderLayer> layers;
+  LayerNorm<Backend> pre_layrnorm, post_layernorm;
+  std::vector<ClipEncoderLayer<Backend>> layers;
 
   const VisionConfig& config() const { return cfg_; }
   // The number of encoder layers whose output the features depend on (L − 1 for feature_layer −2).
@@ -124,10 +130,13 @@ class ClipVision {
 
   // pixels (B, C, S, S) → hidden states and features. `all_layers` = false stops at the feature layer (LLaVA never
   // reads the last layer's output); true runs every layer as HF does (aux losses of the last layer count in CuMo).
+  // The pixels are on the host for every backend (the data loader's batch): the patches are unfolded there and
+  // go to the device as one (B*N, C*P*P) matrix.
   Output forward(const Tensor& pixels, bool all_layers = true) {
     constexpr const char* where = "ClipVision::forward";
     const VisionConfig& c = cfg_;
     check_dtype(where, "pixel_values", pixels, DType::f32);
+    check_device(where, "pixel_values", pixels, Device::cpu);
     check_shape(where, "pixel_values", pixels, {-1, c.channels, c.image_size, c.image_size});
     const Tensor px = pixels.contiguous();
     const std::int64_t B = px.size(0), N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size, G = c.grid();
@@ -146,18 +155,23 @@ class ClipVision {
               for (std::int64_t j = 0; j < P; ++j)
                 pc[(b * N + gy * G + gx) * K + (ch * P + i) * P + j] =
                     pp[((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j];
-    Tensor patch = matrix(B * N, H);
-    cpu::gemm(cpu::Op::N, cpu::Op::T, B * N, H, K, 1.f, pc, K, patch_embedding.value.data<float>(), K, 0.f,
-              patch.data<float>(), H);  // (B*N, H)
-
-    Tensor emb = matrix(B * T, H);  // (B*T, H) [CLS; patches] + positions
-    const float* cls = class_embedding.value.data<float>();
-    const float* pos = position_embedding.value.data<float>();
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t h = 0; h < H; ++h)
-          emb.data<float>()[(b * T + t) * H + h] =
-              (t == 0 ? cls[h] : patch.data<float>()[(b * N + t - 1) * H + h]) + pos[t * H + h];
+    Tensor patch = matrix(B * N, H, Backend::device);
+    Tensor emb = matrix(B * T, H, Backend::device);  // (B*T, H) [CLS; patches] + positions
+    if constexpr (on_cpu<Backend>) {
+      cpu::gemm(cpu::Op::N, cpu::Op::T, B * N, H, K, 1.f, pc, K, patch_embedding.value.data<float>(), K, 0.f,
+                patch.data<float>(), H);  // (B*N, H)
+      const float* cls = class_embedding.value.data<float>();
+      const float* pos = position_embedding.value.data<float>();
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t t = 0; t < T; ++t)
+          for (std::int64_t h = 0; h < H; ++h)
+            emb.data<float>()[(b * T + t) * H + h] =
+                (t == 0 ? cls[h] : patch.data<float>()[(b * N + t - 1) * H + h]) + pos[t * H + h];
+    } else {
+      cols_ = cols_.to(Backend::device);
+      Backend::linear(cols_, patch_embedding.value.view({H, K}), patch);  // (B*N, H)
+      Backend::vit_embeddings(patch, class_embedding.value, position_embedding.value, B, emb);
+    }
 
     Output out;
     out.hidden_states.push_back(pre_layrnorm.forward(emb));
@@ -169,7 +183,8 @@ class ClipVision {
     return out;
   }
 
-  // dfeatures (B*N, H) (or (B, N, H)) → d pixel_values (B, C, S, S); parameter gradients accumulate.
+  // dfeatures (B*N, H) (or (B, N, H)) → d pixel_values (B, C, S, S); parameter gradients accumulate. On a device
+  // backend nothing upstream of the pixels needs their gradient: it is not computed (an undefined tensor).
   // aux: coefficients of each sparse layer's balance / z losses (CuMo: coef / L for every layer); layers above the
   // feature layer are only back-propagated when they are sparse and their aux losses carry weight.
   Tensor backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
@@ -188,16 +203,28 @@ class ClipVision {
         top = l + 1;
         break;
       }
-    Tensor dh = zeros(B * T, H);  // d hidden_state_top
+    Tensor dh = zeros(B * T, H, Backend::device);  // d hidden_state_top
     for (std::int64_t l = top; l >= 0; --l) {
-      if (l == fd)  // the features' gradient enters below the CLS rows
-        for (std::int64_t b = 0; b < B; ++b)
-          for (std::int64_t t = 1; t < T; ++t)
-            for (std::int64_t h = 0; h < H; ++h)
-              dh.data<float>()[(b * T + t) * H + h] += df.data<float>()[(b * N + t - 1) * H + h];
+      if (l == fd) {  // the features' gradient enters below the CLS rows
+        if constexpr (on_cpu<Backend>) {
+          for (std::int64_t b = 0; b < B; ++b)
+            for (std::int64_t t = 1; t < T; ++t)
+              for (std::int64_t h = 0; h < H; ++h)
+                dh.data<float>()[(b * T + t) * H + h] += df.data<float>()[(b * N + t - 1) * H + h];
+        } else {
+          Backend::add_blocks(df, 0, N * H, dh, H, T * H, N * H, B);  // B blocks of N rows, past each CLS row
+        }
+      }
       if (l > 0) dh = layers[std::size_t(l - 1)].backward(dh, aux);
     }
     const Tensor demb = pre_layrnorm.backward(dh);  // (B*T, H)
+    if constexpr (!on_cpu<Backend>) {
+      Tensor dpatch = matrix(B * N, H, Backend::device);
+      Backend::vit_embeddings_backward(demb, B, dpatch, class_embedding.grad, position_embedding.grad);
+      Tensor dw = patch_embedding.grad.view({H, K});
+      Backend::linear_dweight(dpatch, cols_, dw);  // (H, K)
+      return Tensor();
+    }
     float* dcls = class_embedding.grad.data<float>();
     float* dpos = position_embedding.grad.data<float>();
     Tensor dpatch = matrix(B * N, H);
@@ -245,7 +272,11 @@ class ClipVision {
 
  private:
   static Tensor drop_cls(const Tensor& h, std::int64_t B, std::int64_t T, std::int64_t H) {
-    Tensor f = matrix(B * (T - 1), H);
+    Tensor f = matrix(B * (T - 1), H, Backend::device);
+    if constexpr (!on_cpu<Backend>) {
+      Backend::copy_blocks(h, H, T * H, f, 0, (T - 1) * H, (T - 1) * H, B);
+      return f;
+    }
     for (std::int64_t b = 0; b < B; ++b)
       std::copy_n(h.data<float>() + (b * T + 1) * H, (T - 1) * H, f.data<float>() + b * (T - 1) * H);
     return f;

@@ -271,8 +271,8 @@ inline models::CuMoConfig student_model_config(const models::CuMoConfig& teacher
 }
 
 // Fresh student (seeded init), the teacher's vision weights copied in.
-inline models::CuMo make_student(models::CuMo& teacher, const StudentConfig& s, std::uint64_t seed) {
-  models::CuMo student(student_model_config(teacher.config(), s));
+inline models::CuMo<> make_student(models::CuMo<>& teacher, const StudentConfig& s, std::uint64_t seed) {
+  models::CuMo<> student(student_model_config(teacher.config(), s));
   Rng rng(seed);
   student.reset_parameters(rng);
   if (teacher.vision_is_sparse()) student.upcycle(rng, true, false);
@@ -287,14 +287,14 @@ inline models::CuMo make_student(models::CuMo& teacher, const StudentConfig& s, 
   return student;
 }
 
-inline bool student_is_sparse(models::CuMo& m) {
+inline bool student_is_sparse(models::CuMo<>& m) {
   for (auto& L : m.llava().language_model.layers)
     if (L.mlp.is_sparse()) return true;
   return false;
 }
 
 // Upcycles the student's MoE layers (a no-op for a dense student or one already sparse). Routers from `rng`.
-inline void upcycle_student(models::CuMo& m, const StudentConfig& s, Rng& rng) {
+inline void upcycle_student(models::CuMo<>& m, const StudentConfig& s, Rng& rng) {
   if (!s.sparse || student_is_sparse(m)) return;
   models::make_sparse_student(m.llava().language_model, s.experts, s.top_k, rng, student_moe_layers(s),
                               models::mod_moe_options(float(s.capacity_factor)));
@@ -333,7 +333,7 @@ struct MemoryReport {
 
 // Parameters a token passes through in the LLM (embedding table and head excluded): a sparse layer counts its
 // router and top_k of its E experts.
-inline std::int64_t active_language_params(models::CuMo& m) {
+inline std::int64_t active_language_params(models::CuMo<>& m) {
   std::int64_t n = 0;
   for (auto& L : m.llava().language_model.layers) {
     ParameterList ps;
@@ -406,7 +406,7 @@ inline void scatter_image_rows(Tensor& emb, const std::vector<std::int64_t>& ids
 
 class DistillStep {
  public:
-  DistillStep(models::CuMo& teacher, models::CuMo& student) : t_(&teacher), s_(&student), pass_(student.llava().language_model) {}
+  DistillStep(models::CuMo<>& teacher, models::CuMo<>& student) : t_(&teacher), s_(&student), pass_(student.llava().language_model) {}
 
   struct Forward {
     Tensor teacher_logits, student_logits;  // (B·T, V)
@@ -475,8 +475,8 @@ class DistillStep {
   }
 
  private:
-  models::CuMo* t_;
-  models::CuMo* s_;
+  models::CuMo<>* t_;
+  models::CuMo<>* s_;
   models::StudentPass pass_;
   std::vector<bool> is_image_;
   std::int64_t images_ = 0;
@@ -499,7 +499,7 @@ struct DistillEval {
 
 // eval records are the shapes world's ("eval_<index>_<type>"); scenes: the world's eval scenes, for the
 // hallucination check. Writes one JSON line per record to `predictions` when given.
-inline DistillEval evaluate_student(models::CuMo& m, const io::Tokenizer& tok, const io::LlavaDataset& data,
+inline DistillEval evaluate_student(models::CuMo<>& m, const io::Tokenizer& tok, const io::LlavaDataset& data,
                                     const std::vector<data::Scene>& scenes, const io::ChatTemplate& chat,
                                     int image_tokens, std::int64_t max_new, std::int64_t limit,
                                     std::ostream* predictions = nullptr) {
@@ -563,8 +563,8 @@ struct DistillRun {
   const DistillConfig* cfg = nullptr;
   const RunConfig* teacher_run = nullptr;  // the teacher checkpoint's run config (data directory, shapes world, dims)
   const io::Tokenizer* tok = nullptr;
-  models::CuMo* teacher = nullptr;
-  models::CuMo* student = nullptr;
+  models::CuMo<>* teacher = nullptr;
+  models::CuMo<>* student = nullptr;
   std::vector<data::PreferencePair> pairs;  // preference stages (built on first use)
 };
 
@@ -636,7 +636,7 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
   const auto t_start = clock::now();
   const DistillConfig& cfg = *run.cfg;
   const RunConfig& trun = *run.teacher_run;
-  models::CuMo& student = *run.student;
+  models::CuMo<>& student = *run.student;
   const std::string tag = "stage '" + st.name + "' (" + distill_kind_name(st.kind) + ")";
 
   if (st.upcycle) {
@@ -800,7 +800,7 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
 
 // Loads a student checkpoint written by run_distill_stage into a freshly built student of the same config
 // (upcycling the layers its metadata lists first).
-inline void load_student_checkpoint(models::CuMo& student, const StudentConfig& sc, const std::string& dir) {
+inline void load_student_checkpoint(models::CuMo<>& student, const StudentConfig& sc, const std::string& dir) {
   const nlohmann::json st = read_trainer_state(dir);
   const auto meta = st.find("metadata");
   CUMO_CHECK(meta != st.end() && meta->is_object() && meta->contains("student_sparse_layers"),

@@ -495,11 +495,11 @@ inline RunConfig run_config_of_checkpoint(const std::string& dir) {
 
 // Builds the model a checkpoint holds (dense or upcycled, as its metadata says) and loads its weights.
 // `config` receives the run config stored in the checkpoint.
-inline models::CuMo load_model_from_checkpoint(const std::string& dir, const io::Tokenizer& tok, RunConfig* config,
+inline models::CuMo<> load_model_from_checkpoint(const std::string& dir, const io::Tokenizer& tok, RunConfig* config,
                                                nlohmann::json* state_out = nullptr) {
   const nlohmann::json st = read_trainer_state(dir);
   RunConfig c = run_config_of_checkpoint(dir);
-  models::CuMo model(c.model_config(tok));
+  models::CuMo<> model(c.model_config(tok));
   Rng rng(c.seed);
   model.reset_parameters(rng);
   const bool vs = metadata_of(st, "vision_sparse", dir) == "1", cs = metadata_of(st, "connector_sparse", dir) == "1";

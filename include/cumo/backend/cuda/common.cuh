@@ -80,6 +80,9 @@ struct Options {
   bool plan_host_offsets = true;
   // fp32 GEMMs on TF32 tensor cores: much faster, ~1e-3 relative error (the fp32 tests need it off).
   bool allow_tf32 = false;
+  // The model layers' dense GEMMs (nn::Linear, patch embedding, LM head) on bf16 copies of their f32 operands:
+  // tensor cores with fp32 accumulation and output (model.cuh). Off: fp32 (or TF32 with allow_tf32).
+  bool dense_bf16 = false;
 };
 inline Options& options() {
   static Options o;

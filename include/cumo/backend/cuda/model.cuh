@@ -1,0 +1,268 @@
+#pragma once
+// The model layers' remaining device pieces — what nn::Linear, nn::ClipVision, nn::DecoderLM and nn::Llava need on
+// backend::Cuda beyond the kernels of layers.cuh, attention.cuh and embedding.cuh. Each is the twin of CPU code in
+// the layer (its `if constexpr (on_cpu<Backend>)` branch), which is the reference in tests/cuda/test_cuda_model.cu:
+//   dense_linear / dense_linear_backward   nn::Linear        y = x Wᵀ + b; dW += dyᵀ x, db += Σ_rows dy, dx = dy W
+//   vit_embeddings / _backward             nn::ClipVision    [CLS; patches] + positions, and its column sums
+//   copy_blocks / add_blocks               drop_cls, image rows into the prompt, and their backward
+//   scale                                   t *= alpha
+//   causal_lm_loss                          DecoderLM         shifted-label CE through gpu::cross_entropy
+//
+// Precision: activations and parameters are f32. With options().dense_bf16 the dense GEMMs (every nn::Linear, the
+// patch embedding and the LM head) read bf16 copies of their operands on tensor cores, accumulating and writing
+// f32 — mixed precision with fp32 master weights, as PyTorch autocast does for matmuls. Sums over rows (bias and
+// embedding gradients) run in a fixed order: deterministic, no atomics.
+#include <cstdint>
+#include <vector>
+
+#include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/elementwise.cuh"
+#include "cumo/backend/cuda/gemm.cuh"
+#include "cumo/backend/cuda/layers.cuh"
+
+namespace cumo::gpu {
+
+namespace kernels {
+
+// y (rows, n) += b (n,) on every row.
+template <int = 0>
+__global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ b, std::int64_t rows, std::int64_t n) {
+  const std::int64_t total = rows * n;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    y[i] += b[i % n];
+}
+
+// db[j] += dy[0][j] + dy[1][j] + … in row order, one thread per column (adjacent threads read adjacent columns).
+template <int = 0>
+__global__ void column_sums(const float* __restrict__ dy, std::int64_t rows, std::int64_t n, float* __restrict__ db) {
+  const std::int64_t j = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (j >= n) return;
+  float acc = db[j];
+  for (std::int64_t r = 0; r < rows; ++r) acc = __fadd_rn(acc, dy[r * n + j]);
+  db[j] = acc;
+}
+
+// emb[b][t][h] = (t == 0 ? cls[h] : patch[b][t − 1][h]) + pos[t][h]
+template <int = 0>
+__global__ void vit_embeddings(const float* __restrict__ patch, const float* __restrict__ cls,
+                               const float* __restrict__ pos, std::int64_t B, std::int64_t T, std::int64_t H,
+                               float* __restrict__ emb) {
+  const std::int64_t total = B * T * H;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t h = i % H, t = (i / H) % T, b = i / (T * H);
+    const float v = t == 0 ? cls[h] : patch[(b * (T - 1) + t - 1) * H + h];
+    emb[i] = __fadd_rn(v, pos[t * H + h]);
+  }
+}
+
+// One thread per (t, h): dpos[t][h] += demb[0][t][h] + demb[1][t][h] + … (batch order, as the CPU adds them),
+// the same into dcls[h] for t = 0, and dpatch[b][t − 1][h] = demb[b][t][h] for t > 0.
+template <int = 0>
+__global__ void vit_embeddings_backward(const float* __restrict__ demb, std::int64_t B, std::int64_t T,
+                                        std::int64_t H, float* __restrict__ dpatch, float* __restrict__ dcls,
+                                        float* __restrict__ dpos) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= T * H) return;
+  const std::int64_t t = i / H, h = i % H;
+  float p = dpos[i];
+  float c = t == 0 ? dcls[h] : 0.f;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const float g = demb[(b * T + t) * H + h];
+    p = __fadd_rn(p, g);
+    if (t == 0)
+      c = __fadd_rn(c, g);
+    else
+      dpatch[(b * (T - 1) + t - 1) * H + h] = g;
+  }
+  dpos[i] = p;
+  if (t == 0) dcls[h] = c;
+}
+
+// dst[dst0 + r·dpitch + c] += src[src0 + r·spitch + c], r < height, c < width
+template <int = 0>
+__global__ void add_blocks(const float* __restrict__ src, std::int64_t spitch, float* __restrict__ dst,
+                           std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+  const std::int64_t total = width * height;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t r = i / width, c = i % width;
+    dst[r * dpitch + c] = __fadd_rn(dst[r * dpitch + c], src[r * spitch + c]);
+  }
+}
+
+template <int = 0>
+__global__ void scale(float* __restrict__ x, std::int64_t n, float alpha) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    x[i] = __fmul_rn(x[i], alpha);
+}
+
+}  // namespace kernels
+
+namespace detail {
+// A bf16 copy of an f32 operand for the tensor-core path (options().dense_bf16).
+inline Tensor bf16_copy(const Tensor& t) {
+  Tensor c = Tensor::empty(t.shape(), DType::bf16, Device::cuda);
+  cast(t, c);
+  return c;
+}
+// One dense row-major GEMM of f32 operands, through bf16 copies when options().dense_bf16.
+inline void dense_gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t k, const Tensor& a,
+                       const Tensor& b, float beta, Tensor& c) {
+  const bool half = options().dense_bf16;
+  const Tensor a_ = half ? bf16_copy(a) : a;
+  const Tensor b_ = half ? bf16_copy(b) : b;
+  gemm({op_a, op_b, m, n, k, 1.f, a_.raw(), a.strides()[0], b_.raw(), b.strides()[0], beta, c.raw(), c.strides()[0]},
+       half ? DType::bf16 : DType::f32, DType::f32);
+}
+inline void expect_f32_matrix(const char* where, const char* name, const Tensor& t) {
+  expect_matrix(where, name, t);
+  check_dtype(where, name, t, DType::f32);
+}
+}  // namespace detail
+
+// ---- nn::Linear -----------------------------------------------------------------------------------------------------
+// x (N, in), w (out, in), b (out,) or null → y (N, out), all f32.
+inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
+  constexpr const char* where = "gpu::dense_linear";
+  detail::expect_f32_matrix(where, "x", x);
+  detail::expect_f32_matrix(where, "w", w);
+  detail::expect_f32_matrix(where, "y", y);
+  const std::int64_t N = x.size(0), in = x.size(1), out = w.size(0);
+  CUMO_CHECK(w.size(1) == in && y.size(0) == N && y.size(1) == out, where, ": x ", x.shape(), ", w ", w.shape(),
+             " and y ", y.shape(), " do not fit y = x wᵀ");
+  detail::dense_gemm(Op::N, Op::T, N, out, in, x, w, 0.f, y);
+  if (b && N * out > 0) {
+    expect_f32_vector(where, "b", *b, out);
+    kernels::add_bias_rows<><<<grid_for(N * out, 256), 256, 0, stream()>>>(ptr<float>(y), ptr<float>(*b), N, out);
+    CUMO_CUDA_LAUNCH_CHECK("add_bias_rows");
+  }
+}
+
+// dy (N, out), the forward's x (N, in), w (out, in) → dw (out, in) +=, db (out,) += (when given), dx (N, in) =.
+inline void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw, Tensor* db,
+                                  Tensor& dx) {
+  constexpr const char* where = "gpu::dense_linear_backward";
+  detail::expect_f32_matrix(where, "dy", dy);
+  detail::expect_f32_matrix(where, "x", x);
+  detail::expect_f32_matrix(where, "w", w);
+  detail::expect_f32_matrix(where, "dx", dx);
+  const std::int64_t N = dy.size(0), out = dy.size(1), in = x.size(1);
+  CUMO_CHECK(x.size(0) == N && w.size(0) == out && w.size(1) == in && dx.size(0) == N && dx.size(1) == in, where,
+             ": dy ", dy.shape(), ", x ", x.shape(), ", w ", w.shape(), " and dx ", dx.shape(), " do not fit");
+  check_same_shape(where, "dw", dw, "w", w);
+  detail::dense_gemm(Op::T, Op::N, out, in, N, dy, x, 1.f, dw);  // (out, in)
+  if (db && out > 0) {
+    expect_f32_vector(where, "db", *db, out);
+    kernels::column_sums<><<<unsigned((out + 255) / 256), 256, 0, stream()>>>(ptr<float>(dy), N, out,
+                                                                             ptr<float>(*db));
+    CUMO_CUDA_LAUNCH_CHECK("column_sums");
+  }
+  detail::dense_gemm(Op::N, Op::N, N, in, out, dy, w, 0.f, dx);  // (N, in)
+}
+
+// ---- nn::ClipVision embeddings ----------------------------------------------------------------------------------------
+// patch (B·(T−1), H), cls (H,), pos (T, H) → emb (B·T, H)
+inline void vit_embeddings(const Tensor& patch, const Tensor& cls, const Tensor& pos, std::int64_t B, Tensor& emb) {
+  constexpr const char* where = "gpu::vit_embeddings";
+  detail::expect_f32_matrix(where, "pos", pos);
+  const std::int64_t T = pos.size(0), H = pos.size(1);
+  detail::expect_f32_matrix(where, "patch", patch);
+  detail::expect_f32_matrix(where, "emb", emb);
+  expect_f32_vector(where, "cls", cls, H);
+  check_shape(where, "patch", patch, {B * (T - 1), H});
+  check_shape(where, "emb", emb, {B * T, H});
+  if (B * T * H == 0) return;
+  kernels::vit_embeddings<><<<grid_for(B * T * H, 256), 256, 0, stream()>>>(ptr<float>(patch), ptr<float>(cls),
+                                                                          ptr<float>(pos), B, T, H, ptr<float>(emb));
+  CUMO_CUDA_LAUNCH_CHECK("vit_embeddings");
+}
+// demb (B·T, H) → dpatch (B·(T−1), H) =, dcls (H,) +=, dpos (T, H) +=
+inline void vit_embeddings_backward(const Tensor& demb, std::int64_t B, Tensor& dpatch, Tensor& dcls, Tensor& dpos) {
+  constexpr const char* where = "gpu::vit_embeddings_backward";
+  detail::expect_f32_matrix(where, "dpos", dpos);
+  const std::int64_t T = dpos.size(0), H = dpos.size(1);
+  detail::expect_f32_matrix(where, "demb", demb);
+  detail::expect_f32_matrix(where, "dpatch", dpatch);
+  expect_f32_vector(where, "dcls", dcls, H);
+  check_shape(where, "demb", demb, {B * T, H});
+  check_shape(where, "dpatch", dpatch, {B * (T - 1), H});
+  if (T * H == 0) return;
+  kernels::vit_embeddings_backward<><<<unsigned((T * H + 255) / 256), 256, 0, stream()>>>(
+      ptr<float>(demb), B, T, H, ptr<float>(dpatch), ptr<float>(dcls), ptr<float>(dpos));
+  CUMO_CUDA_LAUNCH_CHECK("vit_embeddings_backward");
+}
+
+// ---- row blocks ---------------------------------------------------------------------------------------------------
+// `height` blocks of `width` f32 elements: block r starts at src0 + r·spitch in src and dst0 + r·dpitch in dst
+// (elements; a pitch is ignored when height is 1). copy_blocks overwrites, add_blocks adds.
+inline void check_blocks(const char* where, const Tensor& src, std::int64_t src0, std::int64_t spitch,
+                         const Tensor& dst, std::int64_t dst0, std::int64_t dpitch, std::int64_t width,
+                         std::int64_t height) {
+  expect_contiguous(where, "src", src);
+  expect_contiguous(where, "dst", dst);
+  check_dtype(where, "src", src, DType::f32);
+  check_dtype(where, "dst", dst, DType::f32);
+  CUMO_CHECK(width >= 0 && height >= 0 && src0 >= 0 && dst0 >= 0, where, ": negative extent or offset");
+  if (width == 0 || height == 0) return;
+  CUMO_CHECK(height == 1 || (spitch >= width && dpitch >= width), where, ": pitches ", spitch, " / ", dpitch,
+             " are narrower than the block width ", width);
+  const std::int64_t last = height - 1;
+  CUMO_CHECK(src0 + last * spitch + width <= src.numel(), where, ": the blocks run past src (shape ", src.shape(),
+             ")");
+  CUMO_CHECK(dst0 + last * dpitch + width <= dst.numel(), where, ": the blocks run past dst (shape ", dst.shape(),
+             ")");
+}
+inline void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                        std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+  constexpr const char* where = "gpu::copy_blocks";
+  check_blocks(where, src, src0, spitch, dst, dst0, dpitch, width, height);
+  if (width == 0 || height == 0) return;
+  const float* s = ptr<float>(src) + src0;
+  float* d = ptr<float>(dst) + dst0;
+  constexpr std::size_t f = sizeof(float);
+  if (height == 1)
+    CUMO_CUDA_CHECK(cudaMemcpyAsync(d, s, std::size_t(width) * f, cudaMemcpyDeviceToDevice, stream()));
+  else
+    CUMO_CUDA_CHECK(cudaMemcpy2DAsync(d, std::size_t(dpitch) * f, s, std::size_t(spitch) * f, std::size_t(width) * f,
+                                      std::size_t(height), cudaMemcpyDeviceToDevice, stream()));
+}
+inline void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                       std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+  constexpr const char* where = "gpu::add_blocks";
+  check_blocks(where, src, src0, spitch, dst, dst0, dpitch, width, height);
+  if (width == 0 || height == 0) return;
+  kernels::add_blocks<><<<grid_for(width * height, 256), 256, 0, stream()>>>(
+      ptr<float>(src) + src0, spitch, ptr<float>(dst) + dst0, dpitch, width, height);
+  CUMO_CUDA_LAUNCH_CHECK("add_blocks");
+}
+
+// t (f32, contiguous) *= alpha
+inline void scale(Tensor& t, float alpha) {
+  expect_contiguous("gpu::scale", "t", t);
+  check_dtype("gpu::scale", "t", t, DType::f32);
+  if (t.numel() == 0) return;
+  kernels::scale<><<<grid_for(t.numel(), 256), 256, 0, stream()>>>(ptr<float>(t), t.numel(), alpha);
+  CUMO_CUDA_LAUNCH_CHECK("scale");
+}
+
+// ---- the causal-LM loss ---------------------------------------------------------------------------------------------
+// logits (B·T, V) on the GPU, labels (B·T) unshifted on the host (−100 ignored): row (b, t) predicts label
+// (b, t + 1), the last row of each sequence nothing — DecoderLM's causal_lm_loss. dlogits (B·T, V) receives
+// d mean-CE / d logits. Returns the loss and the target count (a host sync: the caller reports the loss).
+inline CrossEntropyHostResult causal_lm_loss(const Tensor& logits, const std::vector<std::int64_t>& labels,
+                                             std::int64_t B, std::int64_t T, Tensor& dlogits) {
+  constexpr const char* where = "gpu::causal_lm_loss";
+  CUMO_CHECK(std::int64_t(labels.size()) == B * T, where, ": ", labels.size(), " labels for B = ", B, ", T = ", T);
+  Tensor shifted = Tensor::empty({B * T}, DType::i64);  // (B·T,) on the host
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < T; ++t)
+      shifted.data<std::int64_t>()[b * T + t] = t + 1 < T ? labels[std::size_t(b * T + t + 1)] : -100;
+  const Tensor dev = shifted.to(Device::cuda);
+  const CrossEntropyStats st = cross_entropy(logits, dev, &dlogits);
+  return read_result(st);
+}
+
+}  // namespace cumo::gpu
