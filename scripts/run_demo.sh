@@ -7,6 +7,8 @@
 #   CONFIG=configs/demo.json OUT=runs/demo BUILD=build OMP_NUM_THREADS=2 scripts/run_demo.sh
 #   FRESH=1 scripts/run_demo.sh              # retrain even if OUT already holds a finished run
 #   PLOT=0 scripts/run_demo.sh               # skip the plots (they need python3 + matplotlib, installed if missing)
+#   DEVICE=cuda BUILD=build-cuda scripts/run_demo.sh   # train on the GPU (a CUDA build; DEVICE=auto, the default,
+#                                                      # takes the GPU when the build has the CUDA backend and one)
 #
 # A finished run in OUT is evaluated again, not retrained; a stopped one (Ctrl-C saves OUT/stage<s>-partial) is
 # resumed where it stopped.
@@ -18,6 +20,7 @@ CONFIG=${CONFIG:-configs/demo.json}
 OUT=${OUT:-runs/demo}
 BUILD=${BUILD:-build}
 PLOT=${PLOT:-1}
+DEVICE=${DEVICE:-auto}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 TRAIN=$BUILD/tools/cumo_train
@@ -46,13 +49,13 @@ else
   done
   if [[ -n $partial ]]; then
     echo "== resuming $partial"
-    "$TRAIN" --resume "$partial"
+    "$TRAIN" --resume "$partial" --device "$DEVICE"
   elif [[ -n $last_done ]]; then
     echo "== continuing after $last_done"
-    "$TRAIN" --resume "$last_done"
+    "$TRAIN" --resume "$last_done" --device "$DEVICE"
   else
     echo "== training all three stages ($CONFIG -> $OUT, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
-    "$TRAIN" --config "$CONFIG" --out "$OUT"
+    "$TRAIN" --config "$CONFIG" --out "$OUT" --device "$DEVICE"
   fi
   echo "== training took $(( $(date +%s) - start )) s of wall time (per stage: $OUT/train_summary.json)"
 fi

@@ -6,8 +6,9 @@
 //
 // The model: a CLIP-B/16-like vision tower at 224 px (12 × 768, 196 patches) whose every MLP is a top-k-of-E MoE
 // (upcycled), the MLP-MoE connector, and a ~300M-parameter Mistral-style LLM (20 × 1024, GQA 16/8, vocabulary 32000);
-// each sequence is T = 196 + text-len tokens, the image tokens at 1 … 196 (as the script), labels on the rest. A step is zero_grad, forward (CE + CuMo's
-// bzloss), backward, global-norm clipping to 1.0 and the fused AdamW update — what the PyTorch script times.
+// each sequence is T = 196 + text-len tokens, the image tokens at 1 … 196 (as the script), labels on the rest.
+// A step is zero_grad, forward (CE + CuMo's bzloss), backward, global-norm clipping to 1.0 and the fused AdamW
+// update — what the PyTorch script times.
 // Precision: activations and master weights fp32; the dense GEMMs fp32, TF32 or bf16 copies of the operands
 // (gpu::options().dense_bf16; PyTorch's side runs under bf16 autocast). The MoE expert GEMMs follow allow_tf32.
 // Printed: the median step time over --steps (CUDA events), tokens/s, model TFLOP/s and MFU with the PyTorch
@@ -92,7 +93,8 @@ double model_flops(const models::CuMoConfig& c, std::int64_t B, std::int64_t T, 
   tp += double(t.hidden) * t.vocab;
   const double mat = 6 * (vp * v_tokens + pp * double(B) * n_img + tp * double(B) * T);
   const double vt = v_tokens / double(B);
-  const double attn = 12 * (double(v.layers) * B * vt * vt * v.hidden + double(t.layers) * B * double(T) * T * t.hidden);
+  const double attn =
+      12 * (double(v.layers) * B * vt * vt * v.hidden + double(t.layers) * B * double(T) * T * t.hidden);
   return mat + attn;
 }
 

@@ -24,6 +24,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include "cuda_test_main.cuh"
+
 #include "cumo/backend/cuda.cuh"
 #include "cumo/core/compare.hpp"
 #include "cumo/models/cumo.hpp"
@@ -211,7 +213,8 @@ TEST_CASE("cuda models::CuMo<Cuda> matches CuMo<Cpu>: logits, every loss term, e
       oc_opt.step();
       og_opt.step();
     }
-    for (std::size_t i = 0; i < pc.size(); ++i) expect_close("after steps " + pc[i]->name, pg[i]->value, pc[i]->value, kSteps);
+    for (std::size_t i = 0; i < pc.size(); ++i)
+      expect_close("after steps " + pc[i]->name, pg[i]->value, pc[i]->value, kSteps);
   }
 }
 
@@ -246,18 +249,4 @@ TEST_CASE("cuda models::CuMo<Cuda>: bad input gets the CPU's errors (host-side i
 }
 
 // =================================================================================================================
-int main(int argc, char** argv) {
-  const char* env_seed = std::getenv("CUMO_TEST_SEED");
-  g_seed = env_seed ? std::strtoull(env_seed, nullptr, 10) : std::random_device{}();
-  std::printf("cuda model tests: seed %llu (CUMO_TEST_SEED=%llu repeats this run)\n", (unsigned long long)g_seed,
-              (unsigned long long)g_seed);
-  std::string why;
-  if (!gpu::device_available(&why)) {
-    std::printf("SKIPPED: no CUDA device (cudaGetDeviceCount: %s)\n", why.c_str());
-    std::fflush(stdout);
-    return 77;
-  }
-  doctest::Context ctx;
-  ctx.applyCommandLine(argc, argv);
-  return ctx.run();
-}
+int main(int argc, char** argv) { return cumo::test::run_cuda_tests(argc, argv, "cuda model tests", g_seed); }

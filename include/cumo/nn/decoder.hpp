@@ -177,7 +177,10 @@ class DecoderLM {
     Output out;
     out.logits = matrix(B * T, cfg_.vocab, Backend::device);
     const Tensor& W = head_weight().value;
-    Backend::linear(hn_, W, out.logits);  // (B*T, V)
+    if constexpr (on_cpu<Backend>)
+      Backend::linear(hn_, W, out.logits);  // (B*T, V)
+    else
+      Backend::dense_linear(hn_, W, nullptr, out.logits);  // (B*T, V): the layers' GEMM precision
     logits_ = out.logits;
     dlogits_ = Tensor();
     if (labels) {
@@ -210,9 +213,8 @@ class DecoderLM {
     Parameter& W = head_weight();
     if constexpr (!on_cpu<Backend>) {
       if (dloss != 1.f) Backend::scale(dl, dloss);
-      Backend::linear_dweight(dl, hn_, W.grad);  // (V, H)
       Tensor dh = matrix(N, H, Backend::device);
-      Backend::linear_dinput(dl, W.value, dh, /*accumulate=*/false);  // (N, H)
+      Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
       dh = norm.backward(dh);
       for (std::size_t l = layers.size(); l-- > 0;) dh = layers[l].backward(dh);
       return dh;

@@ -169,7 +169,7 @@ class ClipVision {
                 (t == 0 ? cls[h] : patch.data<float>()[(b * N + t - 1) * H + h]) + pos[t * H + h];
     } else {
       cols_ = cols_.to(Backend::device);
-      Backend::linear(cols_, patch_embedding.value.view({H, K}), patch);  // (B*N, H)
+      Backend::dense_linear(cols_, patch_embedding.value.view({H, K}), nullptr, patch);  // (B*N, H)
       Backend::vit_embeddings(patch, class_embedding.value, position_embedding.value, B, emb);
     }
 
@@ -273,12 +273,12 @@ class ClipVision {
  private:
   static Tensor drop_cls(const Tensor& h, std::int64_t B, std::int64_t T, std::int64_t H) {
     Tensor f = matrix(B * (T - 1), H, Backend::device);
-    if constexpr (!on_cpu<Backend>) {
-      Backend::copy_blocks(h, H, T * H, f, 0, (T - 1) * H, (T - 1) * H, B);
-      return f;
+    if constexpr (on_cpu<Backend>) {
+      for (std::int64_t b = 0; b < B; ++b)
+        std::copy_n(h.data<float>() + (b * T + 1) * H, (T - 1) * H, f.data<float>() + b * (T - 1) * H);
+    } else {
+      Backend::copy_blocks(h, H, T * H, f, 0, (T - 1) * H, (T - 1) * H, B);  // B blocks of T−1 rows, past each CLS
     }
-    for (std::int64_t b = 0; b < B; ++b)
-      std::copy_n(h.data<float>() + (b * T + 1) * H, (T - 1) * H, f.data<float>() + b * (T - 1) * H);
     return f;
   }
 

@@ -1,64 +1,31 @@
 #pragma once
-// train::CudaAdamW — train::AdamW for parameters on the GPU: the same groups, options and per-parameter state
-// ({step, exp_avg, exp_avg_sq}, fp32, on the device), one fused gpu::adamw_step launch per step (optim.cuh: bitwise
-// AdamW::update's arithmetic), and global-norm clipping on the device. Nothing is read back to the host except by
+// train::CudaAdamW — train::AdamW for parameters on the GPU: the same groups, options, per-parameter state
+// ({step, exp_avg, exp_avg_sq}, fp32, on the device) and checkpoint format (detail::AdamWGroups), one fused
+// gpu::adamw_step launch per step (optim.cuh: bitwise AdamW::update's arithmetic), global-norm clipping on the
+// device. Nothing is read back to the host except by
 // clip_grad_norm(), which returns the norm as a device tensor: read it when you log.
 //
 //   train::CudaAdamW opt(groups, options);        // parameters already on the GPU (models::CuMo<backend::Cuda>)
 //   model.forward(...); model.backward();
 //   const Tensor norm = opt.clip_grad_norm(1.0);  // (2,) f32 on the device: {norm, coefficient}
 //   opt.step(schedule(step));  opt.zero_grad();
-#include <string_view>
-#include <unordered_map>
+#include <cmath>
+#include <utility>
 #include <vector>
 
+#include "cumo/backend/cuda.cuh"
+#include "cumo/backend/cuda/elementwise.cuh"
 #include "cumo/backend/cuda/optim.cuh"
 #include "cumo/train/optimizer.hpp"
 
 namespace cumo::train {
 
-class CudaAdamW {
+class CudaAdamW : public detail::AdamWGroups {
  public:
-  using State = AdamW::State;
-
   CudaAdamW(std::vector<ParamGroup> groups, AdamWOptions options = {})
-      : groups_(std::move(groups)), options_(options) {
-    constexpr const char* where = "CudaAdamW";
-    for (const ParamGroup& g : groups_)
-      for (const Parameter* p : g.params) {
-        CUMO_CHECK(p, where, ": group '", g.name, "' holds a null parameter");
-        check_dtype(where, p->name, p->value, DType::f32);
-        check_device(where, p->name, p->value, Device::cuda);
-        CUMO_CHECK(p->value.is_contiguous(), where, ": parameter '", p->name, "' is not contiguous");
-      }
-  }
+      : AdamWGroups(std::move(groups), options, "CudaAdamW", Device::cuda) {}
   explicit CudaAdamW(ParameterList params, AdamWOptions options = {})
-      : CudaAdamW(std::vector<ParamGroup>{ParamGroup{"all", std::move(params)}}, options) {}
-
-  const AdamWOptions& options() const { return options_; }
-  std::vector<ParamGroup>& groups() { return groups_; }
-  void set_frozen(std::string_view group_name, bool frozen) {
-    for (ParamGroup& g : groups_)
-      if (g.name == group_name) {
-        g.frozen = frozen;
-        return;
-      }
-    fail("CudaAdamW::set_frozen: no group named '", group_name, "'");
-  }
-
-  // As AdamW::trainable_parameters(): in a non-frozen group and trainable.
-  ParameterList trainable_parameters() const {
-    ParameterList out;
-    for (const ParamGroup& g : groups_)
-      if (!g.frozen)
-        for (Parameter* p : g.params)
-          if (p->trainable) out.push_back(p);
-    return out;
-  }
-  void zero_grad() {
-    for (const ParamGroup& g : groups_)
-      for (Parameter* p : g.params) p->grad.zero_();
-  }
+      : CudaAdamW(one_group(std::move(params)), options) {}
 
   // Scales the trainable gradients to a global norm ≤ max_norm on the device; returns {norm, coefficient} (2,) f32
   // on the device (no host sync). A non-finite norm leaves the gradients alone: read the norm back and stop.
@@ -78,8 +45,10 @@ class CudaAdamW {
       const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
       for (Parameter* p : g.params) {
         if (!p->trainable) continue;
+        CUMO_CHECK(p->grad.defined() && p->grad.shape() == p->value.shape(), "CudaAdamW::step: parameter '",
+                   p->name, "' has shape ", p->value.shape(), " but its gradient has shape ", p->grad.shape());
         State& s = state_[p];
-        if (!s.exp_avg.defined()) {
+        if (!s.exp_avg.defined()) {  // lazy, as PyTorch: state appears at a parameter's first step
           s.exp_avg = Tensor::zeros(p->value.shape(), DType::f32, Device::cuda);
           s.exp_avg_sq = Tensor::zeros(p->value.shape(), DType::f32, Device::cuda);
         }
@@ -99,19 +68,28 @@ class CudaAdamW {
     ++steps_;
   }
   void step() { step(options_.lr); }
-  std::int64_t steps() const { return steps_; }
+};
 
-  // The state of `p` (moments on the device), or nullptr when it has none.
-  const State* state(const Parameter& p) const {
-    auto it = state_.find(&p);
-    return it == state_.end() ? nullptr : &it->second;
+// run_stage's clipping on the GPU: one host read of {norm, coefficient} per step (the logged norm). A non-finite
+// norm leaves the gradients unscaled; training then stops naming the first parameter whose gradient is not finite,
+// as train::clip_grad_norm does on the CPU.
+inline float clip_gradients(CudaAdamW& opt, double max_norm, std::int64_t step) {
+  const Tensor r = opt.clip_grad_norm(max_norm).to(Device::cpu);
+  const float norm = r.data<float>()[0];
+  if (!std::isfinite(norm)) {
+    for (Parameter* p : opt.trainable_parameters())
+      if (!gpu::all_finite(p->grad))
+        fail("clip_grad_norm: the gradient of '", p->name, "' holds NaN or Inf at step ", step,
+             " (training stopped)");
+    fail("clip_grad_norm: the gradient norm is ", norm, " at step ", step, " (training stopped)");
   }
+  return norm;
+}
 
- private:
-  std::vector<ParamGroup> groups_;
-  AdamWOptions options_;
-  std::unordered_map<const Parameter*, State> state_;
-  std::int64_t steps_ = 0;
+// The optimizer run_stage uses for a model on backend::Cuda.
+template <>
+struct OptimizerFor<backend::Cuda> {
+  using type = CudaAdamW;
 };
 
 }  // namespace cumo::train

@@ -20,6 +20,7 @@
 // that names the file, the tensor and both shapes, and leaves the model and optimizer as they were.
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -165,7 +166,8 @@ inline void publish_dir(const fs::path& fresh, const fs::path& target, const cha
 inline std::vector<std::pair<std::string, Tensor>> weight_tensors(const ParameterList& model) {
   std::vector<std::pair<std::string, Tensor>> out;
   out.reserve(model.size());
-  for (const Parameter* p : model) out.emplace_back(p->name, p->value);
+  for (const Parameter* p : model)  // a device parameter is written from a host copy
+    out.emplace_back(p->name, p->value.device() == Device::cpu ? p->value : p->value.to(Device::cpu));
   return out;
 }
 
@@ -239,7 +241,7 @@ inline std::int64_t json_count(const nlohmann::json& j, const char* key, const s
   return std::int64_t(v);
 }
 
-inline nlohmann::json optimizer_json(const AdamW& opt) {
+inline nlohmann::json optimizer_json(const AdamWGroups& opt) {  // AdamW or CudaAdamW
   const AdamWOptions& o = opt.options();
   nlohmann::json groups = nlohmann::json::array();
   for (const ParamGroup& g : opt.groups()) {
@@ -301,9 +303,10 @@ inline void load_weights(const std::string& path, const ParameterList& model, bo
   detail::copy_weights(file, model);
 }
 
-// Writes <dir> atomically (see the top of this file). `optimizer` may be null (weights and state only).
-inline void save_checkpoint(const std::string& dir, const ParameterList& model, const AdamW* optimizer,
-                            const TrainerState& state) {
+// Writes <dir> atomically (see the top of this file). `optimizer` (AdamW, or CudaAdamW whose state is copied to the
+// host) may be null: weights and state only.
+inline void save_checkpoint(const std::string& dir, const ParameterList& model,
+                            const detail::AdamWGroups* optimizer, const TrainerState& state) {
   namespace fs = std::filesystem;
   constexpr const char* where = "save_checkpoint";
   CUMO_CHECK(!dir.empty(), where, ": empty directory name");
@@ -355,9 +358,10 @@ inline void save_checkpoint(const std::string& dir, const ParameterList& model, 
   detail::fsync_path(target.has_parent_path() ? target.parent_path() : fs::path("."), true);
 }
 
-// Restores weights (strict: same names and shapes), the optimizer's state (when `optimizer` is non-null) and
-// returns the trainer state. Validates everything first; on error nothing has changed.
-inline TrainerState load_checkpoint(const std::string& dir, const ParameterList& model, AdamW* optimizer) {
+// Restores weights (strict: same names and shapes), the optimizer's state (when `optimizer` is non-null; on the
+// device of its parameters) and returns the trainer state. Validates everything first; on error nothing has changed.
+inline TrainerState load_checkpoint(const std::string& dir, const ParameterList& model,
+                                    detail::AdamWGroups* optimizer) {
   namespace fs = std::filesystem;
   constexpr const char* where = "load_checkpoint";
   std::error_code ec;

@@ -58,46 +58,17 @@ struct ParamGroup {
   bool frozen = false;                 // no update, no state
 };
 
-class AdamW {
+namespace detail {
+// What AdamW (parameters on the CPU) and CudaAdamW (on the GPU, train/adamw_cuda.cuh) share: the groups, the options,
+// PyTorch's per-parameter state and its checkpoint format. The update itself is each optimizer's own.
+class AdamWGroups {
  public:
   // Per-parameter state, as PyTorch keeps it in optimizer.state[p]: {step, exp_avg, exp_avg_sq}.
   struct State {
     std::int64_t step = 0;
-    Tensor exp_avg;     // same shape as the parameter, f32
-    Tensor exp_avg_sq;  // same shape as the parameter, f32
+    Tensor exp_avg;     // same shape and device as the parameter, f32
+    Tensor exp_avg_sq;  // same shape and device as the parameter, f32
   };
-
-  AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {}) : groups_(std::move(groups)), options_(options) {
-    constexpr const char* where = "AdamW";
-    CUMO_CHECK(options_.lr >= 0, where, ": lr must be >= 0, got ", options_.lr);
-    CUMO_CHECK(options_.eps >= 0, where, ": eps must be >= 0, got ", options_.eps);
-    CUMO_CHECK(options_.beta1 >= 0 && options_.beta1 < 1, where, ": beta1 must be in [0, 1), got ", options_.beta1);
-    CUMO_CHECK(options_.beta2 >= 0 && options_.beta2 < 1, where, ": beta2 must be in [0, 1), got ", options_.beta2);
-    CUMO_CHECK(options_.weight_decay >= 0, where, ": weight_decay must be >= 0, got ", options_.weight_decay);
-    std::set<const Parameter*> seen;
-    std::set<std::string_view> names;
-    for (const ParamGroup& g : groups_) {
-      CUMO_CHECK(g.lr_scale >= 0, where, ": group '", g.name, "' has lr_scale ", g.lr_scale, " (must be >= 0)");
-      CUMO_CHECK(!g.weight_decay || *g.weight_decay >= 0, where, ": group '", g.name, "' has weight_decay ",
-                 *g.weight_decay, " (must be >= 0)");
-      for (const Parameter* p : g.params) {
-        CUMO_CHECK(p, where, ": group '", g.name, "' holds a null parameter");
-        // PyTorch raises the same: a parameter in two groups would be stepped twice.
-        CUMO_CHECK(seen.insert(p).second, where, ": parameter '", p->name, "' appears in more than one group");
-        // State is keyed by name in checkpoints, so names must be unique.
-        CUMO_CHECK(names.insert(p->name).second, where, ": two parameters are both named '", p->name, "'");
-        check_dtype(where, p->name, p->value, DType::f32);
-        check_device(where, p->name, p->value, Device::cpu);
-        CUMO_CHECK(p->value.is_contiguous(), where, ": parameter '", p->name, "' is not contiguous");
-      }
-    }
-  }
-  // One group holding every parameter.
-  explicit AdamW(ParameterList params, AdamWOptions options = {}) : AdamW(one_group(std::move(params)), options) {}
-  // AdamW({&w, &b}) — without this, a braced list of pointers would also match vector<ParamGroup>'s
-  // iterator-pair constructor and the call would be ambiguous.
-  AdamW(std::initializer_list<Parameter*> params, AdamWOptions options = {})
-      : AdamW(ParameterList(params), options) {}
 
   const AdamWOptions& options() const { return options_; }
   const std::vector<ParamGroup>& groups() const { return groups_; }
@@ -133,21 +104,6 @@ class AdamW {
       for (Parameter* p : g.params) p->grad.zero_();
   }
 
-  // One update at options().lr.
-  void step() { step(options_.lr); }
-  // One update at `lr` (a schedule's value for this step); each group uses lr × its lr_scale.
-  void step(double lr) {
-    CUMO_CHECK(std::isfinite(lr) && lr >= 0, "AdamW::step: lr must be finite and >= 0, got ", lr);
-    for (const ParamGroup& g : groups_) {
-      if (g.frozen) continue;
-      const double glr = lr * g.lr_scale;
-      const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
-      for (Parameter* p : g.params)
-        if (p->trainable) update(*p, glr, wd);
-    }
-    ++steps_;
-  }
-
   // step() calls so far (each parameter's own State::step can be lower if it joined later).
   std::int64_t steps() const { return steps_; }
 
@@ -168,8 +124,8 @@ class AdamW {
         if (!s) continue;
         Tensor st = Tensor::empty({1}, DType::i64);
         st.data<std::int64_t>()[0] = s->step;
-        out.emplace_back(p->name + ".exp_avg", s->exp_avg);
-        out.emplace_back(p->name + ".exp_avg_sq", s->exp_avg_sq);
+        out.emplace_back(p->name + ".exp_avg", on_host(s->exp_avg));
+        out.emplace_back(p->name + ".exp_avg_sq", on_host(s->exp_avg_sq));
         out.emplace_back(p->name + ".step", st);
       }
     return out;
@@ -182,8 +138,24 @@ class AdamW {
   template <class Get>
   void load_state_tensors(const std::vector<std::string>& names, Get&& get, std::int64_t steps,
                           std::string_view source) {
+    auto loaded = read_state(groups_, names, get, source);  // validates all of it first
+    CUMO_CHECK(steps >= 0, "AdamW::load_state: ", source, ": step count ", steps, " is negative");
+    for (auto& [p, st] : loaded)  // the moments live where their parameter lives
+      if (p->value.device() != Device::cpu) {
+        st.exp_avg = st.exp_avg.to(p->value.device());
+        st.exp_avg_sq = st.exp_avg_sq.to(p->value.device());
+      }
+    state_ = std::move(loaded);
+    steps_ = steps;
+  }
+
+  // The validation and parsing behind load_state_tensors (the tensors come back on the host).
+  template <class Get>
+  static std::unordered_map<const Parameter*, State> read_state(const std::vector<ParamGroup>& groups,
+                                                                const std::vector<std::string>& names, Get&& get,
+                                                                std::string_view source) {
     std::map<std::string, Parameter*, std::less<>> by_name;
-    for (const ParamGroup& g : groups_)
+    for (const ParamGroup& g : groups)
       for (Parameter* p : g.params) by_name.emplace(p->name, p);
     static constexpr std::string_view suffixes[] = {".exp_avg_sq", ".exp_avg", ".step"};
     std::map<std::string, int, std::less<>> parts;  // parameter name -> how many of the three tensors were seen
@@ -222,9 +194,7 @@ class AdamW {
       CUMO_CHECK(s.step >= 1, "AdamW::load_state: ", source, ": '", name, ".step' is ", s.step, " (must be >= 1)");
       loaded.emplace(p, std::move(s));
     }
-    CUMO_CHECK(steps >= 0, "AdamW::load_state: ", source, ": step count ", steps, " is negative");
-    state_ = std::move(loaded);
-    steps_ = steps;
+    return loaded;
   }
 
   void reset_state() {
@@ -232,14 +202,76 @@ class AdamW {
     steps_ = 0;
   }
 
- private:
+ protected:
+  // Checks the options and the groups; every parameter f32, contiguous, on `device`.
+  AdamWGroups(std::vector<ParamGroup> groups, AdamWOptions options, const char* where, Device device)
+      : groups_(std::move(groups)), options_(options) {
+    CUMO_CHECK(options_.lr >= 0, where, ": lr must be >= 0, got ", options_.lr);
+    CUMO_CHECK(options_.eps >= 0, where, ": eps must be >= 0, got ", options_.eps);
+    CUMO_CHECK(options_.beta1 >= 0 && options_.beta1 < 1, where, ": beta1 must be in [0, 1), got ", options_.beta1);
+    CUMO_CHECK(options_.beta2 >= 0 && options_.beta2 < 1, where, ": beta2 must be in [0, 1), got ", options_.beta2);
+    CUMO_CHECK(options_.weight_decay >= 0, where, ": weight_decay must be >= 0, got ", options_.weight_decay);
+    std::set<const Parameter*> seen;
+    std::set<std::string_view> names;
+    for (const ParamGroup& g : groups_) {
+      CUMO_CHECK(g.lr_scale >= 0, where, ": group '", g.name, "' has lr_scale ", g.lr_scale, " (must be >= 0)");
+      CUMO_CHECK(!g.weight_decay || *g.weight_decay >= 0, where, ": group '", g.name, "' has weight_decay ",
+                 *g.weight_decay, " (must be >= 0)");
+      for (const Parameter* p : g.params) {
+        CUMO_CHECK(p, where, ": group '", g.name, "' holds a null parameter");
+        // PyTorch raises the same: a parameter in two groups would be stepped twice.
+        CUMO_CHECK(seen.insert(p).second, where, ": parameter '", p->name, "' appears in more than one group");
+        // State is keyed by name in checkpoints, so names must be unique.
+        CUMO_CHECK(names.insert(p->name).second, where, ": two parameters are both named '", p->name, "'");
+        check_dtype(where, p->name, p->value, DType::f32);
+        check_device(where, p->name, p->value, device);
+        CUMO_CHECK(p->value.is_contiguous(), where, ": parameter '", p->name, "' is not contiguous");
+      }
+    }
+  }
+
   static std::vector<ParamGroup> one_group(ParameterList params) {
     ParamGroup g;
     g.name = "default";
     g.params = std::move(params);
     return {std::move(g)};
   }
+  static Tensor on_host(const Tensor& t) { return t.device() == Device::cpu ? t : t.to(Device::cpu); }
 
+  std::vector<ParamGroup> groups_;
+  AdamWOptions options_;
+  std::unordered_map<const Parameter*, State> state_;
+  std::int64_t steps_ = 0;
+};
+}  // namespace detail
+
+class AdamW : public detail::AdamWGroups {
+ public:
+  AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {})
+      : AdamWGroups(std::move(groups), options, "AdamW", Device::cpu) {}
+  // One group holding every parameter.
+  explicit AdamW(ParameterList params, AdamWOptions options = {}) : AdamW(one_group(std::move(params)), options) {}
+  // AdamW({&w, &b}) — without this, a braced list of pointers would also match vector<ParamGroup>'s
+  // iterator-pair constructor and the call would be ambiguous.
+  AdamW(std::initializer_list<Parameter*> params, AdamWOptions options = {})
+      : AdamW(ParameterList(params), options) {}
+
+  // One update at options().lr.
+  void step() { step(options_.lr); }
+  // One update at `lr` (a schedule's value for this step); each group uses lr × its lr_scale.
+  void step(double lr) {
+    CUMO_CHECK(std::isfinite(lr) && lr >= 0, "AdamW::step: lr must be finite and >= 0, got ", lr);
+    for (const ParamGroup& g : groups_) {
+      if (g.frozen) continue;
+      const double glr = lr * g.lr_scale;
+      const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
+      for (Parameter* p : g.params)
+        if (p->trainable) update(*p, glr, wd);
+    }
+    ++steps_;
+  }
+
+ private:
   void update(Parameter& p, double lr, double wd) {
     CUMO_CHECK(p.grad.defined() && p.grad.shape() == p.value.shape(), "AdamW::step: parameter '", p.name,
                "' has shape ", p.value.shape(), " but its gradient has shape ", p.grad.shape());
@@ -288,11 +320,13 @@ class AdamW {
       pv[i] = pi + neg_step_f * m[i] / denom;
     }, 1 << 14);
   }
+};
 
-  std::vector<ParamGroup> groups_;
-  AdamWOptions options_;
-  std::unordered_map<const Parameter*, State> state_;
-  std::int64_t steps_ = 0;
+// The optimizer for parameters on backend B (run_stage picks it from the model's backend): AdamW on the CPU;
+// train/adamw_cuda.cuh specialises it for backend::Cuda (train::CudaAdamW).
+template <class B>
+struct OptimizerFor {
+  using type = AdamW;
 };
 
 }  // namespace cumo::train

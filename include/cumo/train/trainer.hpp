@@ -679,6 +679,12 @@ struct StageResult {
   double tokens_per_s = 0;     // mean over this call
 };
 
+// Global-norm clipping of the optimizer's trainable gradients; returns the norm before clipping. A NaN/Inf gradient
+// stops training naming the parameter and the step. (The CudaAdamW overload is in adamw_cuda.cuh.)
+inline float clip_gradients(AdamW& opt, double max_norm, std::int64_t step) {
+  return clip_grad_norm(opt.trainable_parameters(), max_norm, step);
+}
+
 namespace detail {
 // The first non-finite term of a forward's loss, in words ("the balance loss of CLIP layer 2", ...).
 template <class Out>
@@ -686,11 +692,12 @@ std::string nonfinite_term(const Out& o) {
   auto bad = [](double x) { return !std::isfinite(x); };
   if (bad(o.ce)) {
     if (o.logits.defined()) {
-      const float* z = o.logits.template data<float>();
-      for (std::int64_t i = 0; i < o.logits.numel(); ++i)
+      const Tensor logits = o.logits.device() == Device::cpu ? o.logits : o.logits.to(Device::cpu);
+      const float* z = logits.template data<float>();
+      for (std::int64_t i = 0; i < logits.numel(); ++i)
         if (!std::isfinite(z[i]))
           return "the cross-entropy (the LM's logits hold " + std::to_string(z[i]) + " at token " +
-                 std::to_string(i / o.logits.size(-1)) + ")";
+                 std::to_string(i / logits.size(-1)) + ")";
     }
     return "the cross-entropy";
   }
@@ -707,6 +714,8 @@ std::string nonfinite_term(const Out& o) {
 // Runs (or continues) one stage of training on `model`. The model must already have the stage's structure (dense,
 // or upcycled for stage 3) and, for a fresh stage, its starting weights. Writes final_dir when the stage completes,
 // partial_dir when it stops early (max_steps / stop flag); both are complete checkpoints with optimizer state.
+// The model's backend picks the optimizer (OptimizerFor): a models::CuMo<backend::Cuda> trains entirely on the GPU,
+// its checkpoints the CPU run's format.
 template <class Model>
 StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageConfig& sc, const StageRunOptions& ro) {
   using clock = std::chrono::steady_clock;
@@ -725,7 +734,8 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   const ParameterList all = model.parameters();
   CUMO_CHECK(grouped == all.size(), tag, ": the vision/connector/language groups hold ", grouped,
              " parameters but the model has ", all.size());
-  AdamW opt(std::move(groups), AdamWOptions{sc.lr, sc.beta1, sc.beta2, sc.eps, sc.weight_decay});
+  using Optimizer = typename OptimizerFor<typename Model::backend_type>::type;
+  Optimizer opt(std::move(groups), AdamWOptions{sc.lr, sc.beta1, sc.beta2, sc.eps, sc.weight_decay});
   CUMO_CHECK(!opt.trainable_parameters().empty(), tag, ": every parameter group is frozen; nothing to train");
   const auto sched = CosineWithWarmup::with_warmup_ratio(sc.lr, sc.steps, sc.warmup_ratio);
   io::BatchIterator order(data, sc.batch, sc.data_seed);
@@ -807,7 +817,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       for (std::size_t e = 0; e < pt.size(); ++e) load_p[e] += pt[e];
     }
     // A NaN/Inf gradient stops training naming the parameter (and so the layer) and the step.
-    const float gn = clip_grad_norm(opt.trainable_parameters(), sc.max_grad_norm, st.step + 1);
+    const float gn = clip_gradients(opt, sc.max_grad_norm, st.step + 1);
     const double lr = sched.lr(st.step);
     opt.step(lr);
     ++st.step;

@@ -163,7 +163,7 @@ inline void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tenso
   detail::dense_gemm(Op::N, Op::N, N, in, out, dy, w, 0.f, dx);  // (N, in)
 }
 
-// ---- nn::ClipVision embeddings ----------------------------------------------------------------------------------------
+// ---- nn::ClipVision embeddings ------------------------------------------------------------------------------------
 // patch (B·(T−1), H), cls (H,), pos (T, H) → emb (B·T, H)
 inline void vit_embeddings(const Tensor& patch, const Tensor& cls, const Tensor& pos, std::int64_t B, Tensor& emb) {
   constexpr const char* where = "gpu::vit_embeddings";

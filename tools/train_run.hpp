@@ -1,0 +1,223 @@
+#pragma once
+// cumo_train's run, shared by its two translation units: cumo_train.cpp (g++: main, the CPU backend) and, in a
+// build with the CUDA backend, cumo_train_cuda.cu (nvcc: the same run on backend::Cuda). The CPU path stays in a
+// g++ translation unit because Eigen compiled through nvcc loses most of its vectorisation (measured: 6x slower).
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "cli.hpp"
+#include "cumo/train/trainer.hpp"
+
+namespace cumo_train_app {
+inline constexpr const char* kTool = "cumo_train";
+namespace fs = std::filesystem;
+using namespace cumo;  // NOLINT: this header is the tool's own
+
+inline std::atomic<bool> g_stop{false};
+inline void on_signal(int) { g_stop.store(true); }
+
+inline void usage(std::ostream& os) {
+  os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]\n"
+        "                  [--variant dense|moe|moe_nobz|moe_scratch] [--seed S] [--max-steps N]\n"
+        "                  [--log-every N] [--quiet] [--device auto|cpu|cuda] [--precision fp32|tf32|bf16]\n"
+        "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
+        "  --stage      which stage(s) to run (default all)\n"
+        "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage)\n"
+        "  --from       the checkpoint a single stage > 1 starts from (default <out>/stage<s-1>)\n"
+        "  --out        output directory (overrides the config's \"out\")\n"
+        "  --variant    stage-3 ablation variant (overrides the config's \"variant\")\n"
+        "  --seed       model / data-order seed (overrides the config's \"seed\")\n"
+        "  --max-steps  stop each stage after N steps, saving <out>/stage<s>-partial (resume with --resume)\n"
+        "  --log-every  a plain log line on stderr every N steps (default: the bar on a terminal, else none)\n"
+        "  --quiet      no progress output\n"
+        "  --device     where the model trains: cuda needs a build with the CUDA backend and a GPU; auto (default)\n"
+        "               takes the GPU when there is one\n"
+        "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n";
+}
+
+struct Args {
+  std::string config, resume, from, out, variant, stage = "all", device = "auto", precision = "fp32";
+  long long seed = -1, max_steps = -1, log_every = 0;
+  bool quiet = false;
+};
+
+inline void write_summary(const std::string& out_dir, int stage, const train::StageResult& r, const train::StageConfig& sc) {
+  const fs::path path = fs::path(out_dir) / "train_summary.json";
+  nlohmann::json j = nlohmann::json::object();
+  if (fs::exists(path)) {
+    try {
+      std::ifstream f(path);
+      j = nlohmann::json::parse(f);
+    } catch (const std::exception&) {
+      j = nlohmann::json::object();
+    }
+  }
+  auto& s = j["stage" + std::to_string(stage)];
+  // A resumed stage adds its seconds to the earlier part's.
+  const double before = (s.is_object() && s.contains("seconds") && s.value("step", 0ll) < r.step &&
+                         s.value("finished", false) == false)
+                            ? s.value("seconds", 0.0)
+                            : 0.0;
+  s = {{"step", r.step},           {"steps", sc.steps},     {"finished", r.finished},
+       {"seconds", before + r.seconds}, {"tokens_per_s", r.tokens_per_s}, {"last_loss", r.last_loss},
+       {"last_ce", r.last_ce},     {"checkpoint", r.checkpoint}};
+  double total = 0;
+  for (const char* k : {"stage1", "stage2", "stage3"})
+    if (j.contains(k)) total += j[k].value("seconds", 0.0);
+  j["total_seconds"] = total;
+  std::ofstream f(path, std::ios::trunc);
+  f << j.dump(2) << "\n";
+}
+
+template <class Backend>
+int run(const Args& a) {
+  // ---- the configuration ---------------------------------------------------------------------------------------
+  nlohmann::json resume_state;
+  train::RunConfig cfg;
+  if (!a.resume.empty()) {
+    resume_state = train::read_trainer_state(a.resume);
+    nlohmann::json raw;
+    try {
+      raw = nlohmann::json::parse(train::metadata_of(resume_state, "run_config", a.resume));
+    } catch (const nlohmann::json::exception& e) {
+      fail("checkpoint '", a.resume, "': metadata run_config is not valid JSON: ", e.what());
+    }
+    if (!a.config.empty())
+      std::cerr << "cumo_train: note: --resume uses the configuration stored in the checkpoint; --config is ignored\n";
+    CUMO_CHECK(a.variant.empty() && a.seed < 0, "cumo_train: --variant / --seed cannot change a resumed run");
+    if (!a.out.empty()) raw["out"] = a.out;
+    cfg = train::RunConfig::from_json(raw, "checkpoint '" + a.resume + "' run_config");
+  } else {
+    CUMO_CHECK(!a.config.empty(), "cumo_train: --config CONFIG.json is required (or --resume DIR)");
+    cfg = train::load_run_config(a.config);
+    nlohmann::json raw = cfg.raw;
+    if (!a.out.empty()) raw["out"] = a.out;
+    if (!a.variant.empty()) raw["variant"] = a.variant;
+    if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
+    cfg = train::RunConfig::from_json(raw, "'" + a.config + "'");
+  }
+  fs::create_directories(cfg.out);
+  {
+    std::ofstream f(fs::path(cfg.out) / "config.json", std::ios::trunc);
+    f << cfg.raw.dump(2) << "\n";
+  }
+
+  // ---- which stages ---------------------------------------------------------------------------------------------
+  int first = 1, last = 3;
+  bool resume_partial = false;
+  if (a.stage != "all") {
+    CUMO_CHECK(a.stage == "1" || a.stage == "2" || a.stage == "3", "cumo_train: --stage must be 1, 2, 3 or all, got '",
+               a.stage, "'");
+    first = last = a.stage[0] - '0';
+  }
+  if (!a.resume.empty()) {
+    const int s = std::stoi(train::metadata_of(resume_state, "stage", a.resume));
+    const bool finished = train::metadata_of(resume_state, "stage_finished", a.resume) == "1";
+    const int start = finished ? s + 1 : s;
+    if (a.stage == "all") {
+      first = start;
+    } else {
+      CUMO_CHECK(first == start, "cumo_train: --resume '", a.resume, "' is ", finished ? "the end" : "a stop",
+                 " of stage ", s, ", so it continues with stage ", start, ", not --stage ", a.stage);
+    }
+    if (first > 3) {
+      std::cout << "cumo_train: '" << a.resume << "' is the end of stage 3; nothing left to train\n";
+      return 0;
+    }
+    resume_partial = !finished;
+  }
+
+  // ---- data and model ------------------------------------------------------------------------------------------
+  train::ensure_data(cfg, a.quiet ? nullptr : &std::cerr);
+  const auto tok = io::load_tokenizer(cfg.tokenizer);
+  models::CuMo<Backend> model(cfg.model_config(*tok));
+  if (!a.quiet) std::cerr << "cumo_train: training on " << Backend::name << "\n";
+  Rng init_rng(cfg.seed);
+  model.reset_parameters(init_rng);
+  const Rng::State init_state = init_rng.state();
+
+  // Where the first stage's weights come from.
+  std::string start_from;  // a finished checkpoint of stage first-1 (weights only)
+  if (!a.resume.empty()) {
+    if (!resume_partial) start_from = a.resume;
+  } else if (first > 1) {
+    start_from = a.from.empty() ? (fs::path(cfg.out) / ("stage" + std::to_string(first - 1))).string() : a.from;
+  } else {
+    CUMO_CHECK(a.from.empty(), "cumo_train: --from is for a stage > 1 (stage 1 starts from fresh weights)");
+  }
+  auto structure_of = [&](const std::string& dir) {
+    const auto st = train::read_trainer_state(dir);
+    const bool vs = train::metadata_of(st, "vision_sparse", dir) == "1";
+    const bool cs = train::metadata_of(st, "connector_sparse", dir) == "1";
+    if (vs || cs) {
+      Rng dummy(0);  // shapes only; the checkpoint overwrites every value
+      model.upcycle(dummy, vs, cs);
+    }
+  };
+  if (!start_from.empty()) {
+    structure_of(start_from);
+    (void)train::load_checkpoint(start_from, model.parameters(), nullptr);
+    if (!a.quiet) std::cerr << "stage " << first << " starts from " << start_from << "\n";
+  }
+  if (resume_partial) structure_of(a.resume);
+
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+
+  for (int s = first; s <= last; ++s) {
+    const train::StageConfig& sc = cfg.stage(s);
+    const bool resuming = resume_partial && s == first;
+    if (s == 3 && !resuming && cfg.variant != train::Variant::dense) {
+      // Co-upcycling: every CLIP MLP and the connector become top-k-of-E MoE blocks (routers from their own seed).
+      Rng up_rng(cfg.seed * 0x9E3779B97F4A7C15ull + 3);
+      model.upcycle(up_rng, true, true, cfg.variant == train::Variant::moe_scratch);
+    }
+    const auto data = io::LlavaDataset::load(cfg.data_path(sc.data), *tok, cfg.data_options(sc.chat_template, sc.max_length));
+
+    train::StageRunOptions ro;
+    ro.final_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s))).string();
+    ro.partial_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s) + "-partial")).string();
+    ro.csv_path = (fs::path(cfg.out) / "metrics.csv").string();
+    ro.resume_dir = resuming ? a.resume : "";
+    ro.max_steps = a.max_steps;
+    ro.log_every = a.log_every;
+    ro.quiet = a.quiet;
+    ro.stop = &g_stop;
+    ro.metadata["run_config"] = cfg.raw.dump();
+    ro.metadata["model_config"] = model.config().to_json().dump();
+    ro.metadata["variant"] = train::variant_name(cfg.variant);
+    ro.rngs["init"] = init_state;
+    if (!a.quiet)
+      std::cerr << "stage " << s << ": " << data.size() << " samples from " << cfg.data_path(sc.data) << ", "
+                << sc.steps << " steps of " << sc.accumulation << " x " << sc.batch << ", lr " << sc.lr
+                << (s == 3 ? std::string(", variant ") + train::variant_name(cfg.variant) : std::string())
+                << (resuming ? ", resuming " + a.resume : std::string()) << "\n";
+
+    const train::StageResult r = train::run_stage(model, data, sc, ro);
+    write_summary(cfg.out, s, r, sc);
+    std::printf("stage %d: %s at step %lld/%lld in %.1f s (%.0f tok/s), loss %.4f, ce %.4f -> %s\n", s,
+                r.finished ? "finished" : "stopped", (long long)r.step, (long long)sc.steps, r.seconds,
+                r.tokens_per_s, r.last_loss, r.last_ce, r.checkpoint.c_str());
+    std::fflush(stdout);
+    if (!r.finished) return g_stop.load() ? 130 : 0;
+    std::error_code ec;
+    if (fs::exists(ro.partial_dir, ec)) fs::remove_all(ro.partial_dir, ec);  // superseded by the final checkpoint
+  }
+  return 0;
+}
+
+#if defined(CUMO_TRAIN_CUDA)
+// cumo_train_cuda.cu: runs on the GPU when there is one (or throws when --device cuda and there is none);
+// nullopt when --device auto finds no GPU.
+std::optional<int> run_on_gpu(const Args& a);
+#endif
+
+}  // namespace cumo_train_app
