@@ -10,6 +10,8 @@
 //     token are within 1e-5 of each other in these sizes, so both sides pick the same experts.
 //   kSteps = 1e-4 after three AdamW steps: the 1e-6-level gradient differences pass through Adam's m/√v, which
 //     amplifies relative differences of small gradients.
+//   A gradient that is zero in exact arithmetic (CLIP's key bias) is noise on both sides: absolute 1e-5 instead,
+//     and Adam's ±lr step on it is left out of the after-steps comparison (it cannot change the loss).
 //   kBf16 = 3e-2 for options().dense_bf16 (bf16 GEMM operands against fp32): bf16 keeps 8 bits, 2⁻⁹ ≈ 2e-3 per
 //     operand, accumulated over a few layers.
 //
@@ -18,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -70,9 +73,38 @@ void copy_parameters(const ParameterList& from, const ParameterList& to) {
     to[i]->value.copy_from(from[i]->value);
   }
 }
-void expect_grads_close(const ParameterList& cpu, const ParameterList& gpu, double tol) {
+// ‖a − b‖₂ (f32 tensors on any device)
+double abs_error(const Tensor& a, const Tensor& b) {
+  const Tensor x = on_cpu(a).contiguous(), y = on_cpu(b).contiguous();
+  double s = 0;
+  for (std::int64_t j = 0; j < y.numel(); ++j) {
+    const double d = double(x.data<float>()[j]) - double(y.data<float>()[j]);
+    s += d * d;
+  }
+  return std::sqrt(s);
+}
+
+// A gradient that is zero in exact arithmetic — the key bias of attention without RoPE (a bias on every key adds the
+// same q·b to all of a query's scores, which the softmax ignores) — is rounding noise on both sides, so a relative
+// error means nothing there: such a gradient (CPU norm below kNoiseNorm) is checked in absolute terms
+// (tools/parity/models.hpp does the same against PyTorch). Returns the names of those parameters.
+constexpr double kNoiseNorm = 1e-6, kNoiseAbsTol = 1e-5;
+std::set<std::string> expect_grads_close(const ParameterList& cpu, const ParameterList& gpu, double tol) {
   REQUIRE(cpu.size() == gpu.size());
-  for (std::size_t i = 0; i < cpu.size(); ++i) expect_close("grad " + cpu[i]->name, gpu[i]->grad, cpu[i]->grad, tol);
+  std::set<std::string> noise;
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    const Tensor zero = Tensor::zeros(cpu[i]->grad.shape());
+    if (rel_error(cpu[i]->grad, zero) < kNoiseNorm) {
+      noise.insert(cpu[i]->name);
+      const double abs_err = abs_error(gpu[i]->grad, cpu[i]->grad);
+      CAPTURE(cpu[i]->name);
+      CAPTURE(abs_err);
+      CHECK(abs_err <= kNoiseAbsTol);
+    } else {
+      expect_close("grad " + cpu[i]->name, gpu[i]->grad, cpu[i]->grad, tol);
+    }
+  }
+  return noise;
 }
 
 Tensor random_tensor(Shape s, Rng& rng, float scale = 1.f) {
@@ -190,7 +222,7 @@ TEST_CASE("cuda models::CuMo<Cuda> matches CuMo<Cpu>: logits, every loss term, e
   for (std::size_t l = 0; l < oc.vision_load.size(); ++l) CHECK(og.vision_load[l].tokens == oc.vision_load[l].tokens);
   c.backward();
   g.backward();
-  expect_grads_close(c.parameters(), g.parameters(), kF32);
+  const std::set<std::string> noise = expect_grads_close(c.parameters(), g.parameters(), kF32);
 
   SUBCASE("three clipped AdamW steps: losses and parameters") {
     train::AdamWOptions ao;
@@ -213,8 +245,10 @@ TEST_CASE("cuda models::CuMo<Cuda> matches CuMo<Cpu>: logits, every loss term, e
       oc_opt.step();
       og_opt.step();
     }
+    // Adam turns a noise-level gradient into a ±lr step of either sign on either side: those parameters (which
+    // cannot change the loss) are left out; every other one must agree.
     for (std::size_t i = 0; i < pc.size(); ++i)
-      expect_close("after steps " + pc[i]->name, pg[i]->value, pc[i]->value, kSteps);
+      if (!noise.count(pc[i]->name)) expect_close("after steps " + pc[i]->name, pg[i]->value, pc[i]->value, kSteps);
   }
 }
 

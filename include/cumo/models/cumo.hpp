@@ -342,7 +342,7 @@ class CuMo {
   }
 
  private:
-  static constexpr bool on_cpu = Backend::device == Device::cpu;
+  static constexpr bool on_cpu = nn::on_cpu<Backend>;
 
   static bool is_router(const std::string& n) { return n.ends_with(".gate.weight"); }
   static void fill(Tensor& t, float v) {

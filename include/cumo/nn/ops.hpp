@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "cumo/backend/cpu.hpp"
 #include "cumo/backend/cpu/gemm.hpp"
@@ -19,9 +20,10 @@
 
 namespace cumo::nn {
 
-// Whether layers built on backend B run the inline CPU reference code.
+// Whether layers built on backend B run the inline CPU reference code. Any other backend takes the other branch,
+// even one whose tensors live on the host (tests/emulated_backend.hpp runs the device paths that way).
 template <class B>
-inline constexpr bool on_cpu = B::device == Device::cpu;
+inline constexpr bool on_cpu = std::is_same_v<B, backend::Cpu>;
 
 // A 2-D fp32 activation (rows, cols) on the CPU, or on `device`.
 inline Tensor matrix(std::int64_t rows, std::int64_t cols, Device device = Device::cpu) {
