@@ -5,6 +5,7 @@
 // inline CPU code. Because nn::on_cpu<Emulated> is false, a model built on it runs the layers' device branches
 // (what they save, the order they call things in, the offsets of the row-block copies, the shifted labels of the
 // LM loss) on a machine without a GPU; tests/test_nn_backend_paths.cpp compares it with the CPU reference.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -147,7 +148,9 @@ struct Emulated : Cpu {
     for (std::int64_t r = 0; r < N; ++r)
       for (std::int64_t h = 0; h < heads; ++h)
         for (std::int64_t i = 0; i < half; ++i) {
-          const float ang = inv_freq.data<float>()[i] * float(positions.data<std::int64_t>()[r]);
+          const std::int64_t p = positions.dtype() == DType::i64 ? positions.data<std::int64_t>()[r]
+                                                                 : positions.data<std::int32_t>()[r];  // i64 or i32
+          const float ang = inv_freq.data<float>()[i] * float(p);
           const double c = std::cos(ang), s = sign * std::sin(ang);
           const std::int64_t o = r * heads * D + h * D;
           const double a = x.data<float>()[o + i], b = x.data<float>()[o + i + half];
@@ -281,6 +284,11 @@ struct Emulated : Cpu {
                    "Emulated::add_blocks: a block runs past its tensor");
         dst.data<float>()[dst0 + r * dpitch + c] += src.data<float>()[src0 + r * spitch + c];
       }
+  }
+  static Tensor upload_i32(const std::vector<std::int32_t>& v) {
+    Tensor t = Tensor::empty({std::int64_t(v.size())}, DType::i32);
+    std::copy(v.begin(), v.end(), t.data<std::int32_t>());
+    return t;
   }
   static void scale(Tensor& t, float alpha) {
     for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= alpha;

@@ -19,72 +19,18 @@
 #include "cumo/core/compare.hpp"
 #include "cumo/models/cumo.hpp"
 #include "cumo/train/optimizer.hpp"
+#include "backend_compare.hpp"
 #include "cumo_test_config.hpp"
 #include "emulated_backend.hpp"
 
 using namespace cumo;
 using Cpu = backend::Cpu;
 using Emu = backend::Emulated;
+using namespace cumo::backend_test;
 
 namespace {
 
 constexpr double kTol = 1e-5;
-constexpr double kNoiseNorm = 1e-6, kNoiseAbsTol = 1e-5;
-
-void expect_close(const std::string& what, const Tensor& got, const Tensor& want, double tol = kTol) {
-  REQUIRE(got.shape() == want.shape());
-  const double e = rel_error(got, want);
-  CAPTURE(what);
-  CAPTURE(e);
-  CHECK(e <= tol);
-}
-void expect_near(const std::string& what, double got, double want, double tol = kTol) {
-  CAPTURE(what);
-  CAPTURE(got);
-  CAPTURE(want);
-  CHECK(std::abs(got - want) <= tol * std::max(1.0, std::abs(want)));
-}
-void copy_parameters(const ParameterList& from, const ParameterList& to) {
-  REQUIRE(from.size() == to.size());
-  for (std::size_t i = 0; i < from.size(); ++i) {
-    REQUIRE(from[i]->name == to[i]->name);
-    to[i]->value.copy_from(from[i]->value);
-  }
-}
-void randomize(const ParameterList& ps, Rng& rng, float scale) {
-  for (Parameter* p : ps) rng.fill_normal(p->value, 0.f, scale);
-}
-Tensor random_tensor(Shape s, Rng& rng) {
-  Tensor t = Tensor::empty(s);
-  rng.fill_normal(t, 0.f, 1.f);
-  return t;
-}
-// Returns the parameters whose gradient is zero in exact arithmetic (checked in absolute terms).
-std::set<std::string> expect_grads_close(const ParameterList& cpu, const ParameterList& emu) {
-  REQUIRE(cpu.size() == emu.size());
-  std::set<std::string> noise;
-  for (std::size_t i = 0; i < cpu.size(); ++i) {
-    const Tensor zero = Tensor::zeros(cpu[i]->grad.shape());
-    if (rel_error(cpu[i]->grad, zero) < kNoiseNorm) {
-      noise.insert(cpu[i]->name);
-      const double abs_err = rel_error(emu[i]->grad, zero) + rel_error(cpu[i]->grad, zero);  // both noise-level
-      CAPTURE(cpu[i]->name);
-      CHECK(abs_err <= kNoiseAbsTol);
-    } else {
-      expect_close("grad " + cpu[i]->name, emu[i]->grad, cpu[i]->grad);
-    }
-  }
-  return noise;
-}
-
-struct Batch {  // two sequences of 9 tokens, one image (4 image tokens) each, one padding key
-  std::vector<std::int64_t> ids{1, 12, 12, 12, 12, 4, 5, 6, 7, 2, 12, 12, 12, 12, 8, 3, 9, 1};
-  std::vector<std::int64_t> labels{-100, -100, -100, -100, -100, 4, 5, 6, 7, -100, -100, -100, -100, -100, 8, 3, 9, 1};
-  std::vector<std::uint8_t> key_valid{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};
-  std::int64_t B = 2, T = 9;
-  Tensor px;
-  explicit Batch(Rng& rng) : px(random_tensor({2, 3, 8, 8}, rng)) {}
-};
 
 }  // namespace
 
@@ -98,9 +44,9 @@ TEST_CASE("nn device paths: Linear<Emulated> matches Linear<Cpu> (bias; backward
   randomize(pc, rng, 0.5f);
   copy_parameters(pc, pe);
   const Tensor x = random_tensor({7, 6}, rng), dy = random_tensor({7, 5}, rng);
-  expect_close("y", e.forward(x), c.forward(x));
-  for (int rep = 0; rep < 2; ++rep) expect_close("dx", e.backward(dy), c.backward(dy));
-  expect_grads_close(pc, pe);
+  expect_close("y", e.forward(x), c.forward(x), kTol);
+  for (int rep = 0; rep < 2; ++rep) expect_close("dx", e.backward(dy), c.backward(dy), kTol);
+  expect_grads_close(pc, pe, kTol);
 }
 
 TEST_CASE("nn device paths: ClipVision<Emulated> matches the CPU (hidden states, features, every gradient)") {
@@ -115,12 +61,12 @@ TEST_CASE("nn device paths: ClipVision<Emulated> matches the CPU (hidden states,
   const auto oe = e.forward(px);
   REQUIRE(oc.hidden_states.size() == oe.hidden_states.size());
   for (std::size_t l = 0; l < oc.hidden_states.size(); ++l)
-    expect_close("hidden_state " + std::to_string(l), oe.hidden_states[l], oc.hidden_states[l]);
-  expect_close("features", oe.features, oc.features);
+    expect_close("hidden_state " + std::to_string(l), oe.hidden_states[l], oc.hidden_states[l], kTol);
+  expect_close("features", oe.features, oc.features, kTol);
   const Tensor df = random_tensor(oc.features.shape(), rng);
   c.backward(df);
   CHECK_FALSE(e.backward(df).defined());  // the device path does not compute d pixels
-  const auto noise = expect_grads_close(c.parameters(), e.parameters());
+  const auto noise = expect_grads_close(c.parameters(), e.parameters(), kTol);
   for (const auto& n : noise)  // only what is zero by construction: the key biases and the unused last parts
     CHECK((n.find("k_proj.bias") != std::string::npos || n.find("post_layernorm") != std::string::npos ||
            n.find("layers.1.") != std::string::npos));
@@ -139,15 +85,37 @@ TEST_CASE("nn device paths: DecoderLM<Emulated> matches the CPU (GQA, RoPE, a pa
   for (auto& id : ids) id %= 12;
   const auto oc = c.forward(ids, b.B, b.T, &b.labels, &b.key_valid);
   const auto oe = e.forward(ids, b.B, b.T, &b.labels, &b.key_valid);
-  expect_close("logits", oe.logits, oc.logits);
-  expect_near("ce", oe.ce, oc.ce);
+  expect_close("logits", oe.logits, oc.logits, kTol);
+  expect_near("ce", oe.ce, oc.ce, kTol);
   CHECK(oe.targets == oc.targets);
   c.backward_all(0.5f);
   e.backward_all(0.5f);
-  expect_grads_close(c.parameters(), e.parameters());
-  nn::DecoderConfig sparse = dc;
-  sparse.experts = 4;
-  CHECK_THROWS_AS(nn::DecoderLM<Emu>{sparse}, Error);  // the Mixtral LM stays on the CPU backend
+  expect_grads_close(c.parameters(), e.parameters(), kTol);
+}
+
+TEST_CASE("nn device paths: a Mixtral DecoderLM<Emulated> matches the CPU (sparse FFNs, HF's cross-layer aux loss)") {
+  Rng rng(5);
+  nn::DecoderConfig dc = test::tiny_cumo_config().llava.text;
+  dc.layers = 2;
+  dc.experts = 4;
+  dc.top_k = 2;
+  dc.aux_coef = 0.02;
+  nn::DecoderLM<Cpu> c(dc);
+  nn::DecoderLM<Emu> e(dc);
+  randomize(c.parameters(), rng, 0.3f);
+  copy_parameters(c.parameters(), e.parameters());
+  Batch b(rng);
+  std::vector<std::int64_t> ids = b.ids;
+  for (auto& id : ids) id %= 12;
+  const auto oc = c.forward(ids, b.B, b.T, &b.labels);
+  const auto oe = e.forward(ids, b.B, b.T, &b.labels);
+  expect_close("logits", oe.logits, oc.logits, kTol);
+  expect_near("ce", oe.ce, oc.ce, kTol);
+  expect_near("aux", oe.aux, oc.aux, kTol);
+  CHECK(oc.aux > 0);
+  c.backward_all();
+  e.backward_all();
+  expect_grads_close(c.parameters(), e.parameters(), kTol);
 }
 
 TEST_CASE("nn device paths: the whole upcycled CuMo<Emulated> matches CuMo<Cpu>, then through AdamW steps") {
@@ -168,18 +136,18 @@ TEST_CASE("nn device paths: the whole upcycled CuMo<Emulated> matches CuMo<Cpu>,
 
   const auto oc = c.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
   const auto oe = e.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
-  expect_close("logits", oe.logits, oc.logits);
-  expect_near("ce", oe.ce, oc.ce);
-  expect_near("vision_balance", oe.vision_balance, oc.vision_balance);
-  expect_near("vision_z", oe.vision_z, oc.vision_z);
-  expect_near("projector_balance", oe.projector_balance, oc.projector_balance);
-  expect_near("projector_z", oe.projector_z, oc.projector_z);
-  expect_near("total", oe.total, oc.total);
+  expect_close("logits", oe.logits, oc.logits, kTol);
+  expect_near("ce", oe.ce, oc.ce, kTol);
+  expect_near("vision_balance", oe.vision_balance, oc.vision_balance, kTol);
+  expect_near("vision_z", oe.vision_z, oc.vision_z, kTol);
+  expect_near("projector_balance", oe.projector_balance, oc.projector_balance, kTol);
+  expect_near("projector_z", oe.projector_z, oc.projector_z, kTol);
+  expect_near("total", oe.total, oc.total, kTol);
   REQUIRE(oe.vision_load.size() == oc.vision_load.size());
   for (std::size_t l = 0; l < oc.vision_load.size(); ++l) CHECK(oe.vision_load[l].tokens == oc.vision_load[l].tokens);
   c.backward();
   e.backward();
-  const auto noise = expect_grads_close(c.parameters(), e.parameters());
+  const auto noise = expect_grads_close(c.parameters(), e.parameters(), kTol);
 
   // Three AdamW steps (both sides on host tensors): the device branches' saved state is rebuilt every forward.
   train::AdamWOptions ao;
@@ -203,7 +171,7 @@ TEST_CASE("nn device paths: the whole upcycled CuMo<Emulated> matches CuMo<Cpu>,
 
 TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cumo_parity's runners on Emulated)") {
   // What `cumo_parity --device cuda` runs, with the kernels replaced by their contracts: clip_vision, mistral,
-  // qwen2, llava and cumo (outputs 1e-4, gradients 1e-3 against PyTorch, as on the CPU; the cumo fixture's AdamW
+  // qwen2, mixtral, llava and cumo (outputs 1e-4, gradients 1e-3 against PyTorch, as on the CPU; the cumo fixture's AdamW
   // steps included).
   int files = 0;
   for (const auto& entry : std::filesystem::directory_iterator(CUMO_FIXTURE_DIR)) {
@@ -220,6 +188,8 @@ TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cu
       parity::run_mistral<Emu>(f, config, r);
     else if (kind == "qwen2")
       parity::run_qwen2<Emu>(f, config, r);
+    else if (kind == "mixtral")
+      parity::run_mixtral<Emu>(f, config, r);
     else if (kind == "llava")
       parity::run_llava<Emu>(f, config, r);
     else if (kind == "cumo")
@@ -231,5 +201,5 @@ TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cu
     CHECK(r.failed == 0);
     CHECK(r.passed > 10);
   }
-  CHECK(files >= 5);  // one fixture each of clip_vision, mistral, qwen2, llava, cumo ship today
+  CHECK(files >= 6);  // one fixture each of clip_vision, mistral, qwen2, mixtral, llava, cumo ship today
 }

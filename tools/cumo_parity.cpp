@@ -52,20 +52,18 @@ std::map<std::string, Runner> kinds() {
   };
 }
 
-// The model kinds on backend B. The CPU runs every kind; a device backend the dense-LM ones (a Mixtral LM's
-// cross-layer balancing loss and the LLaVA-MoD distillation still run on the CPU only: reported as unsupported).
+// The model kinds on backend B. The LLaVA-MoD distillation (its losses and trainer) runs on the CPU only: on a
+// device it is reported as an unsupported kind.
 template <class B>
 void add_model_kinds(std::map<std::string, Runner>& table) {
   using namespace cumo::parity;
   table["clip_vision"] = run_clip_vision<B>;
   table["mistral"] = run_mistral<B>;
   table["qwen2"] = run_qwen2<B>;
+  table["mixtral"] = run_mixtral<B>;
   table["llava"] = run_llava<B>;
   table["cumo"] = run_cumo<B>;
-  if constexpr (B::device == cumo::Device::cpu) {
-    table["mixtral"] = run_mixtral<B>;
-    table["llava_mod_distill"] = run_llava_mod_distill;
-  }
+  if constexpr (B::device == cumo::Device::cpu) table["llava_mod_distill"] = run_llava_mod_distill;
 }
 
 int usage() {

@@ -35,11 +35,13 @@
 #include "cumo/train/adamw_cuda.cuh"
 #include "cumo/train/clip.hpp"
 #include "cumo/train/optimizer.hpp"
+#include "../backend_compare.hpp"
 #include "../cumo_test_config.hpp"
 
 using namespace cumo;
 using Cpu = backend::Cpu;
 using Cuda = backend::Cuda;
+using namespace cumo::backend_test;
 
 namespace {
 
@@ -48,86 +50,6 @@ std::uint64_t g_seed = 0;
 constexpr double kF32 = 1e-5;
 constexpr double kSteps = 1e-4;
 constexpr double kBf16 = 3e-2;
-
-Tensor on_cpu(const Tensor& t) { return t.device() == Device::cpu ? t : t.to(Device::cpu); }
-
-void expect_close(const std::string& what, const Tensor& got, const Tensor& want, double tol) {
-  REQUIRE(got.shape() == want.shape());
-  const double e = rel_error(got, want);  // NaN anywhere → ∞
-  CAPTURE(what);
-  CAPTURE(e);
-  CHECK(e <= tol);
-}
-void expect_near(const std::string& what, double got, double want, double tol) {
-  CAPTURE(what);
-  CAPTURE(got);
-  CAPTURE(want);
-  CHECK(std::abs(got - want) <= tol * std::max(1.0, std::abs(want)));
-}
-
-// Same-named parameter lists in the same order (the two models are built from one config).
-void copy_parameters(const ParameterList& from, const ParameterList& to) {
-  REQUIRE(from.size() == to.size());
-  for (std::size_t i = 0; i < from.size(); ++i) {
-    REQUIRE(from[i]->name == to[i]->name);
-    to[i]->value.copy_from(from[i]->value);
-  }
-}
-// ‖a − b‖₂ (f32 tensors on any device)
-double abs_error(const Tensor& a, const Tensor& b) {
-  const Tensor x = on_cpu(a).contiguous(), y = on_cpu(b).contiguous();
-  double s = 0;
-  for (std::int64_t j = 0; j < y.numel(); ++j) {
-    const double d = double(x.data<float>()[j]) - double(y.data<float>()[j]);
-    s += d * d;
-  }
-  return std::sqrt(s);
-}
-
-// A gradient that is zero in exact arithmetic — the key bias of attention without RoPE (a bias on every key adds the
-// same q·b to all of a query's scores, which the softmax ignores) — is rounding noise on both sides, so a relative
-// error means nothing there: such a gradient (CPU norm below kNoiseNorm) is checked in absolute terms
-// (tools/parity/models.hpp does the same against PyTorch). Returns the names of those parameters.
-constexpr double kNoiseNorm = 1e-6, kNoiseAbsTol = 1e-5;
-std::set<std::string> expect_grads_close(const ParameterList& cpu, const ParameterList& gpu, double tol) {
-  REQUIRE(cpu.size() == gpu.size());
-  std::set<std::string> noise;
-  for (std::size_t i = 0; i < cpu.size(); ++i) {
-    const Tensor zero = Tensor::zeros(cpu[i]->grad.shape());
-    if (rel_error(cpu[i]->grad, zero) < kNoiseNorm) {
-      noise.insert(cpu[i]->name);
-      const double abs_err = abs_error(gpu[i]->grad, cpu[i]->grad);
-      CAPTURE(cpu[i]->name);
-      CAPTURE(abs_err);
-      CHECK(abs_err <= kNoiseAbsTol);
-    } else {
-      expect_close("grad " + cpu[i]->name, gpu[i]->grad, cpu[i]->grad, tol);
-    }
-  }
-  return noise;
-}
-
-Tensor random_tensor(Shape s, Rng& rng, float scale = 1.f) {
-  Tensor t = Tensor::empty(s);
-  rng.fill_normal(t, 0.f, scale);
-  return t;
-}
-void randomize(const ParameterList& ps, Rng& rng, float scale) {
-  for (Parameter* p : ps) {
-    Tensor v = random_tensor(p->value.shape(), rng, scale);
-    p->value.copy_from(p->value.device() == Device::cpu ? v : v.to(p->value.device()));
-  }
-}
-
-// Two sequences of 9 tokens, one image each (4 image tokens), labels on the text after it (tests/test_models_cumo).
-struct Batch {
-  std::vector<std::int64_t> ids{1, 12, 12, 12, 12, 4, 5, 6, 7, 2, 12, 12, 12, 12, 8, 3, 9, 1};
-  std::vector<std::int64_t> labels{-100, -100, -100, -100, -100, 4, 5, 6, 7, -100, -100, -100, -100, -100, 8, 3, 9, 1};
-  std::vector<std::uint8_t> key_valid{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};  // one padding key
-  std::int64_t B = 2, T = 9;
-  Tensor px;
-  explicit Batch(Rng& rng) : px(random_tensor({2, 3, 8, 8}, rng)) {}
-};
 
 }  // namespace
 
@@ -185,6 +107,30 @@ TEST_CASE("cuda nn::DecoderLM<Cuda> matches the CPU: GQA, RoPE, a padding key, l
   CHECK(og.targets == oc.targets);
   c.backward_all(0.5f);
   g.backward_all(0.5f);
+  expect_grads_close(c.parameters(), g.parameters(), kF32);
+}
+
+TEST_CASE("cuda a Mixtral DecoderLM<Cuda> matches the CPU (sparse FFNs, HF's cross-layer aux loss, gradients)") {
+  Rng rng(g_seed + __LINE__);
+  nn::DecoderConfig dc = test::tiny_cumo_config().llava.text;
+  dc.layers = 2;
+  dc.experts = 4;
+  dc.top_k = 2;
+  dc.aux_coef = 0.02;
+  nn::DecoderLM<Cpu> c(dc);
+  nn::DecoderLM<Cuda> g(dc);
+  randomize(c.parameters(), rng, 0.3f);
+  copy_parameters(c.parameters(), g.parameters());
+  Batch b(rng);
+  std::vector<std::int64_t> ids = b.ids;
+  for (auto& id : ids) id %= 12;
+  const auto oc = c.forward(ids, b.B, b.T, &b.labels);
+  const auto og = g.forward(ids, b.B, b.T, &b.labels);
+  expect_close("logits", og.logits, oc.logits, kF32);
+  expect_near("ce", og.ce, oc.ce, kF32);
+  expect_near("aux", og.aux, oc.aux, kF32);
+  c.backward_all();
+  g.backward_all();
   expect_grads_close(c.parameters(), g.parameters(), kF32);
 }
 

@@ -213,6 +213,7 @@ struct Cuda {
     gpu::add_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
   }
   static void scale(Tensor& t, float alpha) { gpu::scale(t, alpha); }
+  static Tensor upload_i32(const std::vector<std::int32_t>& v) { return gpu::upload_i32(v); }
   static gpu::CrossEntropyHostResult causal_lm_loss(const Tensor& logits, const std::vector<std::int64_t>& labels,
                                                     std::int64_t B, std::int64_t T, Tensor& dlogits) {
     return gpu::causal_lm_loss(logits, labels, B, T, dlogits);

@@ -180,16 +180,12 @@ class Attention {
   Tensor forward_device(const std::vector<std::uint8_t>* key_valid) {
     const std::int64_t B = B_, T = T_;
     if (cfg_.rope_theta > 0) {
-      pos_dev_ = Tensor::borrow(pos_.data(), {B * T}, DType::i64).to(Backend::device);
+      pos_dev_ = Backend::upload_i32(std::vector<std::int32_t>(pos_.begin(), pos_.end()));  // (B*T,)
       Backend::rope(q_, pos_dev_, inv_freq_, cfg_.heads, /*inverse=*/false, q_);
       Backend::rope(k_, pos_dev_, inv_freq_, cfg_.kv_heads, /*inverse=*/false, k_);
     }
     key_valid_dev_ = Tensor();
-    if (key_valid) {
-      Tensor kv = Tensor::empty({B * T}, DType::i32);
-      for (std::int64_t i = 0; i < B * T; ++i) kv.data<std::int32_t>()[i] = (*key_valid)[std::size_t(i)] ? 1 : 0;
-      key_valid_dev_ = kv.to(Backend::device);
-    }
+    if (key_valid) key_valid_dev_ = Backend::upload_i32(std::vector<std::int32_t>(key_valid->begin(), key_valid->end()));
     ctx_ = matrix(B * T, cfg_.heads * cfg_.head_dim, Backend::device);
     lse_ = Tensor::empty({B, cfg_.heads, T}, DType::f32, Backend::device);
     Backend::attention_forward(q_, k_, v_, key_valid_dev_.defined() ? &key_valid_dev_ : nullptr, B, T, cfg_.heads,

@@ -129,8 +129,6 @@ class DecoderLM {
       : embed_tokens(model_prefix + "embed_tokens", c.vocab, c.hidden),
         norm(model_prefix + "norm", c.hidden, c.rms_eps),
         cfg_(c) {
-    CUMO_CHECK(on_cpu<Backend> || c.experts == 0, "DecoderLM: a sparse (Mixtral-style) language model runs on the "
-               "CPU backend only for now (its cross-layer load-balancing loss has no ", Backend::name, " kernel)");
     if (!c.tie_embeddings) lm_head = Linear<Backend>(lm_head_name, c.hidden, c.vocab, false);
     layers.reserve(std::size_t(c.layers));
     for (std::int64_t l = 0; l < c.layers; ++l) layers.emplace_back(model_prefix + "layers." + std::to_string(l), c);
@@ -211,27 +209,23 @@ class DecoderLM {
     const std::int64_t N = B_ * T_, H = cfg_.hidden, V = cfg_.vocab;
     Tensor dl = dlogits_.clone();
     Parameter& W = head_weight();
-    if constexpr (!on_cpu<Backend>) {
-      if (dloss != 1.f) Backend::scale(dl, dloss);
-      Tensor dh = matrix(N, H, Backend::device);
+    Tensor dh = matrix(N, H, Backend::device);
+    if constexpr (on_cpu<Backend>) {
+      scale_(dl, dloss);
+      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
+                W.grad.data<float>(), H);  // (V, H)
+      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
+                dh.data<float>(), H);  // (N, H)
+    } else {
+      scale_(dl, dloss);
       Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
-      dh = norm.backward(dh);
-      for (std::size_t l = layers.size(); l-- > 0;) dh = layers[l].backward(dh);
-      return dh;
     }
-    if (dloss != 1.f)
-      for (std::int64_t i = 0; i < dl.numel(); ++i) dl.data<float>()[i] *= dloss;
-    cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
-              W.grad.data<float>(), H);  // (V, H)
-    Tensor dh = matrix(N, H);
-    cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
-              dh.data<float>(), H);  // (N, H)
     dh = norm.backward(dh);
     for (std::size_t l = layers.size(); l-- > 0;) {
-      Tensor scaled;
+      Tensor scaled;  // the cross-layer aux loss's gradient on this layer's router logits
       if (aux_dlogits_.size() == layers.size() && aux_dlogits_[l].defined() && cfg_.aux_coef != 0.0) {
         scaled = aux_dlogits_[l].clone();
-        for (std::int64_t i = 0; i < scaled.numel(); ++i) scaled.data<float>()[i] *= float(cfg_.aux_coef) * dloss;
+        scale_(scaled, float(cfg_.aux_coef) * dloss);
       }
       dh = layers[l].backward(dh, scaled.defined() ? &scaled : nullptr);
     }
@@ -313,37 +307,52 @@ class DecoderLM {
     out.ce = total / double(n);
   }
 
+  // t *= alpha (a no-op for 1), on the layer's backend.
+  static void scale_(Tensor& t, float alpha) {
+    if (alpha == 1.f) return;
+    if constexpr (on_cpu<Backend>) {
+      for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= alpha;
+    } else {
+      Backend::scale(t, alpha);
+    }
+  }
+
   // HF load_balancing_loss_func over the concatenation of every sparse layer's router (no attention mask):
   // aux = E Σ_e c_e/(M) · P_e, c_e = all-k count over M = layers·N rows, P_e = mean prob; ∂aux/∂p_re = E c_e / M².
+  // On a device backend the routers' probabilities and choices (N × E and N × K per layer: small) come to the host,
+  // and the per-layer logit gradients go back — a host sync per sparse layer, in exchange for one loss code.
   void mixtral_aux(Output& out) {
-    if constexpr (!on_cpu<Backend>) return;  // dense on other backends (checked at construction)
-    std::vector<const RouterOutput*> rs;
+    std::vector<Tensor> probs, choice;  // per sparse layer, on the host: (N, E) f32, (N, K) i32
     for (const auto& l : layers)
-      if (l.mlp.is_sparse()) rs.push_back(&l.mlp.sparse().router_output());
-    if (rs.empty()) return;
-    const std::int64_t N = rs[0]->probs.size(0), E = rs[0]->probs.size(1), K = rs[0]->topk_idx.size(1);
-    const double M = double(N) * double(rs.size());
+      if (l.mlp.is_sparse()) {
+        const RouterOutput& r = l.mlp.sparse().router_output();
+        probs.push_back(on_cpu<Backend> ? r.probs : r.probs.to(Device::cpu));
+        choice.push_back(on_cpu<Backend> ? r.topk_idx : r.topk_idx.to(Device::cpu));
+      }
+    if (probs.empty()) return;
+    const std::int64_t N = probs[0].size(0), E = probs[0].size(1), K = choice[0].size(1);
+    const double M = double(N) * double(probs.size());
     std::vector<double> count(std::size_t(E), 0.0), P(std::size_t(E), 0.0);
-    for (const RouterOutput* r : rs)
+    for (std::size_t i = 0; i < probs.size(); ++i)
       for (std::int64_t t = 0; t < N; ++t) {
-        for (std::int64_t k = 0; k < K; ++k) count[std::size_t(r->topk_idx.data<std::int32_t>()[t * K + k])] += 1;
-        for (std::int64_t e = 0; e < E; ++e) P[std::size_t(e)] += r->probs.data<float>()[t * E + e];
+        for (std::int64_t k = 0; k < K; ++k) count[std::size_t(choice[i].data<std::int32_t>()[t * K + k])] += 1;
+        for (std::int64_t e = 0; e < E; ++e) P[std::size_t(e)] += probs[i].data<float>()[t * E + e];
       }
     double aux = 0;
     for (std::int64_t e = 0; e < E; ++e) aux += double(E) * (count[std::size_t(e)] / M) * (P[std::size_t(e)] / M);
     out.aux = aux;
     std::size_t li = 0;
-    for (const RouterOutput* r : rs) {  // d aux / d logits through the softmax: p ⊙ (g − Σ p g)
+    for (const Tensor& pr : probs) {  // d aux / d logits through the softmax: p ⊙ (g − Σ p g)
       while (!layers[li].mlp.is_sparse()) ++li;
       Tensor dz = zeros(N, E);
       for (std::int64_t t = 0; t < N; ++t) {
-        const float* p = r->probs.data<float>() + t * E;
+        const float* p = pr.data<float>() + t * E;
         double s = 0;
         for (std::int64_t e = 0; e < E; ++e) s += p[e] * (double(E) * count[std::size_t(e)] / (M * M));
         for (std::int64_t e = 0; e < E; ++e)
           dz.data<float>()[t * E + e] = float(p[e] * (double(E) * count[std::size_t(e)] / (M * M) - s));
       }
-      aux_dlogits_[li++] = dz;
+      aux_dlogits_[li++] = on_cpu<Backend> ? dz : dz.to(Backend::device);
     }
   }
 

@@ -17,6 +17,7 @@
 
 #include "cumo/backend/cuda/common.cuh"
 #include "cumo/backend/cuda/elementwise.cuh"
+#include "cumo/backend/cuda/embedding.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/layers.cuh"
 
@@ -237,6 +238,21 @@ inline void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch
   kernels::add_blocks<><<<grid_for(width * height, 256), 256, 0, stream()>>>(
       ptr<float>(src) + src0, spitch, ptr<float>(dst) + dst0, dpitch, width, height);
   CUMO_CUDA_LAUNCH_CHECK("add_blocks");
+}
+
+// A host int32 vector (attention's positions and key mask) as a device tensor, stream-ordered: up to a staging
+// slot (16 Ki entries) through the pinned ring and a device copy, without a host sync — a plain copy from pageable
+// memory would wait for every kernel queued before it, once per attention layer.
+inline Tensor upload_i32(const std::vector<std::int32_t>& v) {
+  const std::int64_t n = std::int64_t(v.size());
+  Tensor owner;
+  if (n == 0) return Tensor::empty({0}, DType::i32, Device::cuda);
+  const std::int32_t* staged = detail::int32_on_device(v, owner);
+  if (owner.defined()) return owner;  // larger than a slot: already copied into its own tensor
+  Tensor t = Tensor::empty({n}, DType::i32, Device::cuda);
+  CUMO_CUDA_CHECK(cudaMemcpyAsync(t.raw(), staged, std::size_t(n) * sizeof(std::int32_t), cudaMemcpyDeviceToDevice,
+                                  stream()));
+  return t;
 }
 
 // t (f32, contiguous) *= alpha
