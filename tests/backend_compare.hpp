@@ -1,7 +1,7 @@
 #pragma once
 // What the backend comparisons share (tests/test_nn_backend_paths.cpp: Emulated vs Cpu; tests/cuda/
 // test_cuda_model.cu: Cuda vs Cpu): relative / absolute comparisons of tensors on any device, parameter copies,
-// host-drawn random values and the tiny CuMo's batch.
+// host-drawn random values, the tiny CuMo's batch, and the comparisons themselves.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -14,6 +14,9 @@
 #include "cumo/core/compare.hpp"
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
+#include "cumo/models/cumo.hpp"
+#include "cumo/train/trainer.hpp"
+#include "cumo_test_config.hpp"
 
 namespace cumo::backend_test {
 
@@ -98,5 +101,146 @@ struct Batch {
   Tensor px;
   explicit Batch(Rng& rng) : px(random_tensor({2, 3, 8, 8}, rng)) {}
 };
+
+
+// ---- the comparisons themselves: model on backend B against the same model on backend::Cpu ----------------------
+// Used by tests/test_nn_backend_paths.cpp (B = Emulated) and tests/cuda/test_cuda_model.cu (B = Cuda), so the two
+// suites check exactly the same things. `tol` is the relative tolerance of outputs and gradients, `step_tol` the
+// one after optimizer steps.
+
+// nn::Linear with a bias: output, dx twice (the backward may run again on the saved input), accumulated grads.
+template <class B>
+void compare_linear(Rng& rng, double tol) {
+  nn::Linear<backend::Cpu> c("l", 24, 40, true);
+  nn::Linear<B> o("l", 24, 40, true);
+  ParameterList pc, po;
+  c.collect(pc);
+  o.collect(po);
+  randomize(pc, rng, 0.3f);
+  copy_parameters(pc, po);
+  const Tensor x = random_tensor({37, 24}, rng), dy = random_tensor({37, 40}, rng);
+  expect_close("y", o.forward(x.to(B::device)), c.forward(x), tol);
+  for (int rep = 0; rep < 2; ++rep) expect_close("dx", o.backward(dy.to(B::device)), c.backward(dy), tol);
+  expect_grads_close(pc, po, tol);
+}
+
+// nn::ClipVision: every hidden state, the features, every parameter gradient (d pixels are not computed off the
+// CPU). Only parameters that get no gradient by construction may be noise-level: the key biases, the unused last
+// layer and post_layernorm.
+template <class B>
+void compare_clip_vision(Rng& rng, double tol) {
+  const nn::VisionConfig vc = test::tiny_cumo_config().llava.vision;
+  nn::ClipVision<backend::Cpu> c(vc);
+  nn::ClipVision<B> o(vc);
+  randomize(c.parameters(), rng, 0.3f);
+  copy_parameters(c.parameters(), o.parameters());
+  const Tensor px = random_tensor({3, 3, 8, 8}, rng);
+  const auto oc = c.forward(px);
+  const auto oo = o.forward(px);
+  REQUIRE(oc.hidden_states.size() == oo.hidden_states.size());
+  for (std::size_t l = 0; l < oc.hidden_states.size(); ++l)
+    expect_close("hidden_state " + std::to_string(l), oo.hidden_states[l], oc.hidden_states[l], tol);
+  expect_close("features", oo.features, oc.features, tol);
+  const Tensor df = random_tensor(oc.features.shape(), rng);
+  c.backward(df);
+  CHECK_FALSE(o.backward(df.to(B::device)).defined());
+  for (const auto& n : expect_grads_close(c.parameters(), o.parameters(), tol))
+    CHECK((n.find("k_proj.bias") != std::string::npos || n.find("post_layernorm") != std::string::npos ||
+           n.find("layers.1.") != std::string::npos));
+}
+
+// nn::DecoderLM (GQA 3/1, RoPE, 2 layers): logits, CE, target count, every gradient; dense with a padding key, or
+// Mixtral (top-2-of-4 FFNs, HF's cross-layer aux loss weighted 0.02).
+template <class B>
+void compare_decoder(Rng& rng, double tol, bool mixtral) {
+  nn::DecoderConfig dc = test::tiny_cumo_config().llava.text;
+  dc.layers = 2;
+  if (mixtral) {
+    dc.experts = 4;
+    dc.top_k = 2;
+    dc.aux_coef = 0.02;
+  }
+  nn::DecoderLM<backend::Cpu> c(dc);
+  nn::DecoderLM<B> o(dc);
+  randomize(c.parameters(), rng, 0.3f);
+  copy_parameters(c.parameters(), o.parameters());
+  Batch b(rng);
+  std::vector<std::int64_t> ids = b.ids;
+  for (auto& id : ids) id %= 12;  // no image tokens: a plain LM batch
+  const std::vector<std::uint8_t>* kv = mixtral ? nullptr : &b.key_valid;
+  const auto oc = c.forward(ids, b.B, b.T, &b.labels, kv);
+  const auto oo = o.forward(ids, b.B, b.T, &b.labels, kv);
+  expect_close("logits", oo.logits, oc.logits, tol);
+  expect_near("ce", oo.ce, oc.ce, tol);
+  expect_near("aux", oo.aux, oc.aux, tol);
+  CHECK(oo.targets == oc.targets);
+  if (mixtral) CHECK(oc.aux > 0);
+  c.backward_all(0.5f);
+  o.backward_all(0.5f);
+  expect_grads_close(c.parameters(), o.parameters(), tol);
+}
+
+// The whole upcycled models::CuMo: the same initial bits from the same seed; logits, every loss term, expert loads,
+// every gradient; then three clipped optimizer steps (train::AdamW on the CPU, train::OptimizerFor<B> on B, both
+// clipped by train::clip_gradients) — losses, gradient norms and every parameter whose gradient is not noise.
+template <class B>
+void compare_cumo(Rng& rng, double tol, double step_tol) {
+  const models::CuMoConfig cfg = test::tiny_cumo_config();
+  models::CuMo<backend::Cpu> c(cfg);
+  models::CuMo<B> o(cfg);
+  Rng init_c(7), init_o(7);
+  c.reset_parameters(init_c);
+  o.reset_parameters(init_o);  // drawn on the host: the same bits
+  for (std::size_t i = 0; i < c.parameters().size(); ++i)
+    CHECK(bitwise_equal(o.parameters()[i]->value, c.parameters()[i]->value));
+  randomize(c.parameters(), rng, 0.3f);
+  c.upcycle(init_c);
+  o.upcycle(init_o);
+  REQUIRE(o.vision_is_sparse());
+  REQUIRE(o.connector_is_sparse());
+  copy_parameters(c.parameters(), o.parameters());
+  Batch b(rng);
+
+  const auto oc = c.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
+  const auto oo = o.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
+  expect_close("logits", oo.logits, oc.logits, tol);
+  expect_near("ce", oo.ce, oc.ce, tol);
+  expect_near("vision_balance", oo.vision_balance, oc.vision_balance, tol);
+  expect_near("vision_z", oo.vision_z, oc.vision_z, tol);
+  expect_near("projector_balance", oo.projector_balance, oc.projector_balance, tol);
+  expect_near("projector_z", oo.projector_z, oc.projector_z, tol);
+  expect_near("total", oo.total, oc.total, tol);
+  REQUIRE(oo.vision_load.size() == oc.vision_load.size());
+  for (std::size_t l = 0; l < oc.vision_load.size(); ++l) CHECK(oo.vision_load[l].tokens == oc.vision_load[l].tokens);
+  CHECK(oo.projector_load.tokens == oc.projector_load.tokens);
+  c.backward();
+  o.backward();
+  const std::set<std::string> noise = expect_grads_close(c.parameters(), o.parameters(), tol);
+
+  train::AdamWOptions ao;
+  ao.lr = 1e-2;
+  ao.weight_decay = 0.01;
+  ParameterList pc = c.parameters(), po = o.parameters();
+  train::AdamW opt_c(pc, ao);
+  typename train::OptimizerFor<B>::type opt_o(po, ao);
+  for (int s = 0; s < 3; ++s) {
+    zero_grad(pc);
+    zero_grad(po);
+    const double lc = c.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid).total;
+    const double lo = o.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid).total;
+    expect_near("step loss " + std::to_string(s), lo, lc, step_tol);
+    c.backward();
+    o.backward();
+    const float nc = train::clip_gradients(opt_c, 0.5, s + 1);
+    const float no = train::clip_gradients(opt_o, 0.5, s + 1);
+    expect_near("grad norm " + std::to_string(s), no, nc, step_tol);
+    opt_c.step();
+    opt_o.step();
+  }
+  // Adam turns a noise-level gradient into a ±lr step of either sign on either side: those parameters (which
+  // cannot change the loss) are left out; every other one must agree.
+  for (std::size_t i = 0; i < pc.size(); ++i)
+    if (!noise.count(pc[i]->name)) expect_close("after steps " + pc[i]->name, po[i]->value, pc[i]->value, step_tol);
+}
 
 }  // namespace cumo::backend_test

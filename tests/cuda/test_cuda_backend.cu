@@ -20,6 +20,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include "cuda_test_main.cuh"
+
 #include "cumo/backend/cuda.cuh"
 #include "cumo/core/compare.hpp"
 #include "cumo/moe.hpp"
@@ -745,35 +747,4 @@ TEST_CASE("cuda entry points reject host tensors and wrong dtypes with a message
 }
 
 // =================================================================================================================
-int main(int argc, char** argv) {
-  bool host_only = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--host-only") == 0)
-      host_only = true;
-    else
-      args.push_back(argv[i]);
-  }
-  const char* env_seed = std::getenv("CUMO_TEST_SEED");
-  g_seed = env_seed ? std::strtoull(env_seed, nullptr, 10) : std::random_device{}();
-  std::printf("cuda tests: seed %llu (CUMO_TEST_SEED=%llu repeats this run)\n", (unsigned long long)g_seed,
-              (unsigned long long)g_seed);
-
-  doctest::Context ctx;
-  ctx.applyCommandLine(int(args.size()), args.data());
-  if (host_only) {
-    ctx.addFilter("test-suite", "host");
-    return ctx.run();
-  }
-  std::string why;
-  if (!gpu::device_available(&why)) {
-    std::printf("SKIPPED: no CUDA device (cudaGetDeviceCount: %s)\n", why.c_str());
-    std::fflush(stdout);
-    return 77;
-  }
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
-    std::printf("cuda tests: device 0 = %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
-                prop.multiProcessorCount);
-  return ctx.run();
-}
+int main(int argc, char** argv) { return cumo::test::run_cuda_tests(argc, argv, "cuda tests", g_seed); }

@@ -585,5 +585,63 @@ TEST_CASE("cuda grad_norm and clip_grad_norm match train::grad_norm / clip_grad_
   CHECK_THROWS_AS(train::clip_grad_norm(ps, 1e-3), Error);
 }
 
+TEST_CASE("cuda embedding forward/backward match nn::Embedding (repeated ids, skipped rows; bitwise)") {
+  Rng rng(g_seed + __LINE__);
+  const std::int64_t V = 37, H = 24;
+  nn::Embedding<> emb("embed_tokens", V, H);
+  rng.fill_normal(emb.weight.value, 0.f, 1.f);
+  // repeated ids (7 four times), the first and last id of the vocabulary, skipped (image) rows
+  const std::vector<std::int64_t> ids = {7, 0, 7, 36, 5, 7, 5, 12, 7, 0, 3};
+  std::vector<bool> skip(ids.size(), false);
+  skip[2] = skip[4] = true;
+  const Tensor y_cpu = emb.forward(ids);  // (N, H)
+  const Tensor dy = randn({std::int64_t(ids.size()), H}, rng);
+  rng.fill_normal(emb.weight.grad, 0.f, 1.f);  // accumulate onto something non-zero
+  const Tensor g0 = emb.weight.grad.clone();
+  emb.backward(dy, &skip);
+
+  const Tensor table = on_gpu(emb.weight.value);
+  Tensor y = poisoned({std::int64_t(ids.size()), H});
+  gpu::embedding_forward(table, ids, y);
+  CHECK(bitwise_equal(on_cpu(y), y_cpu));
+  Tensor dtable = on_gpu(g0);
+  gpu::embedding_backward(on_gpu(dy), ids, dtable, &skip);
+  CHECK(bitwise_equal(on_cpu(dtable), emb.weight.grad));
+
+  // bf16 table and activations: the rows are copied exactly; the gradient sums the rounded dy in fp32
+  Tensor yb = poisoned({std::int64_t(ids.size()), H}, DType::bf16);
+  gpu::embedding_forward(as_bf16_gpu(emb.weight.value), ids, yb);
+  CHECK(bitwise_equal(on_cpu(yb), y_cpu.to(DType::bf16)));
+  nn::Embedding<> ref("ref", V, H);
+  (void)ref.forward(ids);
+  ref.weight.grad.copy_from(g0);
+  ref.backward(rounded(dy), &skip);
+  Tensor dtable_b = on_gpu(g0);
+  gpu::embedding_backward(as_bf16_gpu(dy), ids, dtable_b, &skip);
+  CHECK(bitwise_equal(on_cpu(dtable_b), ref.weight.grad));
+
+  // more ids than a staging slot holds (16 Ki): the tables take the device-tensor path
+  std::vector<std::int64_t> many(20000);
+  for (std::size_t r = 0; r < many.size(); ++r) many[r] = std::int64_t((r * 7919) % std::size_t(V));
+  nn::Embedding<> big("big", V, H);
+  big.weight.value.copy_from(emb.weight.value);
+  const Tensor y_big = big.forward(many);
+  const Tensor dy_big = randn({std::int64_t(many.size()), H}, rng);
+  big.backward(dy_big);
+  Tensor yg_big = poisoned({std::int64_t(many.size()), H});
+  gpu::embedding_forward(table, many, yg_big);
+  CHECK(bitwise_equal(on_cpu(yg_big), y_big));
+  Tensor dg_big = gpu_zeros({V, H});
+  gpu::embedding_backward(on_gpu(dy_big), many, dg_big);
+  CHECK(bitwise_equal(on_cpu(dg_big), big.weight.grad));
+
+  // errors name the position and the shapes
+  Tensor y3 = poisoned({3, H});
+  CHECK_THROWS_WITH_AS(gpu::embedding_forward(table, {1, 2, 37}, y3), doctest::Contains("token id 37 at position 2"),
+                       Error);
+  Tensor small = gpu_zeros({V, H + 1});
+  CHECK_THROWS_WITH_AS(gpu::embedding_backward(on_gpu(dy), ids, small), doctest::Contains("dtable"), Error);
+}
+
 // =================================================================================================================
 int main(int argc, char** argv) { return cumo::test::run_cuda_tests(argc, argv, "cuda layer tests", g_seed); }

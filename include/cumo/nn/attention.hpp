@@ -80,15 +80,18 @@ class Attention {
     k_ = k_proj.forward(xc);  // (B*T, kv*D)
     v_ = v_proj.forward(xc);  // (B*T, kv*D)
     pos_ = positions ? *positions : default_positions(B, T, 0);
-    if constexpr (!on_cpu<Backend>) return forward_device(key_valid);
-    if (cfg_.rope_theta > 0) {
-      rope_.rotate(q_, cfg_.heads, pos_);
-      rope_.rotate(k_, cfg_.kv_heads, pos_);
+    if constexpr (on_cpu<Backend>) {
+      if (cfg_.rope_theta > 0) {
+        rope_.rotate(q_, cfg_.heads, pos_);
+        rope_.rotate(k_, cfg_.kv_heads, pos_);
+      }
+      probs_ = Tensor::empty({B * cfg_.heads, T, T});
+      Tensor ctx = matrix(B * T, cfg_.heads * cfg_.head_dim);
+      attend(q_, k_, v_, B, T, T, 0, key_valid, probs_, ctx);
+      return o_proj.forward(ctx);  // (B*T, hidden)
+    } else {
+      return forward_device(key_valid);
     }
-    probs_ = Tensor::empty({B * cfg_.heads, T, T});
-    Tensor ctx = matrix(B * T, cfg_.heads * cfg_.head_dim);
-    attend(q_, k_, v_, B, T, T, 0, key_valid, probs_, ctx);
-    return o_proj.forward(ctx);  // (B*T, hidden)
   }
 
   // dy (B*T, hidden) → dx (B*T, hidden); every projection's gradient accumulates.
@@ -98,41 +101,44 @@ class Attention {
     const std::int64_t ldq = H * D, ldk = G * D;
     const float scale = float(1.0 / std::sqrt(double(D)));
     const Tensor dctx = o_proj.backward(dy);  // (B*T, H*D)
-    if constexpr (!on_cpu<Backend>) return backward_device(dctx);
-    Tensor dq = zeros(B * T, ldq), dk = zeros(B * T, ldk), dv = zeros(B * T, ldk);
-    const float *pq = q_.data<float>(), *pk = k_.data<float>(), *pv = v_.data<float>(), *pc = dctx.data<float>();
-    float *pdq = dq.data<float>(), *pdk = dk.data<float>(), *pdv = dv.data<float>();
-    // One work item per (sequence, kv head): the heads of a group write the same dk/dv rows, so they run in order.
-    cpu::parallel_for(B * G, [&](std::int64_t bg) {
-      const std::int64_t b = bg / G, g = bg % G;
-      std::vector<float> dP(std::size_t(T * T));
-      const float* kb = pk + b * T * ldk + g * D;
-      const float* vb = pv + b * T * ldk + g * D;
-      for (std::int64_t h = g * per; h < (g + 1) * per; ++h) {
-        const float* P = probs_.data<float>() + (b * H + h) * T * T;  // (T, T)
-        const float* dc = pc + b * T * ldq + h * D;                    // (T, D) stride ldq
-        cpu::gemm(cpu::Op::N, cpu::Op::T, T, T, D, 1.f, dc, ldq, vb, ldk, 0.f, dP.data(), T);  // dP = dctx v^T
-        cpu::gemm(cpu::Op::T, cpu::Op::N, T, D, T, 1.f, P, T, dc, ldq, 1.f, pdv + b * T * ldk + g * D, ldk);  // dv
-        for (std::int64_t i = 0; i < T; ++i) {  // dS = P ⊙ (dP − Σ_j dP P)
-          double s = 0;
-          for (std::int64_t j = 0; j < T; ++j) s += double(dP[std::size_t(i * T + j)]) * P[i * T + j];
-          for (std::int64_t j = 0; j < T; ++j)
-            dP[std::size_t(i * T + j)] = P[i * T + j] * (dP[std::size_t(i * T + j)] - float(s));
+    if constexpr (on_cpu<Backend>) {
+      Tensor dq = zeros(B * T, ldq), dk = zeros(B * T, ldk), dv = zeros(B * T, ldk);
+      const float *pq = q_.data<float>(), *pk = k_.data<float>(), *pv = v_.data<float>(), *pc = dctx.data<float>();
+      float *pdq = dq.data<float>(), *pdk = dk.data<float>(), *pdv = dv.data<float>();
+      // One work item per (sequence, kv head): the heads of a group write the same dk/dv rows, so they run in order.
+      cpu::parallel_for(B * G, [&](std::int64_t bg) {
+        const std::int64_t b = bg / G, g = bg % G;
+        std::vector<float> dP(std::size_t(T * T));
+        const float* kb = pk + b * T * ldk + g * D;
+        const float* vb = pv + b * T * ldk + g * D;
+        for (std::int64_t h = g * per; h < (g + 1) * per; ++h) {
+          const float* P = probs_.data<float>() + (b * H + h) * T * T;  // (T, T)
+          const float* dc = pc + b * T * ldq + h * D;                    // (T, D) stride ldq
+          cpu::gemm(cpu::Op::N, cpu::Op::T, T, T, D, 1.f, dc, ldq, vb, ldk, 0.f, dP.data(), T);  // dP = dctx v^T
+          cpu::gemm(cpu::Op::T, cpu::Op::N, T, D, T, 1.f, P, T, dc, ldq, 1.f, pdv + b * T * ldk + g * D, ldk);  // dv
+          for (std::int64_t i = 0; i < T; ++i) {  // dS = P ⊙ (dP − Σ_j dP P)
+            double s = 0;
+            for (std::int64_t j = 0; j < T; ++j) s += double(dP[std::size_t(i * T + j)]) * P[i * T + j];
+            for (std::int64_t j = 0; j < T; ++j)
+              dP[std::size_t(i * T + j)] = P[i * T + j] * (dP[std::size_t(i * T + j)] - float(s));
+          }
+          cpu::gemm(cpu::Op::N, cpu::Op::N, T, D, T, scale, dP.data(), T, kb, ldk, 0.f, pdq + b * T * ldq + h * D,
+                    ldq);  // dq = dS k
+          cpu::gemm(cpu::Op::T, cpu::Op::N, T, D, T, scale, dP.data(), T, pq + b * T * ldq + h * D, ldq, 1.f,
+                    pdk + b * T * ldk + g * D, ldk);  // dk += dS^T q
         }
-        cpu::gemm(cpu::Op::N, cpu::Op::N, T, D, T, scale, dP.data(), T, kb, ldk, 0.f, pdq + b * T * ldq + h * D,
-                  ldq);  // dq = dS k
-        cpu::gemm(cpu::Op::T, cpu::Op::N, T, D, T, scale, dP.data(), T, pq + b * T * ldq + h * D, ldq, 1.f,
-                  pdk + b * T * ldk + g * D, ldk);  // dk += dS^T q
+      }, 4 * per * T * T * D);
+      if (cfg_.rope_theta > 0) {
+        rope_.rotate(dq, H, pos_, /*inverse=*/true);
+        rope_.rotate(dk, G, pos_, /*inverse=*/true);
       }
-    }, 4 * per * T * T * D);
-    if (cfg_.rope_theta > 0) {
-      rope_.rotate(dq, H, pos_, /*inverse=*/true);
-      rope_.rotate(dk, G, pos_, /*inverse=*/true);
+      Tensor dx = q_proj.backward(dq);
+      add_(dx, k_proj.backward(dk));
+      add_(dx, v_proj.backward(dv));
+      return dx;
+    } else {
+      return backward_device(dctx);
     }
-    Tensor dx = q_proj.backward(dq);
-    add_(dx, k_proj.backward(dk));
-    add_(dx, v_proj.backward(dv));
-    return dx;
   }
 
   // ---- generation ---------------------------------------------------------------------------------------------

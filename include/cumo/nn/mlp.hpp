@@ -40,25 +40,27 @@ class DenseMLP {
   Tensor forward(const Tensor& x) {
     h_ = fc1.forward(x);  // (N, F)
     Tensor a = matrix(h_.size(0), h_.size(1), Backend::device);
-    if constexpr (!on_cpu<Backend>) {
+    if constexpr (on_cpu<Backend>) {
+      const float* ph = h_.data<float>();
+      float* pa = a.data<float>();
+      for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(ph[i]);
+      return fc2.forward(a);  // (N, out)
+    } else {
       Backend::template activation_forward<Act>(h_, h_.size(0), a);
       return fc2.forward(a);  // (N, out)
     }
-    const float* ph = h_.data<float>();
-    float* pa = a.data<float>();
-    for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(ph[i]);
-    return fc2.forward(a);  // (N, out)
   }
   Tensor backward(const Tensor& dy) {
     Tensor da = fc2.backward(dy);  // (N, F)
-    if constexpr (!on_cpu<Backend>) {
+    if constexpr (on_cpu<Backend>) {
+      const float* ph = h_.data<float>();
+      float* p = da.data<float>();
+      for (std::int64_t i = 0; i < da.numel(); ++i) p[i] *= Act::df(ph[i]);
+      return fc1.backward(da);
+    } else {
       Backend::template activation_backward<Act>(h_, da, da.size(0), da);  // in place: dh may alias da
       return fc1.backward(da);
     }
-    const float* ph = h_.data<float>();
-    float* p = da.data<float>();
-    for (std::int64_t i = 0; i < da.numel(); ++i) p[i] *= Act::df(ph[i]);
-    return fc1.backward(da);
   }
 
  private:
@@ -93,33 +95,35 @@ class DenseGatedMLP {
     g_ = gate_proj.forward(x);  // (N, F)
     u_ = up_proj.forward(x);    // (N, F)
     Tensor a = matrix(g_.size(0), g_.size(1), Backend::device);
-    if constexpr (!on_cpu<Backend>) {
+    if constexpr (on_cpu<Backend>) {
+      const float *pg = g_.data<float>(), *pu = u_.data<float>();
+      float* pa = a.data<float>();
+      for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(pg[i]) * pu[i];
+      return down_proj.forward(a);  // (N, H)
+    } else {
       Backend::template gated_forward<Act>(g_, u_, a);
       return down_proj.forward(a);  // (N, H)
     }
-    const float *pg = g_.data<float>(), *pu = u_.data<float>();
-    float* pa = a.data<float>();
-    for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(pg[i]) * pu[i];
-    return down_proj.forward(a);  // (N, H)
   }
   Tensor backward(const Tensor& dy) {
     const Tensor da = down_proj.backward(dy);  // (N, F)
     Tensor dg = matrix(da.size(0), da.size(1), Backend::device), du = matrix(da.size(0), da.size(1), Backend::device);
-    if constexpr (!on_cpu<Backend>) {
+    if constexpr (on_cpu<Backend>) {
+      const float *pg = g_.data<float>(), *pu = u_.data<float>(), *pa = da.data<float>();
+      float *pdg = dg.data<float>(), *pdu = du.data<float>();
+      for (std::int64_t i = 0; i < da.numel(); ++i) {
+        pdg[i] = pa[i] * pu[i] * Act::df(pg[i]);
+        pdu[i] = pa[i] * Act::f(pg[i]);
+      }
+      Tensor dx = gate_proj.backward(dg);
+      add_(dx, up_proj.backward(du));
+      return dx;
+    } else {
       Backend::template gated_backward<Act>(g_, u_, da, dg, du);
       Tensor dx = gate_proj.backward(dg);
       add_<Backend>(dx, up_proj.backward(du));
       return dx;
     }
-    const float *pg = g_.data<float>(), *pu = u_.data<float>(), *pa = da.data<float>();
-    float *pdg = dg.data<float>(), *pdu = du.data<float>();
-    for (std::int64_t i = 0; i < da.numel(); ++i) {
-      pdg[i] = pa[i] * pu[i] * Act::df(pg[i]);
-      pdu[i] = pa[i] * Act::f(pg[i]);
-    }
-    Tensor dx = gate_proj.backward(dg);
-    add_(dx, up_proj.backward(du));
-    return dx;
   }
 
  private:

@@ -218,41 +218,42 @@ class ClipVision {
       if (l > 0) dh = layers[std::size_t(l - 1)].backward(dh, aux);
     }
     const Tensor demb = pre_layrnorm.backward(dh);  // (B*T, H)
-    if constexpr (!on_cpu<Backend>) {
+    if constexpr (on_cpu<Backend>) {
+      float* dcls = class_embedding.grad.data<float>();
+      float* dpos = position_embedding.grad.data<float>();
+      Tensor dpatch = matrix(B * N, H);
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t t = 0; t < T; ++t)
+          for (std::int64_t h = 0; h < H; ++h) {
+            const float g = demb.data<float>()[(b * T + t) * H + h];
+            dpos[t * H + h] += g;
+            if (t == 0)
+              dcls[h] += g;
+            else
+              dpatch.data<float>()[(b * N + t - 1) * H + h] = g;
+          }
+      cpu::gemm(cpu::Op::T, cpu::Op::N, H, K, B * N, 1.f, dpatch.data<float>(), H, cols_.data<float>(), K, 1.f,
+                patch_embedding.grad.data<float>(), K);  // (H, K)
+      Tensor dcols = matrix(B * N, K);
+      cpu::gemm(cpu::Op::N, cpu::Op::N, B * N, K, H, 1.f, dpatch.data<float>(), H, patch_embedding.value.data<float>(),
+                K, 0.f, dcols.data<float>(), K);  // (B*N, K)
+      Tensor dpx = Tensor::zeros({B, c.channels, S, S});  // fold (patches do not overlap: a plain scatter)
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t gy = 0; gy < G; ++gy)
+          for (std::int64_t gx = 0; gx < G; ++gx)
+            for (std::int64_t ch = 0; ch < c.channels; ++ch)
+              for (std::int64_t i = 0; i < P; ++i)
+                for (std::int64_t j = 0; j < P; ++j)
+                  dpx.data<float>()[((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j] =
+                      dcols.data<float>()[(b * N + gy * G + gx) * K + (ch * P + i) * P + j];
+      return dpx;
+    } else {
       Tensor dpatch = matrix(B * N, H, Backend::device);
       Backend::vit_embeddings_backward(demb, B, dpatch, class_embedding.grad, position_embedding.grad);
       Tensor dw = patch_embedding.grad.view({H, K});
       Backend::linear_dweight(dpatch, cols_, dw);  // (H, K)
       return Tensor();
     }
-    float* dcls = class_embedding.grad.data<float>();
-    float* dpos = position_embedding.grad.data<float>();
-    Tensor dpatch = matrix(B * N, H);
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t h = 0; h < H; ++h) {
-          const float g = demb.data<float>()[(b * T + t) * H + h];
-          dpos[t * H + h] += g;
-          if (t == 0)
-            dcls[h] += g;
-          else
-            dpatch.data<float>()[(b * N + t - 1) * H + h] = g;
-        }
-    cpu::gemm(cpu::Op::T, cpu::Op::N, H, K, B * N, 1.f, dpatch.data<float>(), H, cols_.data<float>(), K, 1.f,
-              patch_embedding.grad.data<float>(), K);  // (H, K)
-    Tensor dcols = matrix(B * N, K);
-    cpu::gemm(cpu::Op::N, cpu::Op::N, B * N, K, H, 1.f, dpatch.data<float>(), H, patch_embedding.value.data<float>(),
-              K, 0.f, dcols.data<float>(), K);  // (B*N, K)
-    Tensor dpx = Tensor::zeros({B, c.channels, S, S});  // fold (patches do not overlap: a plain scatter)
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t gy = 0; gy < G; ++gy)
-        for (std::int64_t gx = 0; gx < G; ++gx)
-          for (std::int64_t ch = 0; ch < c.channels; ++ch)
-            for (std::int64_t i = 0; i < P; ++i)
-              for (std::int64_t j = 0; j < P; ++j)
-                dpx.data<float>()[((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j] =
-                    dcols.data<float>()[(b * N + gy * G + gx) * K + (ch * P + i) * P + j];
-    return dpx;
   }
 
   // Aux losses of every sparse encoder layer in the last forward (empty when all are dense).

@@ -39,14 +39,20 @@ class CudaAdamW : public detail::AdamWGroups {
   // moments start at zero on its first update.
   void step(double lr) {
     CUMO_CHECK(std::isfinite(lr) && lr >= 0, "CudaAdamW::step: lr must be finite and >= 0, got ", lr);
+    // Every gradient is checked before any state changes, so a bad one leaves the step counts as they were.
+    for (const Parameter* p : trainable_parameters()) {
+      CUMO_CHECK(p->grad.defined() && p->grad.shape() == p->value.shape(), "CudaAdamW::step: parameter '", p->name,
+                 "' has shape ", p->value.shape(), " but its gradient has shape ", p->grad.shape());
+      check_dtype("CudaAdamW::step", p->name + ".grad", p->grad, DType::f32);
+      check_device("CudaAdamW::step", p->name + ".grad", p->grad, Device::cuda);
+      CUMO_CHECK(p->grad.is_contiguous(), "CudaAdamW::step: the gradient of '", p->name, "' is not contiguous");
+    }
     std::vector<gpu::AdamWSlot> slots;
     for (const ParamGroup& g : groups_) {
       if (g.frozen) continue;
       const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
       for (Parameter* p : g.params) {
         if (!p->trainable) continue;
-        CUMO_CHECK(p->grad.defined() && p->grad.shape() == p->value.shape(), "CudaAdamW::step: parameter '",
-                   p->name, "' has shape ", p->value.shape(), " but its gradient has shape ", p->grad.shape());
         State& s = state_[p];
         if (!s.exp_avg.defined()) {  // lazy, as PyTorch: state appears at a parameter's first step
           s.exp_avg = Tensor::zeros(p->value.shape(), DType::f32, Device::cuda);

@@ -12,12 +12,12 @@
 // patch embedding and the LM head) read bf16 copies of their operands on tensor cores, accumulating and writing
 // f32 — mixed precision with fp32 master weights, as PyTorch autocast does for matmuls. Sums over rows (bias and
 // embedding gradients) run in a fixed order: deterministic, no atomics.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
 #include "cumo/backend/cuda/elementwise.cuh"
-#include "cumo/backend/cuda/embedding.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/layers.cuh"
 
@@ -153,6 +153,7 @@ inline void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tenso
   const std::int64_t N = dy.size(0), out = dy.size(1), in = x.size(1);
   CUMO_CHECK(x.size(0) == N && w.size(0) == out && w.size(1) == in && dx.size(0) == N && dx.size(1) == in, where,
              ": dy ", dy.shape(), ", x ", x.shape(), ", w ", w.shape(), " and dx ", dx.shape(), " do not fit");
+  detail::expect_f32_matrix(where, "dw", dw);
   check_same_shape(where, "dw", dw, "w", w);
   detail::dense_gemm(Op::T, Op::N, out, in, N, dy, x, 1.f, dw);  // (out, in)
   if (db && out > 0) {
@@ -240,18 +241,19 @@ inline void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch
   CUMO_CUDA_LAUNCH_CHECK("add_blocks");
 }
 
-// A host int32 vector (attention's positions and key mask) as a device tensor, stream-ordered: up to a staging
-// slot (16 Ki entries) through the pinned ring and a device copy, without a host sync — a plain copy from pageable
-// memory would wait for every kernel queued before it, once per attention layer.
+// A host int32 vector (attention's positions and key mask) as a device tensor, stream-ordered and without a host
+// sync: slot-sized chunks through the context's pinned staging ring, each copied on into the tensor at once (a
+// plain copy from pageable memory would wait for every kernel queued before it, once per attention layer).
 inline Tensor upload_i32(const std::vector<std::int32_t>& v) {
   const std::int64_t n = std::int64_t(v.size());
-  Tensor owner;
-  if (n == 0) return Tensor::empty({0}, DType::i32, Device::cuda);
-  const std::int32_t* staged = detail::int32_on_device(v, owner);
-  if (owner.defined()) return owner;  // larger than a slot: already copied into its own tensor
   Tensor t = Tensor::empty({n}, DType::i32, Device::cuda);
-  CUMO_CUDA_CHECK(cudaMemcpyAsync(t.raw(), staged, std::size_t(n) * sizeof(std::int32_t), cudaMemcpyDeviceToDevice,
-                                  stream()));
+  constexpr std::int64_t chunk = std::int64_t(Context::kStagingSlotBytes / sizeof(std::int32_t));
+  for (std::int64_t i = 0; i < n; i += chunk) {
+    const std::size_t bytes = std::size_t(std::min(chunk, n - i)) * sizeof(std::int32_t);
+    const void* staged = context().stage_to_device(v.data() + i, bytes);
+    CUMO_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::int32_t*>(t.raw()) + i, staged, bytes, cudaMemcpyDeviceToDevice,
+                                    stream()));
+  }
   return t;
 }
 
