@@ -269,20 +269,19 @@ struct Emulated : Cpu {
   }
   static void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
                           std::int64_t dpitch, std::int64_t width, std::int64_t height) {
-    for (std::int64_t r = 0; r < height; ++r)
-      for (std::int64_t c = 0; c < width; ++c) {
-        CUMO_CHECK(src0 + r * spitch + c < src.numel() && dst0 + r * dpitch + c < dst.numel(),
-                   "Emulated::copy_blocks: a block runs past its tensor");
-        dst.data<float>()[dst0 + r * dpitch + c] = src.data<float>()[src0 + r * spitch + c];
-      }
+    blocks(src, src0, spitch, dst, dst0, dpitch, width, height, /*add=*/false);
   }
   static void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
                          std::int64_t dpitch, std::int64_t width, std::int64_t height) {
+    blocks(src, src0, spitch, dst, dst0, dpitch, width, height, /*add=*/true);
+  }
+  static void blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                     std::int64_t dpitch, std::int64_t width, std::int64_t height, bool add) {
     for (std::int64_t r = 0; r < height; ++r)
       for (std::int64_t c = 0; c < width; ++c) {
-        CUMO_CHECK(src0 + r * spitch + c < src.numel() && dst0 + r * dpitch + c < dst.numel(),
-                   "Emulated::add_blocks: a block runs past its tensor");
-        dst.data<float>()[dst0 + r * dpitch + c] += src.data<float>()[src0 + r * spitch + c];
+        const std::int64_t s = src0 + r * spitch + c, d = dst0 + r * dpitch + c;
+        CUMO_CHECK(s < src.numel() && d < dst.numel(), "Emulated: a row block runs past its tensor");
+        dst.data<float>()[d] = (add ? dst.data<float>()[d] : 0.f) + src.data<float>()[s];
       }
   }
   static Tensor upload_i32(const std::vector<std::int32_t>& v) {

@@ -10,21 +10,14 @@
 #include <doctest/doctest.h>
 
 #include <filesystem>
-#include <set>
 #include <string>
-#include <vector>
 
 #include "../tools/parity/cumo.hpp"
 #include "../tools/parity/models.hpp"
-#include "cumo/core/compare.hpp"
-#include "cumo/models/cumo.hpp"
-#include "cumo/train/optimizer.hpp"
 #include "backend_compare.hpp"
-#include "cumo_test_config.hpp"
 #include "emulated_backend.hpp"
 
 using namespace cumo;
-using Cpu = backend::Cpu;
 using Emu = backend::Emulated;
 using namespace cumo::backend_test;
 

@@ -16,13 +16,7 @@
 //     operand, accumulated over a few layers.
 //
 // Without a usable GPU the binary prints "SKIPPED: no CUDA device (...)" and exits 77 (ctest: skipped).
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <set>
-#include <string>
-#include <vector>
+#include <cstdint>
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -30,13 +24,11 @@
 #include "cuda_test_main.cuh"
 
 #include "cumo/backend/cuda.cuh"
-#include "cumo/core/compare.hpp"
 #include "cumo/models/cumo.hpp"
 #include "cumo/train/adamw_cuda.cuh"
 #include "../backend_compare.hpp"
 
 using namespace cumo;
-using Cpu = backend::Cpu;
 using Cuda = backend::Cuda;
 using namespace cumo::backend_test;
 

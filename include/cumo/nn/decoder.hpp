@@ -208,16 +208,15 @@ class DecoderLM {
     CUMO_CHECK(dlogits_.defined(), "DecoderLM::backward: the last forward had no labels (nothing to differentiate)");
     const std::int64_t N = B_ * T_, H = cfg_.hidden, V = cfg_.vocab;
     Tensor dl = dlogits_.clone();
+    scale_<Backend>(dl, dloss);
     Parameter& W = head_weight();
     Tensor dh = matrix(N, H, Backend::device);
     if constexpr (on_cpu<Backend>) {
-      scale_(dl, dloss);
       cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
                 W.grad.data<float>(), H);  // (V, H)
       cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
                 dh.data<float>(), H);  // (N, H)
     } else {
-      scale_(dl, dloss);
       Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
     }
     dh = norm.backward(dh);
@@ -225,7 +224,7 @@ class DecoderLM {
       Tensor scaled;  // the cross-layer aux loss's gradient on this layer's router logits
       if (aux_dlogits_.size() == layers.size() && aux_dlogits_[l].defined() && cfg_.aux_coef != 0.0) {
         scaled = aux_dlogits_[l].clone();
-        scale_(scaled, float(cfg_.aux_coef) * dloss);
+        scale_<Backend>(scaled, float(cfg_.aux_coef) * dloss);
       }
       dh = layers[l].backward(dh, scaled.defined() ? &scaled : nullptr);
     }
@@ -305,16 +304,6 @@ class DecoderLM {
         dz[y] -= float(1.0 / double(n));
       }
     out.ce = total / double(n);
-  }
-
-  // t *= alpha (a no-op for 1), on the layer's backend.
-  static void scale_(Tensor& t, float alpha) {
-    if (alpha == 1.f) return;
-    if constexpr (on_cpu<Backend>) {
-      for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= alpha;
-    } else {
-      Backend::scale(t, alpha);
-    }
   }
 
   // HF load_balancing_loss_func over the concatenation of every sparse layer's router (no attention mask):

@@ -71,6 +71,18 @@ Tensor add(const Tensor& a, const Tensor& b) {
   }
 }
 
+// t *= alpha (nothing for 1), on backend B.
+template <class B = backend::Cpu>
+void scale_(Tensor& t, float alpha) {
+  if (alpha == 1.f) return;
+  if constexpr (on_cpu<B>) {
+    float* p = t.data<float>();
+    for (std::int64_t i = 0; i < t.numel(); ++i) p[i] *= alpha;
+  } else {
+    B::scale(t, alpha);
+  }
+}
+
 // A parameter of the given shape filled with `value` (0: HF's zero init for biases; 1: norm weights), named as the
 // HF state_dict names it, on `device`. Filled on the host and copied, so every backend starts from the same bits.
 inline Parameter param(std::string name, Shape shape, Device device = Device::cpu, float value = 0.f) {
