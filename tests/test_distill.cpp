@@ -88,7 +88,7 @@ TEST_CASE("llava_mod parity: logits, kl, align, ce, aux, sequence log-probs, DPO
     ++files;
     CAPTURE(entry.path().filename().string());
     parity::Report r;
-    parity::run_llava_mod_distill(f, nlohmann::json::parse(f.metadata().at("config")), r);
+    parity::run_llava_mod_distill<backend::Cpu>(f, nlohmann::json::parse(f.metadata().at("config")), r);
     CHECK(r.failed == 0);
     CHECK(r.passed >= 100);
   }

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../tools/parity/cumo.hpp"
+#include "../tools/parity/llava_mod.hpp"
 #include "../tools/parity/models.hpp"
 #include "backend_compare.hpp"
 #include "emulated_backend.hpp"
@@ -50,8 +51,8 @@ TEST_CASE("nn device paths: the whole upcycled CuMo<Emulated> matches CuMo<Cpu>,
 
 TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cumo_parity's runners on Emulated)") {
   // What `cumo_parity --device cuda` runs, with the kernels replaced by their contracts: clip_vision, mistral,
-  // qwen2, mixtral, llava and cumo (outputs 1e-4, gradients 1e-3 against PyTorch, as on the CPU; the cumo fixture's AdamW
-  // steps included).
+  // qwen2, mixtral, llava, cumo and llava_mod_distill (outputs 1e-4, gradients 1e-3 against PyTorch, as on the CPU;
+  // the cumo fixture's AdamW steps and the distillation losses' host round trip included).
   int files = 0;
   for (const auto& entry : std::filesystem::directory_iterator(CUMO_FIXTURE_DIR)) {
     if (entry.path().extension() != ".safetensors") continue;
@@ -73,6 +74,8 @@ TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cu
       parity::run_llava<Emu>(f, config, r);
     else if (kind == "cumo")
       parity::run_cumo<Emu>(f, config, r);
+    else if (kind == "llava_mod_distill")
+      parity::run_llava_mod_distill<Emu>(f, config, r);
     else
       continue;
     ++files;
@@ -80,5 +83,5 @@ TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cu
     CHECK(r.failed == 0);
     CHECK(r.passed > 10);
   }
-  CHECK(files >= 6);  // one fixture each of clip_vision, mistral, qwen2, mixtral, llava, cumo ship today
+  CHECK(files >= 7);  // one fixture each of clip_vision, mistral, qwen2, mixtral, llava, cumo, llava_mod_distill ship today
 }

@@ -10,7 +10,8 @@
 //   and the upcycling invariant: the dense student (param.dense_student.*) upcycled with exact copies gives the
 //   dense student's logits.
 // Preference distillation runs chosen and rejected as one concatenated batch with two aux segments, which is the
-// fixture's two forwards (aux_w + aux_l) in one.
+// fixture's two forwards (aux_w + aux_l) in one. The runner is a template on the models' backend: on a device the
+// losses (train/distill.hpp) take host copies of the logits and their dlogits are sent back, as a trainer would.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -70,10 +71,11 @@ inline void check_student_grads(const ParameterList& params, const io::SafeTenso
     if (n.ends_with(gu) || n.ends_with(dn)) {
       const bool is_gu = n.ends_with(gu);
       const std::string module = n.substr(0, n.size() - (is_gu ? gu.size() : dn.size()));
-      const std::int64_t E = p->grad.size(0), F = is_gu ? p->grad.size(1) / 2 : 0;
+      const Tensor grad = p->grad.to(Device::cpu);  // the per-expert views are taken on the host
+      const std::int64_t E = grad.size(0), F = is_gu ? grad.size(1) / 2 : 0;
       for (std::int64_t e = 0; e < E; ++e) {
         const std::string base = "grad." + set + "." + module + ".experts." + std::to_string(e) + ".";
-        const Tensor g = p->grad.select(0, e);
+        const Tensor g = grad.select(0, e);
         if (is_gu) {
           check_grad(base + "gate_proj.weight", g.slice(0, 0, F), f, r);
           check_grad(base + "up_proj.weight", g.slice(0, F, 2 * F), f, r);
@@ -95,7 +97,8 @@ inline Tensor labels_tensor(const std::vector<std::int64_t>& v, std::int64_t B, 
 
 }  // namespace mod_detail
 
-inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+template <class Backend>
+void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
   using detail::kOutputTol;
   const nn::DecoderConfig tc = nn::DecoderConfig::from_json(config.at("teacher"));
   const nn::DecoderConfig sc = nn::DecoderConfig::from_json(config.at("student"));
@@ -106,9 +109,10 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
   const double beta = config.at("beta").get<double>(), aux_coef = config.at("aux_coef").get<double>();
   const AuxLossWeights aux_w{float(aux_coef), 0.f};
 
-  nn::DecoderLM<> teacher(tc);
+  using LM = nn::DecoderLM<Backend>;
+  LM teacher(tc);
   mod_detail::load_prefixed(teacher.parameters(), f, "param.teacher.");
-  nn::DecoderLM<> student(sc);
+  LM student(sc);
   Rng rng(0);  // the router is overwritten by the fixture's
   models::make_sparse_student(student, E, K, rng, moe_layers);
   mod_detail::load_prefixed(student.parameters(), f, "param.student.");
@@ -121,7 +125,7 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
 
   // the upcycling invariant on the dense student
   {
-    nn::DecoderLM<> dense(sc), up(sc);
+    LM dense(sc), up(sc);
     mod_detail::load_prefixed(dense.parameters(), f, "param.dense_student.");
     mod_detail::load_prefixed(up.parameters(), f, "param.dense_student.");
     Rng r2(1);
@@ -131,13 +135,14 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
   }
 
   // ---- mimic distillation: align + ce + aux_coef · aux
-  const Tensor zt = models::eval_logits(teacher, ids, B, T);
+  const Tensor zt = models::eval_logits_host(teacher, ids, B, T);
   r.check("output.teacher_logits", zt, f.get_f32("output.teacher_logits"), kOutputTol);
-  models::StudentPass pass(student);
+  models::StudentPass<Backend> pass(student);
   const auto out = pass.forward(ids, B, T);
-  r.check("output.student_logits", out.logits, f.get_f32("output.student_logits"), kOutputTol);
+  const Tensor zs = out.logits.to(Device::cpu);
+  r.check("output.student_logits", zs, f.get_f32("output.student_logits"), kOutputTol);
   Tensor dl;
-  const auto kd = train::mimic_distill_loss(out.logits, zt, lab_t, &dl, train::MimicWeights{1.0, 0.0, 1.0});
+  const auto kd = train::mimic_distill_loss(zs, zt, lab_t, &dl, train::MimicWeights{1.0, 0.0, 1.0});
   r.check("output.kl", mod_detail::scalar(kd.kl), f.get_f32("output.kl"), kOutputTol);
   r.check("output.align_loss", mod_detail::scalar(kd.align), f.get_f32("output.align_loss"), kOutputTol);
   r.check("output.ce_loss", mod_detail::scalar(kd.ce), f.get_f32("output.ce_loss"), kOutputTol);
@@ -145,12 +150,12 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
   r.check("output.kd_objective", mod_detail::scalar(kd.objective + aux_coef * out.aux), f.get_f32("output.kd_objective"),
           kOutputTol);
   zero_grad(student.parameters());
-  pass.backward_all(dl, aux_w);
+  pass.backward_all(dl.to(Backend::device), aux_w);
   mod_detail::check_student_grads(student.parameters(), f, "kd", r);
 
   // ---- preference distillation, the teacher as reference
   const auto ref_w = train::sequence_logps(zt, lab_t);
-  const auto ref_l = train::sequence_logps(models::eval_logits(teacher, rej, B, T), rlab_t);
+  const auto ref_l = train::sequence_logps(models::eval_logits_host(teacher, rej, B, T), rlab_t);
   r.check("output.reference_chosen_logp", mod_detail::vec(ref_w), f.get_f32("output.reference_chosen_logp"), kOutputTol);
   r.check("output.reference_rejected_logp", mod_detail::vec(ref_l), f.get_f32("output.reference_rejected_logp"),
           kOutputTol);
@@ -170,7 +175,7 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
     train::PreferenceOptions opt;
     opt.loss = c.loss;
     opt.beta = beta;
-    const auto pb = train::preference_distill_loss(po.logits, cat_lab_t, ref_w, ref_l, &dp, opt);
+    const auto pb = train::preference_distill_loss(po.logits.to(Device::cpu), cat_lab_t, ref_w, ref_l, &dp, opt);
     if (c.loss == train::PreferenceLoss::sigmoid) {
       r.check("output.policy_chosen_logp", mod_detail::vec(pb.policy_chosen), f.get_f32("output.policy_chosen_logp"),
               kOutputTol);
@@ -179,7 +184,7 @@ inline void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json
     }
     r.check(c.output, mod_detail::scalar(pb.pref.loss), f.get_f32(c.output), kOutputTol);
     zero_grad(student.parameters());
-    pass.backward_all(dp, aux_w);
+    pass.backward_all(dp.to(Backend::device), aux_w);
     mod_detail::check_student_grads(student.parameters(), f, c.set, r);
   }
 }

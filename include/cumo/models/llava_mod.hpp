@@ -16,6 +16,10 @@
 //
 // None of this changes nn/: StudentPass and eval_logits drive the DecoderLM's public layers (the same calls, in the
 // same order, as DecoderLM::forward_embeds / backward), so the arithmetic is the DecoderLM's own.
+//
+// Every function takes a DecoderLM on any backend. On a device backend the logits StudentPass and eval_logits return
+// are device tensors; the losses of train/distill.hpp run on host copies of them (`.to(Device::cpu)`) and their
+// dlogits go back with `.to(Backend::device)` — an (N, V) copy each way per step, the price of one loss code.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -49,7 +53,8 @@ inline std::vector<int> every_other_layer(std::int64_t layers) {
 // HF's "<layer>.mlp.experts.gate_up_proj" / ".experts.down_proj" / ".mlp.gate.weight" (load_hf also reads the
 // per-expert "...experts.{e}.{gate,up,down}_proj.weight" form). Returns the layers it upcycled. At upcycling the
 // student's logits equal the dense student's (the renormalised top-k weights sum to 1).
-inline std::vector<int> make_sparse_student(nn::DecoderLM<>& lm, int experts, int top_k, Rng& rng,
+template <class Backend>
+std::vector<int> make_sparse_student(nn::DecoderLM<Backend>& lm, int experts, int top_k, Rng& rng,
                                             std::vector<int> layers = {}, SparseMoEOptions options = mod_moe_options()) {
   constexpr const char* where = "make_sparse_student";
   if (layers.empty()) layers = every_other_layer(std::int64_t(lm.layers.size()));
@@ -65,7 +70,8 @@ inline std::vector<int> make_sparse_student(nn::DecoderLM<>& lm, int experts, in
 
 // LLaVA-MoD's default trainable set in the distillation stages: the FFNs (experts) and routers of the LLM; attention,
 // norms and embeddings frozen. Sets Parameter::trainable on every parameter of `lm`; returns how many train.
-inline std::size_t train_only_ffn(nn::DecoderLM<>& lm) {
+template <class Backend>
+std::size_t train_only_ffn(nn::DecoderLM<Backend>& lm) {
   for (Parameter* p : lm.parameters()) p->trainable = false;
   std::size_t n = 0;
   for (auto& L : lm.layers) {
@@ -92,12 +98,21 @@ inline std::int64_t parameter_bytes(const ParameterList& ps, bool with_grads = f
 }
 
 namespace detail {
-inline Tensor head_logits(const nn::DecoderLM<>& m, const Tensor& hn) {
+template <class Backend>
+Parameter& head_weight(nn::DecoderLM<Backend>& m) {
+  return m.config().tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
+}
+// hn (N, H) → logits (N, V) on the model's device.
+template <class Backend>
+Tensor head_logits(nn::DecoderLM<Backend>& m, const Tensor& hn) {
   const auto& c = m.config();
-  const Parameter& W = c.tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
-  Tensor logits = nn::matrix(hn.size(0), c.vocab);
-  cpu::gemm(cpu::Op::N, cpu::Op::T, hn.size(0), c.vocab, c.hidden, 1.f, hn.data<float>(), c.hidden,
-            W.value.data<float>(), c.hidden, 0.f, logits.data<float>(), c.vocab);  // (N, V)
+  const Tensor& W = head_weight(m).value;
+  Tensor logits = nn::matrix(hn.size(0), c.vocab, Backend::device);
+  if constexpr (nn::on_cpu<Backend>)
+    cpu::gemm(cpu::Op::N, cpu::Op::T, hn.size(0), c.vocab, c.hidden, 1.f, hn.data<float>(), c.hidden,
+              W.data<float>(), c.hidden, 0.f, logits.data<float>(), c.vocab);  // (N, V)
+  else
+    Backend::dense_linear(hn, W, nullptr, logits);  // (N, V): the layers' GEMM precision
   return logits;
 }
 // DenseGatedMLP::forward's arithmetic without saving g, u.
@@ -117,39 +132,56 @@ inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
 // run without saving their gate / up activations. A sparse FFN in the teacher runs its forward with training off
 // (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
 // DecoderLM::forward on the same input. key_valid (B·T): 0 marks a padding key.
-inline Tensor eval_logits_embeds(nn::DecoderLM<>& m, const Tensor& x, std::int64_t B, std::int64_t T,
-                                 const std::vector<std::uint8_t>* key_valid = nullptr) {
+// On a device backend (no KV cache there) the layers run their training forwards instead: the same logits, with
+// each layer's saved state held until its next forward.
+template <class Backend>
+Tensor eval_logits_embeds(nn::DecoderLM<Backend>& m, const Tensor& x, std::int64_t B, std::int64_t T,
+                          const std::vector<std::uint8_t>* key_valid = nullptr) {
   constexpr const char* where = "eval_logits";
   const auto& c = m.config();
-  Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden);
+  Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden, Backend::device);
   CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
   for (auto& L : m.layers) {
-    nn::KVCache cache = L.self_attn.make_cache(B, T);
-    h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, T, cache, key_valid));
-    const Tensor hn = L.post_attention_layernorm.apply(h);
-    h = nn::add(h, L.mlp.is_sparse() ? L.mlp.forward(hn, ForwardArgs{1, false}) : detail::gated_apply(L.mlp.dense(), hn));
+    if constexpr (nn::on_cpu<Backend>) {
+      nn::KVCache cache = L.self_attn.make_cache(B, T);
+      h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, T, cache, key_valid));
+      const Tensor hn = L.post_attention_layernorm.apply(h);
+      h = nn::add(h, L.mlp.is_sparse() ? L.mlp.forward(hn, ForwardArgs{1, false}) : detail::gated_apply(L.mlp.dense(), hn));
+    } else {
+      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
+      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{1, false}));
+    }
   }
   return detail::head_logits(m, m.norm.apply(h));
 }
-inline Tensor eval_logits(nn::DecoderLM<>& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+template <class Backend>
+Tensor eval_logits(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                           const std::vector<std::uint8_t>* key_valid = nullptr) {
   CUMO_CHECK(std::int64_t(ids.size()) == B * T, "eval_logits: ", ids.size(), " ids for B = ", B, ", T = ", T);
   return eval_logits_embeds(m, m.embed_tokens.apply(ids), B, T, key_valid);
 }
+// The teacher's logits on the host, where train/distill.hpp's losses run.
+template <class Backend>
+Tensor eval_logits_host(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& ids, std::int64_t B,
+                        std::int64_t T, const std::vector<std::uint8_t>* key_valid = nullptr) {
+  return eval_logits(m, ids, B, T, key_valid).to(Device::cpu);
+}
 
 // ---- the student: forward / backward under an external loss -------------------------------------------------------
+template <class Backend = backend::Cpu>
 class StudentPass {
  public:
-  explicit StudentPass(nn::DecoderLM<>& m) : m_(&m) {}
+  using Model = nn::DecoderLM<Backend>;
+  explicit StudentPass(Model& m) : m_(&m) {}
 
   struct Output {
-    Tensor logits;                   // (B·T, V)
+    Tensor logits;                   // (B·T, V) on the model's device
     double aux = 0;                  // Σ over sparse layers and segments of the block's balance loss (its counting)
     double z = 0;                    // Σ over sparse layers and segments of the block's z-loss
     std::vector<double> aux_layers;  // per sparse layer, in layer order (summed over segments)
   };
 
-  nn::DecoderLM<>& model() { return *m_; }
+  Model& model() { return *m_; }
 
   // ids (B·T); `segments` splits the rows into that many equal consecutive parts, each a forward of its own for
   // the aux losses (LLaVA-MoD's aux_chosen + aux_rejected when chosen and rejected are concatenated).
@@ -166,30 +198,35 @@ class StudentPass {
     return run(x, B, T, segments, key_valid);
   }
 
-  // dlogits (B·T, V) f32 = d objective / d logits; `aux` = the objective's coefficients of Output::aux and
-  // Output::z. Accumulates every parameter gradient except the embedding table's rows and returns d inputs_embeds.
+  // dlogits (B·T, V) f32 on the model's device = d objective / d logits; `aux` = the objective's coefficients of
+  // Output::aux and Output::z. Accumulates every parameter gradient except the embedding table's rows and returns
+  // d inputs_embeds.
   Tensor backward(const Tensor& dlogits, AuxLossWeights aux = {}) {
     constexpr const char* where = "StudentPass::backward";
     CUMO_CHECK(hn_.defined(), where, ": no saved forward (one backward per forward)");
-    nn::DecoderLM<>& m = *m_;
+    Model& m = *m_;
     const auto& c = m.config();
     const std::int64_t N = hn_.size(0), H = c.hidden, V = c.vocab;
-    const Tensor dl = nn::check_input(where, "dlogits", dlogits, V);
+    const Tensor dl = nn::check_input(where, "dlogits", dlogits, V, Backend::device);
     CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but the forward had ", N, " rows");
-    Parameter& W = c.tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
-    cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
-              W.grad.data<float>(), H);  // (V, H)
-    Tensor dh = nn::matrix(N, H);
-    cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
-              dh.data<float>(), H);  // (N, H)
+    Parameter& W = detail::head_weight(m);
+    Tensor dh = nn::matrix(N, H, Backend::device);
+    if constexpr (nn::on_cpu<Backend>) {
+      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
+                W.grad.data<float>(), H);  // (V, H)
+      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
+                dh.data<float>(), H);  // (N, H)
+    } else {
+      Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
+    }
     hn_ = Tensor();
     dh = m.norm.backward(dh);
     const AuxLossWeights per_block{float(double(aux.balance) * double(segments_)), float(double(aux.z) * double(segments_))};
     for (std::size_t l = m.layers.size(); l-- > 0;) {
       auto& L = m.layers[l];
       const Tensor dffn_in = L.mlp.backward(dh, per_block);
-      Tensor dmid = nn::add(dh, L.post_attention_layernorm.backward(dffn_in));
-      dh = nn::add(dmid, L.input_layernorm.backward(L.self_attn.backward(dmid)));
+      Tensor dmid = nn::add<Backend>(dh, L.post_attention_layernorm.backward(dffn_in));
+      dh = nn::add<Backend>(dmid, L.input_layernorm.backward(L.self_attn.backward(dmid)));
     }
     return dh;
   }
@@ -204,25 +241,25 @@ class StudentPass {
   Output run(const Tensor& x, std::int64_t B, std::int64_t T, std::int64_t segments,
              const std::vector<std::uint8_t>* key_valid) {
     constexpr const char* where = "StudentPass::forward";
-    nn::DecoderLM<>& m = *m_;
+    Model& m = *m_;
     const auto& c = m.config();
-    Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden);
+    Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden, Backend::device);
     CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
     CUMO_CHECK(segments >= 1 && B % segments == 0, where, ": ", B, " sequences do not split into ", segments,
                " equal segments");
     segments_ = segments;
     Output out;
     for (auto& L : m.layers) {
-      h = nn::add(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
-      h = nn::add(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{segments, true}));
+      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
+      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{segments, true}));
       if (L.mlp.is_sparse()) {
         const AuxLosses& a = L.mlp.last_aux();
         const bool top1 = L.mlp.sparse().options().balance == BalanceCounts::top1;
         // the block reduces per segment and averages; LLaVA-MoD adds the forwards' losses
-        const double bal = double((top1 ? a.balance_top1 : a.balance_allk).data<float>()[0]) * double(segments);
+        const double bal = host_scalar(top1 ? a.balance_top1 : a.balance_allk) * double(segments);
         out.aux_layers.push_back(bal);
         out.aux += bal;
-        out.z += double(a.z.data<float>()[0]) * double(segments);
+        out.z += host_scalar(a.z) * double(segments);
       }
     }
     hn_ = m.norm.forward(h);
@@ -230,7 +267,10 @@ class StudentPass {
     return out;
   }
 
-  nn::DecoderLM<>* m_;
+  // a (1,) aux loss of the block; on a device backend one host sync per sparse layer (a scalar copy)
+  static double host_scalar(const Tensor& t) { return double(t.to(Device::cpu).template data<float>()[0]); }
+
+  Model* m_;
   Tensor hn_;  // (N, H) final-norm output, for the head's gradient
   std::int64_t segments_ = 1;
   bool embedded_ = false;

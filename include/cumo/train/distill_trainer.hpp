@@ -410,7 +410,7 @@ class DistillStep {
 
   struct Forward {
     Tensor teacher_logits, student_logits;  // (B·T, V)
-    models::StudentPass::Output out;        // student's aux terms
+    models::StudentPass<>::Output out;        // student's aux terms
   };
 
   // pairs = true: the rows are chosen then rejected and the pixels cover only the first half (shared images).
@@ -477,7 +477,7 @@ class DistillStep {
  private:
   models::CuMo<>* t_;
   models::CuMo<>* s_;
-  models::StudentPass pass_;
+  models::StudentPass<> pass_;
   std::vector<bool> is_image_;
   std::int64_t images_ = 0;
   bool pairs_ = false;
