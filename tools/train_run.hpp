@@ -92,11 +92,11 @@ int run(const Args& a) {
     }
     if (!a.config.empty())
       std::cerr << "cumo_train: note: --resume uses the configuration stored in the checkpoint; --config is ignored\n";
-    CUMO_CHECK(a.variant.empty() && a.seed < 0, "cumo_train: --variant / --seed cannot change a resumed run");
+    CUMO_CHECK(a.variant.empty() && a.seed < 0, "--variant / --seed cannot change a resumed run");
     if (!a.out.empty()) raw["out"] = a.out;
     cfg = train::RunConfig::from_json(raw, "checkpoint '" + a.resume + "' run_config");
   } else {
-    CUMO_CHECK(!a.config.empty(), "cumo_train: --config CONFIG.json is required (or --resume DIR)");
+    CUMO_CHECK(!a.config.empty(), "--config CONFIG.json is required (or --resume DIR)");
     cfg = train::load_run_config(a.config);
     nlohmann::json raw = cfg.raw;
     if (!a.out.empty()) raw["out"] = a.out;
@@ -114,7 +114,7 @@ int run(const Args& a) {
   int first = 1, last = 3;
   bool resume_partial = false;
   if (a.stage != "all") {
-    CUMO_CHECK(a.stage == "1" || a.stage == "2" || a.stage == "3", "cumo_train: --stage must be 1, 2, 3 or all, got '",
+    CUMO_CHECK(a.stage == "1" || a.stage == "2" || a.stage == "3", "--stage must be 1, 2, 3 or all, got '",
                a.stage, "'");
     first = last = a.stage[0] - '0';
   }
@@ -125,7 +125,7 @@ int run(const Args& a) {
     if (a.stage == "all") {
       first = start;
     } else {
-      CUMO_CHECK(first == start, "cumo_train: --resume '", a.resume, "' is ", finished ? "the end" : "a stop",
+      CUMO_CHECK(first == start, "--resume '", a.resume, "' is ", finished ? "the end" : "a stop",
                  " of stage ", s, ", so it continues with stage ", start, ", not --stage ", a.stage);
     }
     if (first > 3) {
@@ -151,7 +151,7 @@ int run(const Args& a) {
   } else if (first > 1) {
     start_from = a.from.empty() ? (fs::path(cfg.out) / ("stage" + std::to_string(first - 1))).string() : a.from;
   } else {
-    CUMO_CHECK(a.from.empty(), "cumo_train: --from is for a stage > 1 (stage 1 starts from fresh weights)");
+    CUMO_CHECK(a.from.empty(), "--from is for a stage > 1 (stage 1 starts from fresh weights)");
   }
   auto structure_of = [&](const std::string& dir) {
     const auto st = train::read_trainer_state(dir);

@@ -41,15 +41,9 @@ Tensor randn(Shape s, Rng& rng, float scale = 1.f) {
   rng.fill_normal(t, 0.f, scale);
   return t;
 }
-Tensor on_gpu(const Tensor& t) { return t.to(Device::cuda); }
-Tensor on_cpu(const Tensor& t) { return t.to(Device::cpu); }
-// A device tensor whose every element is NaN (floating dtypes) or −77777 (i32).
-Tensor poisoned(Shape s, DType t = DType::f32) {
-  Tensor h = Tensor::empty(s, t);
-  for (std::int64_t i = 0; i < h.numel(); ++i)
-    detail::store_from_double(h.raw(), t, i, t == DType::i32 ? -77777.0 : std::numeric_limits<double>::quiet_NaN());
-  return on_gpu(h);
-}
+using test::on_cpu;
+using test::on_gpu;
+using test::poisoned;
 // fp32 values rounded through a 16-bit dtype, as fp32 (the CPU reference input for bf16/f16 kernels).
 Tensor rounded(const Tensor& t, DType low) { return t.to(low).to(DType::f32); }
 

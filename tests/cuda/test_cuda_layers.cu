@@ -59,14 +59,9 @@ Tensor randn(Shape s, Rng& rng, float scale = 1.f, float mean = 0.f) {
   rng.fill_normal(t, mean, scale);
   return t;
 }
-Tensor on_gpu(const Tensor& t) { return t.to(Device::cuda); }
-Tensor on_cpu(const Tensor& t) { return t.to(Device::cpu); }
-Tensor poisoned(Shape s, DType t = DType::f32) {
-  Tensor h = Tensor::empty(s, t);
-  for (std::int64_t i = 0; i < h.numel(); ++i)
-    detail::store_from_double(h.raw(), t, i, std::numeric_limits<double>::quiet_NaN());
-  return on_gpu(h);
-}
+using test::on_cpu;
+using test::on_gpu;
+using test::poisoned;
 Tensor gpu_zeros(Shape s) { return Tensor::zeros(s, DType::f32, Device::cuda); }
 // fp32 values rounded through bf16, as fp32 (the CPU reference input of a bf16 kernel).
 Tensor rounded(const Tensor& t) { return t.to(DType::bf16).to(DType::f32); }

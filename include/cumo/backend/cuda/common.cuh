@@ -324,11 +324,8 @@ inline int to_int(std::int64_t v, const char* where, const char* what) {
   return int(v);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ double warp_sum(double v) {
+template <class T>  // float or double
+__device__ __forceinline__ T warp_sum(T v) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
@@ -337,27 +334,18 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 // Sum over a block of blockDim.x (a multiple of 32, ≤ 1024) threads in a fixed order: a butterfly inside each
-// warp, then every warp over the warp totals. Every thread gets the result. `scratch` holds ≥ 32 floats; the call
-// begins with a barrier, so it can be called again with the same scratch.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// warp, then every warp over the warp totals. Every thread gets the result. `scratch` holds ≥ 32 T; the call
+// begins with a barrier, so it can be called again with the same scratch. T: float, or double for row statistics,
+// loss and norm partials.
+template <class T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   v = warp_sum(v);
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float t = lane < warps ? scratch[lane] : 0.f;
-  t = warp_sum(t);  // every warp reduces the same values in the same order: the same result everywhere
-  return t;
-}
-// The same fixed-order block sum in double (row statistics, loss and norm partials). `scratch`: ≥ 32 doubles.
-__device__ __forceinline__ double block_sum(double v, double* scratch) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  double t = lane < warps ? scratch[lane] : 0.0;
-  return warp_sum(t);
+  const T t = lane < warps ? scratch[lane] : T(0);
+  return warp_sum(t);  // every warp reduces the same values in the same order: the same result everywhere
 }
 // Maximum over a block (same contract as block_sum; NaN-ignoring like fmaxf).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
