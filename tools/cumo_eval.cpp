@@ -106,14 +106,8 @@ int evaluate(const Args& a) {
   const auto t0 = std::chrono::steady_clock::now();
   for (std::size_t i = 0; i < n; ++i) {
     const io::LlavaRecord& r = data.record(i);
-    const auto p = io::tokenize_prompt(r, tok, chat, cfg.image_tokens(), "'" + data_path + "' record " + std::to_string(i));
-    Tensor pixels;
-    if (data.has_image(i)) {
-      const Tensor px = data.pixels(i);  // (3, S, S)
-      pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
-    }
-    const std::string got = answer_of(model, tok, p.ids, pixels, max_new);
-    const std::string want = train::trim_answer(p.answer);
+    const auto [got, want] = train::greedy_answer(model, tok, data, i, chat, cfg.image_tokens(), max_new,
+                                                  "'" + data_path + "' record " + std::to_string(i));
     const bool ok = got == want;
     const std::string type = r.type.empty() ? "all" : r.type;
     TypeStats& ts = by_type[type];

@@ -139,22 +139,15 @@ class ClipVision {
     check_device(where, "pixel_values", pixels, Device::cpu);
     check_shape(where, "pixel_values", pixels, {-1, c.channels, c.image_size, c.image_size});
     const Tensor px = pixels.contiguous();
-    const std::int64_t B = px.size(0), N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size, G = c.grid();
-    const std::int64_t K = c.channels * P * P, S = c.image_size;
+    const std::int64_t B = px.size(0), N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size;
+    const std::int64_t K = c.channels * P * P;
     B_ = B;
 
     // unfold: patch row (b, gy, gx), columns (c, i, j) — the conv weight's (C, P, P) order
     cols_ = matrix(B * N, K);
     const float* pp = px.data<float>();
     float* pc = cols_.data<float>();
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t gy = 0; gy < G; ++gy)
-        for (std::int64_t gx = 0; gx < G; ++gx)
-          for (std::int64_t ch = 0; ch < c.channels; ++ch)
-            for (std::int64_t i = 0; i < P; ++i)
-              for (std::int64_t j = 0; j < P; ++j)
-                pc[(b * N + gy * G + gx) * K + (ch * P + i) * P + j] =
-                    pp[((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j];
+    for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pc[col] = pp[pix]; });
     Tensor patch = matrix(B * N, H, Backend::device);
     Tensor emb = matrix(B * T, H, Backend::device);  // (B*T, H) [CLS; patches] + positions
     if constexpr (on_cpu<Backend>) {
@@ -190,7 +183,7 @@ class ClipVision {
   Tensor backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
     constexpr const char* where = "ClipVision::backward";
     const VisionConfig& c = cfg_;
-    const std::int64_t B = B_, N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size, G = c.grid();
+    const std::int64_t B = B_, N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size;
     const std::int64_t K = c.channels * P * P, S = c.image_size;
     CUMO_CHECK(dfeatures.numel() == B * N * H, where, ": dfeatures has shape ", dfeatures.shape(), " but expected (",
                B * N, ", ", H, ")");
@@ -238,14 +231,9 @@ class ClipVision {
       cpu::gemm(cpu::Op::N, cpu::Op::N, B * N, K, H, 1.f, dpatch.data<float>(), H, patch_embedding.value.data<float>(),
                 K, 0.f, dcols.data<float>(), K);  // (B*N, K)
       Tensor dpx = Tensor::zeros({B, c.channels, S, S});  // fold (patches do not overlap: a plain scatter)
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t gy = 0; gy < G; ++gy)
-          for (std::int64_t gx = 0; gx < G; ++gx)
-            for (std::int64_t ch = 0; ch < c.channels; ++ch)
-              for (std::int64_t i = 0; i < P; ++i)
-                for (std::int64_t j = 0; j < P; ++j)
-                  dpx.data<float>()[((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j] =
-                      dcols.data<float>()[(b * N + gy * G + gx) * K + (ch * P + i) * P + j];
+      float* pd = dpx.data<float>();
+      const float* pdc = dcols.data<float>();
+      for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pd[pix] = pdc[col]; });
       return dpx;
     } else {
       Tensor dpatch = matrix(B * N, H, Backend::device);
@@ -285,6 +273,21 @@ class ClipVision {
 
   VisionConfig cfg_;
   std::int64_t B_ = 0, ran_ = 0;
+  // f(col, pix) for every pixel of B images: col indexes the unfolded (B*N, C*P*P) patch matrix — row (b, gy, gx),
+  // column (c, i, j), the conv weight's (C, P, P) order — and pix the (B, C, S, S) pixels. Unfold and fold both.
+  template <class F>
+  void for_each_patch_pixel(std::int64_t B, F&& f) const {
+    const VisionConfig& c = cfg_;
+    const std::int64_t N = c.patches(), P = c.patch_size, G = c.grid(), K = c.channels * P * P, S = c.image_size;
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t gy = 0; gy < G; ++gy)
+        for (std::int64_t gx = 0; gx < G; ++gx)
+          for (std::int64_t ch = 0; ch < c.channels; ++ch)
+            for (std::int64_t i = 0; i < P; ++i)
+              for (std::int64_t j = 0; j < P; ++j)
+                f((b * N + gy * G + gx) * K + (ch * P + i) * P + j, ((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j);
+  }
+
   Tensor cols_;  // (B*N, C*P*P) unfolded patches
 };
 

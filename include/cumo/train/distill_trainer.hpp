@@ -511,15 +511,7 @@ inline DistillEval evaluate_student(models::CuMo<>& m, const io::Tokenizer& tok,
   std::int64_t correct = 0, halluc = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const io::LlavaRecord& r = data.record(i);
-    const auto p = io::tokenize_prompt(r, tok, chat, image_tokens, "eval record " + std::to_string(i));
-    Tensor pixels;
-    if (data.has_image(i)) {
-      const Tensor px = data.pixels(i);  // (3, S, S)
-      pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
-    }
-    std::vector<std::int64_t> ids(p.ids.begin(), p.ids.end());
-    const std::string got = trim_answer(tok.decode(m.generate(ids, pixels, max_new, tok.eos_id()), true));
-    const std::string want = trim_answer(p.answer);
+    const auto [got, want] = greedy_answer(m, tok, data, i, chat, image_tokens, max_new, "eval record " + std::to_string(i));
     // "eval_000012_colour" → scene 12
     std::size_t scene = 0;
     bool has_scene = false;

@@ -458,6 +458,26 @@ inline std::string trim_answer(std::string s) {
   return s.substr(b, e - b + 1);
 }
 
+// Record i of `data` asked of `m`: its prompt (the turns up to the last answer, in `chat`'s template) and image,
+// answered greedily (at most max_new tokens, stopping at EOS) — the prediction and the reference answer, both
+// trimmed, as exact match compares them. `where` names the record in tokenizer errors.
+struct GreedyAnswer {
+  std::string prediction, answer;
+};
+inline GreedyAnswer greedy_answer(models::CuMo<>& m, const io::Tokenizer& tok, const io::LlavaDataset& data,
+                                  std::size_t i, const io::ChatTemplate& chat, int image_tokens, std::int64_t max_new,
+                                  const std::string& where) {
+  const auto p = io::tokenize_prompt(data.record(i), tok, chat, image_tokens, where);
+  Tensor pixels;
+  if (data.has_image(i)) {
+    const Tensor px = data.pixels(i);  // (3, S, S)
+    pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
+  }
+  const std::vector<std::int64_t> ids(p.ids.begin(), p.ids.end());
+  return {trim_answer(tok.decode(m.generate(ids, pixels, max_new, tok.eos_id()), /*skip_special=*/true)),
+          trim_answer(p.answer)};
+}
+
 // ================================================================================================================
 // Checkpoint metadata
 // ================================================================================================================
