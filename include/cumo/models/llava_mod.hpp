@@ -98,23 +98,6 @@ inline std::int64_t parameter_bytes(const ParameterList& ps, bool with_grads = f
 }
 
 namespace detail {
-template <class Backend>
-Parameter& head_weight(nn::DecoderLM<Backend>& m) {
-  return m.config().tie_embeddings ? m.embed_tokens.weight : m.lm_head.weight;
-}
-// hn (N, H) → logits (N, V) on the model's device.
-template <class Backend>
-Tensor head_logits(nn::DecoderLM<Backend>& m, const Tensor& hn) {
-  const auto& c = m.config();
-  const Tensor& W = head_weight(m).value;
-  Tensor logits = nn::matrix(hn.size(0), c.vocab, Backend::device);
-  if constexpr (nn::on_cpu<Backend>)
-    cpu::gemm(cpu::Op::N, cpu::Op::T, hn.size(0), c.vocab, c.hidden, 1.f, hn.data<float>(), c.hidden,
-              W.data<float>(), c.hidden, 0.f, logits.data<float>(), c.vocab);  // (N, V)
-  else
-    Backend::dense_linear(hn, W, nullptr, logits);  // (N, V): the layers' GEMM precision
-  return logits;
-}
 // DenseGatedMLP::forward's arithmetic without saving g, u.
 inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
   const Tensor g = mlp.gate_proj.apply(x), u = mlp.up_proj.apply(x);
@@ -152,7 +135,7 @@ Tensor eval_logits_embeds(nn::DecoderLM<Backend>& m, const Tensor& x, std::int64
       h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{1, false}));
     }
   }
-  return detail::head_logits(m, m.norm.apply(h));
+  return m.head(m.norm.apply(h));  // (B·T, V)
 }
 template <class Backend>
 Tensor eval_logits(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
@@ -206,21 +189,11 @@ class StudentPass {
     CUMO_CHECK(hn_.defined(), where, ": no saved forward (one backward per forward)");
     Model& m = *m_;
     const auto& c = m.config();
-    const std::int64_t N = hn_.size(0), H = c.hidden, V = c.vocab;
-    const Tensor dl = nn::check_input(where, "dlogits", dlogits, V, Backend::device);
+    const std::int64_t N = hn_.size(0);
+    const Tensor dl = nn::check_input(where, "dlogits", dlogits, c.vocab, Backend::device);
     CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but the forward had ", N, " rows");
-    Parameter& W = detail::head_weight(m);
-    Tensor dh = nn::matrix(N, H, Backend::device);
-    if constexpr (nn::on_cpu<Backend>) {
-      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
-                W.grad.data<float>(), H);  // (V, H)
-      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
-                dh.data<float>(), H);  // (N, H)
-    } else {
-      Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
-    }
+    Tensor dh = m.norm.backward(m.head_backward(dl, hn_));  // (N, H)
     hn_ = Tensor();
-    dh = m.norm.backward(dh);
     const AuxLossWeights per_block{float(double(aux.balance) * double(segments_)), float(double(aux.z) * double(segments_))};
     for (std::size_t l = m.layers.size(); l-- > 0;) {
       auto& L = m.layers[l];
@@ -263,7 +236,7 @@ class StudentPass {
       }
     }
     hn_ = m.norm.forward(h);
-    out.logits = detail::head_logits(m, hn_);
+    out.logits = m.head(hn_);  // (B·T, V)
     return out;
   }
 

@@ -173,12 +173,7 @@ class DecoderLM {
     for (auto& l : layers) h = l.forward(h, B, T, key_valid);
     hn_ = norm.forward(h);  // (B*T, H)
     Output out;
-    out.logits = matrix(B * T, cfg_.vocab, Backend::device);
-    const Tensor& W = head_weight().value;
-    if constexpr (on_cpu<Backend>)
-      Backend::linear(hn_, W, out.logits);  // (B*T, V)
-    else
-      Backend::dense_linear(hn_, W, nullptr, out.logits);  // (B*T, V): the layers' GEMM precision
+    out.logits = head(hn_);  // (B*T, V)
     logits_ = out.logits;
     dlogits_ = Tensor();
     if (labels) {
@@ -206,20 +201,9 @@ class DecoderLM {
   // (or let backward_all() do so) to reach the embedding table.
   Tensor backward(float dloss = 1.f) {
     CUMO_CHECK(dlogits_.defined(), "DecoderLM::backward: the last forward had no labels (nothing to differentiate)");
-    const std::int64_t N = B_ * T_, H = cfg_.hidden, V = cfg_.vocab;
     Tensor dl = dlogits_.clone();
     scale_<Backend>(dl, dloss);
-    Parameter& W = head_weight();
-    Tensor dh = matrix(N, H, Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn_.data<float>(), H, 1.f,
-                W.grad.data<float>(), H);  // (V, H)
-      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
-                dh.data<float>(), H);  // (N, H)
-    } else {
-      Backend::dense_linear_backward(dl, hn_, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
-    }
-    dh = norm.backward(dh);
+    Tensor dh = norm.backward(head_backward(dl, hn_));
     for (std::size_t l = layers.size(); l-- > 0;) {
       Tensor scaled;  // the cross-layer aux loss's gradient on this layer's router logits
       if (aux_dlogits_.size() == layers.size() && aux_dlogits_[l].defined() && cfg_.aux_coef != 0.0) {
@@ -232,6 +216,33 @@ class DecoderLM {
   }
   void backward_embeddings(const Tensor& dx, const std::vector<bool>* skip = nullptr) { embed_tokens.backward(dx, skip); }
   void backward_all(float dloss = 1.f) { backward_embeddings(backward(dloss)); }
+
+  // The LM head (the tied embedding table or lm_head): hn (N, H) final-norm output → logits (N, V), at the layers'
+  // GEMM precision. head_backward: dlogits (N, V) → d hn (N, H), the head weight's gradient accumulating. Public for
+  // callers that put their own loss on the logits (models/llava_mod.hpp's StudentPass).
+  Tensor head(const Tensor& hn) {
+    Tensor logits = matrix(hn.size(0), cfg_.vocab, Backend::device);
+    const Tensor& W = head_weight().value;
+    if constexpr (on_cpu<Backend>)
+      Backend::linear(hn, W, logits);  // (N, V)
+    else
+      Backend::dense_linear(hn, W, nullptr, logits);  // (N, V)
+    return logits;
+  }
+  Tensor head_backward(const Tensor& dlogits, const Tensor& hn) {
+    const std::int64_t N = hn.size(0), H = cfg_.hidden, V = cfg_.vocab;
+    Parameter& W = head_weight();
+    Tensor dh = matrix(N, H, Backend::device);
+    if constexpr (on_cpu<Backend>) {
+      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dlogits.data<float>(), V, hn.data<float>(), H, 1.f,
+                W.grad.data<float>(), H);  // dW (V, H) +=
+      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dlogits.data<float>(), V, W.value.data<float>(), H, 0.f,
+                dh.data<float>(), H);  // (N, H)
+    } else {
+      Backend::dense_linear_backward(dlogits, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
+    }
+    return dh;
+  }
 
   // Router logits (N, E) of every sparse layer in the last forward.
   std::vector<Tensor> router_logits() const {
@@ -261,12 +272,7 @@ class DecoderLM {
       h = add<Backend>(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, t, cache[l]));
       h = add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
     }
-    const Tensor hn = norm.apply(h);
-    Tensor logits = matrix(B * t, cfg_.vocab);
-    const Tensor& W = head_weight().value;
-    cpu::gemm(cpu::Op::N, cpu::Op::T, B * t, cfg_.vocab, cfg_.hidden, 1.f, hn.data<float>(), cfg_.hidden,
-              W.data<float>(), cfg_.hidden, 0.f, logits.data<float>(), cfg_.vocab);
-    return logits;
+    return head(norm.apply(h));  // (B*t, V)
   }
 
  private:
