@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cumo builds and tests with, if any are missing. Idempotent; needs root (or sudo).
 set -euo pipefail
+# CUMO_SKIP_SETUP=1: the packages are there another way (a machine without apt access, e.g. unpacked .debs)
+if [ "${CUMO_SKIP_SETUP:-}" = 1 ]; then
+  echo "setup.sh: skipped (CUMO_SKIP_SETUP=1)"
+  exit 0
+fi
 packages=(
   cmake g++ make pkg-config ccache
   libeigen3-dev          # CPU backend

@@ -115,8 +115,8 @@ inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
 // run without saving their gate / up activations. A sparse FFN in the teacher runs its forward with training off
 // (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
 // DecoderLM::forward on the same input. key_valid (B·T): 0 marks a padding key.
-// On a device backend (no KV cache there) the layers run their training forwards instead: the same logits, with
-// each layer's saved state held until its next forward.
+// On a device backend (no KV cache there) attention and the FFNs run their training forwards instead: the same
+// logits, with their saved state held until their next forward.
 template <class Backend>
 Tensor eval_logits_embeds(nn::DecoderLM<Backend>& m, const Tensor& x, std::int64_t B, std::int64_t T,
                           const std::vector<std::uint8_t>* key_valid = nullptr) {
@@ -131,8 +131,8 @@ Tensor eval_logits_embeds(nn::DecoderLM<Backend>& m, const Tensor& x, std::int64
       const Tensor hn = L.post_attention_layernorm.apply(h);
       h = nn::add(h, L.mlp.is_sparse() ? L.mlp.forward(hn, ForwardArgs{1, false}) : detail::gated_apply(L.mlp.dense(), hn));
     } else {
-      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
-      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{1, false}));
+      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.apply(h), B, T, key_valid));
+      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
     }
   }
   return m.head(m.norm.apply(h));  // (B·T, V)

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Everything the GPU side still has to prove, in one command for a machine with an NVIDIA GPU (docs/cuda.md
+# "Commands on a GPU machine" lists each step by hand):
+#
+#   bash scripts/gpu_check.sh                      # all steps
+#   STEPS="build test parity" bash scripts/gpu_check.sh   # some of them (in this order whatever the order given)
+#
+# Steps:
+#   build     configure build-cuda (Release, CUMO_CUDA=ON, benchmarks on, examples off) and build the CUDA targets
+#   test      ctest -L cuda: cuda_backend(+_host), cuda_layers, cuda_model, parity_cuda_fixtures, app_cuda_train
+#   parity    cumo_parity --device cuda on every shipped fixture (every kind)
+#   sanitize  compute-sanitizer memcheck + racecheck on the three CUDA test binaries (fixed seed)
+#   bench     bench_cuda_cumo_step in fp32, tf32, bf16 (the CuMo training step, equal-FLOP dense GEMM beside it)
+#   torch     benchmarks/torch_cumo_step.py, the same model in PyTorch eager and torch.compile (needs torch +
+#             transformers; skipped with a message otherwise)
+#   demo      the built-in demo on the GPU: DEVICE=cuda scripts/run_demo.sh into runs/demo-gpu
+#
+# Each step's output goes to $OUT/<step>.log (OUT defaults to runs/gpu_check) and a line per step to
+# $OUT/summary.txt: ok, FAILED (rc) or skipped. The script goes on after a failed step and exits 1 if any failed;
+# without a GPU it prints why and exits 77.
+# Environment: BUILD (build-cuda), CUDA_ARCH (CMAKE_CUDA_ARCHITECTURES, default native), JOBS (nproc); the demo
+# step calls scripts/setup.sh, so on a machine without apt access install the packages first and set
+# CUMO_SKIP_SETUP=1. The demo skips its plots unless PLOT=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD=${BUILD:-build-cuda}
+OUT=${OUT:-runs/gpu_check}
+CUDA_ARCH=${CUDA_ARCH:-native}
+JOBS=${JOBS:-$(nproc)}
+STEPS=" ${STEPS:-build test parity sanitize bench torch demo} "
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check: SKIPPED: no NVIDIA GPU on this machine (nvidia-smi -L fails)"
+  exit 77
+fi
+mkdir -p "$OUT" || exit 1
+: >"$OUT/summary.txt"
+nvidia-smi -L | tee "$OUT/device.txt"
+
+failed=0
+# run_step NAME COMMAND...: runs COMMAND when NAME is among $STEPS, its output (stdout + stderr) to $OUT/NAME.log.
+run_step() {
+  local name=$1
+  shift
+  [[ "$STEPS" == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - t0))
+  if [ $rc -eq 0 ] && grep -q "(Skipped)" "$OUT/$name.log"; then  # ctest counts a skipped test as a pass
+    echo "$name: ok but SKIPPED some (${took} s): $(grep "(Skipped)" "$OUT/$name.log" | awk '{print $3}' | xargs)" |
+      tee -a "$OUT/summary.txt"
+  elif [ $rc -eq 0 ]; then
+    echo "$name: ok (${took} s)" | tee -a "$OUT/summary.txt"
+  elif [ $rc -eq 77 ]; then
+    echo "$name: skipped ($(tail -n 1 "$OUT/$name.log"))" | tee -a "$OUT/summary.txt"
+  else
+    echo "$name: FAILED (rc $rc, ${took} s; tail of $OUT/$name.log below)" | tee -a "$OUT/summary.txt"
+    tail -n 20 "$OUT/$name.log"
+    failed=1
+  fi
+}
+
+build() {
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_BENCHMARKS=ON \
+    -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" &&
+    cmake --build "$BUILD" -j "$JOBS" --target cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests \
+      cumo_parity cumo_train cumo_eval bench_cuda_moe bench_cuda_cumo_step
+}
+cuda_tests() { ctest --test-dir "$BUILD" -L cuda --output-on-failure; }
+parity() { "$BUILD/tools/cumo_parity" --device cuda tests/fixtures/*.safetensors; }
+sanitize() {
+  export CUMO_TEST_SEED=1
+  local t rc=0
+  for t in cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests; do
+    for tool in memcheck racecheck; do
+      echo "-- compute-sanitizer --tool $tool $t"
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/cuda/$t" || rc=1
+    done
+  done
+  return $rc
+}
+bench() {
+  local p
+  for p in fp32 tf32 bf16; do "$BUILD/benchmarks/cuda/bench_cuda_cumo_step" --precision "$p" || return 1; done
+}
+torch_side() {
+  if ! python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "no CUDA-enabled torch + transformers here"
+    return 77
+  fi
+  python3 benchmarks/torch_cumo_step.py --moe grouped
+}
+demo() { DEVICE=cuda BUILD="$BUILD" OUT=runs/demo-gpu PLOT=${PLOT:-0} bash scripts/run_demo.sh; }
+
+run_step build build
+run_step test cuda_tests
+run_step parity parity
+run_step sanitize sanitize
+run_step bench bench
+run_step torch torch_side
+run_step demo demo
+
+echo "summary ($OUT/summary.txt):"
+cat "$OUT/summary.txt"
+exit $failed
