@@ -64,20 +64,25 @@ run_step() {
 }
 
 build() {
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_BENCHMARKS=ON \
-    -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" &&
+  # every option spelled out: a build-cuda first configured by run_demo.sh has tests and benchmarks off
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \
+    -DCUMO_BUILD_BENCHMARKS=ON -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" &&
     cmake --build "$BUILD" -j "$JOBS" --target cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests \
       cumo_parity cumo_train cumo_eval bench_cuda_moe bench_cuda_cumo_step
 }
 cuda_tests() { ctest --test-dir "$BUILD" -L cuda --output-on-failure; }
 parity() { "$BUILD/tools/cumo_parity" --device cuda tests/fixtures/*.safetensors; }
 sanitize() {
-  export CUMO_TEST_SEED=1
-  local t rc=0
+  local cs t tool rc=0
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+  if [ -z "$cs" ]; then
+    echo "no compute-sanitizer on PATH or in /usr/local/cuda/bin"
+    return 77
+  fi
   for t in cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests; do
     for tool in memcheck racecheck; do
-      echo "-- compute-sanitizer --tool $tool $t"
-      compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/cuda/$t" || rc=1
+      echo "-- compute-sanitizer --tool $tool $t (CUMO_TEST_SEED=1)"
+      CUMO_TEST_SEED=1 "$cs" --tool "$tool" --error-exitcode 1 "$BUILD/tests/cuda/$t" || rc=1
     done
   done
   return $rc

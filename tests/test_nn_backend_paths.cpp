@@ -11,6 +11,8 @@
 
 #include <filesystem>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "../tools/parity/cumo.hpp"
 #include "../tools/parity/llava_mod.hpp"
@@ -48,6 +50,10 @@ TEST_CASE("nn device paths: the whole upcycled CuMo<Emulated> matches CuMo<Cpu>,
   Rng rng(4);
   compare_cumo<Emu>(rng, kTol, 1e-4);
 }
+
+// StudentPass pass(lm) takes lm's backend (a deduction guide: the constructor's parameter alone cannot deduce it).
+static_assert(std::is_same_v<decltype(models::StudentPass(std::declval<nn::DecoderLM<Emu>&>())), models::StudentPass<Emu>>);
+static_assert(std::is_same_v<decltype(models::StudentPass(std::declval<nn::DecoderLM<>&>())), models::StudentPass<>>);
 
 TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cumo_parity's runners on Emulated)") {
   // What `cumo_parity --device cuda` runs, with the kernels replaced by their contracts: clip_vision, mistral,

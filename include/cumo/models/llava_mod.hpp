@@ -5,9 +5,11 @@
 //                                        SparseMoE blocks in place: every expert an exact copy of the dense FFN,
 //                                        a fresh router (PyTorch Linear init), top-1 balance counting (DeepSpeed /
 //                                        Switch l_aux), optional capacity factor with DeepSpeed semantics.
-//   eval_logits(teacher, ids, B, T)      the teacher's forward in eval mode: nothing is kept for a backward (no
-//                                        layer input, no attention probabilities); the only buffers that outlive one
-//                                        layer are the residual stream and the logits.
+//   eval_logits(teacher, ids, B, T)      the teacher's forward in eval mode: on the CPU nothing is kept for a
+//                                        backward (no layer input, no attention probabilities); the only buffers that
+//                                        outlive one layer are the residual stream and the logits. On a device it
+//                                        overwrites the layers' saved state: not between a StudentPass forward and
+//                                        backward of the same model.
 //   StudentPass(student)                 forward / backward of a DecoderLM under an EXTERNAL loss on its logits (the
 //                                        distillation losses of train/distill.hpp), with the MoE aux loss as
 //                                        LLaVA-MoD sums it: each sparse layer's own balance loss, summed over layers
@@ -248,5 +250,8 @@ class StudentPass {
   std::int64_t segments_ = 1;
   bool embedded_ = false;
 };
+// StudentPass pass(lm) takes lm's backend.
+template <class Backend>
+StudentPass(nn::DecoderLM<Backend>&) -> StudentPass<Backend>;
 
 }  // namespace cumo::models

@@ -220,26 +220,31 @@ class DecoderLM {
   // The LM head (the tied embedding table or lm_head): hn (N, H) final-norm output → logits (N, V), at the layers'
   // GEMM precision. head_backward: dlogits (N, V) → d hn (N, H), the head weight's gradient accumulating. Public for
   // callers that put their own loss on the logits (models/llava_mod.hpp's StudentPass).
-  Tensor head(const Tensor& hn) {
-    Tensor logits = matrix(hn.size(0), cfg_.vocab, Backend::device);
+  Tensor head(const Tensor& hn) const {
+    const Tensor x = check_input("DecoderLM::head", "hn", hn, cfg_.hidden, Backend::device);
+    Tensor logits = matrix(x.size(0), cfg_.vocab, Backend::device);
     const Tensor& W = head_weight().value;
     if constexpr (on_cpu<Backend>)
-      Backend::linear(hn, W, logits);  // (N, V)
+      Backend::linear(x, W, logits);  // (N, V)
     else
-      Backend::dense_linear(hn, W, nullptr, logits);  // (N, V)
+      Backend::dense_linear(x, W, nullptr, logits);  // (N, V)
     return logits;
   }
-  Tensor head_backward(const Tensor& dlogits, const Tensor& hn) {
+  Tensor head_backward(const Tensor& dlogits, const Tensor& hn_in) {
+    constexpr const char* where = "DecoderLM::head_backward";
+    const Tensor hn = check_input(where, "hn", hn_in, cfg_.hidden, Backend::device);
+    const Tensor dl = check_input(where, "dlogits", dlogits, cfg_.vocab, Backend::device);
     const std::int64_t N = hn.size(0), H = cfg_.hidden, V = cfg_.vocab;
+    CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but hn has ", hn.shape());
     Parameter& W = head_weight();
     Tensor dh = matrix(N, H, Backend::device);
     if constexpr (on_cpu<Backend>) {
-      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dlogits.data<float>(), V, hn.data<float>(), H, 1.f,
+      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn.data<float>(), H, 1.f,
                 W.grad.data<float>(), H);  // dW (V, H) +=
-      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dlogits.data<float>(), V, W.value.data<float>(), H, 0.f,
+      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
                 dh.data<float>(), H);  // (N, H)
     } else {
-      Backend::dense_linear_backward(dlogits, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
+      Backend::dense_linear_backward(dl, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
     }
     return dh;
   }
