@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -14,8 +13,8 @@
 #include "cumo/data/preference.hpp"
 #include "cumo/models/llava_mod.hpp"
 #include "cumo/train/distill.hpp"
+#include "fixture_runs.hpp"
 #include "nn_test_util.hpp"
-#include "parity/llava_mod.hpp"
 
 using namespace cumo;
 
@@ -79,20 +78,7 @@ const std::vector<std::int64_t> kLabels{-100, -100, -100, 2, 12, 0, -100, -100, 
 
 // ---- fixture parity ------------------------------------------------------------------------------------------------
 TEST_CASE("llava_mod parity: logits, kl, align, ce, aux, sequence log-probs, DPO, KTO-pair and all three grad sets") {
-  int files = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(CUMO_FIXTURE_DIR)) {
-    if (entry.path().extension() != ".safetensors") continue;
-    const auto f = io::SafeTensors::open(entry.path().string());
-    const auto it = f.metadata().find("kind");
-    if (it == f.metadata().end() || it->second != "llava_mod_distill") continue;
-    ++files;
-    CAPTURE(entry.path().filename().string());
-    parity::Report r;
-    parity::run_llava_mod_distill<backend::Cpu>(f, nlohmann::json::parse(f.metadata().at("config")), r);
-    CHECK(r.failed == 0);
-    CHECK(r.passed >= 100);
-  }
-  CHECK(files >= 1);
+  CHECK(test::run_fixture_kinds<backend::Cpu>({"llava_mod_distill"}, 100) >= 1);
 }
 
 // ---- finite differences on the logits (double) -----------------------------------------------------------------------

@@ -9,20 +9,18 @@
 // a few 1e-7); a gradient that is zero in exact arithmetic (CLIP's key bias) is compared in absolute terms, 1e-5.
 #include <doctest/doctest.h>
 
-#include <filesystem>
 #include <string>
 #include <type_traits>
 #include <utility>
 
-#include "../tools/parity/cumo.hpp"
-#include "../tools/parity/llava_mod.hpp"
-#include "../tools/parity/models.hpp"
 #include "backend_compare.hpp"
 #include "emulated_backend.hpp"
+#include "fixture_runs.hpp"
 
 using namespace cumo;
 using Emu = backend::Emulated;
 using namespace cumo::backend_test;
+using cumo::test::run_fixture_kinds;
 
 namespace {
 
@@ -59,35 +57,8 @@ TEST_CASE("nn device paths: the PyTorch fixtures through the device branches (cu
   // What `cumo_parity --device cuda` runs, with the kernels replaced by their contracts: clip_vision, mistral,
   // qwen2, mixtral, llava, cumo and llava_mod_distill (outputs 1e-4, gradients 1e-3 against PyTorch, as on the CPU;
   // the cumo fixture's AdamW steps and the distillation losses' host round trip included).
-  int files = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(CUMO_FIXTURE_DIR)) {
-    if (entry.path().extension() != ".safetensors") continue;
-    const auto f = io::SafeTensors::open(entry.path().string());
-    const auto it = f.metadata().find("kind");
-    if (it == f.metadata().end()) continue;
-    const std::string& kind = it->second;
-    const auto config = nlohmann::json::parse(f.metadata().at("config"));
-    parity::Report r;
-    if (kind == "clip_vision")
-      parity::run_clip_vision<Emu>(f, config, r);
-    else if (kind == "mistral")
-      parity::run_mistral<Emu>(f, config, r);
-    else if (kind == "qwen2")
-      parity::run_qwen2<Emu>(f, config, r);
-    else if (kind == "mixtral")
-      parity::run_mixtral<Emu>(f, config, r);
-    else if (kind == "llava")
-      parity::run_llava<Emu>(f, config, r);
-    else if (kind == "cumo")
-      parity::run_cumo<Emu>(f, config, r);
-    else if (kind == "llava_mod_distill")
-      parity::run_llava_mod_distill<Emu>(f, config, r);
-    else
-      continue;
-    ++files;
-    CAPTURE(entry.path().filename().string());
-    CHECK(r.failed == 0);
-    CHECK(r.passed > 10);
-  }
+  const int files = run_fixture_kinds<Emu>({"clip_vision", "mistral", "qwen2", "mixtral", "llava", "cumo",
+                                           "llava_mod_distill"},
+                                          11);
   CHECK(files >= 7);  // one fixture each of clip_vision, mistral, qwen2, mixtral, llava, cumo, llava_mod_distill ship today
 }

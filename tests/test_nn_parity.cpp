@@ -3,34 +3,13 @@
 // from the fixture's metadata config. Tolerances from tests/fixtures/README.md: outputs 1e-4, gradients 1e-3.
 #include <doctest/doctest.h>
 
-#include <filesystem>
 #include <string>
 
-#include "../tools/parity/models.hpp"
+#include "fixture_runs.hpp"
 
 namespace {
 
-void run_kind(const std::string& kind) {
-  int files = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(CUMO_FIXTURE_DIR)) {
-    if (entry.path().extension() != ".safetensors") continue;
-    const auto f = cumo::io::SafeTensors::open(entry.path().string());
-    const auto it = f.metadata().find("kind");
-    if (it == f.metadata().end() || it->second != kind) continue;
-    ++files;
-    CAPTURE(entry.path().filename().string());
-    const auto config = nlohmann::json::parse(f.metadata().at("config"));
-    cumo::parity::Report r;
-    if (kind == "clip_vision") cumo::parity::run_clip_vision(f, config, r);
-    if (kind == "mistral") cumo::parity::run_mistral(f, config, r);
-    if (kind == "qwen2") cumo::parity::run_qwen2(f, config, r);
-    if (kind == "mixtral") cumo::parity::run_mixtral(f, config, r);
-    if (kind == "llava") cumo::parity::run_llava(f, config, r);
-    CHECK(r.failed == 0);
-    CHECK(r.passed > 10);
-  }
-  CHECK(files >= 1);
-}
+void run_kind(const std::string& kind) { CHECK(cumo::test::run_fixture_kinds<cumo::backend::Cpu>({kind}, 11) >= 1); }
 
 }  // namespace
 

@@ -14,11 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/io/safetensors.hpp"
-#include "parity/cumo.hpp"
-#include "parity/llava_mod.hpp"
-#include "parity/models.hpp"
-#include "parity/moe.hpp"
-#include "parity/report.hpp"
+#include "parity/kinds.hpp"
 #if defined(__CUDACC__)
 #include "cumo/backend/cuda.cuh"
 #include "cumo/train/adamw_cuda.cuh"
@@ -42,31 +38,6 @@ struct cumo::parity::ParityOptimizer<cumo::backend::Cuda> {
 
 namespace {
 
-using Runner = std::function<void(const cumo::io::SafeTensors&, const nlohmann::json&, cumo::parity::Report&)>;
-
-template <class Backend>
-std::map<std::string, Runner> kinds() {
-  using namespace cumo::parity;
-  return {
-      {"moe_mlp", run_moe_mlp<Backend>},
-      {"moe_swiglu", run_moe_swiglu<Backend>},
-  };
-}
-
-// The model kinds on backend B (every fixture kind: on a device the LLaVA-MoD losses run on host copies of the
-// logits, the models on the device).
-template <class B>
-void add_model_kinds(std::map<std::string, Runner>& table) {
-  using namespace cumo::parity;
-  table["clip_vision"] = run_clip_vision<B>;
-  table["mistral"] = run_mistral<B>;
-  table["qwen2"] = run_qwen2<B>;
-  table["mixtral"] = run_mixtral<B>;
-  table["llava"] = run_llava<B>;
-  table["cumo"] = run_cumo<B>;
-  table["llava_mod_distill"] = run_llava_mod_distill<B>;
-}
-
 int usage() {
   std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] FILE...\n");
   return 2;
@@ -89,10 +60,9 @@ int main(int argc, char** argv) {
   }
   if (files.empty()) return usage();
 
-  std::map<std::string, Runner> table;
+  std::map<std::string, cumo::parity::Runner> table;
   if (device == "cpu") {
-    table = kinds<cumo::backend::Cpu>();
-    add_model_kinds<cumo::backend::Cpu>(table);
+    table = cumo::parity::runners<cumo::backend::Cpu>();
   } else if (device == "cuda") {
 #if defined(__CUDACC__)
     int n = 0;
@@ -100,8 +70,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "cumo_parity: --device cuda but no CUDA device is available (SKIPPED)\n");
       return 77;
     }
-    table = kinds<cumo::backend::Cuda>();
-    add_model_kinds<cumo::backend::Cuda>(table);
+    table = cumo::parity::runners<cumo::backend::Cuda>();
 #else
     std::fprintf(stderr, "cumo_parity: this build has no CUDA backend (configure with CUMO_CUDA=ON)\n");
     return 1;
