@@ -3,7 +3,6 @@
 // prints one line per checked tensor and ends with "N passed, M failed". Exit status 1 when anything failed or a
 // file could not be run (unsupported kind, unreadable file); 77 for --device cuda on a machine without a CUDA device
 // (ctest's "skipped", as the CUDA test binaries).
-#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -14,27 +13,11 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/io/safetensors.hpp"
-#include "parity/kinds.hpp"
 #if defined(__CUDACC__)
 #include "cumo/backend/cuda.cuh"
-#include "cumo/train/adamw_cuda.cuh"
-
-// The CuMo fixture's optimizer steps on the GPU: train::CudaAdamW with device-side clipping.
-template <>
-struct cumo::parity::ParityOptimizer<cumo::backend::Cuda> {
-  ParityOptimizer(cumo::ParameterList params, cumo::train::AdamWOptions options) : opt_(params, options) {}
-  double clip(double max_norm, int step) {
-    const cumo::Tensor r = opt_.clip_grad_norm(max_norm).to(cumo::Device::cpu);  // {norm, coefficient}
-    const double norm = r.data<float>()[0];
-    CUMO_CHECK(std::isfinite(norm), "ParityOptimizer: gradient norm ", norm, " at step ", step);
-    return norm;
-  }
-  void step() { opt_.step(); }
-
- private:
-  cumo::train::CudaAdamW opt_;
-};
+#include "cumo/train/adamw_cuda.cuh"  // train::OptimizerFor<backend::Cuda>: the CuMo fixture's steps on the GPU
 #endif
+#include "parity/kinds.hpp"
 
 namespace {
 

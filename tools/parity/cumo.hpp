@@ -57,22 +57,12 @@ inline Tensor vector_tensor(const std::vector<double>& v) {
 
 }  // namespace detail
 
-// The fixture's optimizer on a backend: train::AdamW and train::clip_grad_norm on the CPU; cumo_parity's CUDA build
-// specialises it with train::CudaAdamW (which needs nvcc).
-template <class Backend>
-struct ParityOptimizer {
-  ParityOptimizer(ParameterList params, train::AdamWOptions options) : params_(params), opt_(params, options) {}
-  double clip(double max_norm, int step) { return train::clip_grad_norm(params_, max_norm, step); }
-  void step() { opt_.step(); }
-
- private:
-  ParameterList params_;
-  train::AdamW opt_;
-};
-
 template <class Backend = backend::Cpu>
 void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
   using CuMo = models::CuMo<Backend>;
+  // the fixture's optimizer and clipping on the model's backend: AdamW on the CPU, CudaAdamW (train/adamw_cuda.cuh,
+  // included by cumo_parity's CUDA build) on the GPU — the pair cumo_train's run_stage uses
+  using Optimizer = typename train::OptimizerFor<Backend>::type;
   using models::CuMoConfig;
   const CuMoConfig cfg = CuMoConfig::from_json(config);
   const io::HFCheckpoint ck = io::HFCheckpoint::from(f);
@@ -118,8 +108,8 @@ void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r)
           f.get_f32("output.vision_z_loss_per_layer"), detail::kOutputTol);
   m.backward();
   {
-    ParityOptimizer<Backend> clipper(params, ao);
-    const double raw = clipper.clip(clip, 0);  // the fixture stores clipped gradients (see above)
+    Optimizer clipper(params, ao);
+    const double raw = train::clip_gradients(clipper, clip, 0);  // the fixture stores clipped gradients (see above)
     std::printf("  (step-0 gradient norm %.6g before clipping to %g; the fixture's grads are the clipped ones)\n", raw,
                 clip);
     r.record("grad norm before clipping is finite", std::isfinite(raw) ? 0 : 1, 0, "mismatches");
@@ -139,13 +129,13 @@ void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r)
     CuMo t(cfg);
     t.load(ck, "param.");
     ParameterList tp = t.parameters();
-    ParityOptimizer<Backend> opt(tp, ao);
+    Optimizer opt(tp, ao);
     std::vector<double> losses;
     for (int s = 0; s < steps; ++s) {
       zero_grad(tp);
       losses.push_back(t.forward(ids, B, T, px, &labels).total);
       t.backward();
-      opt.clip(clip, s);
+      train::clip_gradients(opt, clip, s);
       opt.step();
     }
     r.check("output.step_losses", detail::vector_tensor(losses), f.get_f32("output.step_losses"),

@@ -39,6 +39,7 @@
 #include "cumo/core/error.hpp"
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/tensor.hpp"
+#include "cumo/train/clip.hpp"
 
 namespace cumo::train {
 
@@ -328,5 +329,11 @@ template <class B>
 struct OptimizerFor {
   using type = AdamW;
 };
+
+// Global-norm clipping of the optimizer's trainable gradients; returns the norm before clipping. A NaN/Inf gradient
+// stops training naming the parameter and the step. (The CudaAdamW overload is in adamw_cuda.cuh.)
+inline float clip_gradients(AdamW& opt, double max_norm, std::int64_t step) {
+  return clip_grad_norm(opt.trainable_parameters(), max_norm, step);
+}
 
 }  // namespace cumo::train

@@ -699,11 +699,6 @@ struct StageResult {
   double tokens_per_s = 0;     // mean over this call
 };
 
-// Global-norm clipping of the optimizer's trainable gradients; returns the norm before clipping. A NaN/Inf gradient
-// stops training naming the parameter and the step. (The CudaAdamW overload is in adamw_cuda.cuh.)
-inline float clip_gradients(AdamW& opt, double max_norm, std::int64_t step) {
-  return clip_grad_norm(opt.trainable_parameters(), max_norm, step);
-}
 
 namespace detail {
 // The first non-finite term of a forward's loss, in words ("the balance loss of CLIP layer 2", ...).
