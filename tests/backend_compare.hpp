@@ -1,7 +1,9 @@
 #pragma once
-// What the backend comparisons share (tests/test_nn_backend_paths.cpp: Emulated vs Cpu; tests/cuda/
-// test_cuda_model.cu: Cuda vs Cpu): relative / absolute comparisons of tensors on any device, parameter copies,
-// host-drawn random values, the tiny CuMo's batch, and the comparisons themselves.
+// Whole layers and models on backend B against the same ones on backend::Cpu, the reference: relative / absolute
+// comparisons of tensors on any device, parameter copies, host-drawn random values, the tiny CuMo's batch, and the
+// comparisons themselves. tests/cuda/test_cuda_model.cu runs them with B = backend::Cuda; tests/test_backend_generic.cpp
+// runs them with B = backend::Cpu at tolerance 0 — two models built from one config must agree bit for bit (the
+// determinism every backend promises).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -15,7 +17,8 @@
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
 #include "cumo/models/cumo.hpp"
-#include "cumo/train/trainer.hpp"
+#include "cumo/models/cumo.hpp"
+#include "cumo/train/optimizer.hpp"
 #include "cumo_test_config.hpp"
 
 namespace cumo::backend_test {
@@ -104,9 +107,7 @@ struct Batch {
 
 
 // ---- the comparisons themselves: model on backend B against the same model on backend::Cpu ----------------------
-// Used by tests/test_nn_backend_paths.cpp (B = Emulated) and tests/cuda/test_cuda_model.cu (B = Cuda), so the two
-// suites check exactly the same things. `tol` is the relative tolerance of outputs and gradients, `step_tol` the
-// one after optimizer steps.
+// `tol` is the relative tolerance of outputs and gradients, `step_tol` the one after optimizer steps.
 
 // nn::Linear with a bias: output, dx twice (the backward may run again on the saved input), accumulated grads.
 template <class B>
@@ -124,9 +125,8 @@ void compare_linear(Rng& rng, double tol) {
   expect_grads_close(pc, po, tol);
 }
 
-// nn::ClipVision: every hidden state, the features, every parameter gradient (d pixels are not computed off the
-// CPU). Only parameters that get no gradient by construction may be noise-level: the key biases, the unused last
-// layer and post_layernorm.
+// nn::ClipVision: every hidden state, the features, every parameter gradient and d pixels. Only parameters that get
+// no gradient by construction may be noise-level: the key biases, the unused last layer and post_layernorm.
 template <class B>
 void compare_clip_vision(Rng& rng, double tol) {
   const nn::VisionConfig vc = test::tiny_cumo_config().llava.vision;
@@ -143,7 +143,8 @@ void compare_clip_vision(Rng& rng, double tol) {
   expect_close("features", oo.features, oc.features, tol);
   const Tensor df = random_tensor(oc.features.shape(), rng);
   c.backward(df);
-  CHECK_FALSE(o.backward(df.to(B::device)).defined());
+  o.backward(df.to(B::device));
+  expect_close("d pixel_values", o.input_grad(), c.input_grad(), tol);
   for (const auto& n : expect_grads_close(c.parameters(), o.parameters(), tol))
     CHECK((n.find("k_proj.bias") != std::string::npos || n.find("post_layernorm") != std::string::npos ||
            n.find("layers.1.") != std::string::npos));
@@ -180,6 +181,26 @@ void compare_decoder(Rng& rng, double tol, bool mixtral) {
   expect_grads_close(c.parameters(), o.parameters(), tol);
 }
 
+// The same upcycled CuMo on the CPU and on B: both initialised from `seed` (drawn on the host: the same bits),
+// random N(0, scale²) weights, then upcycled (experts copies of the random dense MLPs) — or, with
+// random_experts, upcycled first so that the experts differ too — and B's parameters copied from the CPU's.
+template <class B>
+void upcycled_twins(models::CuMo<backend::Cpu>& c, models::CuMo<B>& o, std::uint64_t seed, Rng& rng, float scale,
+                    bool random_experts) {
+  Rng init_c(seed), init_o(seed);
+  c.reset_parameters(init_c);
+  o.reset_parameters(init_o);
+  for (std::size_t i = 0; i < c.parameters().size(); ++i)
+    CHECK(bitwise_equal(o.parameters()[i]->value, c.parameters()[i]->value));
+  if (!random_experts) randomize(c.parameters(), rng, scale);
+  c.upcycle(init_c);
+  o.upcycle(init_o);
+  REQUIRE(o.vision_is_sparse());
+  REQUIRE(o.connector_is_sparse());
+  if (random_experts) randomize(c.parameters(), rng, scale);
+  copy_parameters(c.parameters(), o.parameters());
+}
+
 // The whole upcycled models::CuMo: the same initial bits from the same seed; logits, every loss term, expert loads,
 // every gradient; then three clipped optimizer steps (train::AdamW on the CPU, train::OptimizerFor<B> on B, both
 // clipped by train::clip_gradients) — losses, gradient norms and every parameter whose gradient is not noise.
@@ -188,17 +209,7 @@ void compare_cumo(Rng& rng, double tol, double step_tol) {
   const models::CuMoConfig cfg = test::tiny_cumo_config();
   models::CuMo<backend::Cpu> c(cfg);
   models::CuMo<B> o(cfg);
-  Rng init_c(7), init_o(7);
-  c.reset_parameters(init_c);
-  o.reset_parameters(init_o);  // drawn on the host: the same bits
-  for (std::size_t i = 0; i < c.parameters().size(); ++i)
-    CHECK(bitwise_equal(o.parameters()[i]->value, c.parameters()[i]->value));
-  randomize(c.parameters(), rng, 0.3f);
-  c.upcycle(init_c);
-  o.upcycle(init_o);
-  REQUIRE(o.vision_is_sparse());
-  REQUIRE(o.connector_is_sparse());
-  copy_parameters(c.parameters(), o.parameters());
+  upcycled_twins(c, o, 7, rng, 0.3f, /*random_experts=*/false);
   Batch b(rng);
 
   const auto oc = c.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
@@ -241,6 +252,62 @@ void compare_cumo(Rng& rng, double tol, double step_tol) {
   // cannot change the loss) are left out; every other one must agree.
   for (std::size_t i = 0; i < pc.size(); ++i)
     if (!noise.count(pc[i]->name)) expect_close("after steps " + pc[i]->name, po[i]->value, pc[i]->value, step_tol);
+}
+
+// KV-cache generation on B: a prefill of 5 tokens then 3 single-token steps of a GQA decoder (2 sequences, so the
+// device packs the strided cache), each step's logits against the CPU's, then CuMo::generate's greedy tokens for an image
+// prompt (the upcycled model; exact token equality — the tiny random model's top-2 logits are far apart).
+template <class B>
+void compare_cached_decode(Rng& rng, double tol) {
+  nn::DecoderConfig dc = test::tiny_cumo_config().llava.text;
+  dc.layers = 2;
+  nn::DecoderLM<backend::Cpu> c(dc);
+  nn::DecoderLM<B> o(dc);
+  randomize(c.parameters(), rng, 0.3f);
+  copy_parameters(c.parameters(), o.parameters());
+  const std::int64_t Bn = 2, P = 5;
+  std::vector<std::int64_t> prompt{1, 4, 5, 6, 7, 2, 8, 3, 9, 1};
+  auto cc = c.make_cache(Bn, P + 3);
+  auto co = o.make_cache(Bn, P + 3);
+  expect_close("prefill logits", o.forward_cached(prompt, Bn, P, co), c.forward_cached(prompt, Bn, P, cc), tol);
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<std::int64_t> next{std::int64_t(3 + s), std::int64_t(5 + s)};
+    expect_close("decode step " + std::to_string(s), o.forward_cached(next, Bn, 1, co),
+                 c.forward_cached(next, Bn, 1, cc), tol);
+  }
+  CHECK(co[0].len == P + 3);
+
+  const models::CuMoConfig cfg = test::tiny_cumo_config();
+  models::CuMo<backend::Cpu> mc(cfg);
+  models::CuMo<B> mo(cfg);
+  upcycled_twins(mc, mo, 3, rng, 0.5f, /*random_experts=*/true);
+  const Tensor px = random_tensor({1, 3, 8, 8}, rng);
+  const std::vector<std::int64_t> ids{1, cfg.llava.image_token_id, 4, 5};
+  CHECK(mo.generate(ids, px, 6, -1) == mc.generate(ids, px, 6, -1));
+}
+
+// S² multi-scale vision features on B: a CuMo whose tower runs on the image and its 3×3 tiles, upcycled, with every
+// loss term and gradient against the CPU's.
+template <class B>
+void compare_s2(Rng& rng, double tol) {
+  models::CuMoConfig cfg = test::tiny_cumo_config();
+  cfg.llava.vision.s2 = true;
+  models::CuMo<backend::Cpu> c(cfg);
+  models::CuMo<B> o(cfg);
+  upcycled_twins(c, o, 5, rng, 0.3f, /*random_experts=*/true);
+  Batch b(rng);
+  const auto oc = c.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
+  const auto oo = o.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
+  expect_close("S2 logits", oo.logits, oc.logits, tol);
+  expect_near("S2 vision_balance", oo.vision_balance, oc.vision_balance, tol);
+  expect_near("S2 vision_z", oo.vision_z, oc.vision_z, tol);
+  expect_near("S2 total", oo.total, oc.total, tol);
+  REQUIRE(oo.vision_load.size() == oc.vision_load.size());
+  for (std::size_t l = 0; l < oc.vision_load.size(); ++l) CHECK(oo.vision_load[l].tokens == oc.vision_load[l].tokens);
+  c.backward();
+  o.backward();
+  expect_grads_close(c.parameters(), o.parameters(), tol);
+  expect_close("S2 d pixel_values", o.llava().last_dpixels(), c.llava().last_dpixels(), tol);
 }
 
 }  // namespace cumo::backend_test

@@ -7,7 +7,8 @@
 #include <cmath>
 #include <string>
 
-#include "cumo/train/distill_trainer.hpp"
+#include "app/distill_config.hpp"
+#include "app/distill_stage.hpp"
 #include "cumo_test_config.hpp"
 #include "nn_test_util.hpp"
 
@@ -20,13 +21,13 @@ namespace {
 
 // Teacher: the shared tiny CuMo (CLIP 2 layers of width 8, 4 patches; LLM 1 layer of width 12; vocabulary 13, image id 12).
 models::CuMoConfig teacher_config() { return test::tiny_cumo_config(); }
-train::StudentConfig student_config() {
-  train::StudentConfig s;
-  s.hidden = 8;
-  s.layers = 2;
-  s.heads = 2;
-  s.kv_heads = 1;
-  s.ffn = 10;
+app::StudentConfig student_config() {
+  app::StudentConfig s;
+  s.text.hidden = 8;
+  s.text.layers = 2;
+  s.text.heads = 2;
+  s.text.kv_heads = 1;
+  s.text.ffn = 10;
   s.experts = 4;
   s.top_k = 2;
   return s;
@@ -60,7 +61,7 @@ TEST_CASE("distill trainer: make_student copies the teacher's vision tower and b
   Rng rng(1);
   models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
-  models::CuMo<> student = train::make_student(teacher, student_config(), 7);
+  models::CuMo<> student = app::make_student(teacher, student_config(), 7);
   const ParameterList tv = teacher.vision_parameters(), sv = student.vision_parameters();
   REQUIRE(tv.size() == sv.size());
   for (std::size_t i = 0; i < tv.size(); ++i) {
@@ -70,28 +71,28 @@ TEST_CASE("distill trainer: make_student copies the teacher's vision tower and b
   CHECK(student.config().llava.text.hidden == 8);
   CHECK(student.config().llava.text.layers == 2);
   CHECK(student.connector_parameters()[0]->value.shape() == Shape{8, 8});  // linear_1: Hv 8 → Hs 8
-  CHECK_FALSE(train::student_is_sparse(student));
+  CHECK_FALSE(app::student_is_sparse(student));
   Rng up(3);
-  train::upcycle_student(student, student_config(), up);
+  app::upcycle_student(student, student_config(), up);
   const auto& L = student.llava().language_model.layers;
   CHECK(L[0].mlp.is_sparse());  // every other layer: 0
   CHECK_FALSE(L[1].mlp.is_sparse());
   // A dense student stays dense through an "upcycle" stage.
-  models::CuMo<> dense = train::make_student(teacher, student_config(), 7);
-  train::StudentConfig dc = student_config();
+  models::CuMo<> dense = app::make_student(teacher, student_config(), 7);
+  app::StudentConfig dc = student_config();
   dc.sparse = false;
-  train::upcycle_student(dense, dc, up);
-  CHECK_FALSE(train::student_is_sparse(dense));
+  app::upcycle_student(dense, dc, up);
+  CHECK_FALSE(app::student_is_sparse(dense));
   // Active LLM parameters: the sparse layer counts top_k of its E experts and its router.
-  CHECK(train::active_language_params(student) ==
-        train::active_language_params(dense) + 3 * 8 * 10 /* a second expert */ + 4 * 8 /* router */);
+  CHECK(app::active_language_params(student) ==
+        app::active_language_params(dense) + 3 * 8 * 10 /* a second expert */ + 4 * 8 /* router */);
 }
 
 TEST_CASE("distill trainer: the student's logits and CE gradients are CuMo::forward / backward's (frozen vision)") {
   Rng rng(2);
   models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
-  models::CuMo<> student = train::make_student(teacher, student_config(), 5);
+  models::CuMo<> student = app::make_student(teacher, student_config(), 5);
   randomize(student.language_parameters(), rng, 0.4f);
   randomize(student.connector_parameters(), rng, 0.4f);
   const io::Batch b = make_batch(rng);
@@ -106,7 +107,7 @@ TEST_CASE("distill trainer: the student's logits and CE gradients are CuMo::forw
   for (Parameter* p : trained) want.push_back(p->grad.clone());
 
   zero_grad(student.parameters());
-  train::DistillStep step(teacher, student);
+  app::DistillStep step(teacher, student);
   auto f = step.forward(b, false);
   CHECK(max_abs_diff(f.student_logits, ref.logits) == 0.0);
   // the teacher's logits: its own forward, in eval mode
@@ -118,7 +119,7 @@ TEST_CASE("distill trainer: the student's logits and CE gradients are CuMo::forw
   w.align = 0;
   w.kl = 0;
   w.ce = 1;
-  const auto r = train::mimic_distill_loss(f.student_logits, f.teacher_logits, train::labels_tensor(b), &dl, w);
+  const auto r = train::mimic_distill_loss(f.student_logits, f.teacher_logits, app::labels_tensor(b), &dl, w);
   CHECK(r.ce == doctest::Approx(ref.ce).epsilon(1e-6));
   step.backward(dl, 0.0);
   for (std::size_t i = 0; i < trained.size(); ++i) {
@@ -133,12 +134,12 @@ TEST_CASE("distill trainer: finite differences of D2S (KL + CE + aux) and DPO th
   Rng rng(3);
   models::CuMo<> teacher(teacher_config());
   randomize(teacher.parameters(), rng, 0.4f);
-  train::StudentConfig sc = student_config();
-  models::CuMo<> student = train::make_student(teacher, sc, 5);
+  app::StudentConfig sc = student_config();
+  models::CuMo<> student = app::make_student(teacher, sc, 5);
   randomize(student.language_parameters(), rng, 0.4f);
   randomize(student.connector_parameters(), rng, 0.4f);
   Rng up(9);
-  train::upcycle_student(student, sc, up);
+  app::upcycle_student(student, sc, up);
   for (Parameter* p : student.language_parameters())
     if (p->name.ends_with(".gate.weight")) rng.fill_normal(p->value, 0.f, 0.8f);  // aux with real gradient
   const io::Batch single = make_batch(rng);
@@ -154,12 +155,12 @@ TEST_CASE("distill trainer: finite differences of D2S (KL + CE + aux) and DPO th
       l.labels = {-100, -100, -100, -100, -100, 4, 9, 6, 2, -100, -100, -100, -100, -100, 8, 1, -100, -100};
       l.key_valid = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
       l.lengths = {9, 7};
-      b = train::concat_pair_batches(single, l, 0);
+      b = app::concat_pair_batches(single, l, 0);
       REQUIRE(b.B == 4);
       REQUIRE(b.images() == 2);
     }
-    const Tensor labels = train::labels_tensor(b);
-    train::DistillStep step(teacher, student);
+    const Tensor labels = app::labels_tensor(b);
+    app::DistillStep step(teacher, student);
     auto objective_and_grad = [&](bool grad) {
       auto f = step.forward(b, pairs);
       Tensor dl;
@@ -199,7 +200,7 @@ TEST_CASE("distill trainer: pair batches put chosen rows first and fold both hal
   l.labels = {-100, -100, -100, -100, -100, 4, 2, -100, -100, -100, -100, -100, 8, 3};
   l.key_valid.assign(14, 1);
   l.lengths = {7, 7};
-  const io::Batch b = train::concat_pair_batches(w, l, 0);
+  const io::Batch b = app::concat_pair_batches(w, l, 0);
   CHECK(b.B == 4);
   CHECK(b.T == 9);
   CHECK(b.input_ids[2 * 9 + 6] == 2);
@@ -209,11 +210,11 @@ TEST_CASE("distill trainer: pair batches put chosen rows first and fold both hal
   CHECK(b.pixels.size(0) == 2);
   io::Batch bad = l;
   bad.B = 1;
-  CHECK_THROWS_WITH_AS(train::concat_pair_batches(w, bad, 0), doctest::Contains("2 chosen rows but 1 rejected"), Error);
+  CHECK_THROWS_WITH_AS(app::concat_pair_batches(w, bad, 0), doctest::Contains("2 chosen rows but 1 rejected"), Error);
 }
 
 TEST_CASE("distill trainer: config errors name the stage and the field") {
-  auto parse = [](const char* s) { return train::DistillConfig::from_json(nlohmann::json::parse(s), "cfg"); };
+  auto parse = [](const char* s) { return app::DistillConfig::from_json(nlohmann::json::parse(s), "cfg"); };
   CHECK_THROWS_WITH_AS(parse(R"({"stages": [{"name": "a", "kind": "ce"}]})"), doctest::Contains("'teacher'"), Error);
   CHECK_THROWS_WITH_AS(parse(R"({"teacher": "t", "stages": [{"name": "a", "kind": "kd"}]})"),
                        doctest::Contains("unknown distillation stage kind 'kd'"), Error);

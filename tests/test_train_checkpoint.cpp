@@ -57,7 +57,7 @@ struct Model {
   }
 };
 
-void train_steps(Model& m, AdamW& opt, Rng& rng, int n) {
+void train_steps(Model& m, AdamW<>& opt, Rng& rng, int n) {
   for (int s = 0; s < n; ++s) {
     for (Parameter* p : m.params()) rng.fill_normal(p->grad);
     opt.step(1e-2);
@@ -104,8 +104,8 @@ TEST_CASE("train/checkpoint: round trip of weights, optimizer state, step, RNGs,
     CHECK(cumo::bitwise_equal(m.params()[i]->value, m2.params()[i]->value));
   CHECK(opt2.steps() == 3);
   for (std::size_t i = 0; i < 3; ++i) {  // the connector's three parameters
-    const AdamW::State* a = opt.state(*m.params()[i]);
-    const AdamW::State* b = opt2.state(*m2.params()[i]);
+    const AdamW<>::State* a = opt.state(*m.params()[i]);
+    const AdamW<>::State* b = opt2.state(*m2.params()[i]);
     REQUIRE(a);
     REQUIRE(b);
     CHECK(a->step == b->step);

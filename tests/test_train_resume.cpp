@@ -143,7 +143,7 @@ class Run {
     }
   }
   TinyModel& model() { return model_; }
-  AdamW& optimizer() { return opt_; }
+  AdamW<>& optimizer() { return opt_; }
 
  private:
   static AdamWOptions adamw_options() {
@@ -181,7 +181,7 @@ class Run {
   }
 
   TinyModel model_;
-  AdamW opt_;
+  AdamW<> opt_;
   CosineWithWarmup sched_;
   Dataset data_;
   TrainerState state_;

@@ -19,7 +19,12 @@
 #include <string_view>
 
 #include "cli.hpp"
-#include "cumo/train/distill_trainer.hpp"
+#include "app/checkpoints.hpp"
+#include "app/data.hpp"
+#include "app/distill_config.hpp"
+#include "app/distill_eval.hpp"
+#include "app/distill_stage.hpp"
+#include "app/run_config.hpp"
 
 namespace {
 constexpr const char* kTool = "cumo_distill";
@@ -46,7 +51,7 @@ struct Args {
   bool eval = false, eval_teacher = false, dense_student = false, quiet = false;
 };
 
-void print_eval(const train::DistillEval& ev, const std::string& who) {
+void print_eval(const app::DistillEval& ev, const std::string& who) {
   std::printf("%s on the eval split (%lld questions):\n%-10s %9s %14s\n", who.c_str(), (long long)ev.records, "type",
               "accuracy", "hallucination");
   for (const auto& [t, v] : ev.per_type) std::printf("%-10s %9.3f %14.3f\n", t.c_str(), v.first, v.second);
@@ -54,7 +59,7 @@ void print_eval(const train::DistillEval& ev, const std::string& who) {
 }
 
 int run(const Args& a) {
-  train::DistillConfig cfg = train::load_distill_config(a.config);
+  app::DistillConfig cfg = app::load_distill_config(a.config);
   if (!a.out.empty()) cfg.out = a.out;
   if (!a.teacher.empty()) cfg.teacher = a.teacher;
   if (a.seed >= 0) {
@@ -62,19 +67,19 @@ int run(const Args& a) {
     for (std::size_t i = 0; i < cfg.stages.size(); ++i)
       if (!cfg.raw["stages"][i].contains("data_seed")) cfg.stages[i].data_seed = cfg.seed * 1000003ull + 100 + i;
   }
-  if (a.student_ffn > 0) cfg.student.ffn = a.student_ffn;
+  if (a.student_ffn > 0) cfg.student.text.ffn = a.student_ffn;
   if (a.dense_student) cfg.student.sparse = false;
   cfg.raw["out"] = cfg.out;
   cfg.raw["teacher"] = cfg.teacher;
   cfg.raw["seed"] = cfg.seed;
-  cfg.raw["student"]["ffn"] = cfg.student.ffn;
+  cfg.raw["student"]["ffn"] = cfg.student.text.ffn;
   cfg.raw["student"]["sparse"] = cfg.student.sparse;
 
   // Teacher: a cumo_train checkpoint, with its tokenizer and data.
-  train::RunConfig trun = train::run_config_of_checkpoint(cfg.teacher);
+  app::RunConfig trun = app::run_config_of_checkpoint(cfg.teacher);
   const auto tok = io::load_tokenizer(trun.tokenizer);
-  models::CuMo<> teacher = train::load_model_from_checkpoint(cfg.teacher, *tok, &trun);
-  train::ensure_data(trun, a.quiet ? nullptr : &std::cerr);
+  models::CuMo<> teacher = app::load_model_from_checkpoint(cfg.teacher, *tok, &trun);
+  app::ensure_data(trun, app::run_files(trun));
   fs::create_directories(cfg.out);
 
   auto evaluate = [&](models::CuMo<>& m, const std::string& who) {
@@ -83,7 +88,7 @@ int run(const Args& a) {
     const data::ShapesWorld w = data::generate_shapes_world(trun.shapes);
     std::ofstream preds(fs::path(cfg.out) / "eval_predictions.jsonl", std::ios::trunc);
     const auto t0 = std::chrono::steady_clock::now();
-    const auto ev = train::evaluate_student(m, *tok, data, w.eval, io::ChatTemplate::from_name(trun.eval_template), trun.image_tokens(), cfg.eval_max_new_tokens,
+    const auto ev = app::evaluate_student(m, *tok, data, w.eval, io::ChatTemplate::from_name(trun.eval_template), trun.image_tokens(), cfg.eval_max_new_tokens,
                                             cfg.eval_limit, &preds);
     nlohmann::json j = ev.to_json();
     j["model"] = who;
@@ -97,8 +102,8 @@ int run(const Args& a) {
     return 0;
   }
 
-  models::CuMo<> student = train::make_student(teacher, cfg.student, cfg.seed);
-  if (!a.from.empty()) train::load_student_checkpoint(student, cfg.student, a.from);
+  models::CuMo<> student = app::make_student(teacher, cfg.student, cfg.seed);
+  if (!a.from.empty()) app::load_student_checkpoint(student, cfg.student, a.from);
 
   std::vector<std::string> names;
   if (a.stages.empty()) {
@@ -108,7 +113,7 @@ int run(const Args& a) {
     for (std::string x; std::getline(ss, x, ',');)
       if (!x.empty()) names.push_back(x);
   }
-  train::DistillRun run;
+  app::DistillRun run;
   run.cfg = &cfg;
   run.teacher_run = &trun;
   run.tok = tok.get();
@@ -118,7 +123,7 @@ int run(const Args& a) {
   std::vector<std::string> rerun;
   for (const auto& n : names)
     if (!fs::exists(fs::path(cfg.out) / n / "trainer_state.json")) rerun.push_back(n);
-  train::DistillCsv csv((fs::path(cfg.out) / "metrics.csv").string(), rerun);
+  app::DistillCsv csv((fs::path(cfg.out) / "metrics.csv").string(), rerun);
   nlohmann::json summary;
   {
     std::ifstream f(fs::path(cfg.out) / "distill_summary.json");
@@ -126,16 +131,16 @@ int run(const Args& a) {
     if (summary.is_discarded() || !summary.is_object()) summary = nlohmann::json::object();
   }
   for (const auto& n : names) {
-    const train::DistillStage& st = cfg.stage(n);
+    const app::DistillStage& st = cfg.stage(n);
     std::size_t index = 0;
     while (cfg.stages[index].name != n) ++index;
     const std::string dir = (fs::path(cfg.out) / n).string();
     if (fs::exists(fs::path(dir) / "trainer_state.json")) {
       if (!a.quiet) std::fprintf(stderr, "stage '%s': %s exists, loading it\n", n.c_str(), dir.c_str());
-      train::load_student_checkpoint(student, cfg.student, dir);
+      app::load_student_checkpoint(student, cfg.student, dir);
       continue;
     }
-    const auto r = train::run_distill_stage(run, st, index, dir, &csv, a.quiet, a.quiet ? 0 : a.log_every);
+    const auto r = app::run_distill_stage(run, st, index, dir, &csv, a.quiet, a.quiet ? 0 : a.log_every);
     summary["stages"][n] = {{"seconds", r.seconds}, {"last_loss", r.last_loss}, {"tokens_per_s", r.tokens_per_s},
                             {"memory", r.memory.to_json()}};
     if (!a.quiet) {

@@ -21,7 +21,12 @@
 #include <string_view>
 
 #include "cli.hpp"
-#include "cumo/train/trainer.hpp"
+#include "app/checkpoints.hpp"
+#include "app/data.hpp"
+#include "app/eval.hpp"
+#include "app/metrics.hpp"
+#include "app/run_config.hpp"
+#include "cumo/io/image.hpp"
 
 namespace {
 constexpr const char* kTool = "cumo_eval";
@@ -50,21 +55,21 @@ std::string answer_of(models::CuMo<>& model, const io::Tokenizer& tok, const std
                       const Tensor& pixels, std::int64_t max_new) {
   std::vector<std::int64_t> ids(prompt.begin(), prompt.end());
   const auto out = model.generate(ids, pixels, max_new, tok.eos_id());
-  return train::trim_answer(tok.decode(out, /*skip_special=*/true));
+  return app::trim_answer(tok.decode(out, /*skip_special=*/true));
 }
 
 int generate_one(const Args& a) {
   CUMO_CHECK(!a.image.empty() && !a.question.empty(), "cumo_eval --generate needs --image PATH and --question TEXT");
-  const auto tok = io::load_tokenizer(train::run_config_of_checkpoint(a.checkpoint).tokenizer);
-  train::RunConfig cfg;
-  models::CuMo<> model = train::load_model_from_checkpoint(a.checkpoint, *tok, &cfg);
+  const auto tok = io::load_tokenizer(app::run_config_of_checkpoint(a.checkpoint).tokenizer);
+  app::RunConfig cfg;
+  models::CuMo<> model = app::load_model_from_checkpoint(a.checkpoint, *tok, &cfg);
   io::LlavaRecord r;
   r.id = "generate";
   r.image = a.image;
   r.conversations = {{io::Role::user, "human", "<image>\n" + a.question}, {io::Role::assistant, "gpt", ""}};
   const auto p = io::tokenize_prompt(r, *tok, io::ChatTemplate::from_name(cfg.eval_template), cfg.image_tokens());
   io::ClipPreprocess pre;
-  pre.size = int(cfg.model.image_size);
+  pre.size = int(cfg.image_size());
   const Tensor px = io::clip_preprocess_file(a.image, pre);  // (3, S, S)
   const Tensor pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
   std::cout << answer_of(model, *tok, p.ids, pixels, a.max_new > 0 ? a.max_new : cfg.eval_max_new_tokens) << "\n";
@@ -72,14 +77,14 @@ int generate_one(const Args& a) {
 }
 
 int evaluate(const Args& a) {
-  const auto tok_ptr = io::load_tokenizer(train::run_config_of_checkpoint(a.checkpoint).tokenizer);
+  const auto tok_ptr = io::load_tokenizer(app::run_config_of_checkpoint(a.checkpoint).tokenizer);
   const io::Tokenizer& tok = *tok_ptr;
-  train::RunConfig stored;
+  app::RunConfig stored;
   nlohmann::json state;
-  models::CuMo<> model = train::load_model_from_checkpoint(a.checkpoint, tok, &stored, &state);
-  train::RunConfig cfg = a.config.empty() ? stored : train::load_run_config(a.config);
+  models::CuMo<> model = app::load_model_from_checkpoint(a.checkpoint, tok, &stored, &state);
+  app::RunConfig cfg = a.config.empty() ? stored : app::load_run_config(a.config);
   const std::string data_path = a.data.empty() ? cfg.data_path(cfg.eval_data) : a.data;
-  if (a.data.empty()) train::ensure_data(cfg, a.quiet ? nullptr : &std::cerr);
+  if (a.data.empty()) app::ensure_data(cfg, {cfg.eval_data});
   const std::int64_t max_new = a.max_new > 0 ? a.max_new : cfg.eval_max_new_tokens;
   const std::int64_t batch = a.batch > 0 ? a.batch : cfg.eval_batch;
   const std::string out_dir = !a.out.empty() ? a.out
@@ -106,7 +111,7 @@ int evaluate(const Args& a) {
   const auto t0 = std::chrono::steady_clock::now();
   for (std::size_t i = 0; i < n; ++i) {
     const io::LlavaRecord& r = data.record(i);
-    const auto [got, want] = train::greedy_answer(model, tok, data, i, chat, cfg.image_tokens(), max_new,
+    const auto [got, want] = app::greedy_answer(model, tok, data, i, chat, cfg.image_tokens(), max_new,
                                                   "'" + data_path + "' record " + std::to_string(i));
     const bool ok = got == want;
     const std::string type = r.type.empty() ? "all" : r.type;
@@ -119,12 +124,12 @@ int evaluate(const Args& a) {
     preds << nlohmann::json{{"id", r.id}, {"type", type}, {"answer", want}, {"prediction", got}, {"correct", ok}}.dump(
                  -1, ' ', false, nlohmann::json::error_handler_t::replace)
           << "\n";
-    if (!a.quiet && train::stderr_is_tty() && (i % 10 == 0 || i + 1 == n)) {
+    if (!a.quiet && app::stderr_is_tty() && (i % 10 == 0 || i + 1 == n)) {
       std::fprintf(stderr, "\rgenerating %zu/%zu  accuracy so far %.3f ", i + 1, n, double(correct) / double(i + 1));
       std::fflush(stderr);
     }
   }
-  if (!a.quiet && train::stderr_is_tty()) std::fputs("\n", stderr);
+  if (!a.quiet && app::stderr_is_tty()) std::fputs("\n", stderr);
   const double gen_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // ---- eval CE and expert load over the full conversations -------------------------------------------------------
@@ -160,8 +165,8 @@ int evaluate(const Args& a) {
   nlohmann::ordered_json res;
   res["checkpoint"] = a.checkpoint;
   res["data"] = data_path;
-  res["variant"] = train::metadata_of(state, "variant", a.checkpoint);
-  res["stage"] = train::metadata_of(state, "stage", a.checkpoint);
+  res["variant"] = app::metadata_of(state, "variant", a.checkpoint);
+  res["stage"] = app::metadata_of(state, "stage", a.checkpoint);
   res["seed"] = stored.seed;
   res["records"] = n;
   res["accuracy"] = double(correct) / double(n);

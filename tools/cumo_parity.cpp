@@ -15,7 +15,6 @@
 #include "cumo/io/safetensors.hpp"
 #if defined(__CUDACC__)
 #include "cumo/backend/cuda.cuh"
-#include "cumo/train/adamw_cuda.cuh"  // train::OptimizerFor<backend::Cuda>: the CuMo fixture's steps on the GPU
 #endif
 #include "parity/kinds.hpp"
 

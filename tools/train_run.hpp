@@ -14,7 +14,12 @@
 #include <string_view>
 
 #include "cli.hpp"
-#include "cumo/train/trainer.hpp"
+#include "app/checkpoints.hpp"
+#include "app/cumo_stage.hpp"
+#include "app/data.hpp"
+#include "app/run_config.hpp"
+#include "cumo/io/tokenizer.hpp"
+#include "cumo/models/cumo.hpp"
 
 namespace cumo_train_app {
 inline constexpr const char* kTool = "cumo_train";
@@ -49,7 +54,7 @@ struct Args {
   bool quiet = false;
 };
 
-inline void write_summary(const std::string& out_dir, int stage, const train::StageResult& r, const train::StageConfig& sc) {
+inline void write_summary(const std::string& out_dir, int stage, const app::StageResult& r, const app::StageConfig& sc) {
   const fs::path path = fs::path(out_dir) / "train_summary.json";
   nlohmann::json j = nlohmann::json::object();
   if (fs::exists(path)) {
@@ -77,16 +82,17 @@ inline void write_summary(const std::string& out_dir, int stage, const train::St
   f << j.dump(2) << "\n";
 }
 
+// `backend` runs the whole model (its options — precision — are the run's).
 template <class Backend>
-int run(const Args& a) {
+int run(const Args& a, Backend backend = {}) {
   // ---- the configuration ---------------------------------------------------------------------------------------
   nlohmann::json resume_state;
-  train::RunConfig cfg;
+  app::RunConfig cfg;
   if (!a.resume.empty()) {
-    resume_state = train::read_trainer_state(a.resume);
+    resume_state = app::read_trainer_state(a.resume);
     nlohmann::json raw;
     try {
-      raw = nlohmann::json::parse(train::metadata_of(resume_state, "run_config", a.resume));
+      raw = nlohmann::json::parse(app::metadata_of(resume_state, "run_config", a.resume));
     } catch (const nlohmann::json::exception& e) {
       fail("checkpoint '", a.resume, "': metadata run_config is not valid JSON: ", e.what());
     }
@@ -94,15 +100,15 @@ int run(const Args& a) {
       std::cerr << "cumo_train: note: --resume uses the configuration stored in the checkpoint; --config is ignored\n";
     CUMO_CHECK(a.variant.empty() && a.seed < 0, "--variant / --seed cannot change a resumed run");
     if (!a.out.empty()) raw["out"] = a.out;
-    cfg = train::RunConfig::from_json(raw, "checkpoint '" + a.resume + "' run_config");
+    cfg = app::RunConfig::from_json(raw, "checkpoint '" + a.resume + "' run_config");
   } else {
     CUMO_CHECK(!a.config.empty(), "--config CONFIG.json is required (or --resume DIR)");
-    cfg = train::load_run_config(a.config);
+    cfg = app::load_run_config(a.config);
     nlohmann::json raw = cfg.raw;
     if (!a.out.empty()) raw["out"] = a.out;
     if (!a.variant.empty()) raw["variant"] = a.variant;
     if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
-    cfg = train::RunConfig::from_json(raw, "'" + a.config + "'");
+    cfg = app::RunConfig::from_json(raw, "'" + a.config + "'");
   }
   fs::create_directories(cfg.out);
   {
@@ -119,8 +125,8 @@ int run(const Args& a) {
     first = last = a.stage[0] - '0';
   }
   if (!a.resume.empty()) {
-    const int s = std::stoi(train::metadata_of(resume_state, "stage", a.resume));
-    const bool finished = train::metadata_of(resume_state, "stage_finished", a.resume) == "1";
+    const int s = std::stoi(app::metadata_of(resume_state, "stage", a.resume));
+    const bool finished = app::metadata_of(resume_state, "stage_finished", a.resume) == "1";
     const int start = finished ? s + 1 : s;
     if (a.stage == "all") {
       first = start;
@@ -136,9 +142,9 @@ int run(const Args& a) {
   }
 
   // ---- data and model ------------------------------------------------------------------------------------------
-  train::ensure_data(cfg, a.quiet ? nullptr : &std::cerr);
+  app::ensure_data(cfg, app::run_files(cfg));
   const auto tok = io::load_tokenizer(cfg.tokenizer);
-  models::CuMo<Backend> model(cfg.model_config(*tok));
+  models::CuMo<Backend> model(cfg.model_config(*tok), backend);
   if (!a.quiet) std::cerr << "cumo_train: training on " << Backend::name << "\n";
   Rng init_rng(cfg.seed);
   model.reset_parameters(init_rng);
@@ -153,15 +159,7 @@ int run(const Args& a) {
   } else {
     CUMO_CHECK(a.from.empty(), "--from is for a stage > 1 (stage 1 starts from fresh weights)");
   }
-  auto structure_of = [&](const std::string& dir) {
-    const auto st = train::read_trainer_state(dir);
-    const bool vs = train::metadata_of(st, "vision_sparse", dir) == "1";
-    const bool cs = train::metadata_of(st, "connector_sparse", dir) == "1";
-    if (vs || cs) {
-      Rng dummy(0);  // shapes only; the checkpoint overwrites every value
-      model.upcycle(dummy, vs, cs);
-    }
-  };
+  auto structure_of = [&](const std::string& dir) { app::match_structure(model, app::read_trainer_state(dir), dir); };
   if (!start_from.empty()) {
     structure_of(start_from);
     (void)train::load_checkpoint(start_from, model.parameters(), nullptr);
@@ -173,16 +171,16 @@ int run(const Args& a) {
   std::signal(SIGTERM, on_signal);
 
   for (int s = first; s <= last; ++s) {
-    const train::StageConfig& sc = cfg.stage(s);
+    const app::StageConfig& sc = cfg.stage(s);
     const bool resuming = resume_partial && s == first;
-    if (s == 3 && !resuming && cfg.variant != train::Variant::dense) {
+    if (s == 3 && !resuming && cfg.variant != app::Variant::dense) {
       // Co-upcycling: every CLIP MLP and the connector become top-k-of-E MoE blocks (routers from their own seed).
       Rng up_rng(cfg.seed * 0x9E3779B97F4A7C15ull + 3);
-      model.upcycle(up_rng, true, true, cfg.variant == train::Variant::moe_scratch);
+      model.upcycle(up_rng, true, true, cfg.variant == app::Variant::moe_scratch);
     }
     const auto data = io::LlavaDataset::load(cfg.data_path(sc.data), *tok, cfg.data_options(sc.chat_template, sc.max_length));
 
-    train::StageRunOptions ro;
+    app::StageRunOptions ro;
     ro.final_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s))).string();
     ro.partial_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s) + "-partial")).string();
     ro.csv_path = (fs::path(cfg.out) / "metrics.csv").string();
@@ -193,15 +191,15 @@ int run(const Args& a) {
     ro.stop = &g_stop;
     ro.metadata["run_config"] = cfg.raw.dump();
     ro.metadata["model_config"] = model.config().to_json().dump();
-    ro.metadata["variant"] = train::variant_name(cfg.variant);
+    ro.metadata["variant"] = app::variant_name(cfg.variant);
     ro.rngs["init"] = init_state;
     if (!a.quiet)
       std::cerr << "stage " << s << ": " << data.size() << " samples from " << cfg.data_path(sc.data) << ", "
                 << sc.steps << " steps of " << sc.accumulation << " x " << sc.batch << ", lr " << sc.lr
-                << (s == 3 ? std::string(", variant ") + train::variant_name(cfg.variant) : std::string())
+                << (s == 3 ? std::string(", variant ") + app::variant_name(cfg.variant) : std::string())
                 << (resuming ? ", resuming " + a.resume : std::string()) << "\n";
 
-    const train::StageResult r = train::run_stage(model, data, sc, ro);
+    const app::StageResult r = app::run_stage(model, data, sc, ro);
     write_summary(cfg.out, s, r, sc);
     std::printf("stage %d: %s at step %lld/%lld in %.1f s (%.0f tok/s), loss %.4f, ce %.4f -> %s\n", s,
                 r.finished ? "finished" : "stopped", (long long)r.step, (long long)sc.steps, r.seconds,

@@ -10,7 +10,7 @@
 // A step is zero_grad, forward (CE + CuMo's bzloss), backward, global-norm clipping to 1.0 and the fused AdamW
 // update — what the PyTorch script times.
 // Precision: activations and master weights fp32; the dense GEMMs fp32, TF32 or bf16 copies of the operands
-// (gpu::options().dense_bf16; PyTorch's side runs under bf16 autocast). The MoE expert GEMMs follow allow_tf32.
+// (gpu::Options::dense_bf16 of the model's backend::Cuda; PyTorch's side runs under bf16 autocast). The MoE expert GEMMs follow allow_tf32.
 // Printed: the median step time over --steps (CUDA events), tokens/s, model TFLOP/s and MFU with the PyTorch
 // script's FLOP count, and — measured in the same run — an equal-FLOP dense bf16 GEMM's time, the step's floor.
 // Without a GPU it prints a message and exits 0.
@@ -23,7 +23,7 @@
 
 #include "cumo/backend/cuda.cuh"
 #include "cumo/models/cumo.hpp"
-#include "cumo/train/adamw_cuda.cuh"
+#include "cumo/train/optimizer.hpp"
 
 using namespace cumo;
 using Model = models::CuMo<backend::Cuda>;
@@ -145,11 +145,13 @@ int main(int argc, char** argv) try {
     std::printf("bench_cuda_cumo_step: no CUDA device (%s); nothing measured\n", why.c_str());
     return 0;
   }
-  gpu::options().allow_tf32 = args.precision != "fp32";
-  gpu::options().dense_bf16 = args.precision == "bf16";
+  gpu::Options o;
+  o.allow_tf32 = args.precision != "fp32";
+  o.dense_bf16 = args.precision == "bf16";
+  const backend::Cuda be(o);
 
   const models::CuMoConfig cfg = make_config(args);
-  Model model(cfg);
+  Model model(cfg, be);
   Rng rng(0);
   model.reset_parameters(rng);
   model.upcycle(rng);
@@ -173,7 +175,7 @@ int main(int argc, char** argv) try {
   train::AdamWOptions ao;
   ao.lr = 1e-5;
   ao.weight_decay = 0.0;
-  train::CudaAdamW opt(params, ao);
+  train::AdamW<backend::Cuda> opt(params, ao, be);
   double loss = 0;
   auto step = [&] {
     opt.zero_grad();

@@ -97,6 +97,7 @@ double mean_ms(F&& f, int warmup = 3, int iters = 10) {
 struct Dense {
   LayerShape s;
   DType dt;
+  bool tf32 = false;  // fp32 operands on TF32 tensor cores (the block it is compared with runs so too)
   Tensor x, w1, w2, h, a, y, dy, da, dh, dx, dw1, dw2;
   Dense(const LayerShape& shape, DType dtype, Rng& rng) : s(shape), dt(dtype) {
     const std::int64_t R = s.T * s.K, F1 = s.gated ? 2 * s.F : s.F;
@@ -114,21 +115,21 @@ struct Dense {
     dw2 = Tensor::zeros({s.H, s.F}, dt, Device::cuda);
   }
   void forward() {
-    gpu::linear(x, w1, h);  // (R, F1)
-    gpu::linear(a, w2, y);  // (R, H)
+    gpu::linear(x, w1, h, tf32);  // (R, F1)
+    gpu::linear(a, w2, y, tf32);  // (R, H)
   }
   void backward() {
-    gpu::linear_dweight(dy, a, dw2);         // (H, F)
-    gpu::linear_dinput(dy, w2, da, false);   // (R, F)
-    gpu::linear_dweight(dh, x, dw1);         // (F1, H)
-    gpu::linear_dinput(dh, w1, dx, false);   // (R, H)
+    gpu::linear_dweight(dy, a, dw2, tf32);         // (H, F)
+    gpu::linear_dinput(dy, w2, da, false, tf32);   // (R, F)
+    gpu::linear_dweight(dh, x, dw1, tf32);         // (F1, H)
+    gpu::linear_dinput(dh, w1, dx, false, tf32);   // (R, H)
   }
 };
 
 // ---- the MoE layer from backend ops ----------------------------------------------------------------------------------
 struct MoELayer {
   LayerShape s;
-  gpu::GroupedGemm algo;
+  gpu::Options o;  // the expert GEMM algorithm and whether make_plan syncs for host offsets
   Tensor wr, w1, b1, w2, b2, x, dy;                       // parameters and inputs
   Tensor logits, probs, idx, w, xs, h, a, out, y;         // forward
   Tensor dout, dw, da, dh, dxs, dx, dprobs, dlogits, dlogits_low, dwr, dw1, db1, dw2, db2;  // backward
@@ -185,31 +186,31 @@ struct MoELayer {
   void dispatch_in() {
     gpu::linear(x, wr, logits);                           // (T, E) fp32 from bf16
     gpu::softmax_topk(logits, probs, idx, w, true);       // (T, K)
-    gpu::make_plan(idx, plan);                            // one host sync unless plan_host_offsets is off
+    gpu::make_plan(idx, plan, o.plan_host_offsets);       // one host sync unless plan_host_offsets is off
     gpu::gather_rows(x, plan, xs);                        // (rows, H)
   }
   void forward() {
     dispatch_in();
     const std::int64_t rows = plan.rows();
-    gpu::grouped_linear(xs, w1, bias1(), plan, h, algo);  // (rows, F1)
+    gpu::grouped_linear(xs, w1, bias1(), plan, h, o);  // (rows, F1)
     if (s.gated)
       gpu::glu_forward<SiLU>(h, rows, a);                 // (rows, F)
     else
       gpu::activation_forward<QuickGELU>(h, rows, a);
-    gpu::grouped_linear(a, w2, bias2(), plan, out, algo); // (rows, H)
+    gpu::grouped_linear(a, w2, bias2(), plan, out, o); // (rows, H)
     gpu::combine(out, w, plan, y);                        // (T, H)
   }
   void backward() {
     const std::int64_t rows = plan.rows();
     gpu::combine_backward(dy, out, w, plan, dout, dw);                      // (rows, H), (T, K)
-    gpu::grouped_linear_dweight(dout, a, plan, dw2, s.gated ? nullptr : &db2, algo);
-    gpu::grouped_linear_dinput(dout, w2, plan, da, algo);                   // (rows, F)
+    gpu::grouped_linear_dweight(dout, a, plan, dw2, s.gated ? nullptr : &db2, o);
+    gpu::grouped_linear_dinput(dout, w2, plan, da, o);                   // (rows, F)
     if (s.gated)
       gpu::glu_backward<SiLU>(h, da, rows, dh);                             // (rows, 2F)
     else
       gpu::activation_backward<QuickGELU>(h, da, rows, dh);
-    gpu::grouped_linear_dweight(dh, xs, plan, dw1, s.gated ? nullptr : &db1, algo);
-    gpu::grouped_linear_dinput(dh, w1, plan, dxs, algo);                    // (rows, H)
+    gpu::grouped_linear_dweight(dh, xs, plan, dw1, s.gated ? nullptr : &db1, o);
+    gpu::grouped_linear_dinput(dh, w1, plan, dxs, o);                    // (rows, H)
     dx.zero_();
     gpu::scatter_add_rows(dxs, plan, dx);                                   // (T, H)
     dprobs.zero_();
@@ -246,7 +247,7 @@ void prepare(const LayerShape& s) {
     d.backward();
   });
   MoELayer& m = *g_cache.moe;
-  m.algo = gpu::GroupedGemm::per_expert;
+  m.o.grouped_gemm = gpu::GroupedGemm::per_expert;
   g_cache.anchors["moe_fwd"] = mean_ms([&] { m.forward(); });
 }
 
@@ -299,24 +300,20 @@ void register_all() {
     for (const PathChoice& p : kPaths) {
       benchmark::RegisterBenchmark(("moe_fwd/" + n + "/" + p.name).c_str(), [s, p](benchmark::State& st) {
         prepare(s);
-        gpu::Options saved = gpu::options();
-        gpu::options().plan_host_offsets = p.host_offsets;
-        g_cache.moe->algo = p.algo;
+        g_cache.moe->o.plan_host_offsets = p.host_offsets;
+        g_cache.moe->o.grouped_gemm = p.algo;
         set_counters(st, s, s.fwd_flops(), g_cache.anchors["fwd"]);
         run_timed(st, [&] { g_cache.moe->forward(); }, g_cache.anchors["fwd"]);
-        gpu::options() = saved;
       })->UseManualTime()->Unit(benchmark::kMillisecond);
       benchmark::RegisterBenchmark(("moe_fwdbwd/" + n + "/" + p.name).c_str(), [s, p](benchmark::State& st) {
         prepare(s);
-        gpu::Options saved = gpu::options();
-        gpu::options().plan_host_offsets = p.host_offsets;
-        g_cache.moe->algo = p.algo;
+        g_cache.moe->o.plan_host_offsets = p.host_offsets;
+        g_cache.moe->o.grouped_gemm = p.algo;
         set_counters(st, s, 3 * s.fwd_flops(), g_cache.anchors["fwdbwd"]);
         run_timed(st, [&] {
           g_cache.moe->forward();
           g_cache.moe->backward();
         }, g_cache.anchors["fwdbwd"]);
-        gpu::options() = saved;
       })->UseManualTime()->Unit(benchmark::kMillisecond);
     }
     benchmark::RegisterBenchmark(("dispatch/" + n).c_str(), [s](benchmark::State& st) {
@@ -344,17 +341,18 @@ void register_all() {
     benchmark::RegisterBenchmark(name.c_str(), [tf32](benchmark::State& st) {
       const LayerShape s = kShapes[2];
       g_cache = Cache{};
-      gpu::Options saved = gpu::options();
-      gpu::options().allow_tf32 = tf32;
+      gpu::Options o;
+      o.allow_tf32 = tf32;
       using Block = SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>;
       SparseMoEOptions opt;
       opt.check_finite = false;  // the finiteness check is a host sync
-      Block block(s.H, s.F, s.E, opt);
+      Block block(s.H, s.F, s.E, opt, {}, 0, backend::Cuda(o));
       Rng rng(7);
       block.reset_parameters(rng);
       const Tensor x = random_device({s.T, s.H}, DType::f32, rng, 1.f);
       const Tensor dy = random_device({s.T, s.H}, DType::f32, rng, 1.f);
       Dense dense(s, DType::f32, rng);
+      dense.tf32 = tf32;
       const double anchor = mean_ms([&] {
         dense.forward();
         dense.backward();
@@ -364,7 +362,6 @@ void register_all() {
         block.forward(x, ForwardArgs{16, true});
         block.backward(dy, AuxLossWeights{0.1f, 0.01f});
       }, anchor);
-      gpu::options() = saved;
     })->UseManualTime()->Unit(benchmark::kMillisecond);
   }
 }

@@ -63,11 +63,22 @@ void expect_equal_i32(const std::string& what, const Tensor& got, const Tensor& 
   CHECK_MESSAGE(bad == 0, what, ": ", bad, " of ", a.numel(), " entries differ (first at ", first, ")");
 }
 
-// Restores the backend options when a test leaves.
+// The backend instance the op tests call (its options are its own: a test sets them with with_options).
+const backend::Cuda& dev() {
+  static const backend::Cuda b;
+  return b;
+}
+// Restores dev()'s options when a test leaves.
 struct OptionsGuard {
-  gpu::Options saved = gpu::options();
-  ~OptionsGuard() { gpu::options() = saved; }
+  gpu::Options saved = dev().options();
+  ~OptionsGuard() { dev().set_options(saved); }
 };
+template <class F>
+void with_options(F&& f) {
+  gpu::Options o = dev().options();
+  f(o);
+  dev().set_options(o);
+}
 
 DispatchPlan new_plan(std::int64_t T, int K, int E, std::int64_t capacity, Device d) {
   DispatchPlan p;
@@ -206,23 +217,23 @@ TEST_CASE("cuda linear, linear_dinput, linear_dweight match the CPU (fp32, strid
   Tensor x = xw.slice(1, 0, K);  // row stride K + 5: the router may read a strided view
   Tensor w = randn({N, K}, rng), dy = randn({M, N}, rng);
   Tensor y = Tensor::empty({M, N});
-  backend::Cpu::linear(x, w, y);
+  backend::Cpu::linear(x, w, nullptr, y);
   Tensor yg = poisoned({M, N});
   Tensor xwg = on_gpu(xw);
-  backend::Cuda::linear(xwg.slice(1, 0, K), on_gpu(w), yg);
+  gpu::linear(xwg.slice(1, 0, K), on_gpu(w), yg);  // the strided router GEMM
   expect_close("linear", yg, y, kF32);
 
   for (bool acc : {false, true}) {
     Tensor dx0 = randn({M, K}, rng);
     Tensor dx = dx0.clone(), dxg = on_gpu(dx0);
     backend::Cpu::linear_dinput(dy, w, dx, acc);
-    backend::Cuda::linear_dinput(on_gpu(dy), on_gpu(w), dxg, acc);
+    dev().linear_dinput(on_gpu(dy), on_gpu(w), dxg, acc);
     expect_close(acc ? "linear_dinput (accumulate)" : "linear_dinput", dxg, dx, kF32);
   }
   Tensor dw0 = randn({N, K}, rng);
   Tensor dw = dw0.clone(), dwg = on_gpu(dw0);
   backend::Cpu::linear_dweight(dy, x, dw);
-  backend::Cuda::linear_dweight(on_gpu(dy), xwg.slice(1, 0, K), dwg);
+  dev().linear_dweight(on_gpu(dy), xwg.slice(1, 0, K), dwg);
   expect_close("linear_dweight", dwg, dw, kF32);
 }
 
@@ -232,9 +243,9 @@ TEST_CASE("cuda linear in bf16 and f16 with an fp32 output matches the CPU on ro
   Tensor x = randn({M, K}, rng), w = randn({N, K}, rng, 0.1f);
   for (DType low : {DType::bf16, DType::f16}) {
     Tensor y = Tensor::empty({M, N});
-    backend::Cpu::linear(rounded(x, low), rounded(w, low), y);
+    backend::Cpu::linear(rounded(x, low), rounded(w, low), nullptr, y);
     Tensor yg = poisoned({M, N});
-    backend::Cuda::linear(on_gpu(x.to(low)), on_gpu(w.to(low)), yg);
+    gpu::linear(on_gpu(x.to(low)), on_gpu(w.to(low)), yg);
     expect_close(std::string("linear ") + std::string(name_of(low)), yg, y, kLow);
   }
 }
@@ -246,21 +257,21 @@ TEST_CASE("cuda multiply, add, all_finite and item match the CPU") {
   backend::Cpu::multiply(a, b, m);
   backend::Cpu::add(a, b, s);
   Tensor mg = poisoned(a.shape()), sg = poisoned(a.shape());
-  backend::Cuda::multiply(on_gpu(a), on_gpu(b), mg);
-  backend::Cuda::add(on_gpu(a), on_gpu(b), sg);
+  dev().multiply(on_gpu(a), on_gpu(b), mg);
+  dev().add(on_gpu(a), on_gpu(b), sg);
   CHECK(bitwise_equal(mg, m));
   CHECK(bitwise_equal(sg, s));
   Tensor ag = on_gpu(a);
-  backend::Cuda::multiply(ag, on_gpu(b), ag);  // in place, as the router's backward does
+  dev().multiply(ag, on_gpu(b), ag);  // in place, as the router's backward does
   CHECK(bitwise_equal(ag, m));
 
-  CHECK(backend::Cuda::all_finite(on_gpu(a)));
+  CHECK(dev().all_finite(on_gpu(a)));
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     Tensor c = a.clone();
     c.at<float>(32, 16) = bad;
-    CHECK_FALSE(backend::Cuda::all_finite(on_gpu(c)));
+    CHECK_FALSE(dev().all_finite(on_gpu(c)));
   }
-  CHECK(backend::Cuda::item(on_gpu(a)) == a.data<float>()[0]);
+  CHECK(dev().item(on_gpu(a)) == a.data<float>()[0]);
 }
 
 TEST_CASE("cuda fill_uniform draws the CPU's numbers bitwise and advances the generator alike") {
@@ -272,7 +283,7 @@ TEST_CASE("cuda fill_uniform draws the CPU's numbers bitwise and advances the ge
     Tensor c = Tensor::empty({1000, 3});
     Tensor g = poisoned({1000, 3});
     backend::Cpu::fill_uniform(c, rc, 0.9f, 1.1f);
-    backend::Cuda::fill_uniform(g, rg, 0.9f, 1.1f);
+    dev().fill_uniform(g, rg, 0.9f, 1.1f);
     CHECK(bitwise_equal(g, c));
     CHECK(rc.state().counter == rg.state().counter);
   }
@@ -300,7 +311,7 @@ TEST_CASE("cuda softmax_topk matches the CPU: probabilities, indices (exactly), 
         backend::Cpu::softmax_topk(z, p, idx, w, renorm);
       } while (min_topk_gap(p, c.K) < 1e-6);
       Tensor pg = poisoned({c.T, c.E}), wg = poisoned({c.T, c.K}), idxg = poisoned({c.T, c.K}, DType::i32);
-      backend::Cuda::softmax_topk(on_gpu(z), pg, idxg, wg, renorm);
+      dev().softmax_topk(on_gpu(z), pg, idxg, wg, renorm);
       expect_close("probs", pg, p, kF32);
       expect_equal_i32("topk idx", idxg, idx);
       expect_close("topk w", wg, w, kF32);
@@ -320,11 +331,11 @@ TEST_CASE("cuda topk_weights_backward and softmax_backward match the CPU") {
     Tensor dw = randn({T, K}, rng), dp0 = randn({T, E}, rng), dz0 = randn({T, E}, rng);
     Tensor dp = dp0.clone(), dpg = on_gpu(dp0);
     backend::Cpu::topk_weights_backward(p, idx, w, dw, renorm, dp);
-    backend::Cuda::topk_weights_backward(on_gpu(p), on_gpu(idx), on_gpu(w), on_gpu(dw), renorm, dpg);
+    dev().topk_weights_backward(on_gpu(p), on_gpu(idx), on_gpu(w), on_gpu(dw), renorm, dpg);
     expect_close("topk_weights_backward", dpg, dp, kF32);
     Tensor dz = dz0.clone(), dzg = on_gpu(dz0);
     backend::Cpu::softmax_backward(p, dp, dz);
-    backend::Cuda::softmax_backward(on_gpu(p), on_gpu(dp), dzg);
+    dev().softmax_backward(on_gpu(p), on_gpu(dp), dzg);
     expect_close("softmax_backward", dzg, dz, kF32);
   }
 }
@@ -346,7 +357,7 @@ TEST_CASE("cuda aux_losses and aux_losses_backward match the CPU (segments, both
     AuxLosses lc{Tensor::zeros({1}), Tensor::zeros({1}), Tensor::zeros({1})};
     AuxLosses lg{poisoned({1}), poisoned({1}), poisoned({1})};
     backend::Cpu::aux_losses(z, p, idx, c.S, lc);
-    backend::Cuda::aux_losses(on_gpu(z), on_gpu(p), on_gpu(idx), c.S, lg);
+    dev().aux_losses(on_gpu(z), on_gpu(p), on_gpu(idx), c.S, lg);
     expect_close("balance_top1", lg.balance_top1, lc.balance_top1, kF32);
     expect_close("balance_allk", lg.balance_allk, lc.balance_allk, kF32);
     expect_close("z", lg.z, lc.z, kF32);
@@ -355,7 +366,7 @@ TEST_CASE("cuda aux_losses and aux_losses_backward match the CPU (segments, both
       Tensor dp0 = randn({c.T, c.E}, rng, 0.01f), dz0 = randn({c.T, c.E}, rng, 0.01f);
       Tensor dp = dp0.clone(), dz = dz0.clone(), dpg = on_gpu(dp0), dzg = on_gpu(dz0);
       backend::Cpu::aux_losses_backward(z, p, idx, c.S, counting, coef, dp, dz);
-      backend::Cuda::aux_losses_backward(on_gpu(z), on_gpu(p), on_gpu(idx), c.S, counting, coef, dpg, dzg);
+      dev().aux_losses_backward(on_gpu(z), on_gpu(p), on_gpu(idx), c.S, counting, coef, dpg, dzg);
       expect_close("aux dprobs", dpg, dp, kF32);
       expect_close("aux dlogits", dzg, dz, kF32);
     }
@@ -382,14 +393,14 @@ TEST_CASE("cuda make_plan equals the CPU plan exactly (dropless and with capacit
       CAPTURE(c.hot);
       CAPTURE(c.capacity);
       CAPTURE(host_offsets);
-      gpu::options().plan_host_offsets = host_offsets;
+      with_options([&](gpu::Options& o) { o.plan_host_offsets = host_offsets; });
       Tensor idx = random_idx(c.T, c.K, c.E, rng, c.hot);
       DispatchPlan pc = new_plan(c.T, c.K, c.E, c.capacity, Device::cpu);
       cpu::make_plan(idx, pc);
       DispatchPlan pg = new_plan(c.T, c.K, c.E, c.capacity, Device::cuda);
       pg.row_of_slot = poisoned({c.T * c.K}, DType::i32);
       pg.slot_of_row = poisoned({c.T * c.K}, DType::i32);
-      backend::Cuda::make_plan(on_gpu(idx), pg);
+      dev().make_plan(on_gpu(idx), pg);
       expect_equal_i32("demand", pg.demand, pc.demand);
       expect_equal_i32("counts", pg.counts, pc.counts);
       expect_equal_i32("offsets", pg.offsets, pc.offsets);
@@ -407,7 +418,7 @@ TEST_CASE("cuda make_plan rejects expert ids outside [0, E)") {
   Tensor idx = Tensor::zeros({4, 2}, DType::i32);
   idx.at<std::int32_t>(2, 1) = 8;
   DispatchPlan pg = new_plan(4, 2, 8, -1, Device::cuda);
-  CHECK_THROWS_WITH_AS(backend::Cuda::make_plan(on_gpu(idx), pg), doctest::Contains("outside [0, 8)"), Error);
+  CHECK_THROWS_WITH_AS(dev().make_plan(on_gpu(idx), pg), doctest::Contains("outside [0, 8)"), Error);
 }
 
 TEST_CASE("cuda gather_rows, combine, combine_backward, scatter_add_rows match the CPU (f32; bf16, f16 storage)") {
@@ -433,32 +444,32 @@ TEST_CASE("cuda gather_rows, combine, combine_backward, scatter_add_rows match t
       CAPTURE(name_of(dt));
       const double tol = dt == DType::f32 ? kF32 : kLow;
       auto ref = [&](const Tensor& t) { return dt == DType::f32 ? t : rounded(t, dt); };
-      auto dev = [&](const Tensor& t) { return on_gpu(dt == DType::f32 ? t : t.to(dt)); };
+      auto to_dev = [&](const Tensor& t) { return on_gpu(dt == DType::f32 ? t : t.to(dt)); };
 
       Tensor xs = Tensor::empty({cap, c.H});
       cpu::gather_rows(ref(x), pc, xs);
       Tensor xsg = poisoned({cap, c.H}, dt);
-      backend::Cuda::gather_rows(dev(x), pg, xsg);
+      dev().gather_rows(to_dev(x), pg, xsg);
       expect_close("gather_rows", xsg.slice(0, 0, rows), xs.slice(0, 0, rows), 0.0);  // a copy: exact
 
       Tensor y = Tensor::empty({c.T, c.H});
       cpu::combine(ref(out), w, pc, y);
       Tensor yg = poisoned({c.T, c.H}, dt);
-      backend::Cuda::combine(dev(out), on_gpu(w), pg, yg);
+      dev().combine(to_dev(out), on_gpu(w), pg, yg);
       expect_close("combine", yg, y, tol);
 
       Tensor dout = Tensor::empty({cap, c.H}), dw = Tensor::empty({c.T, c.K});
       cpu::combine_backward(ref(dy), ref(out), w, pc, dout, dw);
       Tensor doutg = poisoned({cap, c.H}, dt), dwg = poisoned({c.T, c.K});
-      backend::Cuda::combine_backward(dev(dy), dev(out), on_gpu(w), pg, doutg, dwg);
+      dev().combine_backward(to_dev(dy), to_dev(out), on_gpu(w), pg, doutg, dwg);
       // Rows of dropped slots are never written (by either backend); compare the kept rows.
       expect_close("combine_backward dout", doutg.slice(0, 0, rows), dout.slice(0, 0, rows), tol);
       expect_close("combine_backward dw", dwg, dw, tol);
 
       Tensor dx = ref(dx0).clone();
       cpu::scatter_add_rows(ref(dxs), pc, dx);
-      Tensor dxg = dev(dx0);
-      backend::Cuda::scatter_add_rows(dev(dxs), pg, dxg);
+      Tensor dxg = to_dev(dx0);
+      dev().scatter_add_rows(to_dev(dxs), pg, dxg);
       expect_close("scatter_add_rows", dxg, dx, tol);
     }
   }
@@ -469,7 +480,6 @@ TEST_CASE("cuda gather_rows, combine, combine_backward, scatter_add_rows match t
 // =================================================================================================================
 TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU for every GEMM path") {
   Rng rng(g_seed + __LINE__);
-  OptionsGuard guard;
   struct Case {
     std::int64_t T, N, K;
     int E, topk, hot;
@@ -485,6 +495,8 @@ TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU f
         CAPTURE(c.E);
         CAPTURE(algo_name(algo));
         CAPTURE(host_offsets);
+        gpu::Options go;
+        go.grouped_gemm = algo;
         Tensor idx = random_idx(c.T, c.topk, c.E, rng, c.hot);
         DispatchPlan pc = new_plan(c.T, c.topk, c.E, -1, Device::cpu);
         cpu::make_plan(idx, pc);
@@ -499,29 +511,29 @@ TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU f
           CAPTURE(name_of(dt));
           const double tol = dt == DType::f32 ? kF32 : kLow;
           auto ref = [&](const Tensor& t) { return dt == DType::f32 ? t : rounded(t, dt); };
-          auto dev = [&](const Tensor& t) { return on_gpu(dt == DType::f32 ? t : t.to(dt)); };
+          auto to_dev = [&](const Tensor& t) { return on_gpu(dt == DType::f32 ? t : t.to(dt)); };
           for (bool with_bias : {true, false}) {
             CAPTURE(with_bias);
             Tensor cc = Tensor::empty({cap, c.N});
             Tensor bref = ref(bias);
             cpu::grouped_linear(ref(a), ref(w), with_bias ? &bref : nullptr, pc.host_offsets, cc);
             Tensor cg = poisoned({cap, c.N}, dt);
-            Tensor bg = dev(bias);
-            gpu::grouped_linear(dev(a), dev(w), with_bias ? &bg : nullptr, pg, cg, algo);
+            Tensor bg = to_dev(bias);
+            gpu::grouped_linear(to_dev(a), to_dev(w), with_bias ? &bg : nullptr, pg, cg, go);
             expect_close("grouped_linear", cg.slice(0, 0, rows), cc.slice(0, 0, rows), tol);
           }
 
           Tensor da = Tensor::empty({cap, c.K});
           cpu::grouped_linear_dinput(ref(dc), ref(w), pc.host_offsets, da);
           Tensor dag = poisoned({cap, c.K}, dt);
-          gpu::grouped_linear_dinput(dev(dc), dev(w), pg, dag, algo);
+          gpu::grouped_linear_dinput(to_dev(dc), to_dev(w), pg, dag, go);
           expect_close("grouped_linear_dinput", dag.slice(0, 0, rows), da.slice(0, 0, rows), tol);
 
           // Weight gradients accumulate into fp32 (master-gradient style) from f32 or bf16 activations.
           Tensor dw = dw0.clone(), db = db0.clone();
           cpu::grouped_linear_dweight(ref(dc), ref(a), pc.host_offsets, dw, &db);
           Tensor dwg = on_gpu(dw0), dbg = on_gpu(db0);
-          gpu::grouped_linear_dweight(dev(dc), dev(a), pg, dwg, &dbg, algo);
+          gpu::grouped_linear_dweight(to_dev(dc), to_dev(a), pg, dwg, &dbg, go);
           expect_close("grouped_linear_dweight", dwg, dw, tol);
           expect_close("grouped dbias", dbg, db, tol);
         }
@@ -537,8 +549,8 @@ void check_activation(const char* name, Rng& rng) {
   cpu::activation_forward<Act>(h, rows, a);
   cpu::activation_backward<Act>(h, da, rows, dh);
   Tensor ag = poisoned({cap, F}), dag = on_gpu(da);
-  backend::Cuda::activation_forward<Act>(on_gpu(h), rows, ag);
-  backend::Cuda::activation_backward<Act>(on_gpu(h), dag, rows, dag);  // in place, as Expert<MLP>::backward does
+  dev().activation_forward<Act>(on_gpu(h), rows, ag);
+  dev().activation_backward<Act>(on_gpu(h), dag, rows, dag);  // in place, as Expert<MLP>::backward does
   expect_close("activation_forward", ag.slice(0, 0, rows), a.slice(0, 0, rows), kF32);
   expect_close("activation_backward", dag.slice(0, 0, rows), dh.slice(0, 0, rows), kF32);
   // rows past `rows` stay untouched
@@ -549,8 +561,8 @@ void check_activation(const char* name, Rng& rng) {
   cpu::glu_forward<Act>(hg2, rows, g);
   cpu::glu_backward<Act>(hg2, da, rows, dg);
   Tensor gg = poisoned({cap, F}), dgg = poisoned({cap, 2 * F});
-  backend::Cuda::glu_forward<Act>(on_gpu(hg2), rows, gg);
-  backend::Cuda::glu_backward<Act>(on_gpu(hg2), on_gpu(da), rows, dgg);
+  dev().glu_forward<Act>(on_gpu(hg2), rows, gg);
+  dev().glu_backward<Act>(on_gpu(hg2), on_gpu(da), rows, dgg);
   expect_close("glu_forward", gg.slice(0, 0, rows), g.slice(0, 0, rows), kF32);
   expect_close("glu_backward", dgg.slice(0, 0, rows), dg.slice(0, 0, rows), kF32);
 }
@@ -599,9 +611,10 @@ void block_parity(SparseMoEOptions opt, std::int64_t T, std::int64_t H, std::int
                   gpu::GroupedGemm algo, bool host_offsets) {
   using CpuMoE = SparseMoE<Router<TopK<K>>, ExpertT, backend::Cpu>;
   using GpuMoE = SparseMoE<Router<TopK<K>>, ExpertT, backend::Cuda>;
-  OptionsGuard guard;
-  gpu::options().grouped_gemm = algo;
-  gpu::options().plan_host_offsets = host_offsets;
+  gpu::Options o;
+  o.grouped_gemm = algo;
+  o.plan_host_offsets = host_offsets;
+  const backend::Cuda be(o);  // this block's own options
   CAPTURE(K);
   CAPTURE(E);
   CAPTURE(opt.capacity_factor);
@@ -612,7 +625,7 @@ void block_parity(SparseMoEOptions opt, std::int64_t T, std::int64_t H, std::int
   Rng rng(seed);
   CpuMoE c(H, F, E, opt);
   c.reset_parameters(rng);
-  GpuMoE g(H, F, E, opt);
+  GpuMoE g(H, F, E, opt, {}, 0, be);
   {
     ParameterList pc = c.parameters(), pg = g.parameters();
     REQUIRE(pc.size() == pg.size());
@@ -699,30 +712,33 @@ TEST_CASE("cuda workspace: measured steps replay inside one buffer, bitwise equa
   using GpuMoE = SparseMoE<Router<TopK<2>>, Expert<GatedMLP<SiLU>>, backend::Cuda>;
   Rng rng(g_seed + __LINE__);
   gpu::Workspace ws;  // declared first, destroyed last: the block's saved tensors return to it before it goes
-  GpuMoE g(32, 48, 8);
+  const backend::Cuda pool;                     // the stream-ordered pool
+  const backend::Cuda carved(gpu::Options{}, &ws);  // the same options, every tensor from the workspace
+  GpuMoE g(32, 48, 8, {}, {}, 0, pool);
+  GpuMoE gw(32, 48, 8, {}, {}, 0, carved);
   g.reset_parameters(rng);
+  {
+    ParameterList a = g.parameters(), b = gw.parameters();
+    for (std::size_t i = 0; i < a.size(); ++i) b[i]->value.copy_from(a[i]->value);
+  }
   const Tensor x = on_gpu(randn({80, 32}, rng)), dy = on_gpu(randn({80, 32}, rng));
-  auto step = [&] {
-    g.zero_grad();
+  auto step = [&](GpuMoE& m) {
+    m.zero_grad();
     BlockRun r;
-    r.y = on_cpu(g.forward(x).y);
-    r.dx = on_cpu(g.backward(dy));
-    for (Parameter* p : g.parameters()) r.grads.push_back(on_cpu(p->grad));
+    r.y = on_cpu(m.forward(x).y);
+    r.dx = on_cpu(m.backward(dy));
+    for (Parameter* p : m.parameters()) r.grads.push_back(on_cpu(p->grad));
     return r;
   };
-  const BlockRun pooled = step();
+  const BlockRun pooled = step(g);
 
-  for (int i = 0; i < 2; ++i) {
-    gpu::WorkspaceScope scope(ws);
-    step();
-  }
+  for (int i = 0; i < 2; ++i) step(gw);
   CHECK(ws.overflow_count() > 0);  // no buffer yet: everything went to the pool
   REQUIRE(ws.required_bytes() > 0);
   ws.reserve(ws.required_bytes());
   ws.reset_counters();
   for (int i = 0; i < 3; ++i) {
-    gpu::WorkspaceScope scope(ws);
-    const BlockRun r = step();
+    const BlockRun r = step(gw);
     CHECK(bitwise_equal(r.y, pooled.y));
     CHECK(bitwise_equal(r.dx, pooled.dx));
     for (std::size_t j = 0; j < r.grads.size(); ++j) CHECK(bitwise_equal(r.grads[j], pooled.grads[j]));
@@ -735,9 +751,9 @@ TEST_CASE("cuda workspace: measured steps replay inside one buffer, bitwise equa
 TEST_CASE("cuda entry points reject host tensors and wrong dtypes with a message") {
   Tensor h = Tensor::zeros({4, 4});
   Tensor d = on_gpu(h);
-  CHECK_THROWS_WITH_AS(backend::Cuda::multiply(h, d, d), doctest::Contains("is on cpu but expected cuda"), Error);
+  CHECK_THROWS_WITH_AS(dev().multiply(h, d, d), doctest::Contains("is on cpu but expected cuda"), Error);
   Tensor i = Tensor::zeros({4, 4}, DType::i32, Device::cuda);
-  CHECK_THROWS_WITH_AS(backend::Cuda::add(i, i, i), doctest::Contains("not supported on cuda"), Error);
+  CHECK_THROWS_WITH_AS(dev().add(i, i, i), doctest::Contains("not supported on cuda"), Error);
 }
 
 // =================================================================================================================

@@ -1,7 +1,9 @@
 // The model on backend::Cuda against the same model on backend::Cpu, which is its reference: the layers of nn/
 // (Linear, ClipVision, DecoderLM with GQA + RoPE + padding keys) and the whole models::CuMo<Backend> — logits, every
-// loss term, every parameter gradient, and a few optimizer steps (train::CudaAdamW against train::AdamW with
-// clipping). Both sides start from the same bits: the CUDA model's parameters are copied from the CPU model's.
+// loss term, every parameter gradient, and a few optimizer steps (train::AdamW<Cuda> against train::AdamW<Cpu>
+// with clipping), KV-cache generation and S² multi-scale features. Both sides start from the same bits: the CUDA
+// model's parameters are copied from the CPU model's. The same comparisons run on the CPU against itself at
+// tolerance 0 (tests/test_backend_generic.cpp).
 //
 // Tolerances, relative error ‖gpu − cpu‖ / ‖cpu‖ (max-abs for scalars):
 //   kF32 = 1e-5 in fp32 (TF32 off): the two sides differ only in the summation order of fp32 dot products
@@ -12,7 +14,7 @@
 //     amplifies relative differences of small gradients.
 //   A gradient that is zero in exact arithmetic (CLIP's key bias) is noise on both sides: absolute 1e-5 instead,
 //     and Adam's ±lr step on it is left out of the after-steps comparison (it cannot change the loss).
-//   kBf16 = 3e-2 for options().dense_bf16 (bf16 GEMM operands against fp32): bf16 keeps 8 bits, 2⁻⁹ ≈ 2e-3 per
+//   kBf16 = 3e-2 for Options::dense_bf16 (bf16 GEMM operands against fp32): bf16 keeps 8 bits, 2⁻⁹ ≈ 2e-3 per
 //     operand, accumulated over a few layers.
 //
 // Without a usable GPU the binary prints "SKIPPED: no CUDA device (...)" and exits 77 (ctest: skipped).
@@ -25,7 +27,6 @@
 
 #include "cumo/backend/cuda.cuh"
 #include "cumo/models/cumo.hpp"
-#include "cumo/train/adamw_cuda.cuh"
 #include "../backend_compare.hpp"
 
 using namespace cumo;
@@ -63,20 +64,32 @@ TEST_CASE("cuda models::CuMo<Cuda> matches CuMo<Cpu>: logits, every loss term, e
   compare_cumo<Cuda>(rng, kF32, kSteps);
 }
 
-TEST_CASE("cuda models::CuMo<Cuda> with bf16 dense GEMMs (options().dense_bf16) stays near fp32") {
+TEST_CASE("cuda KV-cache decoding and CuMo::generate on the GPU match the CPU") {
+  Rng rng(g_seed + __LINE__);
+  compare_cached_decode<Cuda>(rng, kF32);
+}
+TEST_CASE("cuda an upcycled CuMo<Cuda> with S² features matches the CPU (losses, loads, gradients, d pixels)") {
+  Rng rng(g_seed + __LINE__);
+  compare_s2<Cuda>(rng, kF32);
+}
+
+TEST_CASE("cuda models::CuMo<Cuda> with bf16 dense GEMMs (Options::dense_bf16, per backend instance) stays near fp32") {
   Rng rng(g_seed + __LINE__);
   const models::CuMoConfig cfg = test::tiny_cumo_config();
-  models::CuMo<Cuda> g(cfg);
+  const Cuda be;
+  models::CuMo<Cuda> g(cfg, be);
   Rng init(11);
   g.reset_parameters(init);
   randomize(g.parameters(), rng, 0.3f);
   g.upcycle(init);
   Batch b(rng);
   const auto f32 = g.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
-  gpu::options().dense_bf16 = true;
+  gpu::Options bf16;
+  bf16.dense_bf16 = true;
+  be.set_options(bf16);  // every layer of g holds a copy of `be`: the whole model switches
   const auto bf = g.forward(b.ids, b.B, b.T, b.px, &b.labels, &b.key_valid);
-  gpu::options().dense_bf16 = false;
   expect_close("logits bf16 vs fp32", bf.logits, f32.logits, kBf16);
+  CHECK(rel_error(bf.logits, f32.logits) > 0);  // the switch took effect
   expect_near("ce bf16 vs fp32", bf.ce, f32.ce, kBf16);
 }
 
@@ -88,9 +101,6 @@ TEST_CASE("cuda models::CuMo<Cuda>: bad input gets the CPU's errors (host-side i
   bad[6] = 99;  // outside the vocabulary
   CHECK_THROWS_AS(g.forward(bad, b.B, b.T, b.px, &b.labels), Error);
   CHECK_THROWS_AS(g.forward(b.ids, b.B, b.T, Tensor::zeros({1, 3, 8, 8}), &b.labels), Error);  // 4 features for 8
-  nn::LlavaConfig s2 = test::tiny_cumo_config().llava;
-  s2.vision.s2 = true;
-  CHECK_THROWS_AS(nn::Llava<Cuda>{s2}, Error);  // S² is CPU-only for now: a clear error, not a wrong answer
 }
 
 // =================================================================================================================

@@ -60,8 +60,8 @@ inline Tensor vector_tensor(const std::vector<double>& v) {
 template <class Backend = backend::Cpu>
 void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
   using CuMo = models::CuMo<Backend>;
-  // the fixture's optimizer and clipping on the model's backend: AdamW on the CPU, CudaAdamW (train/adamw_cuda.cuh,
-  // included by cumo_parity's CUDA build) on the GPU — the pair cumo_train's run_stage uses
+  // the fixture's optimizer and clipping on the model's backend (train::AdamW<Backend>) — what cumo_train's
+  // run_stage uses
   using Optimizer = typename train::OptimizerFor<Backend>::type;
   using models::CuMoConfig;
   const CuMoConfig cfg = CuMoConfig::from_json(config);

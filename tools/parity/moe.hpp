@@ -50,7 +50,7 @@ void run_block(const io::SafeTensors& f, const nlohmann::json& cfg, BalanceCount
   const Tensor y = out.y.to(Device::cpu), g = dy.to(Device::cpu);
   double obj = 0;
   for (std::int64_t i = 0; i < y.numel(); ++i) obj += double(y.data<float>()[i]) * g.data<float>()[i];
-  obj += coef.balance * Backend::item(bal) + coef.z * Backend::item(out.aux.z);
+  obj += coef.balance * moe.backend().item(bal) + coef.z * moe.backend().item(out.aux.z);
   r.check("output.objective", Tensor::full<double>({1}, obj), f.get_f32("output.objective"), fwd);
 
   if (f.contains("output.dense_y")) {  // the upcycling invariant: identical copies of dense.* give dense_y

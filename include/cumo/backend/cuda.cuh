@@ -1,16 +1,19 @@
 #pragma once
-// backend::Cuda — the GPU policy for SparseMoE and the model layers, with exactly the static functions (and
-// semantics) of backend::Cpu, which is its reference: every operation here is tested against its CPU twin.
-//   SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>
-// Layers: the public call (SparseMoE::forward) builds a plan (dispatch.cuh: CUB radix sort, offsets on the
-// device) and calls these functions; they check their arguments, pick kernels and launch shapes and call cuBLAS
-// (gemm.cuh, grouped_gemm.cuh) or the kernels of router.cuh, losses.cuh, dispatch.cuh and elementwise.cuh.
-// Everything runs on gpu::stream() (default: the legacy default stream; gpu::set_stream to change it), and device
-// tensors come from CUDA's stream-ordered pool or from a caller-owned gpu::Workspace (memory.cuh).
-// The dense model layers (nn/: Linear, LayerNorm, RMSNorm, Embedding, Attention, the MLPs, ClipVision, DecoderLM,
-// Llava, models::CuMo — each a template on this policy) call the second group of functions below, which wrap the
-// kernels of layers.cuh, attention.cuh, embedding.cuh and model.cuh; optim.cuh holds AdamW and gradient clipping
-// for the training loop.
+// backend::Cuda — the GPU backend: every operation of the backend contract (backend/contract.hpp) with
+// backend::Cpu's semantics, which is its reference — each operation is tested against its CPU twin
+// (tests/cuda/test_backend_ops.cu) and the whole model against the CPU model (tests/cuda/test_cuda_model.cu).
+//   SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>      models::CuMo<backend::Cuda>
+// Each operation checks its arguments, picks kernels and launch shapes and calls cuBLAS (gemm.cuh,
+// grouped_gemm.cuh) or the kernels of router.cuh, losses.cuh, dispatch.cuh, elementwise.cuh, layers.cuh,
+// attention.cuh, embedding.cuh, model.cuh and optim.cuh. Everything runs on gpu::stream().
+//
+// An instance is a handle to the backend's state, which the caller owns and hands to the model it builds:
+//   gpu::Options   precision (TF32, bf16 dense GEMMs), the expert GEMM algorithm, whether the dispatch plan syncs
+//                  for host offsets;
+//   gpu::Workspace optional caller-owned memory every device tensor of the operations is carved from (CUB's
+//                  two-phase temp storage; memory.cuh), the stream-ordered pool otherwise.
+// Copies share the state (the layers of one model hold copies of the model's backend), so two models built with
+// two instances are configured independently in one process.
 //
 // Including this header (from a .cu file) registers the CUDA allocator with cumo::Tensor at static
 // initialisation; nothing touches the GPU until the first device tensor or kernel, so a program built with it
@@ -20,6 +23,7 @@
 #endif
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cumo/backend/cuda/attention.cuh"
@@ -35,8 +39,10 @@
 #include "cumo/backend/cuda/model.cuh"
 #include "cumo/backend/cuda/optim.cuh"
 #include "cumo/backend/cuda/router.cuh"
+#include "cumo/backend/contract.hpp"
+#include "cumo/backend/ops.hpp"
 #include "cumo/core/rng.hpp"
-#include "cumo/moe/types.hpp"
+#include "cumo/core/routing.hpp"
 
 namespace cumo::gpu {
 namespace detail {
@@ -55,169 +61,244 @@ inline const bool device_ops_registered = register_device_ops();
 
 namespace cumo::backend {
 
-struct Cuda {
+class Cuda {
+ public:
   static constexpr Device device = Device::cuda;
   static constexpr const char* name = "cuda";
-  // Caller-owned memory for a whole step (see cuda/memory.cuh): device tensors allocated on this thread while a
-  // WorkspaceScope is alive come from the Workspace's one buffer.
-  using Workspace = gpu::Workspace;
-  using WorkspaceScope = gpu::WorkspaceScope;
+  static constexpr Capabilities capabilities{/*max_head_dim=*/8 * gpu::kWarp, /*bf16_weights=*/false,
+                                             /*f16_weights=*/false};
 
-  // ---- dense pieces (router) --------------------------------------------------------------------------------
-  // y (M, N) = x (M, K) · w (N, K)^T
-  static void linear(const Tensor& x, const Tensor& w, Tensor& y) { gpu::linear(x, w, y); }
-  // dx (M, K) (+)= dy (M, N) · w (N, K)
-  static void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate) {
-    gpu::linear_dinput(dy, w, dx, accumulate);
+  Cuda() : state_(std::make_shared<State>()) {}
+  explicit Cuda(gpu::Options options, gpu::Workspace* workspace = nullptr)
+      : state_(std::make_shared<State>(State{options, workspace})) {}
+
+  // The state every copy of this backend shares (so: every layer of a model built with it).
+  const gpu::Options& options() const { return state_->options; }
+  void set_options(const gpu::Options& o) const { state_->options = o; }
+  gpu::Workspace* workspace() const { return state_->workspace; }
+  // Device tensors of later operations come from `ws` (null: the pool). Tensors already made keep their memory.
+  void set_workspace(gpu::Workspace* ws) const { state_->workspace = ws; }
+
+  // ---- memory ---------------------------------------------------------------------------------------------------
+  Tensor empty(const Shape& shape, DType dtype = DType::f32) const { return gpu::device_empty(ws(), shape, dtype); }
+  Tensor zeros(const Shape& shape, DType dtype = DType::f32) const { return gpu::device_zeros(ws(), shape, dtype); }
+  Tensor upload(const Tensor& host) const {
+    const Tensor c = host.contiguous();
+    Tensor t = empty(c.shape(), c.dtype());
+    t.copy_from(c);
+    return t;
   }
-  // dw (N, K) += dy (M, N)^T · x (M, K)
-  static void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw) { gpu::linear_dweight(dy, x, dw); }
-  static void multiply(const Tensor& a, const Tensor& b, Tensor& out) { gpu::multiply(a, b, out); }
-  static void add(const Tensor& a, const Tensor& b, Tensor& out) { gpu::add(a, b, out); }
+  // Stream-ordered, without a host sync (through the pinned staging ring).
+  Tensor upload_i32(const std::vector<std::int32_t>& v) const { return gpu::upload_i32(v, ws()); }
+  Tensor to_host(const Tensor& t) const { return t.device() == Device::cpu ? t : t.to(Device::cpu); }  // host sync
+  float item(const Tensor& t) const { return gpu::item(t); }                                         // host sync
+  bool all_finite(const Tensor& t) const { return gpu::all_finite(t, ws()); }                        // host sync
+
+  // ---- elementwise and row blocks -----------------------------------------------------------------------------
+  void add(const Tensor& a, const Tensor& b, Tensor& out) const { gpu::add(a, b, out); }
+  void multiply(const Tensor& a, const Tensor& b, Tensor& out) const { gpu::multiply(a, b, out); }
+  void scale(Tensor& t, float alpha) const { gpu::scale(t, alpha); }
   // Bitwise the CPU's numbers (same Philox stream), and the generator advances as on the CPU.
-  static void fill_uniform(Tensor& t, Rng& rng, float lo, float hi) { gpu::fill_uniform(t, rng, lo, hi); }
-  static bool all_finite(const Tensor& t) { return gpu::all_finite(t); }  // host sync
-  static float item(const Tensor& t) { return gpu::item(t); }              // host sync
-
-  // ---- router -----------------------------------------------------------------------------------------------
-  static void softmax_topk(const Tensor& logits, Tensor& probs, Tensor& idx, Tensor& w, bool renormalize) {
-    gpu::softmax_topk(logits, probs, idx, w, renormalize);
+  void fill_uniform(Tensor& t, Rng& rng, float lo, float hi) const { gpu::fill_uniform(t, rng, lo, hi); }
+  void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                   std::int64_t dpitch, std::int64_t width, std::int64_t height) const {
+    gpu::copy_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
   }
-  static void topk_weights_backward(const Tensor& probs, const Tensor& idx, const Tensor& w, const Tensor& dw,
-                                    bool renormalize, Tensor& dprobs) {
-    gpu::topk_weights_backward(probs, idx, w, dw, renormalize, dprobs);
-  }
-  static void softmax_backward(const Tensor& probs, const Tensor& dprobs, Tensor& dlogits) {
-    gpu::softmax_backward(probs, dprobs, dlogits);
-  }
-  static void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
-                         AuxLosses& out) {
-    gpu::aux_losses(logits, probs, idx, segments, out);
-  }
-  static void aux_losses_backward(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
-                                  BalanceCounts counting, AuxLossWeights coef, Tensor& dprobs, Tensor& dlogits) {
-    gpu::aux_losses_backward(logits, probs, idx, segments, counting, coef, dprobs, dlogits);
+  void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
+                  std::int64_t dpitch, std::int64_t width, std::int64_t height) const {
+    gpu::add_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
   }
 
-  // ---- dispatch ---------------------------------------------------------------------------------------------
-  // Fills plan.host_offsets too unless gpu::options().plan_host_offsets is off (the forward's one host sync).
-  static void make_plan(const Tensor& idx, DispatchPlan& plan) { gpu::make_plan(idx, plan); }
-  static void gather_rows(const Tensor& x, const DispatchPlan& plan, Tensor& xs) { gpu::gather_rows(x, plan, xs); }
-  static void combine(const Tensor& out, const Tensor& w, const DispatchPlan& plan, Tensor& y) {
-    gpu::combine(out, w, plan, y);
+  // ---- dense linear (the nn layers' GEMMs at the options' precision; the router's too) --------------------------
+  void linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) const {
+    gpu::dense_linear(x, w, b, y, options(), ws());
   }
-  static void combine_backward(const Tensor& dy, const Tensor& out, const Tensor& w, const DispatchPlan& plan,
-                               Tensor& dout, Tensor& dw) {
-    gpu::combine_backward(dy, out, w, plan, dout, dw);
+  void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw, Tensor* db, Tensor& dx) const {
+    gpu::dense_linear_backward(dy, x, w, dw, db, dx, options(), ws());
   }
-  static void scatter_add_rows(const Tensor& dxs, const DispatchPlan& plan, Tensor& dx) {
-    gpu::scatter_add_rows(dxs, plan, dx);
+  // The backward GEMMs on their own — the router's backward and the patch embedding's weight gradient — stay fp32
+  // (TF32 at most) with dense_bf16: both are small (E or C·P² wide), so bf16 copies of their operands would cost
+  // more than they save.
+  void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate) const {
+    gpu::linear_dinput(dy, w, dx, accumulate, options().allow_tf32);
+  }
+  void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw) const {
+    gpu::linear_dweight(dy, x, dw, options().allow_tf32);
   }
 
-  // ---- experts ----------------------------------------------------------------------------------------------
-  static void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan,
-                             Tensor& c) {
-    gpu::grouped_linear(a, w, bias, plan, c);
+  // ---- norms, RoPE, attention, embeddings ---------------------------------------------------------------------
+  // LayerNorm stats: (2, N) f32 {mean; 1/σ}; RMSNorm stats: (N,) f32 1/rms.
+  void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y,
+                         Tensor& stats) const {
+    stats = empty({2, x.size(0)});
+    Tensor mean = stats.select(0, 0), rstd = stats.select(0, 1);
+    gpu::layernorm_forward(x, w, b, eps, y, mean, rstd);
   }
-  static void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da) {
-    gpu::grouped_linear_dinput(dc, w, plan, da);
+  void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, Tensor& dx,
+                          Tensor& dw, Tensor& db) const {
+    gpu::layernorm_backward(dy, x, w, stats.select(0, 0), stats.select(0, 1), dx, dw, db, ws());
   }
-  static void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const DispatchPlan& plan, Tensor& dw,
-                                     Tensor* dbias) {
-    gpu::grouped_linear_dweight(dc, a, plan, dw, dbias);
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& stats) const {
+    stats = empty({x.size(0)});
+    gpu::rmsnorm_forward(x, w, eps, y, stats);
   }
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, Tensor& dx,
+                        Tensor& dw) const {
+    gpu::rmsnorm_backward(dy, x, w, stats, dx, dw, ws());
+  }
+  void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, std::int64_t heads, bool inverse,
+            Tensor& out) const {
+    gpu::rope(x, positions, inv_freq, heads, inverse, out);
+  }
+  // saved: the row logsumexp (B, heads, Tq) f32 — the fused kernel recomputes P in the backward. A strided KV
+  // cache of several sequences is packed first (the kernels read packed keys).
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
+                         const AttentionShape& shape, Tensor& out, Tensor* saved) const {
+    AttentionShape s = shape;
+    const Tensor kp = packed(k, s), vp = packed(v, s);
+    s.kv_stride = 0;
+    Tensor lse = empty({s.batch, s.heads, s.q_len});
+    gpu::attention_forward(q, kp, vp, key_valid, s, out, lse);
+    if (saved) *saved = lse;
+  }
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
+                          const Tensor& out, const Tensor& saved, const Tensor& dout, const AttentionShape& shape,
+                          Tensor& dq, Tensor& dk, Tensor& dv) const {
+    CUMO_CHECK(shape.kv_stride == 0 || shape.kv_stride == shape.S(),
+               "backend::Cuda::attention_backward: keys must be packed (training attends within its own tokens)");
+    gpu::attention_backward(q, k, v, key_valid, out, saved, dout, shape, dq, dk, dv, ws());
+  }
+  void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) const {
+    gpu::embedding_forward(table, ids, y, ws());
+  }
+  void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>& ids, Tensor& dtable,
+                          const std::vector<bool>* skip) const {
+    gpu::embedding_backward(dy, ids, dtable, skip, ws());
+  }
+  void vit_embeddings(const Tensor& patch, const Tensor& cls, const Tensor& pos, std::int64_t B, Tensor& emb) const {
+    gpu::vit_embeddings(patch, cls, pos, B, emb);
+  }
+  void vit_embeddings_backward(const Tensor& demb, std::int64_t B, Tensor& dpatch, Tensor& dcls, Tensor& dpos) const {
+    gpu::vit_embeddings_backward(demb, B, dpatch, dcls, dpos);
+  }
+  void s2_pool_tiles(const Tensor& tiles, std::int64_t B, std::int64_t G, std::int64_t n, Tensor& out) const {
+    gpu::s2_pool_tiles(tiles, B, G, n, out);
+  }
+  void s2_pool_tiles_backward(const Tensor& dpooled, std::int64_t B, std::int64_t G, std::int64_t n,
+                              Tensor& dtiles) const {
+    gpu::s2_pool_tiles_backward(dpooled, B, G, n, dtiles);
+  }
+
+  // ---- activations ----------------------------------------------------------------------------------------------
   template <class Act>
-  static void activation_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
+  void activation_forward(const Tensor& h, std::int64_t rows, Tensor& a) const {
     gpu::activation_forward<Act>(h, rows, a);
   }
   template <class Act>
-  static void activation_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) {
+  void activation_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) const {
     gpu::activation_backward<Act>(h, da, rows, dh);
   }
   template <class Act>
-  static void glu_forward(const Tensor& h, std::int64_t rows, Tensor& a) {
+  void glu_forward(const Tensor& h, std::int64_t rows, Tensor& a) const {
     gpu::glu_forward<Act>(h, rows, a);
   }
   template <class Act>
-  static void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) {
+  void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& dh) const {
     gpu::glu_backward<Act>(h, da, rows, dh);
   }
-
-  // ---- model layers (nn/; the CPU twin of each is inline in the layer) -------------------------------------------
-  static void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
-    gpu::dense_linear(x, w, b, y);
-  }
-  static void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw, Tensor* db,
-                                    Tensor& dx) {
-    gpu::dense_linear_backward(dy, x, w, dw, db, dx);
-  }
-  static void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y,
-                                Tensor& mean, Tensor& rstd) {
-    gpu::layernorm_forward(x, w, b, eps, y, mean, rstd);
-  }
-  static void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                                 const Tensor& rstd, Tensor& dx, Tensor& dw, Tensor& db) {
-    gpu::layernorm_backward(dy, x, w, mean, rstd, dx, dw, db);
-  }
-  static void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rrms) {
-    gpu::rmsnorm_forward(x, w, eps, y, rrms);
-  }
-  static void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rrms, Tensor& dx,
-                               Tensor& dw) {
-    gpu::rmsnorm_backward(dy, x, w, rrms, dx, dw);
-  }
-  static void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) {
-    gpu::embedding_forward(table, ids, y);
-  }
-  static void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>& ids, Tensor& dtable,
-                                 const std::vector<bool>* skip) {
-    gpu::embedding_backward(dy, ids, dtable, skip);
-  }
-  static void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, std::int64_t heads,
-                   bool inverse, Tensor& out) {
-    gpu::rope(x, positions, inv_freq, heads, inverse, out);
-  }
-  static void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
-                                std::int64_t B, std::int64_t T, std::int64_t heads, std::int64_t kv_heads,
-                                std::int64_t head_dim, bool causal, Tensor& out, Tensor& lse) {
-    gpu::attention_forward(q, k, v, key_valid, {B, T, T, heads, kv_heads, head_dim, causal}, out, lse);
-  }
-  static void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
-                                 const Tensor& out, const Tensor& lse, const Tensor& dout, std::int64_t B,
-                                 std::int64_t T, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
-                                 bool causal, Tensor& dq, Tensor& dk, Tensor& dv) {
-    gpu::attention_backward(q, k, v, key_valid, out, lse, dout, {B, T, T, heads, kv_heads, head_dim, causal}, dq, dk,
-                            dv);
-  }
   template <class Act>
-  static void gated_forward(const Tensor& gate, const Tensor& up, Tensor& a) {
+  void gated_forward(const Tensor& gate, const Tensor& up, Tensor& a) const {
     gpu::gated_forward<Act>(gate, up, a);
   }
   template <class Act>
-  static void gated_backward(const Tensor& gate, const Tensor& up, const Tensor& da, Tensor& dgate, Tensor& dup) {
+  void gated_backward(const Tensor& gate, const Tensor& up, const Tensor& da, Tensor& dgate, Tensor& dup) const {
     gpu::gated_backward<Act>(gate, up, da, dgate, dup);
   }
-  static void vit_embeddings(const Tensor& patch, const Tensor& cls, const Tensor& pos, std::int64_t B, Tensor& emb) {
-    gpu::vit_embeddings(patch, cls, pos, B, emb);
+
+  // ---- losses ---------------------------------------------------------------------------------------------------
+  // The result is read on the host (one sync: the caller reports the loss).
+  CrossEntropyResult cross_entropy(const Tensor& logits, const Tensor& labels, Tensor* dlogits,
+                                   const CrossEntropyOptions& o = {}) const {
+    return gpu::read_result(gpu::cross_entropy(logits, labels, dlogits, o, ws()));
   }
-  static void vit_embeddings_backward(const Tensor& demb, std::int64_t B, Tensor& dpatch, Tensor& dcls,
-                                      Tensor& dpos) {
-    gpu::vit_embeddings_backward(demb, B, dpatch, dcls, dpos);
+
+  // ---- router -----------------------------------------------------------------------------------------------
+  void softmax_topk(const Tensor& logits, Tensor& probs, Tensor& idx, Tensor& w, bool renormalize) const {
+    gpu::softmax_topk(logits, probs, idx, w, renormalize);
   }
-  static void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
-                          std::int64_t dpitch, std::int64_t width, std::int64_t height) {
-    gpu::copy_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
+  void topk_weights_backward(const Tensor& probs, const Tensor& idx, const Tensor& w, const Tensor& dw,
+                             bool renormalize, Tensor& dprobs) const {
+    gpu::topk_weights_backward(probs, idx, w, dw, renormalize, dprobs);
   }
-  static void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
-                         std::int64_t dpitch, std::int64_t width, std::int64_t height) {
-    gpu::add_blocks(src, src0, spitch, dst, dst0, dpitch, width, height);
+  void softmax_backward(const Tensor& probs, const Tensor& dprobs, Tensor& dlogits) const {
+    gpu::softmax_backward(probs, dprobs, dlogits);
   }
-  static void scale(Tensor& t, float alpha) { gpu::scale(t, alpha); }
-  static Tensor upload_i32(const std::vector<std::int32_t>& v) { return gpu::upload_i32(v); }
-  static gpu::CrossEntropyHostResult causal_lm_loss(const Tensor& logits, const std::vector<std::int64_t>& labels,
-                                                    std::int64_t B, std::int64_t T, Tensor& dlogits) {
-    return gpu::causal_lm_loss(logits, labels, B, T, dlogits);
+  void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
+                  AuxLosses& out) const {
+    gpu::aux_losses(logits, probs, idx, segments, out, ws());
   }
+  void aux_losses_backward(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
+                           BalanceCounts counting, AuxLossWeights coef, Tensor& dprobs, Tensor& dlogits) const {
+    gpu::aux_losses_backward(logits, probs, idx, segments, counting, coef, dprobs, dlogits, ws());
+  }
+
+  // ---- dispatch ---------------------------------------------------------------------------------------------
+  // Fills plan.host_offsets too unless options().plan_host_offsets is off (the forward's one host sync).
+  void make_plan(const Tensor& idx, DispatchPlan& plan) const {
+    gpu::make_plan(idx, plan, options().plan_host_offsets, ws());
+  }
+  void gather_rows(const Tensor& x, const DispatchPlan& plan, Tensor& xs) const { gpu::gather_rows(x, plan, xs); }
+  void combine(const Tensor& out, const Tensor& w, const DispatchPlan& plan, Tensor& y) const {
+    gpu::combine(out, w, plan, y);
+  }
+  void combine_backward(const Tensor& dy, const Tensor& out, const Tensor& w, const DispatchPlan& plan, Tensor& dout,
+                        Tensor& dw) const {
+    gpu::combine_backward(dy, out, w, plan, dout, dw);
+  }
+  void scatter_add_rows(const Tensor& dxs, const DispatchPlan& plan, Tensor& dx) const {
+    gpu::scatter_add_rows(dxs, plan, dx);
+  }
+
+  // ---- experts (the options' grouped-GEMM algorithm) ----------------------------------------------------------
+  void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan,
+                      Tensor& c) const {
+    gpu::grouped_linear(a, w, bias, plan, c, options());
+  }
+  void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da) const {
+    gpu::grouped_linear_dinput(dc, w, plan, da, options());
+  }
+  void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const DispatchPlan& plan, Tensor& dw,
+                              Tensor* dbias) const {
+    gpu::grouped_linear_dweight(dc, a, plan, dw, dbias, options(), ws());
+  }
+
+  // ---- optimizer ------------------------------------------------------------------------------------------------
+  void adamw_step(const std::vector<AdamWSlot>& slots, const AdamWHyper& hyper) const { gpu::adamw_step(slots, hyper); }
+  // {norm, coefficient} (2,) f32 on the device: no host sync.
+  Tensor clip_grad_norm(const std::vector<Tensor>& grads, double max_norm) const {
+    return gpu::clip_grad_norm(grads, max_norm, ws());
+  }
+  Tensor grad_norm(const std::vector<Tensor>& grads) const { return gpu::grad_norm(grads, ws()); }
+
+ private:
+  struct State {
+    gpu::Options options;
+    gpu::Workspace* workspace = nullptr;
+  };
+  gpu::Workspace* ws() const { return state_->workspace; }
+  // k or v of a strided KV cache (sequence b's S keys at rows b·stride …) as packed (B·S, W) rows.
+  Tensor packed(const Tensor& kv, const AttentionShape& s) const {
+    const std::int64_t S = s.S(), stride = s.stride();
+    if (stride == S || s.batch <= 1) return s.batch <= 1 ? kv.slice(0, 0, S) : kv;
+    const std::int64_t W = kv.size(1);
+    Tensor p = empty({s.batch * S, W});
+    gpu::copy_blocks(kv, 0, stride * W, p, 0, S * W, S * W, s.batch);
+    return p;
+  }
+  std::shared_ptr<State> state_;
 };
+
+static_assert(Backend<Cuda>, "backend::Cuda must implement every operation of the backend contract "
+                             "(backend/contract.hpp)");
 
 }  // namespace cumo::backend

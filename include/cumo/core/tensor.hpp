@@ -95,6 +95,17 @@ class Tensor {
     for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = value;
     return t;
   }
+  // A contiguous tensor over an allocation made elsewhere (a device workspace's block), freed by its deleter.
+  static Tensor from_storage(std::shared_ptr<Storage> storage, Shape shape, DType dtype) {
+    CUMO_CHECK(storage && storage->bytes >= std::size_t(shape.numel()) * size_of(dtype),
+               "Tensor::from_storage: the storage is smaller than a tensor of shape ", shape);
+    Tensor t;
+    t.storage_ = std::move(storage);
+    t.shape_ = shape;
+    t.stride_ = contiguous_strides(shape);
+    t.dtype_ = dtype;
+    return t;
+  }
   // A view of memory the caller owns; `keepalive` (e.g. a memory map) lives as long as any view of it.
   static Tensor borrow(void* ptr, Shape shape, DType dtype, Device device = Device::cpu,
                        std::shared_ptr<void> keepalive = {}) {

@@ -337,7 +337,7 @@ inline nlohmann::ordered_json preference_json(const std::vector<PreferencePair>&
 }
 inline void save_preference_json(const std::string& path, const std::vector<PreferencePair>& pairs) {
   const std::string text = preference_json(pairs).dump(1) + "\n";
-  io::detail::write_file_atomic(path, text.data(), text.size(), "save_preference_json");
+  io::write_file_atomic(path, text.data(), text.size(), "save_preference_json");
 }
 
 }  // namespace cumo::data

@@ -478,7 +478,7 @@ inline ShapesWorldSummary write_shapes_world(const std::string& dir, const Shape
   meta["question_types"] = std::vector<std::string>(kQuestionTypes.begin(), kQuestionTypes.end());
   meta["files"] = {{"stage1", "stage1.json"}, {"stage2", "stage2.json"}, {"stage3", "stage3.json"}, {"eval", "eval.json"}};
   const std::string text = meta.dump(2) + "\n";
-  io::detail::write_file_atomic((fs::path(dir) / "shapes_world.json").string(), text.data(), text.size(),
+  io::write_file_atomic((fs::path(dir) / "shapes_world.json").string(), text.data(), text.size(),
                                 "write_shapes_world");
 
   ShapesWorldSummary s;

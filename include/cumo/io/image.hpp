@@ -28,6 +28,7 @@
 #include <system_error>
 #include <vector>
 
+#include "cumo/io/files.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/core/tensor.hpp"
 
@@ -84,8 +85,7 @@ struct Image {
 // ================================================================================================================
 namespace detail {
 inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::string_view where) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail(where, ": '", path, "' is a directory, not an image file");
+  require_regular_file(path, where);
   std::ifstream f(path, std::ios::binary);
   if (!f) fail(where, ": cannot open '", path, "': ", std::strerror(errno));
   std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
@@ -93,23 +93,6 @@ inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::s
   return bytes;
 }
 
-inline void write_file_atomic(const std::string& path, const void* data, std::size_t n, std::string_view where) {
-  // Write beside the target, then rename: a crash never leaves a half-written image under the final name.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) fail(where, ": cannot create '", tmp, "': ", std::strerror(errno));
-    f.write(static_cast<const char*>(data), std::streamsize(n));
-    f.flush();
-    if (!f) fail(where, ": write error on '", tmp, "'");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    fail(where, ": cannot rename '", tmp, "' to '", path, "'");
-  }
-}
 }  // namespace detail
 
 // Decodes an encoded image held in memory; `channels` = 3 gives RGB whatever the file holds (grey is replicated,
@@ -167,7 +150,7 @@ inline std::vector<std::uint8_t> encode_png(const Image& img) {
 // Writes a PNG atomically (temporary file + rename).
 inline void write_png(const std::string& path, const Image& img) {
   const auto bytes = encode_png(img);
-  detail::write_file_atomic(path, bytes.data(), bytes.size(), "write_png");
+  write_file_atomic(path, bytes.data(), bytes.size(), "write_png");
 }
 
 // ================================================================================================================

@@ -56,67 +56,41 @@ struct CuMoConfig {
       c.balance_coef = j["aux"].value("balance_coef", c.balance_coef);
       c.z_coef = j["aux"].value("z_coef", c.z_coef);
     }
-    CUMO_CHECK(c.experts >= 1, "CuMoConfig: experts must be >= 1, got ", c.experts);
-    CUMO_CHECK(c.top_k >= 1 && c.top_k <= c.experts, "CuMoConfig: top_k = ", c.top_k, " must be in [1, experts = ",
-               c.experts, "]");
+    c.validate("CuMoConfig");
     return c;
   }
 
   // The nested form, readable by from_json() and by HF for the "llava" part.
   nlohmann::json to_json() const {
-    const nn::VisionConfig& v = llava.vision;
-    const nn::DecoderConfig& t = llava.text;
-    nlohmann::json vc = {{"model_type", "clip_vision_model"},
-                         {"hidden_size", v.hidden},
-                         {"num_hidden_layers", v.layers},
-                         {"num_attention_heads", v.heads},
-                         {"intermediate_size", v.ffn},
-                         {"image_size", v.image_size},
-                         {"patch_size", v.patch_size},
-                         {"num_channels", v.channels},
-                         {"layer_norm_eps", v.eps},
-                         {"hidden_act", "quick_gelu"}};
-    nlohmann::json tc = {{"model_type", t.model_type},
-                         {"vocab_size", t.vocab},
-                         {"hidden_size", t.hidden},
-                         {"num_hidden_layers", t.layers},
-                         {"num_attention_heads", t.heads},
-                         {"num_key_value_heads", t.kv_heads},
-                         {"head_dim", t.head_dim},
-                         {"intermediate_size", t.ffn},
-                         {"rms_norm_eps", t.rms_eps},
-                         {"rope_parameters", {{"rope_theta", t.rope_theta}, {"rope_type", "default"}}},
-                         {"attention_bias", t.qkv_bias},
-                         {"tie_word_embeddings", t.tie_embeddings},
-                         {"hidden_act", "silu"}};
-    if (t.experts > 0) {
-      tc["num_local_experts"] = t.experts;
-      tc["num_experts_per_tok"] = t.top_k;
-      tc["router_aux_loss_coef"] = t.aux_coef;
-    }
-    nlohmann::json lc = {{"model_type", "llava"},
-                         {"vision_config", vc},
-                         {"text_config", tc},
-                         {"image_token_id", llava.image_token_id},
-                         {"vision_feature_layer", v.feature_layer},
-                         {"vision_feature_select_strategy", "default"},
-                         {"projector_hidden_act", "gelu"}};
-    return {{"llava", lc},
-            {"s2", v.s2},
+    return {{"llava", llava.to_json()},
+            {"s2", llava.vision.s2},
             {"experts", experts},
             {"top_k", top_k},
             {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
   }
+
+  // Every field in range, or an error naming it and its value (`where` names the source).
+  void validate(const std::string& where) const {
+    llava.validate(where);
+    CUMO_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, where, ": need 1 <= top_k (", top_k,
+               ") <= experts (", experts, ")");
+    CUMO_CHECK(std::isfinite(balance_coef) && balance_coef >= 0 && std::isfinite(z_coef) && z_coef >= 0, where,
+               ": balance_coef (", balance_coef, ") and z_coef (", z_coef, ") must be finite and >= 0");
+  }
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class CuMo {
  public:
   using backend_type = Backend;
 
-  explicit CuMo(CuMoConfig c) : cfg_(std::move(c)), m_(cfg_.llava) {}
+  // `backend` runs every layer (a copy of a stateful backend — backend::Cuda's precision and workspace — shares
+  // its state, so one instance configures the whole model).
+  explicit CuMo(CuMoConfig c, Backend backend = {})
+      : cfg_(validated(std::move(c))), m_(cfg_.llava, backend), be_(std::move(backend)) {}
 
   const CuMoConfig& config() const { return cfg_; }
+  const Backend& backend() const { return be_; }
   // The composition itself, for callers that want a layer (e.g. to read one router's output).
   nn::Llava<Backend>& llava() { return m_; }
   const nn::Llava<Backend>& llava() const { return m_; }
@@ -255,51 +229,33 @@ class CuMo {
   // state (no backward() for a forward before it).
   std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt_ids, const Tensor& pixels,
                                      std::int64_t max_new, std::int64_t eos_id) {
-    static_assert(on_cpu, "CuMo::generate: generation (KV cache, greedy decoding) runs on the CPU backend");
     constexpr const char* where = "CuMo::generate";
     has_forward_ = false;
-    const nn::VisionConfig& vc = cfg_.llava.vision;
-    const std::int64_t image_id = cfg_.llava.image_token_id, N = vc.patches();
+    const std::int64_t image_id = cfg_.llava.image_token_id, N = cfg_.llava.vision.patches();
     CUMO_CHECK(!prompt_ids.empty(), where, ": empty prompt");
-    std::vector<std::int64_t> ids;
     std::int64_t n_img = 0;
     for (auto id : prompt_ids) n_img += id == image_id;
+    std::vector<std::int64_t> ids;
     for (auto id : prompt_ids) {
       if (id == image_id && n_img == 1 && N > 1)
         ids.insert(ids.end(), std::size_t(N), image_id);
       else
         ids.push_back(id);
     }
-    if (n_img == 1) n_img = N;
     const bool has_image = pixels.defined() && pixels.numel() > 0;
     CUMO_CHECK(!has_image || pixels.size(0) == 1, where, ": one image at a time, got pixel_values of shape ",
                pixels.shape());
-    CUMO_CHECK(n_img == (has_image ? N : 0), where, ": the prompt has ", n_img, " image tokens (id ", image_id,
-               ") but the image gives ", has_image ? N : 0, " features");
     auto& lm = m_.language_model;
-    const nn::DecoderConfig& tc = cfg_.llava.text;
-    const std::int64_t P = std::int64_t(ids.size()), H = tc.hidden;
-
-    std::vector<std::int64_t> safe = ids;
-    for (auto& id : safe)
-      if (id == image_id && (id < 0 || id >= tc.vocab)) id = 0;
-    Tensor emb = lm.embed_tokens.apply(safe);  // (P, H)
-    if (has_image) {
-      const Tensor features = m_.encode_images(pixels, /*all_layers=*/false);  // (N, Hv or 2·Hv)
-      const Tensor proj = m_.projector.forward(features, 1);                  // (N, H)
-      std::int64_t k = 0;
-      for (std::int64_t i = 0; i < P; ++i)
-        if (ids[std::size_t(i)] == image_id)
-          std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + i * H);
-    }
+    const std::int64_t P = std::int64_t(ids.size());
+    const Tensor emb = m_.embed_multimodal(ids, pixels, /*training=*/false);  // (P, H), image rows written
     auto cache = lm.make_cache(1, P + std::max<std::int64_t>(max_new, 1));
     std::vector<std::int64_t> out;
-    Tensor logits = decode(emb, P, cache);  // (P, V)
+    Tensor logits = lm.forward_cached_embeds(emb, 1, P, cache);  // (P, V)
     for (std::int64_t s = 0; s < max_new; ++s) {
-      const std::int64_t next = argmax_row(logits, logits.size(0) - 1);
+      const std::int64_t next = argmax_last_row(logits);
       out.push_back(next);
       if (next == eos_id || s + 1 == max_new) break;
-      logits = decode(lm.embed_tokens.apply({next}), 1, cache);
+      logits = lm.forward_cached({next}, 1, 1, cache);  // (1, V)
     }
     return out;
   }
@@ -342,42 +298,28 @@ class CuMo {
   }
 
  private:
-  static constexpr bool on_cpu = nn::on_cpu<Backend>;
-
   static bool is_router(const std::string& n) { return n.ends_with(".gate.weight"); }
   static void fill(Tensor& t, float v) {
     float* p = t.data<float>();
     for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = v;
   }
-  static double scalar(const Tensor& t) {
-    const Tensor c = t.to(Device::cpu).to(DType::f64);
-    return c.data<double>()[0];
-  }
-  static std::int64_t argmax_row(const Tensor& logits, std::int64_t row) {
+  double scalar(const Tensor& t) const { return double(be_.item(t)); }
+  // The greedy choice after the last position: its logits row is read on the host.
+  std::int64_t argmax_last_row(const Tensor& logits) const {
     const std::int64_t V = logits.size(1);
-    const float* z = logits.data<float>() + row * V;
+    Tensor row = be_.empty({1, V});
+    be_.copy_blocks(logits, (logits.size(0) - 1) * V, 0, row, 0, 0, V, 1);
+    const Tensor host = be_.to_host(row);
+    const float* z = host.data<float>();
     return std::int64_t(std::max_element(z, z + V) - z);
   }
-  // x (t, H) embeddings of t new positions of one sequence → logits (t, V), appending to the caches.
-  Tensor decode(const Tensor& x, std::int64_t t, std::vector<nn::KVCache>& cache) {
-    auto& lm = m_.language_model;
-    const nn::DecoderConfig& tc = cfg_.llava.text;
-    Tensor h = x;
-    for (std::size_t l = 0; l < lm.layers.size(); ++l) {
-      auto& L = lm.layers[l];
-      h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), 1, t, cache[l]));
-      h = nn::add(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
-    }
-    const Tensor hn = lm.norm.apply(h);
-    const Tensor& W = tc.tie_embeddings ? lm.embed_tokens.weight.value : lm.lm_head.weight.value;
-    Tensor logits = nn::matrix(t, tc.vocab);
-    cpu::gemm(cpu::Op::N, cpu::Op::T, t, tc.vocab, tc.hidden, 1.f, hn.data<float>(), tc.hidden, W.data<float>(),
-              tc.hidden, 0.f, logits.data<float>(), tc.vocab);  // (t, V)
-    return logits;
+  static CuMoConfig validated(CuMoConfig c) {
+    c.validate("CuMo");
+    return c;
   }
-
   CuMoConfig cfg_;
   nn::Llava<Backend> m_;
+  [[no_unique_address]] Backend be_;
   std::int64_t vision_sparse_layers_ = 0;
   bool has_forward_ = false;
 };

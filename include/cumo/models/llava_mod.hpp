@@ -16,12 +16,12 @@
 //                                        (and over `segments`, the independent forwards a batch concatenates —
 //                                        chosen and rejected in preference distillation).
 //
-// None of this changes nn/: StudentPass and eval_logits drive the DecoderLM's public layers (the same calls, in the
-// same order, as DecoderLM::forward_embeds / backward), so the arithmetic is the DecoderLM's own.
+// None of this re-codes the decoder: StudentPass and eval_logits call DecoderLM's own layer walk
+// (forward_layers / backward_layers / infer_layers) and LM head, so the arithmetic is the DecoderLM's.
 //
 // Every function takes a DecoderLM on any backend. On a device backend the logits StudentPass and eval_logits return
-// are device tensors; the losses of train/distill.hpp run on host copies of them (`.to(Device::cpu)`) and their
-// dlogits go back with `.to(Backend::device)` — an (N, V) copy each way per step, the price of one loss code.
+// are device tensors; the losses of train/distill.hpp run on host copies of them (`to_host`) and their dlogits go
+// back with `upload` — an (N, V) copy each way per step, the price of one loss code.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -99,49 +99,23 @@ inline std::int64_t parameter_bytes(const ParameterList& ps, bool with_grads = f
   return n;
 }
 
-namespace detail {
-// DenseGatedMLP::forward's arithmetic without saving g, u.
-inline Tensor gated_apply(const nn::DenseGatedMLP<SiLU>& mlp, const Tensor& x) {
-  const Tensor g = mlp.gate_proj.apply(x), u = mlp.up_proj.apply(x);
-  Tensor a = nn::matrix(g.size(0), g.size(1));
-  const float *pg = g.data<float>(), *pu = u.data<float>();
-  float* pa = a.data<float>();
-  for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = SiLU::f(pg[i]) * pu[i];
-  return mlp.down_proj.apply(a);
-}
-}  // namespace detail
-
 // ---- the teacher: eval-mode forward -------------------------------------------------------------------------------
-// x (B·T, H) → logits (B·T, V), keeping nothing for a backward. Each layer's attention runs as a prefill into a
-// KV cache that lives for that layer only (the same scores, softmax and sums as the training forward), dense FFNs
-// run without saving their gate / up activations. A sparse FFN in the teacher runs its forward with training off
-// (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
+// x (B·T, H) → logits (B·T, V), keeping nothing for a backward: DecoderLM::infer_layers, each layer's attention a
+// prefill into a KV cache that lives for that layer only (the same scores, softmax and sums as the training
+// forward), dense FFNs without their saved activations. A sparse FFN in the teacher runs its forward with training
+// off (its router output and dispatch plan stay in the block until its next forward). Bitwise the logits of
 // DecoderLM::forward on the same input. key_valid (B·T): 0 marks a padding key.
-// On a device backend (no KV cache there) attention and the FFNs run their training forwards instead: the same
-// logits, with their saved state held until their next forward.
 template <class Backend>
 Tensor eval_logits_embeds(nn::DecoderLM<Backend>& m, const Tensor& x, std::int64_t B, std::int64_t T,
                           const std::vector<std::uint8_t>* key_valid = nullptr) {
   constexpr const char* where = "eval_logits";
-  const auto& c = m.config();
-  Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden, Backend::device);
+  const Tensor h = nn::check_input(where, "inputs_embeds", x, m.config().hidden, Backend::device);
   CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
-  for (auto& L : m.layers) {
-    if constexpr (nn::on_cpu<Backend>) {
-      nn::KVCache cache = L.self_attn.make_cache(B, T);
-      h = nn::add(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, T, cache, key_valid));
-      const Tensor hn = L.post_attention_layernorm.apply(h);
-      h = nn::add(h, L.mlp.is_sparse() ? L.mlp.forward(hn, ForwardArgs{1, false}) : detail::gated_apply(L.mlp.dense(), hn));
-    } else {
-      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.apply(h), B, T, key_valid));
-      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
-    }
-  }
-  return m.head(m.norm.apply(h));  // (B·T, V)
+  return m.head(m.norm.apply(m.infer_layers(h, B, T, nullptr, key_valid)));  // (B·T, V)
 }
 template <class Backend>
 Tensor eval_logits(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                          const std::vector<std::uint8_t>* key_valid = nullptr) {
+                   const std::vector<std::uint8_t>* key_valid = nullptr) {
   CUMO_CHECK(std::int64_t(ids.size()) == B * T, "eval_logits: ", ids.size(), " ids for B = ", B, ", T = ", T);
   return eval_logits_embeds(m, m.embed_tokens.apply(ids), B, T, key_valid);
 }
@@ -149,11 +123,11 @@ Tensor eval_logits(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& i
 template <class Backend>
 Tensor eval_logits_host(nn::DecoderLM<Backend>& m, const std::vector<std::int64_t>& ids, std::int64_t B,
                         std::int64_t T, const std::vector<std::uint8_t>* key_valid = nullptr) {
-  return eval_logits(m, ids, B, T, key_valid).to(Device::cpu);
+  return m.backend().to_host(eval_logits(m, ids, B, T, key_valid));
 }
 
 // ---- the student: forward / backward under an external loss -------------------------------------------------------
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class StudentPass {
  public:
   using Model = nn::DecoderLM<Backend>;
@@ -190,20 +164,14 @@ class StudentPass {
     constexpr const char* where = "StudentPass::backward";
     CUMO_CHECK(hn_.defined(), where, ": no saved forward (one backward per forward)");
     Model& m = *m_;
-    const auto& c = m.config();
-    const std::int64_t N = hn_.size(0);
-    const Tensor dl = nn::check_input(where, "dlogits", dlogits, c.vocab, Backend::device);
-    CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but the forward had ", N, " rows");
-    Tensor dh = m.norm.backward(m.head_backward(dl, hn_));  // (N, H)
+    const Tensor dl = nn::check_input(where, "dlogits", dlogits, m.config().vocab, Backend::device);
+    CUMO_CHECK(dl.size(0) == hn_.size(0), where, ": dlogits has shape ", dl.shape(), " but the forward had ",
+               hn_.size(0), " rows");
+    const Tensor dh = m.norm.backward(m.head_backward(dl, hn_));  // (N, H)
     hn_ = Tensor();
+    // the block averages its segments' losses; LLaVA-MoD adds them, so each block sees segments × the coefficient
     const AuxLossWeights per_block{float(double(aux.balance) * double(segments_)), float(double(aux.z) * double(segments_))};
-    for (std::size_t l = m.layers.size(); l-- > 0;) {
-      auto& L = m.layers[l];
-      const Tensor dffn_in = L.mlp.backward(dh, per_block);
-      Tensor dmid = nn::add<Backend>(dh, L.post_attention_layernorm.backward(dffn_in));
-      dh = nn::add<Backend>(dmid, L.input_layernorm.backward(L.self_attn.backward(dmid)));
-    }
-    return dh;
+    return m.backward_layers(dh, per_block);
   }
   // backward() and then the embedding table (only after forward(ids)).
   void backward_all(const Tensor& dlogits, AuxLossWeights aux = {}) {
@@ -217,33 +185,26 @@ class StudentPass {
              const std::vector<std::uint8_t>* key_valid) {
     constexpr const char* where = "StudentPass::forward";
     Model& m = *m_;
-    const auto& c = m.config();
-    Tensor h = nn::check_input(where, "inputs_embeds", x, c.hidden, Backend::device);
+    const Tensor h = nn::check_input(where, "inputs_embeds", x, m.config().hidden, Backend::device);
     CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
     CUMO_CHECK(segments >= 1 && B % segments == 0, where, ": ", B, " sequences do not split into ", segments,
                " equal segments");
     segments_ = segments;
+    hn_ = m.norm.forward(m.forward_layers(h, nn::TokenLayout::make(m.backend(), B, T, key_valid), segments));
     Output out;
-    for (auto& L : m.layers) {
-      h = nn::add<Backend>(h, L.self_attn.forward(L.input_layernorm.forward(h), B, T, key_valid));
-      h = nn::add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.forward(h), ForwardArgs{segments, true}));
-      if (L.mlp.is_sparse()) {
-        const AuxLosses& a = L.mlp.last_aux();
-        const bool top1 = L.mlp.sparse().options().balance == BalanceCounts::top1;
-        // the block reduces per segment and averages; LLaVA-MoD adds the forwards' losses
-        const double bal = host_scalar(top1 ? a.balance_top1 : a.balance_allk) * double(segments);
-        out.aux_layers.push_back(bal);
-        out.aux += bal;
-        out.z += host_scalar(a.z) * double(segments);
-      }
-    }
-    hn_ = m.norm.forward(h);
     out.logits = m.head(hn_);  // (B·T, V)
+    for (const auto& L : m.layers) {
+      if (!L.mlp.is_sparse()) continue;
+      const AuxLosses& a = L.mlp.last_aux();
+      const bool top1 = L.mlp.sparse().options().balance == BalanceCounts::top1;
+      // the block reduces per segment and averages; LLaVA-MoD adds the forwards' losses (one host read each)
+      const double bal = double(m.backend().item(top1 ? a.balance_top1 : a.balance_allk)) * double(segments);
+      out.aux_layers.push_back(bal);
+      out.aux += bal;
+      out.z += double(m.backend().item(a.z)) * double(segments);
+    }
     return out;
   }
-
-  // a (1,) aux loss of the block; on a device backend one host sync per sparse layer (a scalar copy)
-  static double host_scalar(const Tensor& t) { return double(t.to(Device::cpu).template data<float>()[0]); }
 
   Model* m_;
   Tensor hn_;  // (N, H) final-norm output, for the head's gradient

@@ -9,8 +9,8 @@
 
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
-#include "cumo/moe/activation.hpp"
-#include "cumo/moe/types.hpp"
+#include "cumo/core/activation.hpp"
+#include "cumo/core/routing.hpp"
 
 namespace cumo {
 
@@ -103,26 +103,26 @@ class Expert<MLP<Act>> {
 
   // xs (rows, H) in expert-contiguous order → out (rows, out_features)
   template <class Backend>
-  void forward(const Tensor& xs, const DispatchPlan& plan, Saved& saved, Tensor& out) const {
+  void forward(const Backend& be, const Tensor& xs, const DispatchPlan& plan, Saved& saved, Tensor& out) const {
     const std::int64_t cap = xs.size(0), rows = plan.rows();
-    saved.h = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
-    saved.a = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
-    Backend::grouped_linear(xs, fc1_weight.value, &fc1_bias.value, plan, saved.h);  // (rows, F)
-    Backend::template activation_forward<Act>(saved.h, rows, saved.a);               // (rows, F)
-    Backend::grouped_linear(saved.a, fc2_weight.value, &fc2_bias.value, plan, out);  // (rows, out)
+    saved.h = be.empty({cap, ffn_});
+    saved.a = be.empty({cap, ffn_});
+    be.grouped_linear(xs, fc1_weight.value, &fc1_bias.value, plan, saved.h);  // (rows, F)
+    be.template activation_forward<Act>(saved.h, rows, saved.a);               // (rows, F)
+    be.grouped_linear(saved.a, fc2_weight.value, &fc2_bias.value, plan, out);  // (rows, out)
   }
 
   // dout (rows, out) → dxs (rows, H); weight and bias gradients accumulate.
   template <class Backend>
-  void backward(const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
+  void backward(const Backend& be, const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
                 Tensor& dxs) {
     const std::int64_t cap = xs.size(0), rows = plan.rows();
-    Tensor da = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
-    Backend::grouped_linear_dweight(dout, saved.a, plan, fc2_weight.grad, &fc2_bias.grad);  // (E, H, F)
-    Backend::grouped_linear_dinput(dout, fc2_weight.value, plan, da);                       // (rows, F)
-    Backend::template activation_backward<Act>(saved.h, da, rows, da);                      // dh, in place
-    Backend::grouped_linear_dweight(da, xs, plan, fc1_weight.grad, &fc1_bias.grad);         // (E, F, H)
-    Backend::grouped_linear_dinput(da, fc1_weight.value, plan, dxs);                        // (rows, H)
+    Tensor da = be.empty({cap, ffn_});
+    be.grouped_linear_dweight(dout, saved.a, plan, fc2_weight.grad, &fc2_bias.grad);  // (E, H, F)
+    be.grouped_linear_dinput(dout, fc2_weight.value, plan, da);                       // (rows, F)
+    be.template activation_backward<Act>(saved.h, da, rows, da);                      // dh, in place
+    be.grouped_linear_dweight(da, xs, plan, fc1_weight.grad, &fc1_bias.grad);         // (E, F, H)
+    be.grouped_linear_dinput(da, fc1_weight.value, plan, dxs);                        // (rows, H)
   }
 
  private:
@@ -175,26 +175,26 @@ class Expert<GatedMLP<Act>> {
   }
 
   template <class Backend>
-  void forward(const Tensor& xs, const DispatchPlan& plan, Saved& saved, Tensor& out) const {
+  void forward(const Backend& be, const Tensor& xs, const DispatchPlan& plan, Saved& saved, Tensor& out) const {
     const std::int64_t cap = xs.size(0), rows = plan.rows();
-    saved.h = Tensor::empty({cap, 2 * ffn_}, DType::f32, Backend::device);
-    saved.a = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
-    Backend::grouped_linear(xs, gate_up_proj.value, nullptr, plan, saved.h);  // (rows, 2F)
-    Backend::template glu_forward<Act>(saved.h, rows, saved.a);               // (rows, F)
-    Backend::grouped_linear(saved.a, down_proj.value, nullptr, plan, out);    // (rows, H)
+    saved.h = be.empty({cap, 2 * ffn_});
+    saved.a = be.empty({cap, ffn_});
+    be.grouped_linear(xs, gate_up_proj.value, nullptr, plan, saved.h);  // (rows, 2F)
+    be.template glu_forward<Act>(saved.h, rows, saved.a);               // (rows, F)
+    be.grouped_linear(saved.a, down_proj.value, nullptr, plan, out);    // (rows, H)
   }
 
   template <class Backend>
-  void backward(const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
+  void backward(const Backend& be, const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
                 Tensor& dxs) {
     const std::int64_t cap = xs.size(0), rows = plan.rows();
-    Tensor da = Tensor::empty({cap, ffn_}, DType::f32, Backend::device);
-    Tensor dh = Tensor::empty({cap, 2 * ffn_}, DType::f32, Backend::device);
-    Backend::grouped_linear_dweight(dout, saved.a, plan, down_proj.grad, nullptr);  // (E, H, F)
-    Backend::grouped_linear_dinput(dout, down_proj.value, plan, da);                // (rows, F)
-    Backend::template glu_backward<Act>(saved.h, da, rows, dh);                     // (rows, 2F)
-    Backend::grouped_linear_dweight(dh, xs, plan, gate_up_proj.grad, nullptr);     // (E, 2F, H)
-    Backend::grouped_linear_dinput(dh, gate_up_proj.value, plan, dxs);              // (rows, H)
+    Tensor da = be.empty({cap, ffn_});
+    Tensor dh = be.empty({cap, 2 * ffn_});
+    be.grouped_linear_dweight(dout, saved.a, plan, down_proj.grad, nullptr);  // (E, H, F)
+    be.grouped_linear_dinput(dout, down_proj.value, plan, da);                // (rows, F)
+    be.template glu_backward<Act>(saved.h, da, rows, dh);                     // (rows, 2F)
+    be.grouped_linear_dweight(dh, xs, plan, gate_up_proj.grad, nullptr);     // (E, 2F, H)
+    be.grouped_linear_dinput(dh, gate_up_proj.value, plan, dxs);              // (rows, H)
   }
 
  private:

@@ -9,7 +9,7 @@
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
 #include "cumo/moe/topk.hpp"
-#include "cumo/moe/types.hpp"
+#include "cumo/core/routing.hpp"
 
 namespace cumo {
 
@@ -55,40 +55,40 @@ class Router {
 
   // logits (T, E) → probs, top-k indices and weights; `rng` is only used for jitter while training.
   template <class Backend>
-  void forward(const Tensor& x, bool training, Rng* rng, RouterOutput& out) const {
+  void forward(const Backend& be, const Tensor& x, bool training, Rng* rng, RouterOutput& out) const {
     const std::int64_t T = x.size(0);
     const int E = experts_, K = k();
     out.x = x;
     out.noise = Tensor();
     if (training && options_.jitter > 0.f) {
       CUMO_CHECK(rng, "Router::forward: jitter needs an Rng");
-      Tensor noise = Tensor::empty(x.shape(), DType::f32, Backend::device);
-      Backend::fill_uniform(noise, *rng, 1.f - options_.jitter, 1.f + options_.jitter);
-      Tensor xj = Tensor::empty(x.shape(), DType::f32, Backend::device);
-      Backend::multiply(x, noise, xj);
+      Tensor noise = be.empty(x.shape());
+      be.fill_uniform(noise, *rng, 1.f - options_.jitter, 1.f + options_.jitter);
+      Tensor xj = be.empty(x.shape());
+      be.multiply(x, noise, xj);
       out.x = xj;
       out.noise = noise;
     }
-    out.logits = Tensor::empty({T, E}, DType::f32, Backend::device);
-    out.probs = Tensor::empty({T, E}, DType::f32, Backend::device);
-    out.topk_idx = Tensor::empty({T, K}, DType::i32, Backend::device);
-    out.topk_w = Tensor::empty({T, K}, DType::f32, Backend::device);
-    Backend::linear(out.x, weight.value, out.logits);                                         // (T, E)
-    Backend::softmax_topk(out.logits, out.probs, out.topk_idx, out.topk_w, options_.renormalize);  // (T, K)
+    out.logits = be.empty({T, E});
+    out.probs = be.empty({T, E});
+    out.topk_idx = be.empty({T, K}, DType::i32);
+    out.topk_w = be.empty({T, K});
+    be.linear(out.x, weight.value, nullptr, out.logits);                                   // (T, E)
+    be.softmax_topk(out.logits, out.probs, out.topk_idx, out.topk_w, options_.renormalize);  // (T, K)
   }
 
   // Given d logits (T, E): weight.grad += dlogits^T x_r, and dx (T, H) += (dlogits W) ⊙ noise.
   template <class Backend>
-  void backward(const RouterOutput& saved, const Tensor& dlogits, Tensor& dx) {
-    Backend::linear_dweight(dlogits, saved.x, weight.grad);  // (E, H)
+  void backward(const Backend& be, const RouterOutput& saved, const Tensor& dlogits, Tensor& dx) {
+    be.linear_dweight(dlogits, saved.x, weight.grad);  // (E, H)
     if (!saved.noise.defined()) {
-      Backend::linear_dinput(dlogits, weight.value, dx, /*accumulate=*/true);  // (T, H)
+      be.linear_dinput(dlogits, weight.value, dx, /*accumulate=*/true);  // (T, H)
       return;
     }
-    Tensor dxr = Tensor::empty(dx.shape(), DType::f32, Backend::device);
-    Backend::linear_dinput(dlogits, weight.value, dxr, /*accumulate=*/false);
-    Backend::multiply(dxr, saved.noise, dxr);
-    Backend::add(dx, dxr, dx);
+    Tensor dxr = be.empty(dx.shape());
+    be.linear_dinput(dlogits, weight.value, dxr, /*accumulate=*/false);  // (T, H)
+    be.multiply(dxr, saved.noise, dxr);
+    be.add(dx, dxr, dx);
   }
 
   ParameterList parameters() { return {&weight}; }

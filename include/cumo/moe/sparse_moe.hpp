@@ -6,16 +6,19 @@
 //            ─ plan (counting sort of the T·K choices by expert) → gather → xs (rows, H)
 //            ─ experts (grouped GEMMs over expert-contiguous rows) → out (rows, H)
 //            ─ combine (each token sums its k weighted rows, slot order) → y (T, H)
+// Every step is one operation of the block's backend (backend/contract.hpp), held as an instance: a backend with
+// state (backend::Cuda's precision, GEMM algorithm, sync policy and workspace) configures this block alone.
 #include <cmath>
 #include <cstdint>
 #include <string>
 
+#include "cumo/backend/contract.hpp"
 #include "cumo/backend/cpu.hpp"
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
+#include "cumo/core/routing.hpp"
 #include "cumo/moe/expert.hpp"
 #include "cumo/moe/router.hpp"
-#include "cumo/moe/types.hpp"
 
 namespace cumo {
 
@@ -40,6 +43,9 @@ class SparseMoE {
   static_assert(is_expert<ExpertT>::value,
                 "SparseMoE<Router, Expert, Backend>: the second argument must be Expert<MLP<Act>> or "
                 "Expert<GatedMLP<Act>>");
+  static_assert(backend::Backend<Backend>,
+                "SparseMoE<Router, Expert, Backend>: the third argument must implement the backend contract "
+                "(backend/contract.hpp), e.g. backend::Cpu or backend::Cuda");
 
  public:
   using router_type = RouterT;
@@ -52,12 +58,14 @@ class SparseMoE {
     AuxLosses aux;   // balance (both countings) and z-loss of this forward
   };
 
-  // out_features = 0: the block maps hidden → hidden; else hidden → out_features (a connector).
+  // out_features = 0: the block maps hidden → hidden; else hidden → out_features (a connector). `backend` runs
+  // every operation of the block (a copy of a stateful backend shares its state).
   SparseMoE(std::int64_t hidden, std::int64_t ffn, int experts, SparseMoEOptions options = {},
-            topk_type topk = {}, std::int64_t out_features = 0)
+            topk_type topk = {}, std::int64_t out_features = 0, Backend backend = {})
       : router_(hidden, experts, topk, RouterOptions{options.renormalize, options.jitter}, Backend::device),
         experts_(experts, hidden, ffn, Backend::device, out_features),
-        options_(options) {
+        options_(options),
+        be_(std::move(backend)) {
     CUMO_CHECK(ffn >= 1, "SparseMoE: ffn must be positive, got ", ffn);
     CUMO_CHECK(options.capacity_factor >= 0.f, "SparseMoE: capacity_factor must be >= 0, got ",
                options.capacity_factor);
@@ -74,6 +82,7 @@ class SparseMoE {
   ExpertT& experts() { return experts_; }
   const ExpertT& experts() const { return experts_; }
   const SparseMoEOptions& options() const { return options_; }
+  const Backend& backend() const { return be_; }
   std::int64_t hidden() const { return router_.hidden(); }
   std::int64_t out_features() const { return experts_.out_features(); }
   int num_experts() const { return router_.experts(); }
@@ -100,44 +109,46 @@ class SparseMoE {
                args.segments, " equal segments (images)");
     const Tensor xc = x.contiguous();
     if (options_.check_finite)
-      CUMO_CHECK(Backend::all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
+      CUMO_CHECK(be_.all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
 
     const int E = num_experts(), K = top_k();
     saved_ = {};
     saved_.segments = args.segments;
     saved_.x = xc;
-    router_.template forward<Backend>(xc, args.training, rng, saved_.router);  // (T, E), (T, K)
+    router_.forward(be_, xc, args.training, rng, saved_.router);  // (T, E), (T, K)
 
     Output out;
     out.aux = new_aux();
-    Backend::aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
+    be_.aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
 
     DispatchPlan& plan = saved_.plan;
     plan.tokens = T;
     plan.experts = E;
     plan.top_k = K;
     plan.capacity = capacity(T);
-    plan.demand = Tensor::empty({E}, DType::i32, Backend::device);
-    plan.counts = Tensor::empty({E}, DType::i32, Backend::device);
-    plan.offsets = Tensor::empty({E + 1}, DType::i32, Backend::device);
-    plan.row_of_slot = Tensor::empty({T * K}, DType::i32, Backend::device);
-    plan.slot_of_row = Tensor::empty({T * K}, DType::i32, Backend::device);
-    Backend::make_plan(saved_.router.topk_idx, plan);
+    plan.demand = be_.empty({E}, DType::i32);
+    plan.counts = be_.empty({E}, DType::i32);
+    plan.offsets = be_.empty({E + 1}, DType::i32);
+    plan.row_of_slot = be_.empty({T * K}, DType::i32);
+    plan.slot_of_row = be_.empty({T * K}, DType::i32);
+    be_.make_plan(saved_.router.topk_idx, plan);
 
-    saved_.xs = Tensor::empty({T * K, hidden()}, DType::f32, Backend::device);
-    saved_.out = Tensor::empty({T * K, out_features()}, DType::f32, Backend::device);
-    Backend::gather_rows(xc, plan, saved_.xs);                                              // (rows, H)
-    experts_.template forward<Backend>(saved_.xs, plan, saved_.experts, saved_.out);        // (rows, O)
-    out.y = Tensor::empty({T, out_features()}, DType::f32, Backend::device);
-    Backend::combine(saved_.out, saved_.router.topk_w, plan, out.y);                        // (T, O)
+    saved_.xs = be_.empty({T * K, hidden()});
+    saved_.out = be_.empty({T * K, out_features()});
+    be_.gather_rows(xc, plan, saved_.xs);                                  // (rows, H)
+    experts_.forward(be_, saved_.xs, plan, saved_.experts, saved_.out);    // (rows, O)
+    out.y = be_.empty({T, out_features()});
+    be_.combine(saved_.out, saved_.router.topk_w, plan, out.y);            // (T, O)
     saved_.valid = true;
     return out;
   }
 
   // ---- backward ---------------------------------------------------------------------------------------------
   // dy (T, O) = d objective / d y; `aux` = the coefficients of the balance and z losses in the objective.
+  // router_dlogits (T, E), optional: d objective / d router logits of a loss the caller computed from
+  // router_output() (HF Mixtral's balance loss over all layers), added before the router's own backward.
   // Accumulates every parameter gradient and returns d objective / d x (T, H).
-  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
+  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}, const Tensor* router_dlogits = nullptr) {
     constexpr const char* where = "SparseMoE::backward";
     CUMO_CHECK(saved_.valid, where, ": no saved forward (call forward first; one backward per forward)");
     check_device(where, "dy", dy, Backend::device);
@@ -150,27 +161,33 @@ class SparseMoE {
     const std::int64_t T = plan.tokens, H = hidden();
     const int E = num_experts(), K = top_k();
 
+    if (router_dlogits) {
+      check_device(where, "router_dlogits", *router_dlogits, Backend::device);
+      check_shape(where, "router_dlogits", *router_dlogits, {T, E});
+    }
+
     // combine: d out rows and d topk weights
-    Tensor dout = Tensor::empty({T * K, out_features()}, DType::f32, Backend::device);
-    Tensor dw = Tensor::empty({T, K}, DType::f32, Backend::device);
-    Backend::combine_backward(dyc, saved_.out, r.topk_w, plan, dout, dw);  // (rows, O), (T, K)
+    Tensor dout = be_.empty({T * K, out_features()});
+    Tensor dw = be_.empty({T, K});
+    be_.combine_backward(dyc, saved_.out, r.topk_w, plan, dout, dw);  // (rows, O), (T, K)
 
     // experts, then the gather's transpose: every token sums its k row gradients
-    Tensor dxs = Tensor::empty({T * K, H}, DType::f32, Backend::device);
-    experts_.template backward<Backend>(saved_.xs, dout, plan, saved_.experts, dxs);  // (rows, H)
-    Tensor dx = Tensor::zeros({T, H}, DType::f32, Backend::device);
-    Backend::scatter_add_rows(dxs, plan, dx);  // (T, H)
+    Tensor dxs = be_.empty({T * K, H});
+    experts_.backward(be_, saved_.xs, dout, plan, saved_.experts, dxs);  // (rows, H)
+    Tensor dx = be_.zeros({T, H});
+    be_.scatter_add_rows(dxs, plan, dx);  // (T, H)
 
-    // router: top-k weights → probs (+ balance) → logits (+ z) → weight and input
-    Tensor dprobs = Tensor::zeros({T, E}, DType::f32, Backend::device);
-    Tensor dlogits = Tensor::zeros({T, E}, DType::f32, Backend::device);
-    Backend::topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
-    Backend::aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
-                                 AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
-    Backend::softmax_backward(r.probs, dprobs, dlogits);  // (T, E)
-    Backend::aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
-                                 AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
-    router_.template backward<Backend>(r, dlogits, dx);  // (E, H), (T, H)
+    // router: top-k weights → probs (+ balance) → logits (+ z, + the caller's) → weight and input
+    Tensor dprobs = be_.zeros({T, E});
+    Tensor dlogits = be_.zeros({T, E});
+    be_.topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
+    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                            AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
+    be_.softmax_backward(r.probs, dprobs, dlogits);  // (T, E)
+    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                            AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
+    if (router_dlogits) be_.add(dlogits, *router_dlogits, dlogits);
+    router_.backward(be_, r, dlogits, dx);  // (E, H), (T, H)
     // Free the activations now rather than at the next forward; the plan and router output stay for load().
     saved_.valid = false;
     saved_.x = Tensor();
@@ -180,27 +197,14 @@ class SparseMoE {
     return dx;
   }
 
-  // Two-phase memory for backends that define a Workspace (CUDA): every device tensor of the step is carved
-  // from the caller's arena. Size it by running a step and reading the arena's required_bytes().
-  template <class B = Backend>
-  Output forward(typename B::Workspace& ws, const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
-    typename B::WorkspaceScope scope(ws);
-    return forward(x, args, rng);
-  }
-  template <class B = Backend>
-  Tensor backward(typename B::Workspace& ws, const Tensor& dy, AuxLossWeights aux = {}) {
-    typename B::WorkspaceScope scope(ws);
-    return backward(dy, aux);
-  }
-
   // ---- what the last forward did ----------------------------------------------------------------------------
   const RouterOutput& router_output() const { return saved_.router; }
   const DispatchPlan& plan() const { return saved_.plan; }
   ExpertLoad load() const {
     ExpertLoad l;
     if (!saved_.plan.counts.defined()) return l;
-    const Tensor counts = saved_.plan.counts.to(Device::cpu);
-    const Tensor demand = saved_.plan.demand.to(Device::cpu);
+    const Tensor counts = be_.to_host(saved_.plan.counts);
+    const Tensor demand = be_.to_host(saved_.plan.demand);
     for (int e = 0; e < num_experts(); ++e) {
       l.tokens.push_back(counts.data<std::int32_t>()[e]);
       l.dropped += demand.data<std::int32_t>()[e] - counts.data<std::int32_t>()[e];
@@ -215,10 +219,7 @@ class SparseMoE {
   }
 
  private:
-  AuxLosses new_aux() const {
-    return {Tensor::zeros({1}, DType::f32, Backend::device), Tensor::zeros({1}, DType::f32, Backend::device),
-            Tensor::zeros({1}, DType::f32, Backend::device)};
-  }
+  AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
 
   struct Saved {
     bool valid = false;
@@ -233,6 +234,7 @@ class SparseMoE {
   RouterT router_;
   ExpertT experts_;
   SparseMoEOptions options_;
+  [[no_unique_address]] Backend be_;
   Saved saved_;
 };
 

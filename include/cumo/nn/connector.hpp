@@ -6,21 +6,23 @@
 // (SparseMoE's out_features).
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "cumo/nn/mlp.hpp"
 
 namespace cumo::nn {
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 using ConnectorFFN = FeedForward<DenseMLP<GELU, Backend>, SparseMoE<Router<TopKDynamic>, Expert<MLP<GELU>>, Backend>>;
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class Connector {
  public:
   Connector() = default;
   // name: "model.multi_modal_projector" (transformers 5)
-  Connector(const std::string& name, std::int64_t vision_hidden, std::int64_t text_hidden)
-      : mlp(name, DenseMLP<GELU, Backend>(name, vision_hidden, text_hidden, text_hidden, "linear_1", "linear_2")) {}
+  Connector(const std::string& name, std::int64_t vision_hidden, std::int64_t text_hidden, Backend backend = {})
+      : mlp(name, DenseMLP<GELU, Backend>(name, vision_hidden, text_hidden, text_hidden, "linear_1", "linear_2",
+                                          std::move(backend))) {}
 
   ConnectorFFN<Backend> mlp;
 
@@ -30,9 +32,10 @@ class Connector {
     collect(p);
     return p;
   }
-  // features (B*N, Hv) → (B*N, Ht); segments = images (per-image aux losses when sparse)
-  Tensor forward(const Tensor& features, std::int64_t segments = 1) {
-    return mlp.forward(features, ForwardArgs{segments, true});
+  // features (B*N, Hv) → (B*N, Ht); segments = images (per-image aux losses when sparse); training = false keeps
+  // nothing for a backward where it can (FeedForward::forward).
+  Tensor forward(const Tensor& features, std::int64_t segments = 1, bool training = true) {
+    return mlp.forward(features, ForwardArgs{segments, training});
   }
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) { return mlp.backward(dy, aux); }
 };

@@ -12,10 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "cumo/backend/ops.hpp"
 #include "cumo/nn/attention.hpp"
 #include "cumo/nn/embedding.hpp"
 #include "cumo/nn/mlp.hpp"
@@ -63,29 +65,82 @@ struct DecoderConfig {
     }
     const std::string act = j.value("hidden_act", std::string("silu"));
     CUMO_CHECK(act == "silu", "DecoderConfig: hidden_act '", act, "' is not supported (SwiGLU uses silu)");
+    c.with_defaults().validate("DecoderConfig");
     return c;
+  }
+
+  // HF's MistralConfig / Qwen2Config / MixtralConfig JSON (what from_json reads back).
+  nlohmann::json to_json() const {
+    nlohmann::json j = {{"model_type", model_type},
+                        {"vocab_size", vocab},
+                        {"hidden_size", hidden},
+                        {"num_hidden_layers", layers},
+                        {"num_attention_heads", heads},
+                        {"num_key_value_heads", kv_heads},
+                        {"head_dim", head_dim},
+                        {"intermediate_size", ffn},
+                        {"rms_norm_eps", rms_eps},
+                        {"rope_parameters", {{"rope_theta", rope_theta}, {"rope_type", "default"}}},
+                        {"attention_bias", qkv_bias},
+                        {"tie_word_embeddings", tie_embeddings},
+                        {"hidden_act", "silu"}};
+    if (experts > 0) {
+      j["num_local_experts"] = experts;
+      j["num_experts_per_tok"] = top_k;
+      j["router_aux_loss_coef"] = aux_coef;
+    }
+    return j;
+  }
+
+  // kv_heads 0 = heads and head_dim 0 = hidden / heads, filled in.
+  DecoderConfig with_defaults() const {
+    DecoderConfig c = *this;
+    if (c.kv_heads == 0) c.kv_heads = c.heads;
+    if (c.head_dim == 0 && c.heads > 0) c.head_dim = c.hidden / c.heads;
+    return c;
+  }
+
+  // Every field in range (after with_defaults()), or an error naming it and its value (`where` names the source).
+  void validate(const std::string& where) const {
+    CUMO_CHECK(vocab >= 1 && hidden >= 1 && layers >= 1 && heads >= 1 && ffn >= 1, where,
+               ": the decoder needs positive vocab_size, hidden_size, num_hidden_layers, num_attention_heads and "
+               "intermediate_size (got ", vocab, ", ", hidden, ", ", layers, ", ", heads, ", ", ffn, ")");
+    CUMO_CHECK(kv_heads >= 1 && heads % kv_heads == 0, where, ": num_key_value_heads ", kv_heads,
+               " must be positive and divide num_attention_heads ", heads);
+    CUMO_CHECK(head_dim >= 2 && head_dim % 2 == 0, where, ": head_dim ", head_dim, " must be even and positive (RoPE)");
+    CUMO_CHECK(std::isfinite(rope_theta) && rope_theta > 0, where, ": rope_theta must be finite and > 0, got ",
+               rope_theta);
+    CUMO_CHECK(std::isfinite(rms_eps) && rms_eps > 0, where, ": rms_norm_eps must be finite and > 0, got ", rms_eps);
+    CUMO_CHECK(experts == 0 || (experts >= 1 && top_k >= 1 && top_k <= experts), where, ": need 1 <= top_k (",
+               top_k, ") <= num_local_experts (", experts, ")");
+    CUMO_CHECK(experts >= 0 && std::isfinite(aux_coef) && aux_coef >= 0, where, ": num_local_experts (", experts,
+               ") and router_aux_loss_coef (", aux_coef, ") must be >= 0");
   }
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 using DecoderMoE = SparseMoE<Router<TopKDynamic>, Expert<GatedMLP<SiLU>>, Backend>;
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 using DecoderFFN = FeedForward<DenseGatedMLP<SiLU, Backend>, DecoderMoE<Backend>>;
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class DecoderLayer {
  public:
-  DecoderLayer() = default;
-  DecoderLayer(const std::string& name, const DecoderConfig& c)
-      : input_layernorm(name + ".input_layernorm", c.hidden, c.rms_eps),
-        post_attention_layernorm(name + ".post_attention_layernorm", c.hidden, c.rms_eps),
-        self_attn(name + ".self_attn",
-                  AttentionConfig{c.hidden, c.heads, c.kv_heads, c.head_dim, c.qkv_bias, false, true, c.rope_theta, "o_proj"}),
-        mlp(c.experts > 0 ? FFN(name + ".mlp", MoE(c.hidden, c.ffn, c.experts, moe_options(), TopKDynamic{c.top_k}))
-                          : FFN(name + ".mlp", DenseGatedMLP<SiLU, Backend>(name + ".mlp", c.hidden, c.ffn))) {}
-
   using FFN = DecoderFFN<Backend>;
   using MoE = DecoderMoE<Backend>;
+
+  DecoderLayer() = default;
+  DecoderLayer(const std::string& name, const DecoderConfig& c, Backend backend = {})
+      : input_layernorm(name + ".input_layernorm", c.hidden, c.rms_eps, backend),
+        post_attention_layernorm(name + ".post_attention_layernorm", c.hidden, c.rms_eps, backend),
+        self_attn(name + ".self_attn",
+                  AttentionConfig{c.hidden, c.heads, c.kv_heads, c.head_dim, c.qkv_bias, false, true, c.rope_theta,
+                                  "o_proj"},
+                  backend),
+        mlp(c.experts > 0 ? FFN(name + ".mlp", MoE(c.hidden, c.ffn, c.experts, moe_options(), TopKDynamic{c.top_k},
+                                                   0, backend))
+                          : FFN(name + ".mlp", DenseGatedMLP<SiLU, Backend>(name + ".mlp", c.hidden, c.ffn, backend))),
+        be_(std::move(backend)) {}
 
   RMSNorm<Backend> input_layernorm, post_attention_layernorm;
   Attention<Backend> self_attn;
@@ -102,36 +157,45 @@ class DecoderLayer {
     post_attention_layernorm.collect(out);
     mlp.collect(out);
   }
-  Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>* key_valid) {
-    Tensor h = add<Backend>(x, self_attn.forward(input_layernorm.forward(x), B, T, key_valid));
-    return add<Backend>(h, mlp.forward(post_attention_layernorm.forward(h), ForwardArgs{1, true}));
+  // x (B*T, H) → (B*T, H), keeping what backward() needs. ffn: the sparse FFN's aux-loss segments.
+  Tensor forward(const Tensor& x, const TokenLayout& layout, ForwardArgs ffn = {}) {
+    Tensor h = add(be_, x, self_attn.forward(input_layernorm.forward(x), layout));
+    return add(be_, h, mlp.forward(post_attention_layernorm.forward(h), ffn));
   }
-  // router_dlogits (N, E): an extra gradient on this layer's router logits (the cross-layer aux loss).
-  Tensor backward(const Tensor& dy, const Tensor* router_dlogits = nullptr) {
-    Tensor dffn_in = mlp.backward(dy, AuxLossWeights{});
-    if (router_dlogits) {
-      auto& router = mlp.sparse().router();
-      const RouterOutput& ro = mlp.sparse().router_output();
-      Backend::linear_dweight(*router_dlogits, ro.x, router.weight.grad);                     // (E, H)
-      Backend::linear_dinput(*router_dlogits, router.weight.value, dffn_in, /*accumulate=*/true);  // (N, H)
-    }
-    Tensor dh = add<Backend>(dy, post_attention_layernorm.backward(dffn_in));
-    return add<Backend>(dh, input_layernorm.backward(self_attn.backward(dh)));
+  // aux: coefficients of a sparse FFN's own balance / z losses; router_dlogits (N, E): an extra gradient on its
+  // router logits (HF Mixtral's loss over all layers).
+  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}, const Tensor* router_dlogits = nullptr) {
+    const Tensor dffn_in = mlp.backward(dy, aux, router_dlogits);
+    Tensor dh = add(be_, dy, post_attention_layernorm.backward(dffn_in));
+    return add(be_, dh, input_layernorm.backward(self_attn.backward(dh)));
   }
+  // x (B*t, H) of t new tokens per sequence → (B*t, H), appending to `cache`; keeps nothing for a backward.
+  Tensor infer(const Tensor& x, std::int64_t B, std::int64_t t, KVCache& cache,
+               const std::vector<std::uint8_t>* key_valid = nullptr) {
+    Tensor h = add(be_, x, self_attn.forward_cached(input_layernorm.apply(x), B, t, cache, key_valid));
+    return add(be_, h, mlp.forward(post_attention_layernorm.apply(h), ForwardArgs{1, false}));
+  }
+
+ private:
+  [[no_unique_address]] Backend be_;
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class DecoderLM {
  public:
+  using backend_type = Backend;
+
   // `model_prefix`: "model." (Mistral/Qwen2/Mixtral), "model.language_model." inside LLaVA (transformers 5).
   explicit DecoderLM(DecoderConfig c, const std::string& model_prefix = "model.",
-                     const std::string& lm_head_name = "lm_head")
-      : embed_tokens(model_prefix + "embed_tokens", c.vocab, c.hidden),
-        norm(model_prefix + "norm", c.hidden, c.rms_eps),
-        cfg_(c) {
-    if (!c.tie_embeddings) lm_head = Linear<Backend>(lm_head_name, c.hidden, c.vocab, false);
+                     const std::string& lm_head_name = "lm_head", Backend backend = {})
+      : embed_tokens(model_prefix + "embed_tokens", validated(c).vocab, c.hidden, backend),  // checked before
+        norm(model_prefix + "norm", c.hidden, c.rms_eps, backend),                           // any allocation
+        cfg_(c.with_defaults()),
+        be_(backend) {
+    if (!c.tie_embeddings) lm_head = Linear<Backend>(lm_head_name, c.hidden, c.vocab, false, backend);
     layers.reserve(std::size_t(c.layers));
-    for (std::int64_t l = 0; l < c.layers; ++l) layers.emplace_back(model_prefix + "layers." + std::to_string(l), c);
+    for (std::int64_t l = 0; l < c.layers; ++l)
+      layers.emplace_back(model_prefix + "layers." + std::to_string(l), cfg_, backend);
   }
 
   Embedding<Backend> embed_tokens;
@@ -140,6 +204,7 @@ class DecoderLM {
   Linear<Backend> lm_head;  // unused (no parameters) when the embeddings are tied
 
   const DecoderConfig& config() const { return cfg_; }
+  const Backend& backend() const { return be_; }
 
   ParameterList parameters() {
     ParameterList p;
@@ -165,29 +230,20 @@ class DecoderLM {
   Output forward_embeds(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::int64_t>* labels = nullptr,
                         const std::vector<std::uint8_t>* key_valid = nullptr) {
     constexpr const char* where = "DecoderLM::forward";
-    const Tensor xc = check_input(where, "inputs_embeds", x, cfg_.hidden, Backend::device);
-    CUMO_CHECK(xc.size(0) == B * T, where, ": inputs_embeds has shape ", xc.shape(), " but B = ", B, ", T = ", T);
-    B_ = B;
-    T_ = T;
-    Tensor h = xc;
-    for (auto& l : layers) h = l.forward(h, B, T, key_valid);
-    hn_ = norm.forward(h);  // (B*T, H)
+    const Tensor h = check_input(where, "inputs_embeds", x, cfg_.hidden, Backend::device);
+    CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
+    CUMO_CHECK(!labels || std::int64_t(labels->size()) == B * T, where, ": ", labels ? labels->size() : 0,
+               " labels for ", B * T, " tokens");
+    hn_ = norm.forward(forward_layers(h, TokenLayout::make(be_, B, T, key_valid)));  // (B*T, H)
     Output out;
     out.logits = head(hn_);  // (B*T, V)
-    logits_ = out.logits;
     dlogits_ = Tensor();
     if (labels) {
-      CUMO_CHECK(std::int64_t(labels->size()) == B * T, where, ": ", labels->size(), " labels for ", B * T, " tokens");
-      if constexpr (on_cpu<Backend>) {
-        causal_lm_loss(*labels, out);
-      } else {
-        dlogits_ = matrix(B * T, cfg_.vocab, Backend::device);
-        const auto r = Backend::causal_lm_loss(logits_, *labels, B, T, dlogits_);  // one host sync: the loss
-        out.ce = r.loss;
-        out.targets = r.targets;
-      }
+      dlogits_ = be_.empty(out.logits.shape());
+      const auto r = be_.cross_entropy(out.logits, be_.upload(shifted_labels(*labels, B, T)), &dlogits_);
+      out.ce = r.loss;
+      out.targets = r.targets;
     }
-    aux_dlogits_.assign(layers.size(), Tensor());
     mixtral_aux(out);
     out.loss = out.ce + cfg_.aux_coef * out.aux;
     return out;
@@ -198,54 +254,75 @@ class DecoderLM {
   }
 
   // d loss / d everything, scaled by `dloss`; returns d inputs_embeds (B*T, H). Call backward_embeddings() with it
-  // (or let backward_all() do so) to reach the embedding table.
+  // (or let backward_all() do so) to reach the embedding table. One backward per forward.
   Tensor backward(float dloss = 1.f) {
-    CUMO_CHECK(dlogits_.defined(), "DecoderLM::backward: the last forward had no labels (nothing to differentiate)");
-    Tensor dl = dlogits_.clone();
-    scale_<Backend>(dl, dloss);
-    Tensor dh = norm.backward(head_backward(dl, hn_));
-    for (std::size_t l = layers.size(); l-- > 0;) {
-      Tensor scaled;  // the cross-layer aux loss's gradient on this layer's router logits
-      if (aux_dlogits_.size() == layers.size() && aux_dlogits_[l].defined() && cfg_.aux_coef != 0.0) {
-        scaled = aux_dlogits_[l].clone();
-        scale_<Backend>(scaled, float(cfg_.aux_coef) * dloss);
-      }
-      dh = layers[l].backward(dh, scaled.defined() ? &scaled : nullptr);
+    CUMO_CHECK(dlogits_.defined(), "DecoderLM::backward: the last forward had no labels (or was differentiated "
+                                   "already): nothing to differentiate");
+    Tensor dl = std::move(dlogits_);
+    dlogits_ = Tensor();
+    if (dloss != 1.f) be_.scale(dl, dloss);
+    std::vector<Tensor> router_dlogits;  // the cross-layer aux loss's gradient on each sparse layer's router logits
+    if (cfg_.aux_coef != 0.0) {
+      router_dlogits = std::move(aux_dlogits_);
+      for (Tensor& t : router_dlogits)
+        if (t.defined()) be_.scale(t, float(cfg_.aux_coef) * dloss);
     }
-    return dh;
+    return backward_layers(norm.backward(head_backward(dl, hn_)), AuxLossWeights{}, &router_dlogits);
   }
   void backward_embeddings(const Tensor& dx, const std::vector<bool>* skip = nullptr) { embed_tokens.backward(dx, skip); }
   void backward_all(float dloss = 1.f) { backward_embeddings(backward(dloss)); }
 
-  // The LM head (the tied embedding table or lm_head): hn (N, H) final-norm output → logits (N, V), at the layers'
-  // GEMM precision. head_backward: dlogits (N, V) → d hn (N, H), the head weight's gradient accumulating. Public for
-  // callers that put their own loss on the logits (models/llava_mod.hpp's StudentPass).
+  // ---- the layer walk, once for every caller ------------------------------------------------------------------
+  // Training: h (B*T, H) → the last layer's output, each layer keeping what its backward needs. segments: the
+  // sparse FFNs' aux-loss segments.
+  Tensor forward_layers(Tensor h, const TokenLayout& layout, std::int64_t segments = 1) {
+    for (auto& l : layers) h = l.forward(h, layout, ForwardArgs{segments, true});
+    return h;
+  }
+  // The backward of forward_layers: d last output → d h, from the top layer down. aux: each sparse FFN's own
+  // aux-loss coefficients; router_dlogits (per layer, may be empty or hold undefined entries): extra router-logit
+  // gradients.
+  Tensor backward_layers(Tensor dh, AuxLossWeights aux = {}, const std::vector<Tensor>* router_dlogits = nullptr) {
+    for (std::size_t l = layers.size(); l-- > 0;) {
+      const Tensor* extra = router_dlogits && l < router_dlogits->size() && (*router_dlogits)[l].defined()
+                                ? &(*router_dlogits)[l]
+                                : nullptr;
+      dh = layers[l].backward(dh, aux, extra);
+    }
+    return dh;
+  }
+  // Inference: h (B*t, H) of t new tokens per sequence → the last layer's output, keeping nothing for a backward.
+  // With `cache` the keys and values are appended to it (generation); without, each layer attends within this
+  // call through a cache of its own (a prefill: the eval-mode forward).
+  Tensor infer_layers(Tensor h, std::int64_t B, std::int64_t t, std::vector<KVCache>* cache = nullptr,
+                      const std::vector<std::uint8_t>* key_valid = nullptr) {
+    CUMO_CHECK(!cache || cache->size() == layers.size(), "DecoderLM: ", cache ? cache->size() : 0, " caches for ",
+               layers.size(), " layers");
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      KVCache own;
+      if (!cache) own = layers[l].self_attn.make_cache(B, t);
+      h = layers[l].infer(h, B, t, cache ? (*cache)[l] : own, key_valid);
+    }
+    return h;
+  }
+
+  // The LM head (the tied embedding table or lm_head): hn (N, H) final-norm output → logits (N, V). head_backward:
+  // dlogits (N, V) → d hn (N, H), the head weight's gradient accumulating. Public for callers that put their own
+  // loss on the logits (models/llava_mod.hpp's StudentPass).
   Tensor head(const Tensor& hn) const {
     const Tensor x = check_input("DecoderLM::head", "hn", hn, cfg_.hidden, Backend::device);
-    Tensor logits = matrix(x.size(0), cfg_.vocab, Backend::device);
-    const Tensor& W = head_weight().value;
-    if constexpr (on_cpu<Backend>)
-      Backend::linear(x, W, logits);  // (N, V)
-    else
-      Backend::dense_linear(x, W, nullptr, logits);  // (N, V)
+    Tensor logits = be_.empty({x.size(0), cfg_.vocab});
+    be_.linear(x, head_weight().value, nullptr, logits);  // (N, V)
     return logits;
   }
   Tensor head_backward(const Tensor& dlogits, const Tensor& hn_in) {
     constexpr const char* where = "DecoderLM::head_backward";
     const Tensor hn = check_input(where, "hn", hn_in, cfg_.hidden, Backend::device);
     const Tensor dl = check_input(where, "dlogits", dlogits, cfg_.vocab, Backend::device);
-    const std::int64_t N = hn.size(0), H = cfg_.hidden, V = cfg_.vocab;
-    CUMO_CHECK(dl.size(0) == N, where, ": dlogits has shape ", dl.shape(), " but hn has ", hn.shape());
+    CUMO_CHECK(dl.size(0) == hn.size(0), where, ": dlogits has shape ", dl.shape(), " but hn has ", hn.shape());
     Parameter& W = head_weight();
-    Tensor dh = matrix(N, H, Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      cpu::gemm(cpu::Op::T, cpu::Op::N, V, H, N, 1.f, dl.data<float>(), V, hn.data<float>(), H, 1.f,
-                W.grad.data<float>(), H);  // dW (V, H) +=
-      cpu::gemm(cpu::Op::N, cpu::Op::N, N, H, V, 1.f, dl.data<float>(), V, W.value.data<float>(), H, 0.f,
-                dh.data<float>(), H);  // (N, H)
-    } else {
-      Backend::dense_linear_backward(dl, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
-    }
+    Tensor dh = be_.empty({hn.size(0), cfg_.hidden});
+    be_.linear_backward(dl, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
     return dh;
   }
 
@@ -259,75 +336,50 @@ class DecoderLM {
 
   // ---- generation ---------------------------------------------------------------------------------------------
   std::vector<KVCache> make_cache(std::int64_t B, std::int64_t capacity) const {
-    static_assert(on_cpu<Backend>, "DecoderLM::make_cache: generation runs on the CPU backend");
     std::vector<KVCache> c;
     for (const auto& l : layers) c.push_back(l.self_attn.make_cache(B, capacity));
     return c;
   }
-  // ids (B*t) of t new tokens per sequence → logits (B*t, V), appending to the caches. Dense FFNs only for now
-  // (a sparse FFN runs its training forward, which is correct but keeps saved state).
+  // x (B*t, H) embeddings of t new tokens per sequence → logits (B*t, V), appending to the caches.
+  Tensor forward_cached_embeds(const Tensor& x, std::int64_t B, std::int64_t t, std::vector<KVCache>& cache) {
+    return head(norm.apply(infer_layers(x, B, t, &cache)));
+  }
+  // ids (B*t) of t new tokens per sequence → logits (B*t, V), appending to the caches.
   Tensor forward_cached(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t t,
                         std::vector<KVCache>& cache) {
-    static_assert(on_cpu<Backend>, "DecoderLM::forward_cached: generation runs on the CPU backend");
-    CUMO_CHECK(cache.size() == layers.size(), "DecoderLM::forward_cached: ", cache.size(), " caches for ",
-               layers.size(), " layers");
-    Tensor h = embed_tokens.apply(ids);
-    for (std::size_t l = 0; l < layers.size(); ++l) {
-      auto& L = layers[l];
-      h = add<Backend>(h, L.self_attn.forward_cached(L.input_layernorm.apply(h), B, t, cache[l]));
-      h = add<Backend>(h, L.mlp.forward(L.post_attention_layernorm.apply(h), ForwardArgs{1, false}));
-    }
-    return head(norm.apply(h));  // (B*t, V)
+    return forward_cached_embeds(embed_tokens.apply(ids), B, t, cache);
   }
 
  private:
+  static DecoderConfig validated(const DecoderConfig& c) {
+    DecoderConfig d = c.with_defaults();
+    d.validate("DecoderLM");
+    return d;
+  }
   Parameter& head_weight() { return cfg_.tie_embeddings ? embed_tokens.weight : lm_head.weight; }
   const Parameter& head_weight() const { return cfg_.tie_embeddings ? embed_tokens.weight : lm_head.weight; }
 
-  // mean over counted targets of logsumexp(z) − z_label, shifted by one; dlogits_ = (softmax − onehot) / n
-  void causal_lm_loss(const std::vector<std::int64_t>& labels, Output& out) {
-    const std::int64_t B = B_, T = T_, V = cfg_.vocab;
-    dlogits_ = zeros(B * T, V);
-    std::int64_t n = 0;
+  // HF's causal shift: row (b, t) predicts label (b, t + 1); the last row of each sequence predicts nothing.
+  static Tensor shifted_labels(const std::vector<std::int64_t>& labels, std::int64_t B, std::int64_t T) {
+    Tensor y = Tensor::empty({B * T}, DType::i64);
+    std::int64_t* p = y.data<std::int64_t>();
     for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t t = 0; t + 1 < T; ++t) {
-        const std::int64_t y = labels[std::size_t(b * T + t + 1)];
-        if (y == -100) continue;
-        CUMO_CHECK(y >= 0 && y < V, "DecoderLM: label ", y, " at (", b, ", ", t + 1, ") is outside [0, ", V, ")");
-        ++n;
-      }
-    out.targets = n;
-    if (n == 0) return;  // HF gives NaN here; we give 0 loss and no gradient
-    double total = 0;
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t t = 0; t + 1 < T; ++t) {
-        const std::int64_t y = labels[std::size_t(b * T + t + 1)];
-        if (y == -100) continue;
-        const float* z = logits_.data<float>() + (b * T + t) * V;
-        float* dz = dlogits_.data<float>() + (b * T + t) * V;
-        float mx = z[0];
-        for (std::int64_t v = 1; v < V; ++v) mx = z[v] > mx ? z[v] : mx;
-        double s = 0;
-        for (std::int64_t v = 0; v < V; ++v) s += std::exp(double(z[v] - mx));
-        const double lse = mx + std::log(s);
-        total += lse - z[y];
-        for (std::int64_t v = 0; v < V; ++v) dz[v] = float(std::exp(double(z[v]) - lse) / double(n));
-        dz[y] -= float(1.0 / double(n));
-      }
-    out.ce = total / double(n);
+      for (std::int64_t t = 0; t < T; ++t) p[b * T + t] = t + 1 < T ? labels[std::size_t(b * T + t + 1)] : backend::kIgnoreIndex;
+    return y;
   }
 
   // HF load_balancing_loss_func over the concatenation of every sparse layer's router (no attention mask):
   // aux = E Σ_e c_e/(M) · P_e, c_e = all-k count over M = layers·N rows, P_e = mean prob; ∂aux/∂p_re = E c_e / M².
-  // On a device backend the routers' probabilities and choices (N × E and N × K per layer: small) come to the host,
-  // and the per-layer logit gradients go back — a host sync per sparse layer, in exchange for one loss code.
+  // The routers' probabilities and choices (N × E and N × K per layer: small) are read on the host and the
+  // per-layer logit gradients go back — on a device a host sync per sparse layer, in exchange for one loss code.
   void mixtral_aux(Output& out) {
+    aux_dlogits_.assign(layers.size(), Tensor());
     std::vector<Tensor> probs, choice;  // per sparse layer, on the host: (N, E) f32, (N, K) i32
     for (const auto& l : layers)
       if (l.mlp.is_sparse()) {
         const RouterOutput& r = l.mlp.sparse().router_output();
-        probs.push_back(on_cpu<Backend> ? r.probs : r.probs.to(Device::cpu));
-        choice.push_back(on_cpu<Backend> ? r.topk_idx : r.topk_idx.to(Device::cpu));
+        probs.push_back(be_.to_host(r.probs));
+        choice.push_back(be_.to_host(r.topk_idx));
       }
     if (probs.empty()) return;
     const std::int64_t N = probs[0].size(0), E = probs[0].size(1), K = choice[0].size(1);
@@ -344,7 +396,7 @@ class DecoderLM {
     std::size_t li = 0;
     for (const Tensor& pr : probs) {  // d aux / d logits through the softmax: p ⊙ (g − Σ p g)
       while (!layers[li].mlp.is_sparse()) ++li;
-      Tensor dz = zeros(N, E);
+      Tensor dz = Tensor::zeros({N, E});
       for (std::int64_t t = 0; t < N; ++t) {
         const float* p = pr.data<float>() + t * E;
         double s = 0;
@@ -352,13 +404,13 @@ class DecoderLM {
         for (std::int64_t e = 0; e < E; ++e)
           dz.data<float>()[t * E + e] = float(p[e] * (double(E) * count[std::size_t(e)] / (M * M) - s));
       }
-      aux_dlogits_[li++] = on_cpu<Backend> ? dz : dz.to(Backend::device);
+      aux_dlogits_[li++] = be_.upload(dz);
     }
   }
 
   DecoderConfig cfg_;
-  std::int64_t B_ = 0, T_ = 0;
-  Tensor hn_, logits_, dlogits_;      // (N, H), (N, V), (N, V)
+  [[no_unique_address]] Backend be_;
+  Tensor hn_, dlogits_;               // (N, H), (N, V)
   std::vector<Tensor> aux_dlogits_;   // per layer (N, E), unscaled; undefined for dense layers
 };
 

@@ -7,6 +7,7 @@
 // connector maps 2·Hv → Ht, as CuMo's `mm_hidden_size * len(scales)`.
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -35,28 +36,47 @@ struct LlavaConfig {
                "' is not supported (only 'default': drop CLS)");
     const std::string act = j.value("projector_hidden_act", std::string("gelu"));
     CUMO_CHECK(act == "gelu", "LlavaConfig: projector_hidden_act '", act, "' is not supported (only erf 'gelu')");
+    c.validate("LlavaConfig");
     return c;
+  }
+
+  // HF's LlavaConfig JSON (what from_json reads back; vision.s2 is not an HF key: the enclosing config keeps it).
+  nlohmann::json to_json() const {
+    return {{"model_type", "llava"},
+            {"vision_config", vision.to_json()},
+            {"text_config", text.to_json()},
+            {"image_token_id", image_token_id},
+            {"vision_feature_layer", vision.feature_layer},
+            {"vision_feature_select_strategy", "default"},
+            {"projector_hidden_act", "gelu"}};
+  }
+
+  void validate(const std::string& where) const {
+    vision.validate(where + ": vision");
+    text.validate(where + ": text");
+    CUMO_CHECK(image_token_id >= 0, where, ": image_token_id must be >= 0, got ", image_token_id);
   }
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class Llava {
  public:
   using Decoder = DecoderLM<Backend>;
+  using backend_type = Backend;
 
-  explicit Llava(LlavaConfig c)
-      : vision_tower(c.vision, "model.vision_tower."),
-        projector("model.multi_modal_projector", c.vision.feature_width(), c.text.hidden),
-        language_model(c.text, "model.language_model.", "lm_head"),
-        cfg_(c) {
-    CUMO_CHECK(on_cpu<Backend> || !c.vision.s2, "Llava: S² multi-scale features run on the CPU backend only for now");
-  }
+  explicit Llava(LlavaConfig c, Backend backend = {})
+      : vision_tower(c.vision, "model.vision_tower.", backend),
+        projector("model.multi_modal_projector", c.vision.feature_width(), c.text.hidden, backend),
+        language_model(c.text, "model.language_model.", "lm_head", backend),
+        cfg_(c),
+        be_(std::move(backend)) {}
 
   ClipVision<Backend> vision_tower;
   Connector<Backend> projector;
   Decoder language_model;
 
   const LlavaConfig& config() const { return cfg_; }
+  const Backend& backend() const { return be_; }
   ParameterList parameters() {
     ParameterList p = vision_tower.parameters();
     projector.collect(p);
@@ -64,37 +84,31 @@ class Llava {
     return p;
   }
 
-  // pixels (images, C, S, S) → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers: see
-  // ClipVision::forward (false stops at the feature layer: generation).
+  // pixels (images, C, S, S) on the host → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers:
+  // see ClipVision::forward (false stops at the feature layer: generation).
   Tensor encode_images(const Tensor& pixels, bool all_layers = true) {
-    if constexpr (on_cpu<Backend>)
-      if (cfg_.vision.s2) return s2_.forward(vision_tower, pixels, all_layers);
-    return vision_tower.forward(pixels, all_layers).features;
+    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers) : vision_tower.forward(pixels, all_layers).features;
   }
-  // d features → d pixels; accumulates the vision tower's gradients (both S² passes). aux as ClipVision::backward.
-  Tensor encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
-    if constexpr (on_cpu<Backend>)
-      if (cfg_.vision.s2) return s2_.backward(vision_tower, dfeatures, aux);
-    return vision_tower.backward(dfeatures, aux);
+  // d features → the vision tower's gradients (both S² passes). aux as ClipVision::backward.
+  void encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
+    if (cfg_.vision.s2)
+      s2_.backward(vision_tower, dfeatures, aux);
+    else
+      vision_tower.backward(dfeatures, aux);
   }
   // Per sparse CLIP layer of the last encode: its aux losses (with S²: ½(1× + 3×), see nn/s2.hpp) and expert load.
   std::vector<AuxLosses> vision_aux_losses() const {
-    if constexpr (on_cpu<Backend>)
-      if (cfg_.vision.s2) return s2_.aux_losses(vision_tower);
-    return vision_tower.aux_losses();
+    return cfg_.vision.s2 ? s2_.aux_losses(vision_tower) : vision_tower.aux_losses();
   }
   std::vector<ExpertLoad> vision_loads() const {
-    if constexpr (on_cpu<Backend>)
-      if (cfg_.vision.s2) return s2_.loads(vision_tower);
-    return vision_tower.loads();
+    return cfg_.vision.s2 ? s2_.loads(vision_tower) : vision_tower.loads();
   }
 
-  // ids, labels (B*T); pixels (images, C, S, S) with images · patches == the number of image tokens.
-  typename Decoder::Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
-                            const std::vector<std::int64_t>* labels = nullptr,
-                            const std::vector<std::uint8_t>* key_valid = nullptr) {
+  // ids (B*T) → their embeddings (B*T, Ht) with the image features of `pixels` (images, C, S, S; may be undefined)
+  // written, in order, into the image-token rows. training: every part keeps what its backward needs (and the ids
+  // go to the embedding's backward); false: the generation path (the vision tower stops at its feature layer).
+  Tensor embed_multimodal(const std::vector<std::int64_t>& ids, const Tensor& pixels, bool training = true) {
     constexpr const char* where = "Llava::forward";
-    CUMO_CHECK(std::int64_t(ids.size()) == B * T, where, ": ", ids.size(), " ids for B = ", B, ", T = ", T);
     is_image_.assign(ids.size(), false);
     std::int64_t n_img = 0;
     for (std::size_t i = 0; i < ids.size(); ++i)
@@ -106,28 +120,31 @@ class Llava {
     std::vector<std::int64_t> safe = ids;
     for (std::size_t i = 0; i < ids.size(); ++i)
       if (is_image_[i] && (safe[i] < 0 || safe[i] >= cfg_.text.vocab)) safe[i] = 0;
-    Tensor emb = language_model.embed(safe);  // (B*T, Ht)
-    if (pixels.defined() && pixels.numel() > 0) {
-      const Tensor features = encode_images(pixels, /*all_layers=*/true);  // (images*N, Hv or 2·Hv)
-      const Tensor proj = projector.forward(features, pixels.size(0));      // (images*N, Ht)
-      CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
-                 ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
-                 cfg_.vision.patches(), " patches)");
-      const std::int64_t H = cfg_.text.hidden;
-      if constexpr (on_cpu<Backend>) {
-        std::int64_t k = 0;
-        for (std::size_t i = 0; i < ids.size(); ++i)
-          if (is_image_[i]) std::copy_n(proj.data<float>() + (k++) * H, H, emb.data<float>() + std::int64_t(i) * H);
-      } else {
-        for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {  // feature rows k… → rows pos…
-          Backend::copy_blocks(proj, k * H, 0, emb, pos * H, 0, len * H, 1);
-        });
-      }
-      has_images_ = true;
-    } else {
+    auto& embed = language_model.embed_tokens;
+    Tensor emb = training ? embed.forward(safe) : embed.apply(safe);  // (B*T, Ht)
+    has_images_ = pixels.defined() && pixels.numel() > 0;
+    if (!has_images_) {
       CUMO_CHECK(n_img == 0, where, ": the prompt has ", n_img, " image tokens but no pixel_values were given");
-      has_images_ = false;
+      return emb;
     }
+    const Tensor features = encode_images(pixels, /*all_layers=*/training);    // (images*N, Hv or 2·Hv)
+    const Tensor proj = projector.forward(features, pixels.size(0), training);  // (images*N, Ht)
+    CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
+               ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
+               cfg_.vision.patches(), " patches)");
+    const std::int64_t H = cfg_.text.hidden;
+    for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {  // feature rows k… → rows pos…
+      be_.copy_blocks(proj, k * H, 0, emb, pos * H, 0, len * H, 1);
+    });
+    return emb;
+  }
+
+  // ids, labels (B*T); pixels (images, C, S, S) with images · patches == the number of image tokens.
+  typename Decoder::Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                                   const Tensor& pixels, const std::vector<std::int64_t>* labels = nullptr,
+                                   const std::vector<std::uint8_t>* key_valid = nullptr) {
+    CUMO_CHECK(std::int64_t(ids.size()) == B * T, "Llava::forward: ", ids.size(), " ids for B = ", B, ", T = ", T);
+    const Tensor emb = embed_multimodal(ids, pixels, /*training=*/true);
     return language_model.forward_embeds(emb, B, T, labels, key_valid);
   }
 
@@ -139,20 +156,17 @@ class Llava {
     const std::int64_t H = cfg_.text.hidden;
     std::int64_t n = 0;
     for (bool b : is_image_) n += b;
-    Tensor dproj = matrix(n, H, Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      std::int64_t k = 0;
-      for (std::size_t i = 0; i < is_image_.size(); ++i)
-        if (is_image_[i]) std::copy_n(demb.data<float>() + std::int64_t(i) * H, H, dproj.data<float>() + (k++) * H);
-    } else {
-      for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {
-        Backend::copy_blocks(demb, pos * H, 0, dproj, k * H, 0, len * H, 1);
-      });
-    }
-    const Tensor dfeat = projector.backward(dproj, projector_aux);
-    last_dpixels_ = encode_images_backward(dfeat, vision_aux);
+    Tensor dproj = be_.empty({n, H});
+    for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {
+      be_.copy_blocks(demb, pos * H, 0, dproj, k * H, 0, len * H, 1);
+    });
+    encode_images_backward(projector.backward(dproj, projector_aux), vision_aux);
   }
-  const Tensor& last_dpixels() const { return last_dpixels_; }
+  // d pixel_values (images, C, S, S) on the host for the last backward (computed on demand; see
+  // ClipVision::input_grad).
+  Tensor last_dpixels() const {
+    return cfg_.vision.s2 ? s2_.input_grad(vision_tower) : vision_tower.input_grad();
+  }
 
  private:
   // f(position, feature index, length) for each maximal run of consecutive image positions: one copy per image
@@ -174,10 +188,10 @@ class Llava {
   }
 
   LlavaConfig cfg_;
-  S2Vision s2_;  // used when cfg_.vision.s2 (holds the 3× pass's state)
+  [[no_unique_address]] Backend be_;
+  S2Vision<Backend> s2_;  // used when cfg_.vision.s2 (holds the 3× pass's state)
   std::vector<bool> is_image_;
   bool has_images_ = false;
-  Tensor last_dpixels_;
 };
 
 }  // namespace cumo::nn

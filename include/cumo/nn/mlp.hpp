@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <utility>
 #include <variant>
 
 #include "cumo/moe.hpp"
@@ -14,7 +15,7 @@
 
 namespace cumo::nn {
 
-template <Activation Act, class Backend = backend::Cpu>
+template <Activation Act, backend::Backend Backend = backend::Cpu>
 class DenseMLP {
  public:
   using activation = Act;
@@ -24,13 +25,16 @@ class DenseMLP {
   DenseMLP() = default;
   // names of the two linears inside `name`: CLIP "fc1"/"fc2", llava-hf's projector "linear_1"/"linear_2"
   DenseMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn, std::int64_t out = 0,
-           const std::string& n1 = "fc1", const std::string& n2 = "fc2")
-      : fc1(name + "." + n1, hidden, ffn, true), fc2(name + "." + n2, ffn, out ? out : hidden, true) {}
+           const std::string& n1 = "fc1", const std::string& n2 = "fc2", Backend backend = {})
+      : fc1(name + "." + n1, hidden, ffn, true, backend),
+        fc2(name + "." + n2, ffn, out ? out : hidden, true, backend),
+        be_(std::move(backend)) {}
 
   Linear<Backend> fc1, fc2;
 
   std::int64_t hidden() const { return fc1.in_features(); }
   std::int64_t ffn() const { return fc1.out_features(); }
+  const Backend& backend() const { return be_; }
   void collect(ParameterList& out) {
     fc1.collect(out);
     fc2.collect(out);
@@ -39,35 +43,28 @@ class DenseMLP {
 
   Tensor forward(const Tensor& x) {
     h_ = fc1.forward(x);  // (N, F)
-    Tensor a = matrix(h_.size(0), h_.size(1), Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      const float* ph = h_.data<float>();
-      float* pa = a.data<float>();
-      for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(ph[i]);
-      return fc2.forward(a);  // (N, out)
-    } else {
-      Backend::template activation_forward<Act>(h_, h_.size(0), a);
-      return fc2.forward(a);  // (N, out)
-    }
+    Tensor a = be_.empty(h_.shape());
+    be_.template activation_forward<Act>(h_, h_.size(0), a);  // (N, F)
+    return fc2.forward(a);                                    // (N, out)
+  }
+  Tensor apply(const Tensor& x) const {
+    const Tensor h = fc1.apply(x);  // (N, F)
+    Tensor a = be_.empty(h.shape());
+    be_.template activation_forward<Act>(h, h.size(0), a);  // (N, F)
+    return fc2.apply(a);                                    // (N, out)
   }
   Tensor backward(const Tensor& dy) {
-    Tensor da = fc2.backward(dy);  // (N, F)
-    if constexpr (on_cpu<Backend>) {
-      const float* ph = h_.data<float>();
-      float* p = da.data<float>();
-      for (std::int64_t i = 0; i < da.numel(); ++i) p[i] *= Act::df(ph[i]);
-      return fc1.backward(da);
-    } else {
-      Backend::template activation_backward<Act>(h_, da, da.size(0), da);  // in place: dh may alias da
-      return fc1.backward(da);
-    }
+    Tensor da = fc2.backward(dy);                                      // (N, F)
+    be_.template activation_backward<Act>(h_, da, da.size(0), da);     // in place: dh = da ⊙ Act'(h)
+    return fc1.backward(da);                                           // (N, H)
   }
 
  private:
+  [[no_unique_address]] Backend be_;
   Tensor h_;  // (N, F) pre-activation
 };
 
-template <Activation Act, class Backend = backend::Cpu>
+template <Activation Act, backend::Backend Backend = backend::Cpu>
 class DenseGatedMLP {
  public:
   using activation = Act;
@@ -75,15 +72,17 @@ class DenseGatedMLP {
   using backend_type = Backend;
 
   DenseGatedMLP() = default;
-  DenseGatedMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn)
-      : gate_proj(name + ".gate_proj", hidden, ffn, false),
-        up_proj(name + ".up_proj", hidden, ffn, false),
-        down_proj(name + ".down_proj", ffn, hidden, false) {}
+  DenseGatedMLP(const std::string& name, std::int64_t hidden, std::int64_t ffn, Backend backend = {})
+      : gate_proj(name + ".gate_proj", hidden, ffn, false, backend),
+        up_proj(name + ".up_proj", hidden, ffn, false, backend),
+        down_proj(name + ".down_proj", ffn, hidden, false, backend),
+        be_(std::move(backend)) {}
 
   Linear<Backend> gate_proj, up_proj, down_proj;
 
   std::int64_t hidden() const { return gate_proj.in_features(); }
   std::int64_t ffn() const { return gate_proj.out_features(); }
+  const Backend& backend() const { return be_; }
   void collect(ParameterList& out) {
     gate_proj.collect(out);
     up_proj.collect(out);
@@ -94,39 +93,27 @@ class DenseGatedMLP {
   Tensor forward(const Tensor& x) {
     g_ = gate_proj.forward(x);  // (N, F)
     u_ = up_proj.forward(x);    // (N, F)
-    Tensor a = matrix(g_.size(0), g_.size(1), Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      const float *pg = g_.data<float>(), *pu = u_.data<float>();
-      float* pa = a.data<float>();
-      for (std::int64_t i = 0; i < a.numel(); ++i) pa[i] = Act::f(pg[i]) * pu[i];
-      return down_proj.forward(a);  // (N, H)
-    } else {
-      Backend::template gated_forward<Act>(g_, u_, a);
-      return down_proj.forward(a);  // (N, H)
-    }
+    Tensor a = be_.empty(g_.shape());
+    be_.template gated_forward<Act>(g_, u_, a);  // (N, F)
+    return down_proj.forward(a);                 // (N, H)
+  }
+  Tensor apply(const Tensor& x) const {
+    const Tensor g = gate_proj.apply(x), u = up_proj.apply(x);  // (N, F) ×2
+    Tensor a = be_.empty(g.shape());
+    be_.template gated_forward<Act>(g, u, a);  // (N, F)
+    return down_proj.apply(a);                 // (N, H)
   }
   Tensor backward(const Tensor& dy) {
     const Tensor da = down_proj.backward(dy);  // (N, F)
-    Tensor dg = matrix(da.size(0), da.size(1), Backend::device), du = matrix(da.size(0), da.size(1), Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      const float *pg = g_.data<float>(), *pu = u_.data<float>(), *pa = da.data<float>();
-      float *pdg = dg.data<float>(), *pdu = du.data<float>();
-      for (std::int64_t i = 0; i < da.numel(); ++i) {
-        pdg[i] = pa[i] * pu[i] * Act::df(pg[i]);
-        pdu[i] = pa[i] * Act::f(pg[i]);
-      }
-      Tensor dx = gate_proj.backward(dg);
-      add_(dx, up_proj.backward(du));
-      return dx;
-    } else {
-      Backend::template gated_backward<Act>(g_, u_, da, dg, du);
-      Tensor dx = gate_proj.backward(dg);
-      add_<Backend>(dx, up_proj.backward(du));
-      return dx;
-    }
+    Tensor dg = be_.empty(da.shape()), du = be_.empty(da.shape());
+    be_.template gated_backward<Act>(g_, u_, da, dg, du);  // (N, F) ×2
+    Tensor dx = gate_proj.backward(dg);
+    add_(be_, dx, up_proj.backward(du));
+    return dx;  // (N, H)
   }
 
  private:
+  [[no_unique_address]] Backend be_;
   Tensor g_, u_;  // (N, F) gate and up pre-activations
 };
 
@@ -158,7 +145,7 @@ class FeedForward {
   void upcycle(int experts, int k, Rng& rng, SparseMoEOptions options = {}) {
     CUMO_CHECK(!is_sparse(), "FeedForward::upcycle (", name_, "): already sparse");
     impl_ = upcycle_from_dense<Sparse>(dense().weights(), experts, rng, options,
-                                       typename Sparse::topk_type{make_topk(k)});
+                                       typename Sparse::topk_type{make_topk(k)}, dense().backend());
     rename();
   }
 
@@ -169,15 +156,19 @@ class FeedForward {
       dense().collect(out);
   }
 
-  // x (N, H) → (N, H). For a sparse block the aux losses of this call are kept in last_aux().
+  // x (N, H) → (N, H). For a sparse block the aux losses of this call are kept in last_aux(). With
+  // args.training false a dense MLP keeps nothing for a backward (a sparse block keeps its routing, for load()).
   Tensor forward(const Tensor& x, ForwardArgs args = {}) {
-    if (!is_sparse()) return dense().forward(x);
+    if (!is_sparse()) return args.training ? dense().forward(x) : dense().apply(x);
     auto out = sparse().forward(x, args);
     aux_ = out.aux;
     return out.y;
   }
-  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
-    return is_sparse() ? sparse().backward(dy, aux) : dense().backward(dy);
+  // router_dlogits: an extra gradient on a sparse block's router logits (SparseMoE::backward).
+  Tensor backward(const Tensor& dy, AuxLossWeights aux = {}, const Tensor* router_dlogits = nullptr) {
+    if (is_sparse()) return sparse().backward(dy, aux, router_dlogits);
+    CUMO_CHECK(!router_dlogits, "FeedForward::backward (", name_, "): router gradients for a dense MLP");
+    return dense().backward(dy);
   }
   const AuxLosses& last_aux() const { return aux_; }
 

@@ -37,6 +37,8 @@
 #include <optional>
 #include <vector>
 
+#include "cumo/backend/cpu/blocks.hpp"
+#include "cumo/backend/cpu/s2.hpp"
 #include "cumo/nn/vit.hpp"
 
 namespace cumo::nn {
@@ -173,94 +175,16 @@ inline Tensor merge_tiles(const Tensor& t, std::int64_t n) {
   return x;
 }
 
-// ---- feature grids ------------------------------------------------------------------------------------------------
-
-// The tiles' patch features, (n²·B·G², H) with rows (crop, gy, gx), merged into each image's (n·G)² grid:
-// (B·(nG)², H) with rows (b, Y, X) — merge_chessboard on the features.
-inline Tensor merge_tile_features(const Tensor& f, std::int64_t B, std::int64_t G, std::int64_t n) {
-  constexpr const char* where = "s2::merge_tile_features";
-  CUMO_CHECK(f.dim() == 2 && f.size(0) == n * n * B * G * G, where, ": features have shape ", f.shape(),
-             " but ", n * n, " tiles × ", B, " images × ", G * G, " patches were expected");
-  const Tensor fc = f.contiguous();
-  const std::int64_t H = f.size(1), M = n * G;
-  Tensor y = matrix(B * M * M, H);
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t Y = 0; Y < M; ++Y)
-      for (std::int64_t X = 0; X < M; ++X) {
-        const std::int64_t crop = ((Y / G) * n + X / G) * B + b;
-        std::copy_n(fc.data<float>() + (crop * G * G + (Y % G) * G + X % G) * H, H,
-                    y.data<float>() + ((b * M + Y) * M + X) * H);
-      }
-  return y;
-}
-
-// The inverse (and adjoint) of merge_tile_features: (B·(nG)², H) → (n²·B·G², H).
-inline Tensor split_tile_features(const Tensor& g, std::int64_t B, std::int64_t G, std::int64_t n) {
-  constexpr const char* where = "s2::split_tile_features";
-  const std::int64_t M = n * G;
-  CUMO_CHECK(g.dim() == 2 && g.size(0) == B * M * M, where, ": gradient has shape ", g.shape(), " but ", B,
-             " images × ", M * M, " merged patches were expected");
-  const Tensor gc = g.contiguous();
-  const std::int64_t H = g.size(1);
-  Tensor y = matrix(n * n * B * G * G, H);
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t Y = 0; Y < M; ++Y)
-      for (std::int64_t X = 0; X < M; ++X) {
-        const std::int64_t crop = ((Y / G) * n + X / G) * B + b;
-        std::copy_n(gc.data<float>() + ((b * M + Y) * M + X) * H, H,
-                    y.data<float>() + (crop * G * G + (Y % G) * G + X % G) * H);
-      }
-  return y;
-}
-
-// F.interpolate(mode='area') from an M×M grid to (M/n)×(M/n): each output is the mean of its n×n window.
-// x (B·M², H) rows (b, Y, X) → (B·(M/n)², H) rows (b, gy, gx).
-inline Tensor area_pool(const Tensor& x, std::int64_t B, std::int64_t M, std::int64_t n) {
-  constexpr const char* where = "s2::area_pool";
-  CUMO_CHECK(n >= 1 && M % n == 0, where, ": grid side ", M, " is not a multiple of the factor ", n);
-  CUMO_CHECK(x.dim() == 2 && x.size(0) == B * M * M, where, ": x has shape ", x.shape(), " but ", B, " images × ",
-             M * M, " patches were expected");
-  const Tensor xc = x.contiguous();
-  const std::int64_t H = x.size(1), G = M / n;
-  const float inv = 1.f / float(n * n);
-  Tensor y = matrix(B * G * G, H);
-  std::vector<float> acc(static_cast<std::size_t>(H));
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t gy = 0; gy < G; ++gy)
-      for (std::int64_t gx = 0; gx < G; ++gx) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (std::int64_t i = 0; i < n; ++i)
-          for (std::int64_t j = 0; j < n; ++j) {
-            const float* r = xc.data<float>() + ((b * M + gy * n + i) * M + gx * n + j) * H;
-            for (std::int64_t h = 0; h < H; ++h) acc[std::size_t(h)] += r[h];
-          }
-        float* o = y.data<float>() + ((b * G + gy) * G + gx) * H;
-        for (std::int64_t h = 0; h < H; ++h) o[h] = acc[std::size_t(h)] * inv;
-      }
-  return y;
-}
-
-// dy (B·G², H) → dx (B·(nG)², H): each window element gets dy / n².
-inline Tensor area_pool_backward(const Tensor& dy, std::int64_t B, std::int64_t G, std::int64_t n) {
-  constexpr const char* where = "s2::area_pool_backward";
-  CUMO_CHECK(dy.dim() == 2 && dy.size(0) == B * G * G, where, ": dy has shape ", dy.shape(), " but ", B,
-             " images × ", G * G, " patches were expected");
-  const Tensor gc = dy.contiguous();
-  const std::int64_t H = dy.size(1), M = n * G;
-  const float inv = 1.f / float(n * n);
-  Tensor dx = matrix(B * M * M, H);
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t Y = 0; Y < M; ++Y)
-      for (std::int64_t X = 0; X < M; ++X) {
-        const float* g = gc.data<float>() + ((b * G + Y / n) * G + X / n) * H;
-        float* o = dx.data<float>() + ((b * M + Y) * M + X) * H;
-        for (std::int64_t h = 0; h < H; ++h) o[h] = g[h] * inv;
-      }
-  return dx;
-}
+// The feature-grid functions (merge_tile_features, split_tile_features, area_pool, area_pool_backward) are the
+// CPU backend's (backend/cpu/s2.hpp): S2Vision reaches them through Backend::s2_pool_tiles on any backend.
+using cpu::area_pool;
+using cpu::area_pool_backward;
+using cpu::merge_tile_features;
+using cpu::split_tile_features;
 
 }  // namespace s2
 
+template <backend::Backend Backend = backend::Cpu>
 class S2Vision {
  public:
   // scale: the second scale (CuMo: 3); the split size is the tower's image size.
@@ -271,65 +195,76 @@ class S2Vision {
   // Feature width for a tower of width `hidden`: the two scales concatenated.
   static std::int64_t width(std::int64_t hidden) { return 2 * hidden; }
 
-  // pixels (B, C, S, S) → features (B·G², 2·Hv) = [1× | area-pooled n× tiles]. all_layers as ClipVision::forward
-  // (true: every layer runs in both passes and every layer's aux losses count).
-  Tensor forward(ClipVision<>& tower, const Tensor& pixels, bool all_layers = true) {
+  // pixels (B, C, S, S) on the host → features (B·G², 2·Hv) = [1× | area-pooled n× tiles] on the tower's backend.
+  // all_layers as ClipVision::forward (true: every layer runs in both passes and every layer's aux losses count).
+  Tensor forward(ClipVision<Backend>& tower, const Tensor& pixels, bool all_layers = true) {
     constexpr const char* where = "S2Vision::forward";
     const VisionConfig& c = tower.config();
+    const Backend& be = tower.backend();
     check_dtype(where, "pixel_values", pixels, DType::f32);
+    check_device(where, "pixel_values", pixels, Device::cpu);
     check_shape(where, "pixel_values", pixels, {-1, c.channels, c.image_size, c.image_size});
     const std::int64_t B = pixels.size(0), S = c.image_size, G = c.grid(), H = c.hidden, N = c.patches();
     B_ = B;
     const Tensor f1 = tower.forward(pixels, all_layers).features;  // (B·N, H)
-    const Tensor up = s2::bicubic_resize(pixels, n_ * S);           // (B, C, nS, nS)
+    const Tensor up = s2::bicubic_resize(pixels, n_ * S);           // (B, C, nS, nS) on the host
     tiles_.reset();
     tiles_.emplace(tower);                                          // shares the parameters' storage
     const Tensor ft = tiles_->forward(s2::split_tiles(up, n_), all_layers).features;  // (n²B·N, H)
-    const Tensor f3 = s2::area_pool(s2::merge_tile_features(ft, B, G, n_), B, n_ * G, n_);  // (B·N, H)
-    Tensor out = matrix(B * N, 2 * H);  // (B·N, 2H)
-    for (std::int64_t r = 0; r < B * N; ++r) {
-      std::copy_n(f1.data<float>() + r * H, H, out.data<float>() + r * 2 * H);
-      std::copy_n(f3.data<float>() + r * H, H, out.data<float>() + r * 2 * H + H);
-    }
+    Tensor f3 = be.empty({B * N, H});
+    be.s2_pool_tiles(ft, B, G, n_, f3);  // (B·N, H)
+    Tensor out = be.empty({B * N, 2 * H});
+    be.copy_blocks(f1, 0, H, out, 0, 2 * H, H, B * N);  // left half
+    be.copy_blocks(f3, 0, H, out, H, 2 * H, H, B * N);  // right half
     return out;
   }
 
-  // dfeatures (B·G², 2·Hv) → d pixel_values (B, C, S, S); the tower's parameter gradients accumulate from both
-  // passes. aux: d objective / d (each layer's combined loss ½(L_1× + L_n×)) — each pass gets half of it.
-  Tensor backward(ClipVision<>& tower, const Tensor& dfeatures, AuxLossWeights aux = {}) {
+  // dfeatures (B·G², 2·Hv) → the tower's parameter gradients accumulate from both passes; input_grad() then gives
+  // d pixel_values. aux: d objective / d (each layer's combined loss ½(L_1× + L_n×)) — each pass gets half of it.
+  void backward(ClipVision<Backend>& tower, const Tensor& dfeatures, AuxLossWeights aux = {}) {
     constexpr const char* where = "S2Vision::backward";
     CUMO_CHECK(tiles_.has_value(), where, ": no forward to differentiate");
     const VisionConfig& c = tower.config();
-    const std::int64_t B = B_, G = c.grid(), H = c.hidden, N = c.patches(), S = c.image_size;
+    const Backend& be = tower.backend();
+    const std::int64_t B = B_, G = c.grid(), H = c.hidden, N = c.patches();
     CUMO_CHECK(dfeatures.numel() == B * N * 2 * H, where, ": dfeatures has shape ", dfeatures.shape(),
                " but expected (", B * N, ", ", 2 * H, ")");
     check_shared(tower);
     const Tensor df = dfeatures.contiguous();
-    Tensor d1 = matrix(B * N, H), d3 = matrix(B * N, H);
-    for (std::int64_t r = 0; r < B * N; ++r) {
-      std::copy_n(df.data<float>() + r * 2 * H, H, d1.data<float>() + r * H);
-      std::copy_n(df.data<float>() + r * 2 * H + H, H, d3.data<float>() + r * H);
-    }
+    Tensor d1 = be.empty({B * N, H}), d3 = be.empty({B * N, H});
+    be.copy_blocks(df, 0, 2 * H, d1, 0, H, H, B * N);
+    be.copy_blocks(df, H, 2 * H, d3, 0, H, H, B * N);
     const AuxLossWeights half{0.5f * aux.balance, 0.5f * aux.z};
-    Tensor dpx = tower.backward(d1, half);  // (B, C, S, S)
-    const Tensor dtiles = s2::split_tile_features(s2::area_pool_backward(d3, B, G, n_), B, G, n_);  // (n²B·N, H)
-    const Tensor dup = s2::merge_tiles(tiles_->backward(dtiles, half), n_);  // (B, C, nS, nS)
-    add_(dpx, s2::bicubic_resize_backward(dup, S));
+    tower.backward(d1, half);
+    Tensor dtiles = be.empty({n_ * n_ * B * N, H});
+    be.s2_pool_tiles_backward(d3, B, G, n_, dtiles);  // (n²B·N, H)
+    tiles_->backward(dtiles, half);
+  }
+
+  // d pixel_values (B, C, S, S) on the host for the last backward: the 1× pass's plus the n× pass's through the
+  // tiling and the bicubic resize (both adjoints on the host, where the pixels live).
+  Tensor input_grad(const ClipVision<Backend>& tower) const {
+    CUMO_CHECK(tiles_.has_value(), "S2Vision::input_grad: no forward");
+    Tensor dpx = tower.input_grad();                                   // (B, C, S, S)
+    const Tensor dup = s2::merge_tiles(tiles_->input_grad(), n_);      // (B, C, nS, nS)
+    cpu::add(dpx, s2::bicubic_resize_backward(dup, tower.config().image_size), dpx);
     return dpx;
   }
 
   // The copy that ran the n× pass of the last forward (null before one), e.g. to read its routing.
-  const ClipVision<>* tile_tower() const { return tiles_ ? &*tiles_ : nullptr; }
+  const ClipVision<Backend>* tile_tower() const { return tiles_ ? &*tiles_ : nullptr; }
 
   // Per sparse layer of the last forward: ½(1× + n×) of the balance (top-1 and all-k) and z losses.
-  std::vector<AuxLosses> aux_losses(const ClipVision<>& tower) const {
+  std::vector<AuxLosses> aux_losses(const ClipVision<Backend>& tower) const {
     std::vector<AuxLosses> a = tower.aux_losses();
     if (!tiles_) return a;
     const std::vector<AuxLosses> t = tiles_->aux_losses();
     CUMO_CHECK(t.size() == a.size(), "S2Vision::aux_losses: the tower changed since the last forward");
-    auto mean = [](const Tensor& x, const Tensor& y) {
-      Tensor m = Tensor::zeros({1});
-      m.data<float>()[0] = float(0.5 * (double(value(x)) + double(value(y))));
+    const Backend& be = tower.backend();
+    auto mean = [&](const Tensor& x, const Tensor& y) {
+      Tensor m = be.empty({1});
+      be.add(x, y, m);
+      be.scale(m, 0.5f);
       return m;
     };
     std::vector<AuxLosses> out(a.size());
@@ -341,7 +276,7 @@ class S2Vision {
     return out;
   }
   // Per sparse layer of the last forward: tokens per expert over both passes.
-  std::vector<ExpertLoad> loads(const ClipVision<>& tower) const {
+  std::vector<ExpertLoad> loads(const ClipVision<Backend>& tower) const {
     std::vector<ExpertLoad> a = tower.loads();
     if (!tiles_) return a;
     const std::vector<ExpertLoad> t = tiles_->loads();
@@ -354,20 +289,18 @@ class S2Vision {
   }
 
  private:
-  static float value(const Tensor& t) { return t.to(Device::cpu).data<float>()[0]; }
   // The copy must still alias the tower's parameters (a load or upcycle between forward and backward replaces them).
-  void check_shared(ClipVision<>& tower) {
+  void check_shared(ClipVision<Backend>& tower) {
     const ParameterList a = tower.parameters(), b = tiles_->parameters();
     bool same = a.size() == b.size();
     for (std::size_t i = 0; same && i < a.size(); ++i)
-      same = a[i]->value.data<float>() == b[i]->value.data<float>() &&
-             a[i]->grad.data<float>() == b[i]->grad.data<float>();
+      same = a[i]->value.raw() == b[i]->value.raw() && a[i]->grad.raw() == b[i]->grad.raw();
     CUMO_CHECK(same, "S2Vision::backward: the tower's parameters were replaced since forward (reload or upcycle "
                      "before forward, not between forward and backward)");
   }
 
   std::int64_t n_ = 3, B_ = 0;
-  std::optional<ClipVision<>> tiles_;  // the n× pass: a parameter-sharing copy of the tower, with its saved state
+  std::optional<ClipVision<Backend>> tiles_;  // the n× pass: a parameter-sharing copy of the tower, with its state
 };
 
 }  // namespace cumo::nn

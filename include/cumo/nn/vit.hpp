@@ -6,8 +6,10 @@
 // LLaVA / CuMo take hidden_state_{L+feature_layer+1} (feature_layer −2: the second-to-last) without the CLS row;
 // post_layernorm is loaded and saved but only feeds CLIP's pooled output, which LLaVA never uses.
 // Every encoder MLP is a VisionFFN slot: dense, or a SparseMoE of CLIP MLPs after upcycle().
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -44,25 +46,50 @@ struct VisionConfig {
     c.eps = j.value("layer_norm_eps", 1e-5);
     const std::string act = j.value("hidden_act", std::string("quick_gelu"));
     CUMO_CHECK(act == "quick_gelu", "VisionConfig: hidden_act '", act, "' is not supported (CLIP uses quick_gelu)");
-    CUMO_CHECK(c.image_size % c.patch_size == 0, "VisionConfig: image_size ", c.image_size,
-               " is not a multiple of patch_size ", c.patch_size);
+    c.validate("VisionConfig");
     return c;
+  }
+
+  // HF's CLIPVisionConfig JSON (what from_json reads back; s2 and feature_layer live in the enclosing config).
+  nlohmann::json to_json() const {
+    return {{"model_type", "clip_vision_model"}, {"hidden_size", hidden},      {"num_hidden_layers", layers},
+            {"num_attention_heads", heads},     {"intermediate_size", ffn},   {"image_size", image_size},
+            {"patch_size", patch_size},         {"num_channels", channels},   {"layer_norm_eps", eps},
+            {"hidden_act", "quick_gelu"}};
+  }
+
+  // Every field in range, or an error naming it and its value (`where` names the source).
+  void validate(const std::string& where) const {
+    CUMO_CHECK(hidden >= 1 && layers >= 1 && heads >= 1 && ffn >= 1, where,
+               ": the vision tower needs positive hidden_size, num_hidden_layers, num_attention_heads and "
+               "intermediate_size (got ", hidden, ", ", layers, ", ", heads, ", ", ffn, ")");
+    CUMO_CHECK(hidden % heads == 0, where, ": hidden_size ", hidden, " is not divisible by num_attention_heads ",
+               heads);
+    CUMO_CHECK(patch_size >= 1 && image_size >= patch_size && image_size % patch_size == 0, where, ": image_size ",
+               image_size, " must be a positive multiple of patch_size ", patch_size);
+    CUMO_CHECK(channels >= 1, where, ": num_channels must be positive, got ", channels);
+    CUMO_CHECK(std::isfinite(eps) && eps > 0, where, ": layer_norm_eps must be finite and > 0, got ", eps);
+    CUMO_CHECK(feature_layer >= -layers - 1 && feature_layer <= layers && feature_layer != 0, where,
+               ": vision_feature_layer ", feature_layer, " is outside [", -layers - 1, ", ", layers,
+               "] (0, the embeddings, is not allowed)");
   }
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 using VisionFFN = FeedForward<DenseMLP<QuickGELU, Backend>,
                               SparseMoE<Router<TopKDynamic>, Expert<MLP<QuickGELU>>, Backend>>;
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class ClipEncoderLayer {
  public:
   ClipEncoderLayer() = default;
-  ClipEncoderLayer(const std::string& name, const VisionConfig& c)
-      : layer_norm1(name + ".layer_norm1", c.hidden, c.eps),
-        layer_norm2(name + ".layer_norm2", c.hidden, c.eps),
-        self_attn(name + ".self_attn", AttentionConfig{c.hidden, c.heads, c.heads, 0, true, true, false, 0.0, "out_proj"}),
-        mlp(name + ".mlp", DenseMLP<QuickGELU, Backend>(name + ".mlp", c.hidden, c.ffn)) {}
+  ClipEncoderLayer(const std::string& name, const VisionConfig& c, Backend backend = {})
+      : layer_norm1(name + ".layer_norm1", c.hidden, c.eps, backend),
+        layer_norm2(name + ".layer_norm2", c.hidden, c.eps, backend),
+        self_attn(name + ".self_attn",
+                  AttentionConfig{c.hidden, c.heads, c.heads, 0, true, true, false, 0.0, "out_proj"}, backend),
+        mlp(name + ".mlp", DenseMLP<QuickGELU, Backend>(name + ".mlp", c.hidden, c.ffn, 0, "fc1", "fc2", backend)),
+        be_(std::move(backend)) {}
 
   LayerNorm<Backend> layer_norm1, layer_norm2;
   Attention<Backend> self_attn;
@@ -74,33 +101,39 @@ class ClipEncoderLayer {
     mlp.collect(out);
     layer_norm2.collect(out);
   }
-  // x (B*T, H) → (B*T, H)
-  Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T) {
-    Tensor h = add<Backend>(x, self_attn.forward(layer_norm1.forward(x), B, T));
-    return add<Backend>(h, mlp.forward(layer_norm2.forward(h), ForwardArgs{B, true}));
+  // x (B*T, H) → (B*T, H); one image per sequence (the MoE's aux-loss segments)
+  Tensor forward(const Tensor& x, const TokenLayout& layout) {
+    Tensor h = add(be_, x, self_attn.forward(layer_norm1.forward(x), layout));
+    return add(be_, h, mlp.forward(layer_norm2.forward(h), ForwardArgs{layout.B, true}));
   }
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
-    Tensor dh = add<Backend>(dy, layer_norm2.backward(mlp.backward(dy, aux)));
-    return add<Backend>(dh, layer_norm1.backward(self_attn.backward(dh)));
+    Tensor dh = add(be_, dy, layer_norm2.backward(mlp.backward(dy, aux)));
+    return add(be_, dh, layer_norm1.backward(self_attn.backward(dh)));
   }
+
+ private:
+  [[no_unique_address]] Backend be_;
 };
 
-template <class Backend = backend::Cpu>
+template <backend::Backend Backend = backend::Cpu>
 class ClipVision {
  public:
+  using backend_type = Backend;
+
   // `prefix`: "" for a CLIPVisionModel state dict (transformers 5), "model.vision_tower." inside LLaVA.
-  explicit ClipVision(VisionConfig c, const std::string& prefix = "")
+  explicit ClipVision(VisionConfig c, const std::string& prefix = "", Backend backend = {})
       : class_embedding(param(prefix + "embeddings.class_embedding", {c.hidden}, Backend::device)),
         patch_embedding(param(prefix + "embeddings.patch_embedding.weight",
                               {c.hidden, c.channels, c.patch_size, c.patch_size}, Backend::device)),
         position_embedding(
             param(prefix + "embeddings.position_embedding.weight", {c.patches() + 1, c.hidden}, Backend::device)),
-        pre_layrnorm(prefix + "pre_layrnorm", c.hidden, c.eps),
-        post_layernorm(prefix + "post_layernorm", c.hidden, c.eps),
-        cfg_(c) {
+        pre_layrnorm(prefix + "pre_layrnorm", c.hidden, c.eps, backend),
+        post_layernorm(prefix + "post_layernorm", c.hidden, c.eps, backend),
+        cfg_(c),
+        be_(backend) {
     layers.reserve(std::size_t(c.layers));
     for (std::int64_t l = 0; l < c.layers; ++l)
-      layers.emplace_back(prefix + "encoder.layers." + std::to_string(l), c);
+      layers.emplace_back(prefix + "encoder.layers." + std::to_string(l), c, backend);
   }
 
   Parameter class_embedding;     // (H,)
@@ -110,6 +143,7 @@ class ClipVision {
   std::vector<ClipEncoderLayer<Backend>> layers;
 
   const VisionConfig& config() const { return cfg_; }
+  const Backend& backend() const { return be_; }
   // The number of encoder layers whose output the features depend on (L − 1 for feature_layer −2).
   std::int64_t feature_depth() const {
     return cfg_.feature_layer < 0 ? cfg_.layers + 1 + cfg_.feature_layer : cfg_.feature_layer;
@@ -131,7 +165,7 @@ class ClipVision {
   // pixels (B, C, S, S) → hidden states and features. `all_layers` = false stops at the feature layer (LLaVA never
   // reads the last layer's output); true runs every layer as HF does (aux losses of the last layer count in CuMo).
   // The pixels are on the host for every backend (the data loader's batch): the patches are unfolded there and
-  // go to the device as one (B*N, C*P*P) matrix.
+  // go to the backend as one (B*N, C*P*P) matrix.
   Output forward(const Tensor& pixels, bool all_layers = true) {
     constexpr const char* where = "ClipVision::forward";
     const VisionConfig& c = cfg_;
@@ -139,54 +173,46 @@ class ClipVision {
     check_device(where, "pixel_values", pixels, Device::cpu);
     check_shape(where, "pixel_values", pixels, {-1, c.channels, c.image_size, c.image_size});
     const Tensor px = pixels.contiguous();
-    const std::int64_t B = px.size(0), N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size;
-    const std::int64_t K = c.channels * P * P;
+    const std::int64_t B = px.size(0), N = c.patches(), T = N + 1, H = c.hidden;
+    const std::int64_t K = c.channels * c.patch_size * c.patch_size;
     B_ = B;
 
     // unfold: patch row (b, gy, gx), columns (c, i, j) — the conv weight's (C, P, P) order
-    cols_ = matrix(B * N, K);
+    Tensor cols = Tensor::empty({B * N, K});
     const float* pp = px.data<float>();
-    float* pc = cols_.data<float>();
+    float* pc = cols.data<float>();
     for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pc[col] = pp[pix]; });
-    Tensor patch = matrix(B * N, H, Backend::device);
-    Tensor emb = matrix(B * T, H, Backend::device);  // (B*T, H) [CLS; patches] + positions
-    if constexpr (on_cpu<Backend>) {
-      cpu::gemm(cpu::Op::N, cpu::Op::T, B * N, H, K, 1.f, pc, K, patch_embedding.value.data<float>(), K, 0.f,
-                patch.data<float>(), H);  // (B*N, H)
-      const float* cls = class_embedding.value.data<float>();
-      const float* pos = position_embedding.value.data<float>();
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t t = 0; t < T; ++t)
-          for (std::int64_t h = 0; h < H; ++h)
-            emb.data<float>()[(b * T + t) * H + h] =
-                (t == 0 ? cls[h] : patch.data<float>()[(b * N + t - 1) * H + h]) + pos[t * H + h];
-    } else {
-      cols_ = cols_.to(Backend::device);
-      Backend::dense_linear(cols_, patch_embedding.value.view({H, K}), nullptr, patch);  // (B*N, H)
-      Backend::vit_embeddings(patch, class_embedding.value, position_embedding.value, B, emb);
-    }
+    cols_ = be_.upload(cols);                                                     // (B*N, C*P*P)
+    Tensor patch = be_.empty({B * N, H});
+    be_.linear(cols_, patch_embedding.value.view({H, K}), nullptr, patch);        // (B*N, H)
+    Tensor emb = be_.empty({B * T, H});
+    be_.vit_embeddings(patch, class_embedding.value, position_embedding.value, B, emb);  // [CLS; patches] + pos
 
+    const TokenLayout layout = TokenLayout::make(be_, B, T);
     Output out;
     out.hidden_states.push_back(pre_layrnorm.forward(emb));
     const std::int64_t depth = all_layers ? c.layers : feature_depth();
     ran_ = depth;
     for (std::int64_t l = 0; l < depth; ++l)
-      out.hidden_states.push_back(layers[std::size_t(l)].forward(out.hidden_states.back(), B, T));
-    out.features = drop_cls(out.hidden_states[std::size_t(feature_depth())], B, T, H);
+      out.hidden_states.push_back(layers[std::size_t(l)].forward(out.hidden_states.back(), layout));
+    out.features = be_.empty({B * N, H});  // B blocks of N rows, past each CLS row
+    be_.copy_blocks(out.hidden_states[std::size_t(feature_depth())], H, T * H, out.features, 0, N * H, N * H, B);
+    dpatch_ = Tensor();
     return out;
   }
 
-  // dfeatures (B*N, H) (or (B, N, H)) → d pixel_values (B, C, S, S); parameter gradients accumulate. On a device
-  // backend nothing upstream of the pixels needs their gradient: it is not computed (an undefined tensor).
+  // dfeatures (B*N, H) (or (B, N, H)) → every parameter gradient accumulates; input_grad() then gives d pixel_values.
   // aux: coefficients of each sparse layer's balance / z losses (CuMo: coef / L for every layer); layers above the
   // feature layer are only back-propagated when they are sparse and their aux losses carry weight.
-  Tensor backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
+  void backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
     constexpr const char* where = "ClipVision::backward";
     const VisionConfig& c = cfg_;
-    const std::int64_t B = B_, N = c.patches(), T = N + 1, H = c.hidden, P = c.patch_size;
-    const std::int64_t K = c.channels * P * P, S = c.image_size;
+    const std::int64_t B = B_, N = c.patches(), T = N + 1, H = c.hidden;
+    const std::int64_t K = c.channels * c.patch_size * c.patch_size;
+    CUMO_CHECK(cols_.defined(), where, ": no forward to differentiate");
     CUMO_CHECK(dfeatures.numel() == B * N * H, where, ": dfeatures has shape ", dfeatures.shape(), " but expected (",
                B * N, ", ", H, ")");
+    check_device(where, "dfeatures", dfeatures, Backend::device);
     const Tensor df = dfeatures.contiguous().view({B * N, H});
     const std::int64_t fd = feature_depth();
     const bool aux_on = aux.balance != 0.f || aux.z != 0.f;
@@ -196,52 +222,33 @@ class ClipVision {
         top = l + 1;
         break;
       }
-    Tensor dh = zeros(B * T, H, Backend::device);  // d hidden_state_top
+    Tensor dh = be_.zeros({B * T, H});  // d hidden_state_top
     for (std::int64_t l = top; l >= 0; --l) {
-      if (l == fd) {  // the features' gradient enters below the CLS rows
-        if constexpr (on_cpu<Backend>) {
-          for (std::int64_t b = 0; b < B; ++b)
-            for (std::int64_t t = 1; t < T; ++t)
-              for (std::int64_t h = 0; h < H; ++h)
-                dh.data<float>()[(b * T + t) * H + h] += df.data<float>()[(b * N + t - 1) * H + h];
-        } else {
-          Backend::add_blocks(df, 0, N * H, dh, H, T * H, N * H, B);  // B blocks of N rows, past each CLS row
-        }
-      }
+      if (l == fd) be_.add_blocks(df, 0, N * H, dh, H, T * H, N * H, B);  // the features' gradient, past each CLS row
       if (l > 0) dh = layers[std::size_t(l - 1)].backward(dh, aux);
     }
     const Tensor demb = pre_layrnorm.backward(dh);  // (B*T, H)
-    if constexpr (on_cpu<Backend>) {
-      float* dcls = class_embedding.grad.data<float>();
-      float* dpos = position_embedding.grad.data<float>();
-      Tensor dpatch = matrix(B * N, H);
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t t = 0; t < T; ++t)
-          for (std::int64_t h = 0; h < H; ++h) {
-            const float g = demb.data<float>()[(b * T + t) * H + h];
-            dpos[t * H + h] += g;
-            if (t == 0)
-              dcls[h] += g;
-            else
-              dpatch.data<float>()[(b * N + t - 1) * H + h] = g;
-          }
-      cpu::gemm(cpu::Op::T, cpu::Op::N, H, K, B * N, 1.f, dpatch.data<float>(), H, cols_.data<float>(), K, 1.f,
-                patch_embedding.grad.data<float>(), K);  // (H, K)
-      Tensor dcols = matrix(B * N, K);
-      cpu::gemm(cpu::Op::N, cpu::Op::N, B * N, K, H, 1.f, dpatch.data<float>(), H, patch_embedding.value.data<float>(),
-                K, 0.f, dcols.data<float>(), K);  // (B*N, K)
-      Tensor dpx = Tensor::zeros({B, c.channels, S, S});  // fold (patches do not overlap: a plain scatter)
-      float* pd = dpx.data<float>();
-      const float* pdc = dcols.data<float>();
-      for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pd[pix] = pdc[col]; });
-      return dpx;
-    } else {
-      Tensor dpatch = matrix(B * N, H, Backend::device);
-      Backend::vit_embeddings_backward(demb, B, dpatch, class_embedding.grad, position_embedding.grad);
-      Tensor dw = patch_embedding.grad.view({H, K});
-      Backend::linear_dweight(dpatch, cols_, dw);  // (H, K)
-      return Tensor();
-    }
+    dpatch_ = be_.empty({B * N, H});
+    be_.vit_embeddings_backward(demb, B, dpatch_, class_embedding.grad, position_embedding.grad);
+    Tensor dw = patch_embedding.grad.view({H, K});
+    be_.linear_dweight(dpatch_, cols_, dw);  // (H, C*P*P)
+  }
+
+  // d pixel_values (B, C, S, S) on the host for the last backward: the patch embedding's input gradient, folded
+  // back onto the pixels (patches do not overlap: a plain scatter). Computed on demand — training never needs it.
+  Tensor input_grad() const {
+    CUMO_CHECK(dpatch_.defined(), "ClipVision::input_grad: no backward since the last forward");
+    const VisionConfig& c = cfg_;
+    const std::int64_t B = B_, N = c.patches(), H = c.hidden, S = c.image_size;
+    const std::int64_t K = c.channels * c.patch_size * c.patch_size;
+    Tensor dcols = be_.empty({B * N, K});
+    be_.linear_dinput(dpatch_, patch_embedding.value.view({H, K}), dcols, /*accumulate=*/false);  // (B*N, K)
+    const Tensor host = be_.to_host(dcols);
+    Tensor dpx = Tensor::zeros({B, c.channels, S, S});
+    float* pd = dpx.data<float>();
+    const float* pdc = host.data<float>();
+    for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pd[pix] = pdc[col]; });
+    return dpx;
   }
 
   // Aux losses of every sparse encoder layer in the last forward (empty when all are dense).
@@ -260,19 +267,6 @@ class ClipVision {
   }
 
  private:
-  static Tensor drop_cls(const Tensor& h, std::int64_t B, std::int64_t T, std::int64_t H) {
-    Tensor f = matrix(B * (T - 1), H, Backend::device);
-    if constexpr (on_cpu<Backend>) {
-      for (std::int64_t b = 0; b < B; ++b)
-        std::copy_n(h.data<float>() + (b * T + 1) * H, (T - 1) * H, f.data<float>() + b * (T - 1) * H);
-    } else {
-      Backend::copy_blocks(h, H, T * H, f, 0, (T - 1) * H, (T - 1) * H, B);  // B blocks of T−1 rows, past each CLS
-    }
-    return f;
-  }
-
-  VisionConfig cfg_;
-  std::int64_t B_ = 0, ran_ = 0;
   // f(col, pix) for every pixel of B images: col indexes the unfolded (B*N, C*P*P) patch matrix — row (b, gy, gx),
   // column (c, i, j), the conv weight's (C, P, P) order — and pix the (B, C, S, S) pixels. Unfold and fold both.
   template <class F>
@@ -288,7 +282,11 @@ class ClipVision {
                 f((b * N + gy * G + gx) * K + (ch * P + i) * P + j, ((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j);
   }
 
-  Tensor cols_;  // (B*N, C*P*P) unfolded patches
+  VisionConfig cfg_;
+  [[no_unique_address]] Backend be_;
+  std::int64_t B_ = 0, ran_ = 0;
+  Tensor cols_;    // (B*N, C*P*P) unfolded patches, on the backend
+  Tensor dpatch_;  // (B*N, H) d patch embeddings of the last backward
 };
 
 }  // namespace cumo::nn

@@ -39,6 +39,7 @@
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
 #include "cumo/core/tensor.hpp"
+#include "cumo/io/files.hpp"
 #include "cumo/io/safetensors.hpp"
 #include "cumo/train/optimizer.hpp"
 
@@ -94,6 +95,7 @@ inline void write_text_file(const fs::path& path, const std::string& text, const
 }
 
 inline std::string read_text_file(const fs::path& path, const char* where) {
+  io::require_regular_file(path.string(), where);
   std::ifstream f(path, std::ios::binary);
   CUMO_CHECK(f, where, ": cannot open '", path.string(), "'");
   std::ostringstream ss;

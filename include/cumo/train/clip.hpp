@@ -17,55 +17,49 @@
 #include <string>
 #include <vector>
 
-#include "cumo/backend/cpu/parallel.hpp"
+#include "cumo/backend/cpu/optim.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/tensor.hpp"
 
 namespace cumo::train {
 
+using cpu::clip_coefficient;  // PyTorch's min(max_norm / (total + 1e-6), 1), reciprocal-then-multiply in fp32
+
 namespace detail {
-inline constexpr std::int64_t kNormChunk = 1 << 16;
-
-inline const float* host_grad(const Parameter& p, const char* where) {
-  check_dtype(where, p.name + ".grad", p.grad, DType::f32);
-  check_device(where, p.name + ".grad", p.grad, Device::cpu);
-  CUMO_CHECK(p.grad.is_contiguous(), where, ": the gradient of '", p.name, "' is not contiguous");
-  return p.grad.data<float>();
+inline std::vector<Tensor> host_grads(const ParameterList& params, const char* where) {
+  std::vector<Tensor> g;
+  for (const Parameter* p : params) {
+    if (!p->trainable || !p->grad.defined()) continue;
+    check_dtype(where, p->name + ".grad", p->grad, DType::f32);
+    check_device(where, p->name + ".grad", p->grad, Device::cpu);
+    CUMO_CHECK(p->grad.is_contiguous(), where, ": the gradient of '", p->name, "' is not contiguous");
+    g.push_back(p->grad);
+  }
+  return g;
 }
-
-// Σ g² in double, chunked so the result is independent of the thread count.
-inline double sum_of_squares(const float* g, std::int64_t n) {
-  const std::int64_t chunks = (n + kNormChunk - 1) / kNormChunk;
-  std::vector<double> partial(std::size_t(chunks), 0.0);
-  cpu::parallel_for(chunks, [&](std::int64_t c) {
-    const std::int64_t b = c * kNormChunk, e = b + kNormChunk < n ? b + kNormChunk : n;
-    double s = 0;
-    for (std::int64_t i = b; i < e; ++i) s += double(g[i]) * double(g[i]);
-    partial[std::size_t(c)] = s;
-  }, kNormChunk);
-  double s = 0;
-  for (double x : partial) s += x;
-  return s;
+// Training stops on a non-finite gradient norm, naming the first parameter (and element) that is not finite.
+// host(t) gives a gradient on the host (the optimizer's backend reads it back only on this failure path).
+template <class Host>
+[[noreturn]] void fail_nonfinite(const ParameterList& params, float total, std::int64_t step, Host&& host) {
+  const std::string at = step >= 0 ? " at step " + std::to_string(step) : std::string();
+  for (const Parameter* p : params) {
+    if (!p->trainable || !p->grad.defined()) continue;
+    const Tensor g = host(p->grad);
+    const float* v = g.template data<float>();
+    for (std::int64_t i = 0; i < g.numel(); ++i)
+      if (!std::isfinite(v[i]))
+        fail("clip_grad_norm", at, ": the gradient of '", p->name, "' (shape ", p->grad.shape(), ") holds ", v[i],
+             " at element ", i, "; the total gradient norm is ", total, " — training stopped");
+  }
+  fail("clip_grad_norm", at, ": the total gradient norm is ", total, " — training stopped");
 }
 }  // namespace detail
 
 // The global 2-norm of the gradients of the trainable parameters in `params` (no clipping), in fp32 as PyTorch
 // returns it. Non-trainable parameters (requires_grad=False in PyTorch: no .grad) are skipped.
 inline float grad_norm(const ParameterList& params) {
-  double ss = 0;
-  for (const Parameter* p : params) {
-    if (!p->trainable || !p->grad.defined()) continue;
-    const float* g = detail::host_grad(*p, "grad_norm");
-    ss += detail::sum_of_squares(g, p->grad.numel());
-  }
-  return float(std::sqrt(ss));
-}
-
-// PyTorch's coefficient: min(max_norm / (total + 1e-6), 1), computed as reciprocal-then-multiply in fp32.
-inline float clip_coefficient(float total_norm, double max_norm) {
-  const float coef = (1.f / (total_norm + float(1e-6))) * float(max_norm);
-  return coef < 1.f ? coef : 1.f;
+  return cpu::grad_norm(detail::host_grads(params, "grad_norm")).data<float>()[0];
 }
 
 // Scales every trainable gradient so that the global norm is at most max_norm; returns the norm before clipping.
@@ -73,28 +67,10 @@ inline float clip_coefficient(float total_norm, double max_norm) {
 inline float clip_grad_norm(const ParameterList& params, double max_norm, std::int64_t step = -1) {
   CUMO_CHECK(max_norm > 0 && std::isfinite(max_norm), "clip_grad_norm: max_norm must be finite and > 0, got ",
              max_norm);
-  const float total = grad_norm(params);
-  if (!std::isfinite(total)) {
-    for (const Parameter* p : params) {
-      if (!p->trainable || !p->grad.defined()) continue;
-      const float* g = p->grad.data<float>();
-      for (std::int64_t i = 0; i < p->grad.numel(); ++i)
-        if (!std::isfinite(g[i]))
-          fail("clip_grad_norm", step >= 0 ? " at step " + std::to_string(step) : std::string(),
-               ": the gradient of '", p->name, "' (shape ", p->grad.shape(), ") holds ", g[i], " at element ", i,
-               "; the total gradient norm is ", total, " — training stopped");
-    }
-    fail("clip_grad_norm", step >= 0 ? " at step " + std::to_string(step) : std::string(),
-         ": the total gradient norm is ", total, " — training stopped");
-  }
-  const float coef = clip_coefficient(total, max_norm);
-  if (coef == 1.f) return total;  // g * 1.0f == g bit for bit: skip the pass
-  for (Parameter* p : params) {
-    if (!p->trainable || !p->grad.defined()) continue;
-    float* g = p->grad.data<float>();
-    cpu::parallel_for(p->grad.numel(), [&](std::int64_t i) { g[i] *= coef; });
-  }
-  return total;
+  const Tensor r = cpu::clip_grad_norm(detail::host_grads(params, "clip_grad_norm"), max_norm);
+  const float total = r.data<float>()[0];
+  if (std::isfinite(total)) return total;
+  detail::fail_nonfinite(params, total, step, [](const Tensor& g) { return g; });
 }
 
 }  // namespace cumo::train

@@ -1,5 +1,6 @@
 #pragma once
-// AdamW with torch.optim.AdamW's exact semantics (non-amsgrad, maximize=False), on fp32 master weights on the CPU.
+// AdamW with torch.optim.AdamW's exact semantics (non-amsgrad, maximize=False), on fp32 master weights on any
+// backend (the arithmetic: backend/cpu/optim.hpp, and its CUDA twin).
 //
 // One step of PyTorch's for-loop path (_single_tensor_adam with decoupled weight decay, the path PyTorch takes for
 // CPU tensors; the CUDA foreach path is the same formula), hyperparameters in double as Python floats are, tensors
@@ -35,7 +36,8 @@
 #include <utility>
 #include <vector>
 
-#include "cumo/backend/cpu/parallel.hpp"
+#include "cumo/backend/contract.hpp"
+#include "cumo/backend/cpu.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/tensor.hpp"
@@ -60,8 +62,8 @@ struct ParamGroup {
 };
 
 namespace detail {
-// What AdamW (parameters on the CPU) and CudaAdamW (on the GPU, train/adamw_cuda.cuh) share: the groups, the options,
-// PyTorch's per-parameter state and its checkpoint format. The update itself is each optimizer's own.
+// The backend-independent part of AdamW<B>: the groups, the options, PyTorch's per-parameter state and its
+// checkpoint format (train/checkpoint.hpp reads and writes it for any backend).
 class AdamWGroups {
  public:
   // Per-parameter state, as PyTorch keeps it in optimizer.state[p]: {step, exp_avg, exp_avg_sq}.
@@ -246,94 +248,98 @@ class AdamWGroups {
 };
 }  // namespace detail
 
+// AdamW for parameters on backend B (the CPU by default): the groups, options, state and checkpoint format of
+// detail::AdamWGroups, and the update itself as the backend's adamw_step — backend/cpu/optim.hpp, or the fused
+// CUDA kernel that reproduces it bit for bit. The moments live where the parameters live.
+template <backend::Backend B = backend::Cpu>
 class AdamW : public detail::AdamWGroups {
  public:
-  AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {})
-      : AdamWGroups(std::move(groups), options, "AdamW", Device::cpu) {}
+  using backend_type = B;
+
+  AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {}, B backend = {})
+      : AdamWGroups(std::move(groups), options, "AdamW", B::device), be_(std::move(backend)) {}
   // One group holding every parameter.
-  explicit AdamW(ParameterList params, AdamWOptions options = {}) : AdamW(one_group(std::move(params)), options) {}
+  explicit AdamW(ParameterList params, AdamWOptions options = {}, B backend = {})
+      : AdamW(one_group(std::move(params)), options, std::move(backend)) {}
   // AdamW({&w, &b}) — without this, a braced list of pointers would also match vector<ParamGroup>'s
   // iterator-pair constructor and the call would be ambiguous.
   AdamW(std::initializer_list<Parameter*> params, AdamWOptions options = {})
       : AdamW(ParameterList(params), options) {}
 
+  const B& backend() const { return be_; }
+
   // One update at options().lr.
   void step() { step(options_.lr); }
-  // One update at `lr` (a schedule's value for this step); each group uses lr × its lr_scale.
+  // One update at `lr` (a schedule's value for this step); each group uses lr × its lr_scale and its weight decay.
+  // Every gradient is checked before any state changes, so a bad one leaves the step counts as they were.
   void step(double lr) {
     CUMO_CHECK(std::isfinite(lr) && lr >= 0, "AdamW::step: lr must be finite and >= 0, got ", lr);
+    for (const Parameter* p : trainable_parameters()) {
+      CUMO_CHECK(p->grad.defined() && p->grad.shape() == p->value.shape(), "AdamW::step: parameter '", p->name,
+                 "' has shape ", p->value.shape(), " but its gradient has shape ", p->grad.shape());
+      check_dtype("AdamW::step", p->name + ".grad", p->grad, DType::f32);
+      check_device("AdamW::step", p->name + ".grad", p->grad, B::device);
+      CUMO_CHECK(p->grad.is_contiguous(), "AdamW::step: the gradient of '", p->name, "' is not contiguous");
+    }
+    std::vector<backend::AdamWSlot> slots;
     for (const ParamGroup& g : groups_) {
       if (g.frozen) continue;
-      const double glr = lr * g.lr_scale;
       const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
-      for (Parameter* p : g.params)
-        if (p->trainable) update(*p, glr, wd);
+      for (Parameter* p : g.params) {
+        if (!p->trainable) continue;
+        State& s = state_[p];
+        if (!s.exp_avg.defined()) {  // lazy, as PyTorch: state appears at a parameter's first step
+          s.exp_avg = be_.zeros(p->value.shape());
+          s.exp_avg_sq = be_.zeros(p->value.shape());
+        }
+        ++s.step;
+        backend::AdamWSlot sl;
+        sl.param = p->value;
+        sl.grad = p->grad;
+        sl.exp_avg = s.exp_avg;
+        sl.exp_avg_sq = s.exp_avg_sq;
+        sl.step = s.step;
+        sl.lr = lr * g.lr_scale;
+        sl.weight_decay = wd;
+        slots.push_back(std::move(sl));
+      }
     }
+    be_.adamw_step(slots, {options_.beta1, options_.beta2, options_.eps});
     ++steps_;
   }
 
- private:
-  void update(Parameter& p, double lr, double wd) {
-    CUMO_CHECK(p.grad.defined() && p.grad.shape() == p.value.shape(), "AdamW::step: parameter '", p.name,
-               "' has shape ", p.value.shape(), " but its gradient has shape ", p.grad.shape());
-    check_dtype("AdamW::step", p.name + ".grad", p.grad, DType::f32);
-    CUMO_CHECK(p.grad.is_contiguous(), "AdamW::step: the gradient of '", p.name, "' is not contiguous");
-    State& s = state_[&p];
-    if (!s.exp_avg.defined()) {  // lazy, as PyTorch: state appears at a parameter's first step
-      s.exp_avg = Tensor::zeros(p.value.shape());
-      s.exp_avg_sq = Tensor::zeros(p.value.shape());
-    }
-    s.step += 1;
-
-    // Python-float arithmetic (double), then one rounding to float where the scalar meets an fp32 tensor.
-    const double beta1 = options_.beta1, beta2 = options_.beta2;
-    const double step = double(s.step);
-    const double bias_correction1 = 1.0 - std::pow(beta1, step);
-    const double bias_correction2 = 1.0 - std::pow(beta2, step);
-    const double step_size = lr / bias_correction1;
-    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);  // Python's `** 0.5` is C pow()
-    const bool decay = wd != 0.0;
-    const float decay_f = float(1.0 - lr * wd);
-    const float w1 = float(1.0 - beta1);
-    const float beta2_f = float(beta2);
-    const float w2 = float(1.0 - beta2);
-    const float bc2_sqrt_f = float(bias_correction2_sqrt);
-    const float eps_f = float(options_.eps);
-    const float neg_step_f = float(-step_size);
-    const bool lerp_small = std::abs(w1) < 0.5f;
-    const float one_minus_w1 = 1.f - w1;
-
-    float* pv = p.value.data<float>();
-    const float* gv = p.grad.data<float>();
-    float* m = s.exp_avg.data<float>();
-    float* v = s.exp_avg_sq.data<float>();
-    // Elementwise and independent: the result does not depend on the thread count.
-    cpu::parallel_for(p.value.numel(), [&](std::int64_t i) {
-      float pi = pv[i];
-      const float gi = gv[i];
-      if (decay) pi = pi * decay_f;
-      // ATen's lerp picks the formula by |weight| so that both ends are exact.
-      m[i] = lerp_small ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * one_minus_w1;
-      float vi = v[i] * beta2_f;
-      vi = vi + w2 * gi * gi;
-      v[i] = vi;
-      const float denom = std::sqrt(vi) / bc2_sqrt_f + eps_f;
-      pv[i] = pi + neg_step_f * m[i] / denom;
-    }, 1 << 14);
+  // Scales the trainable gradients to a global norm ≤ max_norm; returns {norm, coefficient} (2,) f32 on the
+  // backend (no host sync). A non-finite norm leaves the gradients alone.
+  Tensor clip_grad_norm(double max_norm) {
+    CUMO_CHECK(max_norm > 0 && std::isfinite(max_norm), "AdamW::clip_grad_norm: max_norm must be finite and > 0, got ",
+               max_norm);
+    std::vector<Tensor> grads;
+    for (Parameter* p : trainable_parameters()) grads.push_back(p->grad);
+    return be_.clip_grad_norm(grads, max_norm);
   }
-};
 
-// The optimizer for parameters on backend B (run_stage picks it from the model's backend): AdamW on the CPU;
-// train/adamw_cuda.cuh specialises it for backend::Cuda (train::CudaAdamW).
+ private:
+  [[no_unique_address]] B be_;
+};
+AdamW(std::vector<ParamGroup>, AdamWOptions) -> AdamW<backend::Cpu>;
+AdamW(ParameterList, AdamWOptions) -> AdamW<backend::Cpu>;
+
+// The optimizer for parameters on backend B (run_stage picks it from the model's backend).
 template <class B>
 struct OptimizerFor {
-  using type = AdamW;
+  using type = AdamW<B>;
 };
 
-// Global-norm clipping of the optimizer's trainable gradients; returns the norm before clipping. A NaN/Inf gradient
-// stops training naming the parameter and the step. (The CudaAdamW overload is in adamw_cuda.cuh.)
-inline float clip_gradients(AdamW& opt, double max_norm, std::int64_t step) {
-  return clip_grad_norm(opt.trainable_parameters(), max_norm, step);
+// Global-norm clipping of the optimizer's trainable gradients (torch.nn.utils.clip_grad_norm_); returns the norm
+// before clipping — one host read per step, the logged norm. A NaN/Inf gradient stops training naming the first
+// parameter that holds one, the element and the step.
+template <class B>
+float clip_gradients(AdamW<B>& opt, double max_norm, std::int64_t step) {
+  const Tensor r = opt.backend().to_host(opt.clip_grad_norm(max_norm));  // {norm, coefficient}
+  const float norm = r.data<float>()[0];
+  if (std::isfinite(norm)) return norm;
+  detail::fail_nonfinite(opt.trainable_parameters(), norm, step,
+                         [&](const Tensor& g) { return opt.backend().to_host(g); });
 }
 
 }  // namespace cumo::train

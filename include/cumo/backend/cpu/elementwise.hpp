@@ -1,6 +1,7 @@
 #pragma once
-// CPU elementwise pieces of the experts: activation and the gated (GLU) product, forward and backward, over the
-// first `rows` rows of a (rows_capacity, width) buffer.
+// CPU activations, forward and backward: of the experts (over the first `rows` rows of a (rows_capacity, width)
+// buffer; the gated product from one fused [gate | up] buffer, `glu_*`) and of the dense gated FFN (gate and up
+// in two buffers, `gated_*`).
 #include <cstdint>
 
 #include "cumo/backend/cpu/parallel.hpp"
@@ -56,6 +57,24 @@ void glu_backward(const Tensor& h, const Tensor& da, std::int64_t rows, Tensor& 
       du[j] = gj * Act::f(gate[j]);
     }
   }, 30 * F);
+}
+
+// a = Act(gate) ⊙ up (same shapes)
+template <class Act>
+void gated_forward(const Tensor& gate, const Tensor& up, Tensor& a) {
+  const float *pg = gate.data<float>(), *pu = up.data<float>();
+  float* pa = a.data<float>();
+  parallel_for(a.numel(), [&](std::int64_t i) { pa[i] = Act::f(pg[i]) * pu[i]; }, 30);
+}
+// dgate = da ⊙ up ⊙ Act'(gate), dup = da ⊙ Act(gate)
+template <class Act>
+void gated_backward(const Tensor& gate, const Tensor& up, const Tensor& da, Tensor& dgate, Tensor& dup) {
+  const float *pg = gate.data<float>(), *pu = up.data<float>(), *pa = da.data<float>();
+  float *pdg = dgate.data<float>(), *pdu = dup.data<float>();
+  parallel_for(da.numel(), [&](std::int64_t i) {
+    pdg[i] = pa[i] * pu[i] * Act::df(pg[i]);
+    pdu[i] = pa[i] * Act::f(pg[i]);
+  }, 40);
 }
 
 }  // namespace cumo::cpu

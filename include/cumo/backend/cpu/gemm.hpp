@@ -58,12 +58,4 @@ inline MatrixMap as_matrix(const Tensor& t) {
   return MatrixMap(t.data<float>(), t.size(0), t.size(1), Eigen::OuterStride<>(t.strides()[0]));
 }
 
-// y (m, n) = x (m, k) · w (n, k)^T [+ bias (n)] — a Linear layer in PyTorch's weight layout.
-inline void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, float beta = 0.f) {
-  const std::int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  gemm(Op::N, Op::T, m, n, k, 1.f, x.data<float>(), x.strides()[0], w.data<float>(), w.strides()[0], beta,
-       y.data<float>(), y.strides()[0]);
-  if (bias) as_matrix(y).rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>(), n);
-}
-
 }  // namespace cumo::cpu

@@ -10,7 +10,7 @@
 
 #include "cumo/backend/cpu/parallel.hpp"
 #include "cumo/core/tensor.hpp"
-#include "cumo/moe/types.hpp"
+#include "cumo/core/routing.hpp"
 
 namespace cumo::cpu {
 

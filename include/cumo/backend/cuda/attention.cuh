@@ -1,6 +1,6 @@
 #pragma once
-// CUDA scaled dot-product attention, forward and backward — the twin of nn::Attention's core (its `attend` and the
-// middle of its backward), which is the reference in tests/cuda/test_cuda_layers.cu:
+// CUDA scaled dot-product attention, forward and backward — the twin of backend/cpu/attention.hpp, which is the
+// reference in tests/cuda/test_backend_ops.cu:
 //   scores = (q·kᵀ)·scale, scale = float(1/√D); masked scores (causal: key j > past + i; padding key) are −∞;
 //   P = softmax(scores) per row; a row with no key left gives P = 0 and output 0; out = P·v.
 // Grouped-query heads: head h reads kv head h / (heads / kv_heads).
@@ -25,18 +25,13 @@
 #include <type_traits>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/ops.hpp"
 
 namespace cumo::gpu {
 
-struct AttentionShape {
-  std::int64_t batch = 0;   // B
-  std::int64_t q_len = 0;   // Tq
-  std::int64_t kv_len = 0;  // S (0 = q_len)
-  std::int64_t heads = 0;
-  std::int64_t kv_heads = 0;  // 0 = heads
-  std::int64_t head_dim = 0;
-  bool causal = false;
-};
+// backend/ops.hpp's: the kernels take packed keys (kv_stride 0 or kv_len); backend::Cuda packs a strided KV cache.
+using backend::AttentionShape;
 
 namespace kernels {
 
@@ -346,6 +341,8 @@ inline kernels::AttnParams attention_params(const char* where, AttentionShape s)
              s.kv_heads, " kv heads");
   CUMO_CHECK(s.kv_len >= s.q_len, where, ": kv_len ", s.kv_len, " < q_len ", s.q_len,
              " (queries are the last q_len positions of the keys)");
+  CUMO_CHECK(s.kv_stride == 0 || s.kv_stride == s.kv_len, where, ": the kernels take packed keys (kv_stride ",
+             s.kv_stride, " != kv_len ", s.kv_len, ")");
   CUMO_CHECK(s.head_dim <= 8 * kWarp, where, ": head_dim ", s.head_dim, " > ", 8 * kWarp, " is not supported");
   CUMO_CHECK(s.batch * s.heads <= 65535 && s.batch * s.kv_heads <= 65535, where, ": batch·heads = ",
              s.batch * s.heads, " exceeds one launch (65535)");
@@ -442,7 +439,7 @@ inline void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // dq (B·Tq, heads·D), dk, dv (B·S, kv_heads·D), all overwritten.
 inline void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* key_valid,
                                const Tensor& out, const Tensor& lse, const Tensor& dout, const AttentionShape& shape,
-                               Tensor& dq, Tensor& dk, Tensor& dv) {
+                               Tensor& dq, Tensor& dk, Tensor& dv, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::attention_backward";
   const kernels::AttnParams p = detail::attention_params(where, shape);
   detail::check_attention_tensors(where, p, q, k, v, key_valid);
@@ -457,7 +454,7 @@ inline void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v
              p.H, ", ", p.Tq, ")");
   if (p.B * p.S == 0) return;
   const std::int32_t* kv = key_valid && key_valid->defined() ? ptr<std::int32_t>(*key_valid) : nullptr;
-  Tensor delta = Tensor::empty({p.B * p.H * (p.Tq > 0 ? p.Tq : 1)}, DType::f32, Device::cuda);  // (B, H, Tq)
+  Tensor delta = device_empty(ws, {p.B * p.H * (p.Tq > 0 ? p.Tq : 1)});  // (B, H, Tq)
   const std::size_t smem_dq = sizeof(float) * std::size_t(2 * kernels::kQTile * p.D + 2 * kernels::kKTile * (p.D + 1));
   const std::size_t smem_dkdv =
       sizeof(float) * std::size_t(2 * kernels::kKTile * (p.D + 1) + 2 * kernels::kKTile2 * p.D + 2 * kernels::kKTile);

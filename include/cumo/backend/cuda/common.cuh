@@ -73,6 +73,9 @@ enum class GroupedGemm {
   device_offsets,   // our own grouped kernel that reads the device offset table: no host sync, SIMT fp32 math
 };
 
+// The CUDA backend's run-time choices. They are state of a backend::Cuda instance (backend/cuda.cuh), which the
+// caller owns and hands to the model it builds — never a process-wide setting — so two differently configured
+// models can live in one process. The gpu:: functions take what they need of them as arguments.
 struct Options {
   GroupedGemm grouped_gemm = GroupedGemm::automatic;
   // make_plan copies the (E+1) offsets to plan.host_offsets — one stream sync per forward. Off: no sync at all,
@@ -84,10 +87,6 @@ struct Options {
   // tensor cores with fp32 accumulation and output (model.cuh). Off: fp32 (or TF32 with allow_tf32).
   bool dense_bf16 = false;
 };
-inline Options& options() {
-  static Options o;
-  return o;
-}
 
 // ---- context ---------------------------------------------------------------------------------------------------
 class Context {

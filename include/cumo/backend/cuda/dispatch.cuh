@@ -11,7 +11,8 @@
 //                                                          rows land expert-contiguous, dropped slots sort last
 // Both give exactly the CPU's plan (kept rows of an expert in (token, slot) order). The offsets stay on the
 // device for the kernels; by default they are also copied to plan.host_offsets — the one host sync of a forward —
-// because cuBLAS needs host-side sizes (options().plan_host_offsets = false skips it; see grouped_gemm.cuh).
+// because cuBLAS needs host-side sizes (host_offsets = false — Options::plan_host_offsets — skips it; see
+// grouped_gemm.cuh).
 #include <algorithm>
 #include <cstdint>
 
@@ -19,7 +20,8 @@
 #include <cub/device/device_scan.cuh>
 
 #include "cumo/backend/cuda/common.cuh"
-#include "cumo/moe/types.hpp"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/core/routing.hpp"
 
 namespace cumo::gpu {
 
@@ -214,9 +216,9 @@ inline void check_plan(const char* where, const DispatchPlan& plan) {
 }
 }  // namespace detail
 
-// Fills plan.{demand, counts, offsets, row_of_slot, slot_of_row} from idx (T, K) and, unless
-// options().plan_host_offsets is off, plan.host_offsets (one host sync, which also checks the expert ids).
-inline void make_plan(const Tensor& idx, DispatchPlan& plan) {
+// Fills plan.{demand, counts, offsets, row_of_slot, slot_of_row} from idx (T, K) and, with host_offsets,
+// plan.host_offsets (one host sync, which also checks the expert ids). Temporaries come from `ws` (or the pool).
+inline void make_plan(const Tensor& idx, DispatchPlan& plan, bool host_offsets = true, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::make_plan";
   expect_contiguous(where, "idx", idx);
   check_dtype(where, "idx", idx, DType::i32);
@@ -230,10 +232,10 @@ inline void make_plan(const Tensor& idx, DispatchPlan& plan) {
   const int end_bit = detail::bits_for(std::int64_t(E) + 1);  // keys are 0 … E (E = dropped or invalid)
   const bool capped = plan.capacity >= 0;
 
-  Tensor keys = Tensor::empty({2, n}, DType::i32, Device::cuda);   // in, out
-  Tensor vals = Tensor::empty({2, n}, DType::i32, Device::cuda);   // in, out
-  Tensor bounds = Tensor::zeros({2, E}, DType::i32, Device::cuda);  // start, end
-  Tensor bad = Tensor::zeros({1}, DType::i32, Device::cuda);
+  Tensor keys = device_empty(ws, {2, n}, DType::i32);    // in, out
+  Tensor vals = device_empty(ws, {2, n}, DType::i32);    // in, out
+  Tensor bounds = device_zeros(ws, {2, E}, DType::i32);  // start, end
+  Tensor bad = device_zeros(ws, {1}, DType::i32);
   auto* k_in = reinterpret_cast<std::uint32_t*>(ptr<std::int32_t>(keys));
   auto* k_out = k_in + n;
   std::int32_t* v_in = ptr<std::int32_t>(vals);
@@ -247,7 +249,7 @@ inline void make_plan(const Tensor& idx, DispatchPlan& plan) {
   CUMO_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, ptr<std::int32_t>(plan.counts),
                                                 ptr<std::int32_t>(plan.offsets) + 1, E, st));
   const std::size_t temp_bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
-  Tensor temp = Tensor::empty({std::int64_t(temp_bytes / 4 + 1)}, DType::i32, Device::cuda);
+  Tensor temp = device_empty(ws, {std::int64_t(temp_bytes / 4 + 1)}, DType::i32);
 
   const unsigned grid = grid_for(n, 256);
   kernels::plan_keys<><<<grid, 256, 0, st>>>(ptr<std::int32_t>(idx), T, K, E, capped, k_in, v_in,
@@ -274,7 +276,7 @@ inline void make_plan(const Tensor& idx, DispatchPlan& plan) {
   CUMO_CUDA_LAUNCH_CHECK("plan_place");
 
   plan.host_offsets.clear();
-  if (options().plan_host_offsets) {
+  if (host_offsets) {
     std::vector<std::int32_t> off(std::size_t(E) + 1);
     int bad_ids = 0;
     context().read_back(off.data(), plan.offsets.raw(), off.size() * sizeof(std::int32_t));

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
 #include "cumo/core/rng.hpp"
 
 namespace cumo::gpu {
@@ -207,12 +208,12 @@ inline void fill_uniform(Tensor& t, Rng& rng, float lo, float hi) {
 }
 
 // Whether every element is finite (a host sync: the answer is needed on the host).
-inline bool all_finite(const Tensor& t) {
+inline bool all_finite(const Tensor& t, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::all_finite";
   expect_contiguous(where, "t", t);
   const std::int64_t n = t.numel();
   if (n == 0) return true;
-  Tensor flag = Tensor::zeros({1}, DType::i32, Device::cuda);
+  Tensor flag = device_zeros(ws, {1}, DType::i32);
   dispatch_float(t.dtype(), where, [&](auto tag) {
     using T = decltype(tag);
     kernels::find_nonfinite<T><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream()>>>(

@@ -1,5 +1,5 @@
 #pragma once
-// nn::Embedding on the device, its reference in tests/cuda/test_cuda_layers.cu:
+// nn::Embedding on the device, the twin of backend/cpu/embedding.hpp, its reference in tests/cuda/test_backend_ops.cu:
 //   embedding_forward    y[r] = table[ids[r]]                     a row copy in the widest word that fits
 //   embedding_backward   dtable[v] += Σ_{r: ids[r] = v, not skipped} dy[r], rows in increasing r
 // The ids live on the host (the data loader's batch), as nn::Embedding takes them: they are checked there, naming
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
 
 namespace cumo::gpu {
 
@@ -49,13 +50,12 @@ __global__ void embedding_scatter(const T* __restrict__ dy, std::int64_t H, cons
 namespace detail {
 // A host int32 table on the device for the next launch on this stream. Up to a staging slot (16 Ki entries) it
 // goes through the context's pinned ring without a host sync; a larger one is copied into `owner` (synchronously).
-inline const std::int32_t* int32_on_device(const std::vector<std::int32_t>& v, Tensor& owner) {
+inline const std::int32_t* int32_on_device(const std::vector<std::int32_t>& v, Tensor& owner, Workspace* ws) {
   const std::size_t bytes = v.size() * sizeof(std::int32_t);
   if (bytes <= Context::kStagingSlotBytes)
     return static_cast<const std::int32_t*>(context().stage_to_device(v.data(), bytes));
-  Tensor h = Tensor::empty({std::int64_t(v.size())}, DType::i32);
-  std::copy(v.begin(), v.end(), h.data<std::int32_t>());
-  owner = h.to(Device::cuda);
+  owner = device_empty(ws, {std::int64_t(v.size())}, DType::i32);
+  device_copy(owner.raw(), Device::cuda, v.data(), Device::cpu, bytes);
   return ptr<std::int32_t>(owner);
 }
 inline void check_ids(const char* where, const std::vector<std::int64_t>& ids, std::int64_t vocab) {
@@ -67,7 +67,8 @@ inline void check_ids(const char* where, const std::vector<std::int64_t>& ids, s
 }  // namespace detail
 
 // table (V, H) f32 / bf16 / f16 on the GPU; ids (N) on the host; y (N, H), same dtype as the table (overwritten).
-inline void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) {
+inline void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y,
+                              Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::embedding_forward";
   const std::int64_t V = expect_matrix(where, "table", table), H = table.size(1), N = std::int64_t(ids.size());
   expect_matrix(where, "y", y);
@@ -77,7 +78,7 @@ inline void embedding_forward(const Tensor& table, const std::vector<std::int64_
   detail::check_ids(where, ids, V);
   if (N == 0 || H == 0) return;
   Tensor owner;
-  const std::int32_t* d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()), owner);
+  const std::int32_t* d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()), owner, ws);
   const std::int64_t row_bytes = H * std::int64_t(size_of(table.dtype()));
   const auto addr = reinterpret_cast<std::uintptr_t>(table.raw()) | reinterpret_cast<std::uintptr_t>(y.raw());
   const unsigned grid = grid_for(N, 1);
@@ -95,7 +96,7 @@ inline void embedding_forward(const Tensor& table, const std::vector<std::int64_
 // dy (N, H) f32 / bf16 / f16 on the GPU; ids (N) on the host, as embedded; dtable (V, H) f32 accumulates.
 // skip (N, optional): positions left out (image rows whose embedding was replaced, as nn::Embedding::backward).
 inline void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>& ids, Tensor& dtable,
-                               const std::vector<bool>* skip = nullptr) {
+                               const std::vector<bool>* skip = nullptr, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::embedding_backward";
   const std::int64_t N = expect_matrix(where, "dy", dy), H = dy.size(1);
   const std::int64_t V = expect_matrix(where, "dtable", dtable);
@@ -121,9 +122,9 @@ inline void embedding_backward(const Tensor& dy, const std::vector<std::int64_t>
   start.push_back(std::int32_t(rows.size()));
   if (uid.empty() || H == 0) return;
   Tensor owners[3];  // three tables, within the staging ring's 8 slots
-  const std::int32_t* d_uid = detail::int32_on_device(uid, owners[0]);
-  const std::int32_t* d_start = detail::int32_on_device(start, owners[1]);
-  const std::int32_t* d_rows = detail::int32_on_device(rows, owners[2]);
+  const std::int32_t* d_uid = detail::int32_on_device(uid, owners[0], ws);
+  const std::int32_t* d_start = detail::int32_on_device(start, owners[1], ws);
+  const std::int32_t* d_rows = detail::int32_on_device(rows, owners[2], ws);
   const std::int64_t U = std::int64_t(uid.size());
   dispatch_float(dy.dtype(), where, [&](auto tag) {
     using T = decltype(tag);

@@ -5,7 +5,7 @@
 // and gemm() below takes exactly cpu::gemm's arguments and swaps A and B for cuBLAS.
 //
 // Precision: inputs f32, bf16 or f16 (A and B alike), output f32 or the input dtype, accumulation always fp32
-// (CUBLAS_COMPUTE_32F; TF32 tensor cores for fp32 inputs only when options().allow_tf32). Deterministic: cuBLAS
+// (CUBLAS_COMPUTE_32F; TF32 tensor cores for fp32 inputs only when the call asks, GemmArgs::tf32). Deterministic: cuBLAS
 // gives bitwise-identical results run to run on one GPU model with a fixed workspace, which the context sets.
 #include <cstdint>
 
@@ -28,6 +28,7 @@ struct GemmArgs {
   float beta = 0.f;
   void* c = nullptr;
   std::int64_t ldc = 0;
+  bool tf32 = false;  // fp32 inputs on TF32 tensor cores (the caller's backend::Cuda options)
 };
 
 // cuBLAS's view of a row-major GEMM: operands swapped, m and n swapped.
@@ -58,8 +59,8 @@ inline ColumnMajorGemm to_column_major(const GemmArgs& g) {
   return c;
 }
 
-inline cublasComputeType_t compute_type(DType in) {
-  return in == DType::f32 && options().allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+inline cublasComputeType_t compute_type(DType in, bool tf32) {
+  return in == DType::f32 && tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
 }
 
 inline void check_gemm_types(const char* where, DType in, DType out) {
@@ -87,12 +88,12 @@ inline void gemm(const GemmArgs& g, DType in, DType out) {
   const ColumnMajorGemm c = to_column_major(g);
   CUMO_CUBLAS_CHECK(cublasGemmEx(context().blas(), c.transa, c.transb, c.m, c.n, c.k, &g.alpha, c.A, cuda_type(in),
                                  c.lda, c.B, cuda_type(in), c.ldb, &g.beta, c.C, cuda_type(out), c.ldc,
-                                 compute_type(in), CUBLAS_GEMM_DEFAULT));
+                                 compute_type(in, g.tf32), CUBLAS_GEMM_DEFAULT));
 }
 
 // ---- the router's dense Linear (PyTorch weight layout (out, in)) -----------------------------------------------
 // y (M, N) = x (M, K) · w (N, K)ᵀ
-inline void linear(const Tensor& x, const Tensor& w, Tensor& y) {
+inline void linear(const Tensor& x, const Tensor& w, Tensor& y, bool tf32 = false) {
   constexpr const char* where = "gpu::linear";
   expect_rows(where, "x", x);
   expect_rows(where, "w", w);
@@ -102,12 +103,12 @@ inline void linear(const Tensor& x, const Tensor& w, Tensor& y) {
              x.shape(), " · wᵀ ", w.shape(), " needs (", x.size(0), ", ", w.size(0), ")");
   CUMO_CHECK(x.dtype() == w.dtype(), where, ": x has dtype ", name_of(x.dtype()), " but w has ", name_of(w.dtype()));
   gemm({Op::N, Op::T, x.size(0), w.size(0), x.size(1), 1.f, x.raw(), x.strides()[0], w.raw(), w.strides()[0], 0.f,
-        y.raw(), y.strides()[0]},
+        y.raw(), y.strides()[0], tf32},
        x.dtype(), y.dtype());
 }
 
 // dx (M, K) (+)= dy (M, N) · w (N, K)
-inline void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate) {
+inline void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool accumulate, bool tf32 = false) {
   constexpr const char* where = "gpu::linear_dinput";
   expect_rows(where, "dy", dy);
   expect_rows(where, "w", w);
@@ -117,12 +118,12 @@ inline void linear_dinput(const Tensor& dy, const Tensor& w, Tensor& dx, bool ac
   CUMO_CHECK(dy.dtype() == w.dtype(), where, ": dy has dtype ", name_of(dy.dtype()), " but w has ",
              name_of(w.dtype()));
   gemm({Op::N, Op::N, dy.size(0), w.size(1), w.size(0), 1.f, dy.raw(), dy.strides()[0], w.raw(), w.strides()[0],
-        accumulate ? 1.f : 0.f, dx.raw(), dx.strides()[0]},
+        accumulate ? 1.f : 0.f, dx.raw(), dx.strides()[0], tf32},
        dy.dtype(), dx.dtype());
 }
 
 // dw (N, K) += dy (M, N)ᵀ · x (M, K)
-inline void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw) {
+inline void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw, bool tf32 = false) {
   constexpr const char* where = "gpu::linear_dweight";
   expect_rows(where, "dy", dy);
   expect_rows(where, "x", x);
@@ -132,7 +133,7 @@ inline void linear_dweight(const Tensor& dy, const Tensor& x, Tensor& dw) {
   CUMO_CHECK(dy.dtype() == x.dtype(), where, ": dy has dtype ", name_of(dy.dtype()), " but x has ",
              name_of(x.dtype()));
   gemm({Op::T, Op::N, dw.size(0), dw.size(1), dy.size(0), 1.f, dy.raw(), dy.strides()[0], x.raw(), x.strides()[0],
-        1.f, dw.raw(), dw.strides()[0]},
+        1.f, dw.raw(), dw.strides()[0], tf32},
        dy.dtype(), dw.dtype());
 }
 

@@ -6,7 +6,7 @@
 //   dinput   dA[g] (n_g, K) = dC[g] (n_g, N) · W[e]
 //   dweight  dW[e] (N, K) += dC[g]ᵀ · A[g];  dbias[e] (N) += Σ_rows dC[g]
 //
-// Three ways to run them (gpu::GroupedGemm, chosen per call by options().grouped_gemm):
+// Three ways to run them (gpu::GroupedGemm, chosen per call by the caller's Options::grouped_gemm):
 //   per_expert       one cublasGemmEx per non-empty expert. Needs the row counts on the host (plan.host_offsets,
 //                    one sync per forward in make_plan). Tensor cores for bf16/f16, fp32 accumulation.
 //   grouped_batched  one cublasGemmGroupedBatchedEx (CUDA ≥ 12.5) for all experts: the same host sizes, one launch
@@ -24,7 +24,8 @@
 
 #include "cumo/backend/cuda/common.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
-#include "cumo/moe/types.hpp"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/core/routing.hpp"
 
 namespace cumo::gpu {
 
@@ -203,7 +204,8 @@ inline GroupedGemm resolve(GroupedGemm want, const DispatchPlan& plan, DType in,
 }
 
 // Runs a list of independent row-major GEMMs: one cublasGemmEx each, or one cublasGemmGroupedBatchedEx.
-inline void run_gemms(const std::vector<GemmArgs>& gs, DType in, DType out, bool batched) {
+inline void run_gemms(std::vector<GemmArgs> gs, DType in, DType out, bool batched, bool tf32) {
+  for (GemmArgs& g : gs) g.tf32 = tf32;
   if (!batched || gs.size() <= 1) {
     for (const GemmArgs& g : gs) gemm(g, in, out);
     return;
@@ -235,7 +237,7 @@ inline void run_gemms(const std::vector<GemmArgs>& gs, DType in, DType out, bool
   CUMO_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
       context().blas(), ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), table, cuda_type(in),
       lda.data(), table + G, cuda_type(in), ldb.data(), beta.data(), const_cast<void* const*>(table + 2 * G),
-      cuda_type(out), ldc.data(), G, group_size.data(), compute_type(in)));
+      cuda_type(out), ldc.data(), G, group_size.data(), compute_type(in, tf32)));
 }
 
 inline const char* byte_ptr(const Tensor& t) { return static_cast<const char*>(t.raw()); }
@@ -275,7 +277,7 @@ inline dim3 rows_tile_grid(const char* where, std::int64_t cap_rows, int E, std:
 // C (rows, N) = grouped A (rows, K) · W (E, N, K)ᵀ [+ bias (E, N)]. A, W and bias share a dtype; C is f32 or that
 // dtype. Rows past offsets[E] are left alone.
 inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan, Tensor& c,
-                           GroupedGemm algo) {
+                           const Options& options = {}) {
   constexpr const char* where = "gpu::grouped_linear";
   detail::check_grouped(where, w, plan);
   expect_contiguous(where, "a", a);
@@ -296,7 +298,7 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   check_gemm_types(where, a.dtype(), c.dtype());
   const DType in = a.dtype(), out = c.dtype();
   const std::size_t ei = size_of(in), eo = size_of(out);
-  algo = detail::resolve(algo, plan, in, out);
+  const GroupedGemm algo = detail::resolve(options.grouped_gemm, plan, in, out);
 
   if (algo == GroupedGemm::device_offsets) {
     const dim3 grid = detail::rows_tile_grid(where, c.size(0), E, N);
@@ -324,12 +326,12 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
                   detail::byte_ptr(w) + e * N * K * ei, K, has_bias ? 1.f : 0.f, detail::byte_ptr(c) + r0 * N * eo,
                   N});
   }
-  detail::run_gemms(gs, in, out, algo == GroupedGemm::grouped_batched);
+  detail::run_gemms(std::move(gs), in, out, algo == GroupedGemm::grouped_batched, options.allow_tf32);
 }
 
 // dA (rows, K) = grouped dC (rows, N) · W (E, N, K).
 inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da,
-                                  GroupedGemm algo) {
+                                  const Options& options = {}) {
   constexpr const char* where = "gpu::grouped_linear_dinput";
   detail::check_grouped(where, w, plan);
   expect_contiguous(where, "dc", dc);
@@ -344,7 +346,7 @@ inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const Dispa
   check_gemm_types(where, dc.dtype(), da.dtype());
   const DType in = dc.dtype(), out = da.dtype();
   const std::size_t ei = size_of(in), eo = size_of(out);
-  algo = detail::resolve(algo, plan, in, out);
+  const GroupedGemm algo = detail::resolve(options.grouped_gemm, plan, in, out);
 
   if (algo == GroupedGemm::device_offsets) {
     const dim3 grid = detail::rows_tile_grid(where, da.size(0), E, K);
@@ -370,12 +372,12 @@ inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const Dispa
     gs.push_back({Op::N, Op::N, n, K, N, 1.f, detail::byte_ptr(dc) + r0 * N * ei, N,
                   detail::byte_ptr(w) + e * N * K * ei, K, 0.f, detail::byte_ptr(da) + r0 * K * eo, K});
   }
-  detail::run_gemms(gs, in, out, algo == GroupedGemm::grouped_batched);
+  detail::run_gemms(std::move(gs), in, out, algo == GroupedGemm::grouped_batched, options.allow_tf32);
 }
 
 // dW (E, N, K) += grouped dC (rows, N)ᵀ · A (rows, K);  dbias (E, N) += per-expert column sums of dC.
 inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const DispatchPlan& plan, Tensor& dw,
-                                   Tensor* dbias, GroupedGemm algo) {
+                                   Tensor* dbias, const Options& options = {}, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::grouped_linear_dweight";
   detail::check_grouped(where, dw, plan);
   expect_contiguous(where, "dc", dc);
@@ -389,7 +391,7 @@ inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const Disp
   check_gemm_types(where, dc.dtype(), dw.dtype());
   const DType in = dc.dtype(), out = dw.dtype();
   const std::size_t ei = size_of(in), eo = size_of(out);
-  const GroupedGemm chosen = detail::resolve(algo, plan, in, out);
+  const GroupedGemm chosen = detail::resolve(options.grouped_gemm, plan, in, out);
 
   if (chosen == GroupedGemm::device_offsets) {
     CUMO_CHECK(N <= INT_MAX && K <= INT_MAX && (N + kernels::kTileM - 1) / kernels::kTileM <= 65535, where,
@@ -415,13 +417,13 @@ inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const Disp
       gs.push_back({Op::T, Op::N, N, K, n, 1.f, detail::byte_ptr(dc) + r0 * N * ei, N,
                     detail::byte_ptr(a) + r0 * K * ei, K, 1.f, detail::byte_ptr(dw) + e * N * K * eo, K});
     }
-    detail::run_gemms(gs, in, out, chosen == GroupedGemm::grouped_batched);
+    detail::run_gemms(std::move(gs), in, out, chosen == GroupedGemm::grouped_batched, options.allow_tf32);
   }
 
   if (dbias && dbias->defined()) {
     expect_contiguous(where, "dbias", *dbias);
     check_shape(where, "dbias", *dbias, {E, N});
-    Tensor partial = Tensor::empty({E, kernels::kBiasChunks, N}, DType::f32, Device::cuda);  // (E, chunks, N)
+    Tensor partial = device_empty(ws, {E, kernels::kBiasChunks, N});  // (E, chunks, N)
     const dim3 grid(unsigned((N + 255) / 256), kernels::kBiasChunks, unsigned(E));
     dispatch_float(in, where, [&](auto tag) {
       using T = decltype(tag);
@@ -436,18 +438,6 @@ inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const Disp
     });
     CUMO_CUDA_LAUNCH_CHECK("dbias_finish");
   }
-}
-
-// The same three with the algorithm from options().
-inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan, Tensor& c) {
-  grouped_linear(a, w, bias, plan, c, options().grouped_gemm);
-}
-inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da) {
-  grouped_linear_dinput(dc, w, plan, da, options().grouped_gemm);
-}
-inline void grouped_linear_dweight(const Tensor& dc, const Tensor& a, const DispatchPlan& plan, Tensor& dw,
-                                   Tensor* dbias) {
-  grouped_linear_dweight(dc, a, plan, dw, dbias, options().grouped_gemm);
 }
 
 }  // namespace cumo::gpu

@@ -1,11 +1,11 @@
 #pragma once
-// CUDA kernels of the dense model layers and the language-model loss, each the twin of CPU code that is its
-// reference in tests/cuda/test_cuda_layers.cu:
-//   layernorm_forward / layernorm_backward   nn::LayerNorm          statistics in double; saves mean and 1/σ
-//   rmsnorm_forward / rmsnorm_backward       nn::RMSNorm            Σx² in double; saves 1/rms
-//   rope_inv_freq / rope                     nn::RotaryEmbedding    HF rotate_half, fp32 angles; inverse = backward
-//   gated_forward / gated_backward           nn::DenseGatedMLP      Act(gate) ⊙ up on separate gate / up tensors
-//   cross_entropy / read_result              train::cross_entropy   ignore_index, mean or Σ / normalizer
+// CUDA kernels of the dense model layers and the loss, each the twin of a backend::Cpu operation that is its
+// reference in tests/cuda/test_backend_ops.cu:
+//   layernorm_forward / layernorm_backward   cpu/norms.hpp       statistics in double; saves mean and 1/σ
+//   rmsnorm_forward / rmsnorm_backward       cpu/norms.hpp       Σx² in double; saves 1/rms
+//   rope                                     cpu/rope.hpp        HF rotate_half, fp32 angles; inverse = backward
+//   gated_forward / gated_backward           cpu/elementwise.hpp Act(gate) ⊙ up on separate gate / up tensors
+//   cross_entropy / read_result              cpu/loss.hpp        ignore_index, mean or Σ / normalizer
 // The plain activations (GELU, QuickGELU, SiLU, …) are gpu::activation_forward / activation_backward in
 // elementwise.cuh; the [gate | up] GLU of the experts is gpu::glu_forward / glu_backward there.
 //
@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/ops.hpp"
 
 namespace cumo::gpu {
 
@@ -306,13 +308,13 @@ namespace detail {
 // Parameter-gradient partials of a norm: (chunks, H) doubles each, summed into dw (and db) in chunk order.
 template <class T>
 void norm_param_grads(const char* where, const Tensor& dy, const Tensor& x, const float* mean, const float* rstd,
-                      Tensor& dw, Tensor* db) {
+                      Tensor& dw, Tensor* db, Workspace* ws) {
   const std::int64_t N = x.size(0), H = x.size(1);
   const std::int64_t chunks = (N + kernels::kRowChunk - 1) / kernels::kRowChunk;
   if (chunks == 0) return;
   CUMO_CHECK(chunks <= 65535, where, ": ", N, " rows exceed one launch of the parameter-gradient kernel");
-  Tensor pg = Tensor::empty({chunks, H}, DType::f64, Device::cuda);                           // (chunks, H)
-  Tensor pb = db ? Tensor::empty({chunks, H}, DType::f64, Device::cuda) : Tensor();          // (chunks, H)
+  Tensor pg = device_empty(ws, {chunks, H}, DType::f64);                   // (chunks, H)
+  Tensor pb = db ? device_empty(ws, {chunks, H}, DType::f64) : Tensor();  // (chunks, H)
   const dim3 grid(unsigned((H + kernels::kColThreads - 1) / kernels::kColThreads), unsigned(chunks));
   kernels::norm_param_partials<T><<<grid, kernels::kColThreads, 0, stream()>>>(
       ptr<T>(dy), ptr<T>(x), mean, rstd, N, H, ptr<double>(pg), db ? ptr<double>(pb) : nullptr);
@@ -347,7 +349,8 @@ inline void layernorm_forward(const Tensor& x, const Tensor& weight, const Tenso
 
 // dy, x (N, H) → dx (N, H) (overwritten); dweight, dbias (H,) f32 accumulate (+=), as parameter gradients do.
 inline void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& mean,
-                               const Tensor& rstd, Tensor& dx, Tensor& dweight, Tensor& dbias) {
+                               const Tensor& rstd, Tensor& dx, Tensor& dweight, Tensor& dbias,
+                               Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::layernorm_backward";
   const std::int64_t N = expect_matrix(where, "x", x), H = x.size(1);
   expect_same_layout(where, "dy", dy, "x", x);
@@ -364,7 +367,7 @@ inline void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& 
     kernels::layernorm_backward_dx<T><<<unsigned(N), kernels::kRowThreads, 0, stream()>>>(
         ptr<T>(dy), ptr<T>(x), ptr<float>(weight), ptr<float>(mean), ptr<float>(rstd), H, ptr<T>(dx));
     CUMO_CUDA_LAUNCH_CHECK("layernorm_backward_dx");
-    detail::norm_param_grads<T>(where, dy, x, ptr<float>(mean), ptr<float>(rstd), dweight, &dbias);
+    detail::norm_param_grads<T>(where, dy, x, ptr<float>(mean), ptr<float>(rstd), dweight, &dbias, ws);
   });
 }
 
@@ -388,7 +391,7 @@ inline void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, T
 
 // dy, x (N, H) → dx (N, H) (overwritten); dweight (H,) f32 accumulates.
 inline void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rrms, Tensor& dx,
-                             Tensor& dweight) {
+                             Tensor& dweight, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::rmsnorm_backward";
   const std::int64_t N = expect_matrix(where, "x", x), H = x.size(1);
   expect_same_layout(where, "dy", dy, "x", x);
@@ -403,20 +406,11 @@ inline void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& we
     kernels::rmsnorm_backward_dx<T><<<unsigned(N), kernels::kRowThreads, 0, stream()>>>(
         ptr<T>(dy), ptr<T>(x), ptr<float>(weight), ptr<float>(rrms), H, ptr<T>(dx));
     CUMO_CUDA_LAUNCH_CHECK("rmsnorm_backward_dx");
-    detail::norm_param_grads<T>(where, dy, x, nullptr, ptr<float>(rrms), dweight, nullptr);
+    detail::norm_param_grads<T>(where, dy, x, nullptr, ptr<float>(rrms), dweight, nullptr, ws);
   });
 }
 
 // ---- rotary embedding -----------------------------------------------------------------------------------------------
-// θ_i = base^(−2i/D), i < D/2, as a device tensor (D/2,) f32 — nn::RotaryEmbedding's exact host formula.
-inline Tensor rope_inv_freq(std::int64_t head_dim, double theta) {
-  CUMO_CHECK(head_dim > 0 && head_dim % 2 == 0, "gpu::rope_inv_freq: head_dim must be even and > 0, got ", head_dim);
-  Tensor h = Tensor::empty({head_dim / 2});
-  for (std::int64_t i = 0; i < head_dim / 2; ++i)
-    h.data<float>()[i] = float(1.0 / std::pow(theta, double(float(2 * i) / float(head_dim))));
-  return h.to(Device::cuda);
-}
-
 // x (N, heads·D): row r rotated by positions[r] (i64 or i32, (N,) on the GPU); out may be x (in place).
 // inverse = true applies the transpose (the backward: dx from dout).
 inline void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, std::int64_t heads, bool inverse,
@@ -487,12 +481,7 @@ void gated_backward(const Tensor& gate, const Tensor& up, const Tensor& da, Tens
 }
 
 // ---- softmax cross-entropy ------------------------------------------------------------------------------------------
-// train::CrossEntropyOptions' fields, restated so the backend does not depend on the training engine.
-struct CrossEntropyOptions {
-  std::int64_t ignore_index = -100;  // PyTorch's and HF's default
-  double normalizer = 0;             // > 0: loss = Σ / normalizer (HF's num_items_in_batch); 0: mean over targets
-  double grad_scale = 1;             // d objective / d loss
-};
+using backend::CrossEntropyOptions;
 
 // The result, still on the GPU (no host sync): values (5,) f64 = {loss, Σ −log p, targets, first bad position or
 // −1, its label}. read_result() brings it to the host.
@@ -502,19 +491,15 @@ struct CrossEntropyStats {
   std::int64_t ignore_index = -100;
 };
 
-struct CrossEntropyHostResult {
-  double loss = 0;
-  double sum = 0;
-  std::int64_t targets = 0;
-};
+using CrossEntropyHostResult = backend::CrossEntropyResult;
 
 // logits (N, V) f32/bf16/f16, labels (N,) i64 or i32 on the GPU. When dlogits is non-null it receives
 // d(grad_scale·loss)/d logits (N, V) in the logits' dtype (allocated when undefined). Semantics are
-// train::cross_entropy's: rows labelled ignore_index count for nothing, the loss is the mean over the others (or
+// backend::Cpu's (cpu/loss.hpp): rows labelled ignore_index count for nothing, the loss is the mean over the others (or
 // Σ / normalizer), a batch with no target gives loss 0 and a zero gradient. A label outside [0, V) cannot be
 // checked without a host sync: its row is treated as ignored and read_result() throws.
 inline CrossEntropyStats cross_entropy(const Tensor& logits, const Tensor& labels, Tensor* dlogits = nullptr,
-                                       const CrossEntropyOptions& options = {}) {
+                                       const CrossEntropyOptions& options = {}, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::cross_entropy";
   const std::int64_t N = expect_matrix(where, "logits", logits), V = logits.size(1);
   CUMO_CHECK(V >= 1, where, ": logits has shape ", logits.shape(), " — an empty vocabulary");
@@ -526,15 +511,15 @@ inline CrossEntropyStats cross_entropy(const Tensor& logits, const Tensor& label
   CUMO_CHECK(options.normalizer >= 0, where, ": normalizer must be >= 0, got ", options.normalizer);
   CUMO_CHECK(N <= INT_MAX, where, ": ", N, " rows exceed one launch");
   if (dlogits) {
-    if (!dlogits->defined()) *dlogits = Tensor::empty(logits.shape(), logits.dtype(), Device::cuda);
+    if (!dlogits->defined()) *dlogits = device_empty(ws, logits.shape(), logits.dtype());
     expect_same_layout(where, "dlogits", *dlogits, "logits", logits);
   }
   CrossEntropyStats st;
-  st.values = Tensor::empty({5}, DType::f64, Device::cuda);
+  st.values = device_empty(ws, {5}, DType::f64);
   st.vocab = V;
   st.ignore_index = options.ignore_index;
-  Tensor meta = Tensor::empty({3}, DType::i64, Device::cuda);                          // targets, bad position, label
-  Tensor row_loss = Tensor::empty({N > 0 ? N : 1}, DType::f64, Device::cuda);         // (N,)
+  Tensor meta = device_empty(ws, {3}, DType::i64);                 // targets, bad position, label
+  Tensor row_loss = device_empty(ws, {N > 0 ? N : 1}, DType::f64);  // (N,)
   auto launch = [&](auto ltag) {
     using L = decltype(ltag);
     kernels::ce_count<L><<<1, kernels::kCeCountThreads, 0, stream()>>>(ptr<L>(labels), N, V, options.ignore_index,

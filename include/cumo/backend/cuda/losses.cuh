@@ -8,7 +8,8 @@
 #include <cstdint>
 
 #include "cumo/backend/cuda/common.cuh"
-#include "cumo/moe/types.hpp"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/core/routing.hpp"
 
 namespace cumo::gpu {
 
@@ -140,10 +141,10 @@ inline void check_losses_args(const char* where, const Tensor& logits, const Ten
              " equal segments");
 }
 // Integer counts (2, S, E) of first choices and of all slots, in a fresh device tensor.
-inline Tensor segment_counts(const Tensor& idx, std::int64_t segments, int E) {
+inline Tensor segment_counts(const Tensor& idx, std::int64_t segments, int E, Workspace* ws) {
   const std::int64_t T = idx.size(0);
   const int K = int(idx.size(1));
-  Tensor counts = Tensor::zeros({2, segments, E}, DType::i32, Device::cuda);
+  Tensor counts = device_zeros(ws, {2, segments, E}, DType::i32);
   kernels::segment_counts<><<<grid_for(T * K, 256), 256, 0, stream()>>>(
       ptr<std::int32_t>(idx), T, K, T / segments, E, segments, ptr<std::int32_t>(counts));
   CUMO_CUDA_LAUNCH_CHECK("segment_counts");
@@ -152,7 +153,7 @@ inline Tensor segment_counts(const Tensor& idx, std::int64_t segments, int E) {
 }  // namespace detail
 
 inline void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
-                       AuxLosses& out) {
+                       AuxLosses& out, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::aux_losses";
   detail::check_losses_args(where, logits, probs, idx, segments);
   const std::int64_t T = logits.size(0), n = T / segments;
@@ -161,10 +162,10 @@ inline void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& 
   const std::int64_t chunks = (n + kernels::kLossChunk - 1) / kernels::kLossChunk;
   CUMO_CHECK(chunks <= INT_MAX && segments <= 65535, where, ": ", segments, " segments of ", n,
              " tokens exceed one launch");
-  Tensor counts = detail::segment_counts(idx, segments, E);                       // (2, S, E)
-  Tensor Ppart = Tensor::empty({segments * chunks * E}, DType::f64, Device::cuda);  // (S, chunks, E)
-  Tensor Zpart = Tensor::empty({segments * chunks}, DType::f64, Device::cuda);      // (S, chunks)
-  Tensor contrib = Tensor::empty({2 * E}, DType::f64, Device::cuda);                // (2, E)
+  Tensor counts = detail::segment_counts(idx, segments, E, ws);        // (2, S, E)
+  Tensor Ppart = device_empty(ws, {segments * chunks * E}, DType::f64);  // (S, chunks, E)
+  Tensor Zpart = device_empty(ws, {segments * chunks}, DType::f64);      // (S, chunks)
+  Tensor contrib = device_empty(ws, {2 * E}, DType::f64);                // (2, E)
   kernels::loss_partials<><<<dim3(unsigned(chunks), unsigned(segments)), kernels::kLossThreads, 0, stream()>>>(
       ptr<float>(logits), ptr<float>(probs), n, E, int(chunks), ptr<double>(Ppart),
       ptr<double>(Zpart));
@@ -177,7 +178,8 @@ inline void aux_losses(const Tensor& logits, const Tensor& probs, const Tensor& 
 }
 
 inline void aux_losses_backward(const Tensor& logits, const Tensor& probs, const Tensor& idx, std::int64_t segments,
-                                BalanceCounts counting, AuxLossWeights coef, Tensor& dprobs, Tensor& dlogits) {
+                                BalanceCounts counting, AuxLossWeights coef, Tensor& dprobs, Tensor& dlogits,
+                                Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::aux_losses_backward";
   detail::check_losses_args(where, logits, probs, idx, segments);
   const std::int64_t T = logits.size(0), n = T / segments;
@@ -185,7 +187,7 @@ inline void aux_losses_backward(const Tensor& logits, const Tensor& probs, const
   if (T == 0) return;
   if (coef.balance != 0.f) {
     expect_contiguous(where, "dprobs", dprobs);
-    Tensor counts = detail::segment_counts(idx, segments, E);  // (2, S, E)
+    Tensor counts = detail::segment_counts(idx, segments, E, ws);  // (2, S, E)
     const std::int32_t* c = ptr<std::int32_t>(counts) + (counting == BalanceCounts::all_k ? segments * E : 0);
     const double scale = double(coef.balance) * E / (double(n) * double(n) * double(segments));
     kernels::balance_backward<><<<grid_for(T * E, 256), 256, 0, stream()>>>(c, T, n, E, scale, ptr<float>(dprobs));

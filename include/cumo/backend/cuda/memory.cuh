@@ -6,14 +6,18 @@
 // told to keep what is freed), so a training loop that repeats the same shapes allocates nothing from the driver
 // after its first step, and freeing never synchronises the device.
 //
-// A Workspace lets a caller own the memory instead (the two-phase "ask, then run" of CUB): while a
-// WorkspaceScope is alive on a thread, every device tensor allocated on that thread is carved out of the
-// workspace's one buffer by a first-fit allocator. The layout is recorded even when there is no buffer yet, so:
+// A Workspace lets a caller own the memory instead (the two-phase "ask, then run" of CUB): a backend::Cuda given a
+// workspace allocates every device tensor of its operations — the layers' activations and the operations' own
+// temporaries — from the workspace's one buffer, by a first-fit allocator. Nothing is thread-local: the workspace
+// is passed, as part of the backend instance the model was built with. The layout is recorded even when there is
+// no buffer yet, so:
 //
 //   gpu::Workspace ws;                                   // no buffer yet: measuring
-//   for (int i = 0; i < 2; ++i) { gpu::WorkspaceScope s(ws); step(); }  // overflow to the pool, layout recorded
+//   backend::Cuda be(gpu::Options{}, &ws);
+//   models::CuMo<backend::Cuda> m(cfg, be);
+//   for (int i = 0; i < 2; ++i) step(m);                 // overflow to the pool, layout recorded
 //   ws.reserve(ws.required_bytes());                     // one allocation (or ws.borrow(ptr, bytes): your memory)
-//   for (;;) { gpu::WorkspaceScope s(ws); step(); }      // ws.overflow_count() stays 0: nothing else is allocated
+//   for (;;) step(m);                                    // ws.overflow_count() stays 0: nothing else is allocated
 //
 // First-fit depends only on the sequence of requests and frees, so a step that starts from the same layout and
 // repeats the same requests lands every block where the measured step did, and required_bytes() is enough for it.
@@ -22,7 +26,7 @@
 // frees before allocating anything large, so step 2 is already the steady state). Nothing ever fails for lack of
 // room: a block that does not fit comes from the pool and is counted in overflow_count().
 // Blocks are reused only after their tensor is freed, and all work runs on one stream, so reuse is ordered after
-// the last kernel that touched them.
+// the last kernel that touched them. Every tensor drawn from a workspace must be gone before the workspace is.
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -111,37 +115,16 @@ inline void pool_free(void* p) noexcept {
 }
 }  // namespace detail
 
-class Workspace;
-namespace detail {
-struct WorkspaceRegistry {
-  std::mutex mu;
-  std::vector<Workspace*> live;
-};
-inline WorkspaceRegistry& registry() {
-  static WorkspaceRegistry* r = new WorkspaceRegistry();  // never destroyed: frees may run at exit
-  return *r;
-}
-inline Workspace*& current_workspace() {
-  thread_local Workspace* ws = nullptr;
-  return ws;
-}
-}  // namespace detail
-
 // ---- the workspace -----------------------------------------------------------------------------------------------
 inline void* device_alloc(std::size_t bytes);
 inline void device_free(void* p) noexcept;
 
 class Workspace {
  public:
-  Workspace() { register_(); }
-  explicit Workspace(std::size_t bytes) : Workspace() { reserve(bytes); }
+  Workspace() = default;
+  explicit Workspace(std::size_t bytes) { reserve(bytes); }
   // Tensors still in the buffer must be gone by now (their memory goes with it).
   ~Workspace() {
-    {
-      auto& reg = detail::registry();
-      std::lock_guard<std::mutex> lock(reg.mu);
-      std::erase(reg.live, this);
-    }
     if (owned_ && base_) detail::pool_free(base_);
   }
   Workspace(const Workspace&) = delete;
@@ -149,7 +132,7 @@ class Workspace {
 
   // Gives the workspace a buffer of `bytes` that it allocates and owns (one cudaMallocAsync).
   void reserve(std::size_t bytes) {
-    std::lock_guard<std::mutex> lock(detail::registry().mu);
+    std::lock_guard<std::mutex> lock(mu_);
     check_idle_("reserve");
     if (owned_ && base_) detail::pool_free(base_);
     base_ = bytes ? detail::pool_alloc(bytes) : nullptr;
@@ -161,7 +144,7 @@ class Workspace {
   void borrow(void* ptr, std::size_t bytes) {
     CUMO_CHECK(reinterpret_cast<std::uintptr_t>(ptr) % ArenaLayout::kAlign == 0,
                "gpu::Workspace::borrow: the buffer must be ", ArenaLayout::kAlign, "-byte aligned");
-    std::lock_guard<std::mutex> lock(detail::registry().mu);
+    std::lock_guard<std::mutex> lock(mu_);
     check_idle_("borrow");
     if (owned_ && base_) detail::pool_free(base_);
     base_ = ptr;
@@ -173,30 +156,39 @@ class Workspace {
   // Bytes a buffer needs for a replay of everything allocated from this workspace so far without overflow.
   std::size_t required_bytes() const { return layout_.high_water(); }
   std::size_t overflow_count() const { return overflows_; }  // allocations that did not fit (went to the pool)
+
+  // A device tensor carved from this workspace (from the pool when it does not fit); its memory returns here when
+  // the last view of it goes.
+  Tensor empty(const Shape& shape, DType dtype) {
+    const std::size_t bytes = std::size_t(shape.numel()) * size_of(dtype);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      p = allocate_(bytes);
+    }
+    auto storage = std::make_shared<Storage>();
+    storage->ptr = p;
+    storage->bytes = bytes;
+    storage->device = Device::cuda;
+    storage->deleter = [this](void* q) { release(q); };
+    return Tensor::from_storage(std::move(storage), shape, dtype);
+  }
   std::size_t live_blocks() const { return layout_.live_blocks(); }
   std::size_t live_bytes() const { return layout_.live_bytes(); }
   void reset_counters() { overflows_ = 0; }
 
  private:
-  friend void* device_alloc(std::size_t bytes);
-  friend void device_free(void* p) noexcept;
-
   struct Block {
     std::size_t offset;
     bool in_buffer;
   };
 
-  void register_() {
-    auto& reg = detail::registry();
-    std::lock_guard<std::mutex> lock(reg.mu);
-    reg.live.push_back(this);
-  }
   // The buffer can be replaced only when no live tensor sits in it (overflowed ones live in the pool).
   void check_idle_(const char* what) const {
     CUMO_CHECK(in_buffer_live_ == 0, "gpu::Workspace::", what, ": ", in_buffer_live_,
                " tensors in this workspace's buffer are still alive");
   }
-  // Called with the registry lock held.
+  // Called with the lock held.
   void* allocate_(std::size_t bytes) {
     const std::size_t off = layout_.allocate(bytes);
     CUMO_CHECK(off != ArenaLayout::npos, "gpu::Workspace: layout exhausted");
@@ -217,16 +209,15 @@ class Workspace {
     in_buffer_live_ += in_buffer;
     return p;
   }
-  // Called with the registry lock held. False when p did not come from this workspace.
-  bool release_(void* p) noexcept {
+  void release(void* p) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
     auto it = blocks_.find(p);
-    if (it == blocks_.end()) return false;
+    if (it == blocks_.end()) return;
     const Block b = it->second;
     blocks_.erase(it);
     layout_.release(b.offset);
     in_buffer_live_ -= b.in_buffer;
     if (!b.in_buffer) detail::pool_free(p);
-    return true;
   }
 
   void* base_ = nullptr;
@@ -236,39 +227,23 @@ class Workspace {
   std::unordered_map<void*, Block> blocks_;
   std::size_t overflows_ = 0;
   std::size_t in_buffer_live_ = 0;
+  std::mutex mu_;  // a tensor may be freed on another thread
 };
 
-// While alive, device tensors allocated on this thread come from `ws`. Scopes nest (the innermost wins).
-class WorkspaceScope {
- public:
-  explicit WorkspaceScope(Workspace& ws) : prev_(detail::current_workspace()) { detail::current_workspace() = &ws; }
-  ~WorkspaceScope() { detail::current_workspace() = prev_; }
-  WorkspaceScope(const WorkspaceScope&) = delete;
-  WorkspaceScope& operator=(const WorkspaceScope&) = delete;
-
- private:
-  Workspace* prev_;
-};
+// A device tensor from `ws`, or from the stream-ordered pool when there is none: how every gpu:: function that
+// needs a temporary allocates it.
+inline Tensor device_empty(Workspace* ws, const Shape& shape, DType dtype = DType::f32) {
+  return ws ? ws->empty(shape, dtype) : Tensor::empty(shape, dtype, Device::cuda);
+}
+inline Tensor device_zeros(Workspace* ws, const Shape& shape, DType dtype = DType::f32) {
+  Tensor t = device_empty(ws, shape, dtype);
+  t.zero_();
+  return t;
+}
 
 // ---- the allocator table entries -----------------------------------------------------------------------------------
-inline void* device_alloc(std::size_t bytes) {
-  if (Workspace* ws = detail::current_workspace()) {
-    std::lock_guard<std::mutex> lock(detail::registry().mu);
-    return ws->allocate_(bytes);
-  }
-  return detail::pool_alloc(bytes);
-}
-
-inline void device_free(void* p) noexcept {
-  {
-    // A block may be freed on another thread or after its scope ended: look in every live workspace.
-    auto& reg = detail::registry();
-    std::lock_guard<std::mutex> lock(reg.mu);
-    for (Workspace* ws : reg.live)
-      if (ws->release_(p)) return;
-  }
-  detail::pool_free(p);
-}
+inline void* device_alloc(std::size_t bytes) { return detail::pool_alloc(bytes); }
+inline void device_free(void* p) noexcept { detail::pool_free(p); }
 
 // Byte copies between host and device. Copies that touch host memory wait for completion, so the host buffer may
 // be reused or freed at once (a pinned source would otherwise still be read after return); device-to-device copies

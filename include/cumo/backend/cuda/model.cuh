@@ -1,14 +1,13 @@
 #pragma once
-// The model layers' remaining device pieces — what nn::Linear, nn::ClipVision, nn::DecoderLM and nn::Llava need on
-// backend::Cuda beyond the kernels of layers.cuh, attention.cuh and embedding.cuh. Each is the twin of CPU code in
-// the layer (its `if constexpr (on_cpu<Backend>)` branch), which is the reference in tests/cuda/test_cuda_model.cu:
-//   dense_linear / dense_linear_backward   nn::Linear        y = x Wᵀ + b; dW += dyᵀ x, db += Σ_rows dy, dx = dy W
-//   vit_embeddings / _backward             nn::ClipVision    [CLS; patches] + positions, and its column sums
-//   copy_blocks / add_blocks               drop_cls, image rows into the prompt, and their backward
-//   scale                                   t *= alpha
-//   causal_lm_loss                          DecoderLM         shifted-label CE through gpu::cross_entropy
+// The model layers' remaining device pieces beyond the kernels of layers.cuh, attention.cuh and embedding.cuh, each
+// the twin of a backend::Cpu operation, its reference in tests/cuda/test_backend_ops.cu:
+//   dense_linear / dense_linear_backward   cpu/linear.hpp    y = x Wᵀ + b; dW += dyᵀ x, db += Σ_rows dy, dx = dy W
+//   vit_embeddings / _backward             cpu/embedding.hpp [CLS; patches] + positions, and its column sums
+//   copy_blocks / add_blocks               cpu/blocks.hpp    CLS rows, image rows into the prompt, a KV cache
+//   scale                                  cpu/blocks.hpp    t *= alpha
+//   s2_pool_tiles / _backward              cpu/s2.hpp        S²: the tiles' grids merged and area-pooled
 //
-// Precision: activations and parameters are f32. With options().dense_bf16 the dense GEMMs (every nn::Linear, the
+// Precision: activations and parameters are f32. With Options::dense_bf16 the dense GEMMs (every nn::Linear, the
 // patch embedding and the LM head) read bf16 copies of their operands on tensor cores, accumulating and writing
 // f32 — mixed precision with fp32 master weights, as PyTorch autocast does for matmuls. Sums over rows (bias and
 // embedding gradients) run in a fixed order: deterministic, no atomics.
@@ -17,6 +16,8 @@
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/ops.hpp"
 #include "cumo/backend/cuda/elementwise.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/layers.cuh"
@@ -93,6 +94,43 @@ __global__ void add_blocks(const float* __restrict__ src, std::int64_t spitch, f
   }
 }
 
+// S² pooling: pooled row (b, gy, gx) = mean over its n×n window of the merged grid, whose row (b, Y, X) is the tile
+// features' row ((Y/G)·n + X/G)·B + b, (Y mod G)·G + X mod G (cpu/s2.hpp). One thread per output element; the
+// window is summed in (i, j) order, then scaled by 1/n², as the CPU does.
+template <int = 0>
+__global__ void s2_pool_tiles(const float* __restrict__ tiles, std::int64_t B, std::int64_t G, std::int64_t n,
+                              std::int64_t H, float* __restrict__ out) {
+  const std::int64_t total = B * G * G * H;
+  const float inv = 1.f / float(n * n);
+  for (std::int64_t idx = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t h = idx % H, gx = (idx / H) % G, gy = (idx / (H * G)) % G, b = idx / (H * G * G);
+    float acc = 0.f;
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t Y = gy * n + i, X = gx * n + j;
+        const std::int64_t crop = ((Y / G) * n + X / G) * B + b;
+        acc = __fadd_rn(acc, tiles[(crop * G * G + (Y % G) * G + X % G) * H + h]);
+      }
+    out[idx] = __fmul_rn(acc, inv);
+  }
+}
+// The adjoint: every element of a window gets dpooled / n².
+template <int = 0>
+__global__ void s2_pool_tiles_backward(const float* __restrict__ dpooled, std::int64_t B, std::int64_t G,
+                                       std::int64_t n, std::int64_t H, float* __restrict__ dtiles) {
+  const std::int64_t total = n * n * B * G * G * H;
+  const float inv = 1.f / float(n * n);
+  for (std::int64_t idx = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t h = idx % H, r = idx / H;                     // r: row of dtiles (crop, y, x)
+    const std::int64_t crop = r / (G * G), y = (r / G) % G, x = r % G;
+    const std::int64_t tile = crop / B, b = crop % B, ty = tile / n, tx = tile % n;
+    const std::int64_t Y = ty * G + y, X = tx * G + x;               // in the merged (nG)² grid
+    dtiles[idx] = __fmul_rn(dpooled[((b * G + Y / n) * G + X / n) * H + h], inv);
+  }
+}
+
 template <int = 0>
 __global__ void scale(float* __restrict__ x, std::int64_t n, float alpha) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -103,19 +141,21 @@ __global__ void scale(float* __restrict__ x, std::int64_t n, float alpha) {
 }  // namespace kernels
 
 namespace detail {
-// A bf16 copy of an f32 operand for the tensor-core path (options().dense_bf16).
-inline Tensor bf16_copy(const Tensor& t) {
-  Tensor c = Tensor::empty(t.shape(), DType::bf16, Device::cuda);
+// A bf16 copy of an f32 operand for the tensor-core path (Options::dense_bf16).
+inline Tensor bf16_copy(const Tensor& t, Workspace* ws) {
+  Tensor c = device_empty(ws, t.shape(), DType::bf16);
   cast(t, c);
   return c;
 }
-// One dense row-major GEMM of f32 operands, through bf16 copies when options().dense_bf16.
+// One dense row-major GEMM of f32 operands, through bf16 copies with Options::dense_bf16 (or on TF32 tensor cores
+// with allow_tf32).
 inline void dense_gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t k, const Tensor& a,
-                       const Tensor& b, float beta, Tensor& c) {
-  const bool half = options().dense_bf16;
-  const Tensor a_ = half ? bf16_copy(a) : a;
-  const Tensor b_ = half ? bf16_copy(b) : b;
-  gemm({op_a, op_b, m, n, k, 1.f, a_.raw(), a.strides()[0], b_.raw(), b.strides()[0], beta, c.raw(), c.strides()[0]},
+                       const Tensor& b, float beta, Tensor& c, const Options& o, Workspace* ws) {
+  const bool half = o.dense_bf16;
+  const Tensor a_ = half ? bf16_copy(a, ws) : a;
+  const Tensor b_ = half ? bf16_copy(b, ws) : b;
+  gemm({op_a, op_b, m, n, k, 1.f, a_.raw(), a.strides()[0], b_.raw(), b.strides()[0], beta, c.raw(), c.strides()[0],
+        o.allow_tf32},
        half ? DType::bf16 : DType::f32, DType::f32);
 }
 inline void expect_f32_matrix(const char* where, const char* name, const Tensor& t) {
@@ -126,7 +166,8 @@ inline void expect_f32_matrix(const char* where, const char* name, const Tensor&
 
 // ---- nn::Linear -----------------------------------------------------------------------------------------------------
 // x (N, in), w (out, in), b (out,) or null → y (N, out), all f32.
-inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
+inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y, const Options& o = {},
+                         Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::dense_linear";
   detail::expect_f32_matrix(where, "x", x);
   detail::expect_f32_matrix(where, "w", w);
@@ -134,7 +175,7 @@ inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tens
   const std::int64_t N = x.size(0), in = x.size(1), out = w.size(0);
   CUMO_CHECK(w.size(1) == in && y.size(0) == N && y.size(1) == out, where, ": x ", x.shape(), ", w ", w.shape(),
              " and y ", y.shape(), " do not fit y = x wᵀ");
-  detail::dense_gemm(Op::N, Op::T, N, out, in, x, w, 0.f, y);
+  detail::dense_gemm(Op::N, Op::T, N, out, in, x, w, 0.f, y, o, ws);
   if (b && N * out > 0) {
     expect_f32_vector(where, "b", *b, out);
     kernels::add_bias_rows<><<<grid_for(N * out, 256), 256, 0, stream()>>>(ptr<float>(y), ptr<float>(*b), N, out);
@@ -144,7 +185,7 @@ inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tens
 
 // dy (N, out), the forward's x (N, in), w (out, in) → dw (out, in) +=, db (out,) += (when given), dx (N, in) =.
 inline void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw, Tensor* db,
-                                  Tensor& dx) {
+                                  Tensor& dx, const Options& o = {}, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::dense_linear_backward";
   detail::expect_f32_matrix(where, "dy", dy);
   detail::expect_f32_matrix(where, "x", x);
@@ -155,14 +196,14 @@ inline void dense_linear_backward(const Tensor& dy, const Tensor& x, const Tenso
              ": dy ", dy.shape(), ", x ", x.shape(), ", w ", w.shape(), " and dx ", dx.shape(), " do not fit");
   detail::expect_f32_matrix(where, "dw", dw);
   check_same_shape(where, "dw", dw, "w", w);
-  detail::dense_gemm(Op::T, Op::N, out, in, N, dy, x, 1.f, dw);  // (out, in)
+  detail::dense_gemm(Op::T, Op::N, out, in, N, dy, x, 1.f, dw, o, ws);  // (out, in)
   if (db && out > 0) {
     expect_f32_vector(where, "db", *db, out);
     kernels::column_sums<><<<unsigned((out + 255) / 256), 256, 0, stream()>>>(ptr<float>(dy), N, out,
                                                                              ptr<float>(*db));
     CUMO_CUDA_LAUNCH_CHECK("column_sums");
   }
-  detail::dense_gemm(Op::N, Op::N, N, in, out, dy, w, 0.f, dx);  // (N, in)
+  detail::dense_gemm(Op::N, Op::N, N, in, out, dy, w, 0.f, dx, o, ws);  // (N, in)
 }
 
 // ---- nn::ClipVision embeddings ------------------------------------------------------------------------------------
@@ -203,19 +244,9 @@ inline void vit_embeddings_backward(const Tensor& demb, std::int64_t B, Tensor& 
 inline void check_blocks(const char* where, const Tensor& src, std::int64_t src0, std::int64_t spitch,
                          const Tensor& dst, std::int64_t dst0, std::int64_t dpitch, std::int64_t width,
                          std::int64_t height) {
-  expect_contiguous(where, "src", src);
-  expect_contiguous(where, "dst", dst);
-  check_dtype(where, "src", src, DType::f32);
-  check_dtype(where, "dst", dst, DType::f32);
-  CUMO_CHECK(width >= 0 && height >= 0 && src0 >= 0 && dst0 >= 0, where, ": negative extent or offset");
-  if (width == 0 || height == 0) return;
-  CUMO_CHECK(height == 1 || (spitch >= width && dpitch >= width), where, ": pitches ", spitch, " / ", dpitch,
-             " are narrower than the block width ", width);
-  const std::int64_t last = height - 1;
-  CUMO_CHECK(src0 + last * spitch + width <= src.numel(), where, ": the blocks run past src (shape ", src.shape(),
-             ")");
-  CUMO_CHECK(dst0 + last * dpitch + width <= dst.numel(), where, ": the blocks run past dst (shape ", dst.shape(),
-             ")");
+  expect_cuda(where, "src", src);
+  expect_cuda(where, "dst", dst);
+  backend::check_blocks(where, src, src0, spitch, dst, dst0, dpitch, width, height);
 }
 inline void copy_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch, Tensor& dst, std::int64_t dst0,
                         std::int64_t dpitch, std::int64_t width, std::int64_t height) {
@@ -244,9 +275,9 @@ inline void add_blocks(const Tensor& src, std::int64_t src0, std::int64_t spitch
 // A host int32 vector (attention's positions and key mask) as a device tensor, stream-ordered and without a host
 // sync: slot-sized chunks through the context's pinned staging ring, each copied on into the tensor at once (a
 // plain copy from pageable memory would wait for every kernel queued before it, once per attention layer).
-inline Tensor upload_i32(const std::vector<std::int32_t>& v) {
+inline Tensor upload_i32(const std::vector<std::int32_t>& v, Workspace* ws = nullptr) {
   const std::int64_t n = std::int64_t(v.size());
-  Tensor t = Tensor::empty({n}, DType::i32, Device::cuda);
+  Tensor t = device_empty(ws, {n}, DType::i32);
   constexpr std::int64_t chunk = std::int64_t(Context::kStagingSlotBytes / sizeof(std::int32_t));
   for (std::int64_t i = 0; i < n; i += chunk) {
     const std::size_t bytes = std::size_t(std::min(chunk, n - i)) * sizeof(std::int32_t);
@@ -266,21 +297,33 @@ inline void scale(Tensor& t, float alpha) {
   CUMO_CUDA_LAUNCH_CHECK("scale");
 }
 
-// ---- the causal-LM loss ---------------------------------------------------------------------------------------------
-// logits (B·T, V) on the GPU, labels (B·T) unshifted on the host (−100 ignored): row (b, t) predicts label
-// (b, t + 1), the last row of each sequence nothing — DecoderLM's causal_lm_loss. dlogits (B·T, V) receives
-// d mean-CE / d logits. Returns the loss and the target count (a host sync: the caller reports the loss).
-inline CrossEntropyHostResult causal_lm_loss(const Tensor& logits, const std::vector<std::int64_t>& labels,
-                                             std::int64_t B, std::int64_t T, Tensor& dlogits) {
-  constexpr const char* where = "gpu::causal_lm_loss";
-  CUMO_CHECK(std::int64_t(labels.size()) == B * T, where, ": ", labels.size(), " labels for B = ", B, ", T = ", T);
-  Tensor shifted = Tensor::empty({B * T}, DType::i64);  // (B·T,) on the host
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t t = 0; t < T; ++t)
-      shifted.data<std::int64_t>()[b * T + t] = t + 1 < T ? labels[std::size_t(b * T + t + 1)] : -100;
-  const Tensor dev = shifted.to(Device::cuda);
-  const CrossEntropyStats st = cross_entropy(logits, dev, &dlogits);
-  return read_result(st);
+// ---- S² pooling ---------------------------------------------------------------------------------------------------
+// tiles (n²·B·G², H) rows (crop, gy, gx) → out (B·G², H): the merged (nG)² grids, area-pooled by n.
+inline void s2_pool_tiles(const Tensor& tiles, std::int64_t B, std::int64_t G, std::int64_t n, Tensor& out) {
+  constexpr const char* where = "gpu::s2_pool_tiles";
+  detail::expect_f32_matrix(where, "tiles", tiles);
+  detail::expect_f32_matrix(where, "out", out);
+  const std::int64_t H = tiles.size(1);
+  check_shape(where, "tiles", tiles, {n * n * B * G * G, H});
+  check_shape(where, "out", out, {B * G * G, H});
+  if (out.numel() == 0) return;
+  kernels::s2_pool_tiles<><<<grid_for(out.numel(), 256), 256, 0, stream()>>>(ptr<float>(tiles), B, G, n, H,
+                                                                           ptr<float>(out));
+  CUMO_CUDA_LAUNCH_CHECK("s2_pool_tiles");
+}
+// dpooled (B·G², H) → dtiles (n²·B·G², H) (overwritten)
+inline void s2_pool_tiles_backward(const Tensor& dpooled, std::int64_t B, std::int64_t G, std::int64_t n,
+                                   Tensor& dtiles) {
+  constexpr const char* where = "gpu::s2_pool_tiles_backward";
+  detail::expect_f32_matrix(where, "dpooled", dpooled);
+  detail::expect_f32_matrix(where, "dtiles", dtiles);
+  const std::int64_t H = dpooled.size(1);
+  check_shape(where, "dpooled", dpooled, {B * G * G, H});
+  check_shape(where, "dtiles", dtiles, {n * n * B * G * G, H});
+  if (dtiles.numel() == 0) return;
+  kernels::s2_pool_tiles_backward<><<<grid_for(dtiles.numel(), 256), 256, 0, stream()>>>(ptr<float>(dpooled), B, G,
+                                                                                       n, H, ptr<float>(dtiles));
+  CUMO_CUDA_LAUNCH_CHECK("s2_pool_tiles_backward");
 }
 
 }  // namespace cumo::gpu

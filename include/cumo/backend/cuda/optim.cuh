@@ -1,6 +1,6 @@
 #pragma once
-// The optimizer step and gradient clipping on the GPU, twins of train::AdamW (train/optimizer.hpp) and
-// train::clip_grad_norm (train/clip.hpp), which are their references in tests/cuda/test_cuda_layers.cu.
+// The optimizer step and gradient clipping on the GPU, twins of backend/cpu/optim.hpp (the arithmetic
+// train::AdamW<B> and train::clip_gradients run), which is their reference in tests/cuda/test_backend_ops.cu.
 //
 //   adamw_step        one fused launch per ≤ kMaxTensorsPerLaunch parameters: decoupled weight decay, lerp of the
 //                     first moment, the second moment, bias corrections, p += (−step_size·m) / (√v / √bc2 + eps),
@@ -24,24 +24,13 @@
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/memory.cuh"
+#include "cumo/backend/ops.hpp"
 
 namespace cumo::gpu {
 
-// One parameter's AdamW update. `step` is the parameter's step count including this update (PyTorch's
-// state['step'] after its increment); lr and weight_decay are its group's (lr already × the group's lr_scale).
-struct AdamWSlot {
-  Tensor param, grad, exp_avg, exp_avg_sq;  // f32, same numel
-  Tensor param_bf16;                        // optional: receives bf16(param) after the update
-  std::int64_t step = 1;
-  double lr = 1e-3;
-  double weight_decay = 0;
-};
-
-struct AdamWHyper {
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-};
+using backend::AdamWHyper;
+using backend::AdamWSlot;
 
 namespace kernels {
 
@@ -137,9 +126,9 @@ __global__ void norm_finish(const double* __restrict__ partial, std::int64_t n, 
   if (threadIdx.x == 0) {
     const float total = float(sqrt(s));
     out[0] = total;
-    if (max_norm > 0.f) {
+    if (max_norm > 0.f) {  // a non-finite norm applies no coefficient (1), as the CPU reports it
       const float coef = __fmul_rn(__fdiv_rn(1.f, __fadd_rn(total, float(1e-6))), max_norm);
-      out[1] = coef < 1.f ? coef : 1.f;
+      out[1] = isfinite(total) && coef < 1.f ? coef : 1.f;
     }
   }
 }
@@ -205,11 +194,11 @@ void for_each_chunk_launch(const char* where, const std::vector<Tensor>& grads, 
 }
 
 // Σ g² partials for every chunk, in tensor order then chunk order, as a device f64 tensor (≥ 1 element).
-inline Tensor norm_partials(const char* where, const std::vector<Tensor>& grads) {
+inline Tensor norm_partials(const char* where, const std::vector<Tensor>& grads, Workspace* ws) {
   std::int64_t total = 0;
   for (const Tensor& g : grads)
     if (g.defined()) total += (g.numel() + kernels::kNormChunk - 1) / kernels::kNormChunk;
-  Tensor partial = Tensor::zeros({total > 0 ? total : 1}, DType::f64, Device::cuda);
+  Tensor partial = device_zeros(ws, {total > 0 ? total : 1}, DType::f64);
   for_each_chunk_launch(where, grads, kernels::kNormChunk,
                         [&](const kernels::ChunkEntry* table, int count, std::int64_t blocks, std::int64_t offset) {
                           kernels::norm_partials<><<<unsigned(blocks), kernels::kOptThreads, 0, stream()>>>(
@@ -259,13 +248,7 @@ inline void adamw_step(const std::vector<AdamWSlot>& slots, const AdamWHyper& hy
                " and weight_decay ", s.weight_decay, " (both must be >= 0)");
     const std::int64_t n = s.param.numel();
     if (n == 0) continue;
-    // AdamW::update's scalars, verbatim.
-    const double beta1 = hyper.beta1, beta2 = hyper.beta2, lr = s.lr, wd = s.weight_decay;
-    const double step = double(s.step);
-    const double bias_correction1 = 1.0 - std::pow(beta1, step);
-    const double bias_correction2 = 1.0 - std::pow(beta2, step);
-    const double step_size = lr / bias_correction1;
-    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    const backend::AdamWScalars k = backend::adamw_scalars(s, hyper);  // the CPU update's scalars, bit for bit
     kernels::AdamWEntry e{};
     e.p = ptr<float>(s.param);
     e.g = ptr<float>(s.grad);
@@ -274,16 +257,16 @@ inline void adamw_step(const std::vector<AdamWSlot>& slots, const AdamWHyper& hy
     e.pb = s.param_bf16.defined() ? ptr<__nv_bfloat16>(s.param_bf16) : nullptr;
     e.n = n;
     e.chunk_begin = blocks;
-    e.decay_on = wd != 0.0;
-    e.decay = float(1.0 - lr * wd);
-    e.w1 = float(1.0 - beta1);
-    e.beta2 = float(beta2);
-    e.w2 = float(1.0 - beta2);
-    e.bc2_sqrt = float(bias_correction2_sqrt);
-    e.eps = float(hyper.eps);
-    e.neg_step = float(-step_size);
-    e.lerp_small = std::abs(e.w1) < 0.5f;
-    e.one_minus_w1 = 1.f - e.w1;
+    e.decay_on = k.decay;
+    e.decay = k.decay_f;
+    e.w1 = k.w1;
+    e.beta2 = k.beta2_f;
+    e.w2 = k.w2;
+    e.bc2_sqrt = k.bc2_sqrt_f;
+    e.eps = k.eps_f;
+    e.neg_step = k.neg_step_f;
+    e.lerp_small = k.lerp_small;
+    e.one_minus_w1 = k.one_minus_w1;
     const std::int64_t c = (n + kernels::kOptChunk - 1) / kernels::kOptChunk;
     CUMO_CHECK(blocks + c <= INT_MAX, where, ": ", name, " is too large for one launch");
     table.push_back(e);
@@ -294,10 +277,10 @@ inline void adamw_step(const std::vector<AdamWSlot>& slots, const AdamWHyper& hy
 }
 
 // The global 2-norm of `grads` (f32 on the GPU), as a device (1,) f32 tensor (no host sync).
-inline Tensor grad_norm(const std::vector<Tensor>& grads) {
+inline Tensor grad_norm(const std::vector<Tensor>& grads, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::grad_norm";
-  const Tensor partial = detail::norm_partials(where, grads);
-  Tensor out = Tensor::zeros({2}, DType::f32, Device::cuda);
+  const Tensor partial = detail::norm_partials(where, grads, ws);
+  Tensor out = device_zeros(ws, {2});
   kernels::norm_finish<><<<1, kernels::kNormFinishThreads, 0, stream()>>>(ptr<double>(partial), partial.numel(), 0.f,
                                                                           ptr<float>(out));
   CUMO_CUDA_LAUNCH_CHECK("norm_finish");
@@ -306,12 +289,12 @@ inline Tensor grad_norm(const std::vector<Tensor>& grads) {
 
 // Scales `grads` so that their global norm is at most max_norm. Returns a device (2,) f32 tensor {total norm
 // before clipping, the coefficient applied}; nothing is scaled when the norm is NaN/Inf (read it back — the one
-// host sync — and stop training, as train::clip_grad_norm does by throwing).
-inline Tensor clip_grad_norm(const std::vector<Tensor>& grads, double max_norm) {
+// host sync — and stop training, as train::clip_gradients does by throwing).
+inline Tensor clip_grad_norm(const std::vector<Tensor>& grads, double max_norm, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::clip_grad_norm";
   CUMO_CHECK(max_norm > 0 && std::isfinite(max_norm), where, ": max_norm must be finite and > 0, got ", max_norm);
-  const Tensor partial = detail::norm_partials(where, grads);
-  Tensor out = Tensor::zeros({2}, DType::f32, Device::cuda);
+  const Tensor partial = detail::norm_partials(where, grads, ws);
+  Tensor out = device_zeros(ws, {2});
   kernels::norm_finish<><<<1, kernels::kNormFinishThreads, 0, stream()>>>(ptr<double>(partial), partial.numel(),
                                                                           float(max_norm), ptr<float>(out));
   CUMO_CUDA_LAUNCH_CHECK("norm_finish");

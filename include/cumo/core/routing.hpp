@@ -1,5 +1,7 @@
 #pragma once
-// Plain data passed between the MoE parts and the backends. Every tensor lives on the backend's device.
+// Plain data the MoE parts and the backends pass each other (routing output, dispatch plan, aux losses, loads). It
+// lives in core/ because both moe/ and backend/ need it and neither may include the other's headers for it.
+// Every tensor lives on the backend's device.
 #include <cstdint>
 #include <vector>
 

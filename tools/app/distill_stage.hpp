@@ -1,25 +1,13 @@
 #pragma once
-// The LLaVA-MoD training application's engine (`cumo_distill`, docs/llava_mod.md): a small CuMo-style student whose
-// LLM FFNs on every other layer become top-k-of-E sparse MoE blocks, distilled from a larger dense CuMo teacher
+// The LLaVA-MoD training application's stage runner (`cumo_distill`, docs/llava_mod.md): a small CuMo-style student
+// whose LLM FFNs on every other layer become top-k-of-E sparse MoE blocks, distilled from a larger dense CuMo teacher
 // trained by `cumo_train` (Shu et al. 2024, "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation").
 //
 // The student shares the teacher's vision tower (copied, frozen for the whole pipeline, as LLaVA-MoD freezes its
 // encoder) and tokenizer; its connector and LLM are its own. Each batch runs the frozen vision tower ONCE: its
 // features feed the teacher's connector and LLM (eval mode, models::eval_logits_embeds: no activation is kept for a
 // backward) and the student's connector and LLM (models::StudentPass, whose backward takes d logits from the losses
-// of train/distill.hpp).
-//
-// A pipeline is a sequence of named stages from the config, each of one kind:
-//   ce        next-token CE (LLaVA-MoD's adapter initialisation; SFT when the student is then trained on answers)
-//   d2d       dense-to-dense mimic distillation: token-level KL(p_T ‖ p_S) on response tokens   (+ ce_weight·CE)
-//   d2s       dense-to-sparse: KL + CE + aux (the MoE balance loss summed over sparse layers × aux_coef)
-//   dpo       preference distillation, the teacher as reference model, DPO (sigmoid) loss, β
-//             (+ ce_weight·CE of the chosen answers, 0 by default: an RPO-style anchor)
-//   kto_pair  the same with TRL's KTO-pair loss
-// A stage with "upcycle": true makes the student sparse first (experts exact copies of each FFN, fresh routers);
-// the ce / d2d / d2s kinds all add the aux loss while the student is sparse. Which parameters train is per stage
-// ("train": any of "connector", "ffn" (FFNs / experts / routers), "attention" (attention, norms, embeddings, head));
-// the vision tower never trains.
+// of train/distill.hpp). Each step is the shared loop of app/loop.hpp.
 //
 // Each stage writes OUT/<stage>/ (a train::save_checkpoint directory: weights, AdamW state, data position, and in
 // its metadata the distill config, the student's sparse layers and whether the stage finished); OUT/metrics.csv
@@ -31,9 +19,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -41,230 +29,42 @@
 
 #include <nlohmann/json.hpp>
 
+#include "app/checkpoints.hpp"
+#include "app/distill_config.hpp"
+#include "app/loop.hpp"
+#include "app/metrics.hpp"
+#include "app/run_config.hpp"
 #include "cumo/data/preference.hpp"
 #include "cumo/io/prefetch.hpp"
 #include "cumo/models/llava_mod.hpp"
+#include "cumo/train/checkpoint.hpp"
 #include "cumo/train/distill.hpp"
-#include "cumo/train/trainer.hpp"
+#include "cumo/train/optimizer.hpp"
+#include "cumo/train/schedule.hpp"
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/resource.h>
 #endif
 
-namespace cumo::train {
+namespace cumo::app {
 
-// ================================================================================================================
-// Configuration
-// ================================================================================================================
-enum class DistillKind { ce, d2d, d2s, dpo, kto_pair };
-
-inline const char* distill_kind_name(DistillKind k) {
-  switch (k) {
-    case DistillKind::ce: return "ce";
-    case DistillKind::d2d: return "d2d";
-    case DistillKind::d2s: return "d2s";
-    case DistillKind::dpo: return "dpo";
-    case DistillKind::kto_pair: return "kto_pair";
-  }
-  return "?";
-}
-inline DistillKind parse_distill_kind(const std::string& s) {
-  if (s == "ce") return DistillKind::ce;
-  if (s == "d2d") return DistillKind::d2d;
-  if (s == "d2s") return DistillKind::d2s;
-  if (s == "dpo") return DistillKind::dpo;
-  if (s == "kto_pair") return DistillKind::kto_pair;
-  fail("unknown distillation stage kind '", s, "' (known: ce, d2d, d2s, dpo, kto_pair)");
-}
-inline bool is_preference(DistillKind k) { return k == DistillKind::dpo || k == DistillKind::kto_pair; }
-
-struct StudentConfig {
-  std::int64_t hidden = 64, layers = 2, heads = 4, kv_heads = 0, ffn = 128;
-  bool sparse = true;             // false: a dense student ("upcycle" stages leave it dense)
-  int experts = 4, top_k = 2;
-  std::vector<int> moe_layers;    // empty: 0, 2, 4, … (LLaVA-MoD's every other layer)
-  double aux_coef = 0.01;         // × Σ over sparse layers of the balance loss (top-1 counts, DeepSpeed's l_aux)
-  double capacity_factor = 0;     // > 0: DeepSpeed capacity ceil(k·tokens·cf / E); overflow passes the residual only
-};
-
-struct DistillStage {
-  std::string name;
-  DistillKind kind = DistillKind::d2s;
-  std::string data = "stage3.json";  // relative to the teacher's data directory (preference stages build pairs)
-  std::string chat_template = "mistral";
-  std::int64_t steps = 100, batch = 16;
-  double lr = 1e-3, warmup_ratio = 0.03, max_grad_norm = 1.0, weight_decay = 0.0;
-  bool upcycle = false;
-  bool train_connector = true, train_ffn = true, train_attention = true;
-  double kl_weight = 1.0;   // d2d / d2s: weight of KL(p_T ‖ p_S)
-  double ce_weight = 0.0;   // d2d, dpo, kto_pair: 0 by default (preference: CE of the chosen answers); d2s, ce: 1
-  double temperature = 1.0;
-  double beta = 0.1;        // dpo / kto_pair
-  std::uint64_t data_seed = 0;
-};
-
-struct DistillConfig {
-  std::string name = "mod";
-  std::string out = "runs/mod";
-  std::uint64_t seed = 0;
-  std::string teacher;              // a cumo_train checkpoint directory (the dense teacher)
-  StudentConfig student;
-  std::vector<DistillStage> stages; // in config order
-  std::vector<std::string> pipeline;  // the default sequence of stage names (all stages when absent)
-  std::int64_t eval_limit = 0, eval_max_new_tokens = 8;
-  std::string eval_data;            // "" = the teacher run's eval split
-  nlohmann::json raw;
-
-  const DistillStage& stage(const std::string& name) const {
-    for (const auto& s : stages)
-      if (s.name == name) return s;
-    std::string known;
-    for (const auto& s : stages) known += (known.empty() ? "" : ", ") + s.name;
-    fail("distill config: no stage named '", name, "' (known: ", known, ")");
-  }
-  static DistillConfig from_json(const nlohmann::json& j, const std::string& source = "<config>");
-};
-
-inline DistillConfig DistillConfig::from_json(const nlohmann::json& j, const std::string& source) {
-  CUMO_CHECK(j.is_object(), source, ": the config must be a JSON object");
-  DistillConfig c;
-  c.raw = j;
-  detail::JsonReader r{j, source, {}};
-  r.get("name", c.name);
-  r.get("out", c.out);
-  r.get("seed", c.seed);
-  r.get("teacher", c.teacher);
-  CUMO_CHECK(!c.teacher.empty(), source, ": 'teacher' (a cumo_train checkpoint directory) is required");
-  if (const auto* s = r.object("student")) {
-    detail::JsonReader rs{*s, source + ": student", {}};
-    StudentConfig& st = c.student;
-    rs.get("hidden", st.hidden);
-    rs.get("layers", st.layers);
-    rs.get("heads", st.heads);
-    rs.get("kv_heads", st.kv_heads);
-    rs.get("ffn", st.ffn);
-    rs.get("sparse", st.sparse);
-    rs.get("experts", st.experts);
-    rs.get("top_k", st.top_k);
-    rs.get("moe_layers", st.moe_layers);
-    rs.get("aux_coef", st.aux_coef);
-    rs.get("capacity_factor", st.capacity_factor);
-    rs.reject_unknown();
-    CUMO_CHECK(st.hidden > 0 && st.layers > 0 && st.heads > 0 && st.ffn > 0 && st.hidden % st.heads == 0, source,
-               ": student needs positive hidden/layers/heads/ffn with hidden divisible by heads");
-    CUMO_CHECK(st.kv_heads == 0 || st.heads % st.kv_heads == 0, source, ": student heads ", st.heads,
-               " is not a multiple of kv_heads ", st.kv_heads);
-    CUMO_CHECK(st.experts >= 1 && st.top_k >= 1 && st.top_k <= st.experts, source, ": student needs 1 <= top_k (",
-               st.top_k, ") <= experts (", st.experts, ")");
-    CUMO_CHECK(st.aux_coef >= 0 && st.capacity_factor >= 0, source, ": aux_coef and capacity_factor must be >= 0");
-    for (int l : st.moe_layers)
-      CUMO_CHECK(l >= 0 && l < st.layers, source, ": student.moe_layers holds ", l, ", outside [0, ", st.layers, ")");
-  }
-  const nlohmann::json* ss = nullptr;
-  {
-    r.known.insert("stages");
-    auto it = j.find("stages");
-    CUMO_CHECK(it != j.end() && it->is_array() && !it->empty(), source, ": 'stages' must be a non-empty array");
-    ss = &*it;
-  }
-  nlohmann::json defaults = nlohmann::json::object();
-  if (const auto* d = r.object("stage_defaults")) defaults = *d;
-  for (std::size_t i = 0; i < ss->size(); ++i) {
-    const nlohmann::json& sj = (*ss)[i];
-    CUMO_CHECK(sj.is_object(), source, ": stages[", i, "] must be an object");
-    DistillStage st;
-    std::string kind;
-    const nlohmann::json* blocks[] = {&defaults, &sj};
-    for (const nlohmann::json* block : blocks) {
-      detail::JsonReader rs{*block, source + ": stages[" + std::to_string(i) + "]", {}};
-      rs.get("name", st.name);
-      rs.get("kind", kind);
-      rs.get("data", st.data);
-      rs.get("template", st.chat_template);
-      rs.get("steps", st.steps);
-      rs.get("batch", st.batch);
-      rs.get("lr", st.lr);
-      rs.get("warmup_ratio", st.warmup_ratio);
-      rs.get("max_grad_norm", st.max_grad_norm);
-      rs.get("weight_decay", st.weight_decay);
-      rs.get("upcycle", st.upcycle);
-      rs.get("kl_weight", st.kl_weight);
-      rs.get("ce_weight", st.ce_weight);
-      rs.get("temperature", st.temperature);
-      rs.get("beta", st.beta);
-      rs.get("data_seed", st.data_seed);
-      std::vector<std::string> train;
-      rs.known.insert("train");
-      if (auto t = block->find("train"); t != block->end() && !t->is_null()) {
-        try {
-          train = t->get<std::vector<std::string>>();
-        } catch (const nlohmann::json::exception&) {
-          fail(rs.where, ": 'train' must be a list of part names");
-        }
-        st.train_connector = st.train_ffn = st.train_attention = false;
-        for (const auto& p : train) {
-          if (p == "connector") st.train_connector = true;
-          else if (p == "ffn") st.train_ffn = true;
-          else if (p == "attention") st.train_attention = true;
-          else fail(rs.where, ": unknown part '", p, "' in 'train' (known: connector, ffn, attention)");
-        }
-      }
-      rs.reject_unknown();
-    }
-    const std::string where = source + ": stage '" + st.name + "'";
-    CUMO_CHECK(!st.name.empty(), source, ": stages[", i, "] has no name");
-    CUMO_CHECK(!kind.empty(), where, ": 'kind' is required (ce, d2d, d2s, dpo, kto_pair)");
-    st.kind = parse_distill_kind(kind);
-    // The kinds' own default loss weights, unless the stage sets them.
-    if (!sj.contains("ce_weight") && !defaults.contains("ce_weight"))
-      st.ce_weight = st.kind == DistillKind::d2d || is_preference(st.kind) ? 0.0 : 1.0;
-    CUMO_CHECK(st.steps >= 1 && st.batch >= 1, where, ": steps and batch must be >= 1");
-    CUMO_CHECK(st.lr >= 0 && std::isfinite(st.lr) && st.max_grad_norm > 0, where, ": need lr >= 0, max_grad_norm > 0");
-    CUMO_CHECK(st.temperature > 0 && st.beta > 0, where, ": temperature and beta must be > 0");
-    CUMO_CHECK(st.kl_weight >= 0 && st.ce_weight >= 0, where, ": loss weights must be >= 0");
-    CUMO_CHECK(st.train_connector || st.train_ffn || st.train_attention, where, ": 'train' selects no parameters");
-    if (st.data_seed == 0) st.data_seed = c.seed * 1000003ull + 100 + i;
-    (void)io::ChatTemplate::from_name(st.chat_template);
-    for (const auto& o : c.stages) CUMO_CHECK(o.name != st.name, source, ": two stages are named '", st.name, "'");
-    c.stages.push_back(std::move(st));
-  }
-  r.get("pipeline", c.pipeline);
-  if (c.pipeline.empty())
-    for (const auto& s : c.stages) c.pipeline.push_back(s.name);
-  for (const auto& n : c.pipeline) (void)c.stage(n);
-  if (const auto* e = r.object("eval")) {
-    detail::JsonReader re{*e, source + ": eval", {}};
-    re.get("limit", c.eval_limit);
-    re.get("max_new_tokens", c.eval_max_new_tokens);
-    re.get("data", c.eval_data);
-    re.reject_unknown();
-  }
-  r.reject_unknown();
-  return c;
-}
-
-inline DistillConfig load_distill_config(const std::string& path) {
-  return DistillConfig::from_json(detail::read_config_file(path, "load_distill_config"), "'" + path + "'");
-}
-
-// ================================================================================================================
-// Teacher and student
-// ================================================================================================================
+// ---- teacher and student -----------------------------------------------------------------------------------------
 inline std::vector<int> student_moe_layers(const StudentConfig& s) {
-  return s.moe_layers.empty() ? models::every_other_layer(s.layers) : s.moe_layers;
+  return s.moe_layers.empty() ? models::every_other_layer(s.text.layers) : s.moe_layers;
 }
 
 // The student's CuMo configuration: the teacher's vision tower and image token, the student's LLM.
 inline models::CuMoConfig student_model_config(const models::CuMoConfig& teacher, const StudentConfig& s) {
   models::CuMoConfig c = teacher;
   nn::DecoderConfig& t = c.llava.text;
-  t.hidden = s.hidden;
-  t.layers = s.layers;
-  t.heads = s.heads;
-  t.kv_heads = s.kv_heads > 0 ? s.kv_heads : s.heads;
-  t.head_dim = s.hidden / s.heads;
-  t.ffn = s.ffn;
+  t.hidden = s.text.hidden;
+  t.layers = s.text.layers;
+  t.heads = s.text.heads;
+  t.kv_heads = s.text.kv_heads;
+  t.head_dim = 0;
+  t.ffn = s.text.ffn;
   t.experts = 0;
+  t = t.with_defaults();
   c.experts = s.experts;
   c.top_k = s.top_k;
   return c;
@@ -300,9 +100,7 @@ inline void upcycle_student(models::CuMo<>& m, const StudentConfig& s, Rng& rng)
                               models::mod_moe_options(float(s.capacity_factor)));
 }
 
-// ================================================================================================================
-// Memory report
-// ================================================================================================================
+// ---- memory report -------------------------------------------------------------------------------------------------
 inline double peak_rss_mib() {
 #if defined(__unix__) || defined(__APPLE__)
   rusage u{};
@@ -349,9 +147,7 @@ inline std::int64_t active_language_params(models::CuMo<>& m) {
   return n;
 }
 
-// ================================================================================================================
-// Batches
-// ================================================================================================================
+// ---- batches -------------------------------------------------------------------------------------------------------
 // The (B, T) i64 label tensor of a batch, for the losses of distill.hpp.
 inline Tensor labels_tensor(const io::Batch& b) {
   Tensor t = Tensor::empty({b.B, b.T}, DType::i64);
@@ -385,9 +181,7 @@ inline io::Batch concat_pair_batches(const io::Batch& w, const io::Batch& l, std
   return b;
 }
 
-// ================================================================================================================
-// One forward of teacher and student on a batch
-// ================================================================================================================
+// ---- one forward of teacher and student on a batch -----------------------------------------------------------------
 // Writes `proj` (rows of image features, in order) into the embeddings of the image positions. pairs: the rows
 // are chosen then rejected, both halves reading the same features (their shared images).
 inline void scatter_image_rows(Tensor& emb, const std::vector<std::int64_t>& ids, std::int64_t image_id,
@@ -460,9 +254,8 @@ class DistillStep {
     if (images_ == 0) return;
     const std::int64_t H = sl.config().text.hidden;
     const std::int64_t N = s_->config().llava.vision.patches(), rows = images_ * N;
-    Tensor dproj = nn::matrix(rows, H);  // (images·N, Hs); pair rows fold onto the shared images
+    Tensor dproj = Tensor::zeros({rows, H});  // (images·N, Hs); pair rows fold onto the shared images
     float* dp = dproj.data<float>();
-    std::fill_n(dp, dproj.numel(), 0.f);
     std::int64_t k = 0;
     for (std::size_t i = 0; i < is_image_.size(); ++i)
       if (is_image_[i]) {
@@ -483,74 +276,7 @@ class DistillStep {
   bool pairs_ = false;
 };
 
-// ================================================================================================================
-// Evaluation: exact match per question type and the hallucination rate
-// ================================================================================================================
-struct DistillEval {
-  double accuracy = 0, hallucination = 0;
-  std::int64_t records = 0;
-  std::map<std::string, std::pair<double, double>> per_type;  // type → (accuracy, hallucination rate)
-  nlohmann::json to_json() const {
-    nlohmann::json j = {{"accuracy", accuracy}, {"hallucination_rate", hallucination}, {"records", records}};
-    for (const auto& [t, v] : per_type) j["per_type"][t] = {{"accuracy", v.first}, {"hallucination_rate", v.second}};
-    return j;
-  }
-};
-
-// eval records are the shapes world's ("eval_<index>_<type>"); scenes: the world's eval scenes, for the
-// hallucination check. Writes one JSON line per record to `predictions` when given.
-inline DistillEval evaluate_student(models::CuMo<>& m, const io::Tokenizer& tok, const io::LlavaDataset& data,
-                                    const std::vector<data::Scene>& scenes, const io::ChatTemplate& chat,
-                                    int image_tokens, std::int64_t max_new, std::int64_t limit,
-                                    std::ostream* predictions = nullptr) {
-  std::size_t n = data.size();
-  if (limit > 0) n = std::min<std::size_t>(n, std::size_t(limit));
-  CUMO_CHECK(n > 0, "evaluate_student: no eval records");
-  std::map<std::string, std::array<std::int64_t, 3>> by_type;  // correct, hallucinated, total
-  DistillEval ev;
-  std::int64_t correct = 0, halluc = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const io::LlavaRecord& r = data.record(i);
-    const auto [got, want] = greedy_answer(m, tok, data, i, chat, image_tokens, max_new, "eval record " + std::to_string(i));
-    // "eval_000012_colour" → scene 12
-    std::size_t scene = 0;
-    bool has_scene = false;
-    if (r.id.starts_with("eval_")) {
-      try {
-        scene = std::stoul(r.id.substr(5, r.id.find('_', 5) - 5));
-        has_scene = scene < scenes.size();
-      } catch (const std::exception&) {
-      }
-    }
-    CUMO_CHECK(has_scene, "evaluate_student: record '", r.id, "' names no scene of the shapes world's eval split");
-    std::string question;
-    for (const auto& t : r.conversations)
-      if (t.role == io::Role::user) question = t.value;
-    if (auto pos = question.find("<image>"); pos != std::string::npos) question.erase(pos, 7);
-    const auto hc = data::check_hallucination(scenes[scene], got, trim_answer(question));
-    const bool ok = got == want;
-    auto& s = by_type[r.type];
-    s[0] += ok;
-    s[1] += hc.hallucinated;
-    s[2] += 1;
-    correct += ok;
-    halluc += hc.hallucinated;
-    if (predictions)
-      *predictions << nlohmann::json{{"id", r.id}, {"type", r.type}, {"answer", want}, {"prediction", got},
-                                     {"correct", ok}, {"hallucinated", hc.hallucinated}}
-                          .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-                   << "\n";
-  }
-  ev.records = std::int64_t(n);
-  ev.accuracy = double(correct) / double(n);
-  ev.hallucination = double(halluc) / double(n);
-  for (const auto& [t, s] : by_type) ev.per_type[t] = {double(s[0]) / double(s[2]), double(s[1]) / double(s[2])};
-  return ev;
-}
-
-// ================================================================================================================
-// The stage runner
-// ================================================================================================================
+// ---- the stage runner ----------------------------------------------------------------------------------------------
 struct DistillRun {
   const DistillConfig* cfg = nullptr;
   const RunConfig* teacher_run = nullptr;  // the teacher checkpoint's run config (data directory, shapes world, dims)
@@ -564,43 +290,32 @@ struct DistillStepMetrics {
   std::string stage;
   std::int64_t step = 0;
   double lr = 0, loss = 0, kl = 0, ce = 0, aux = 0, pref = 0, reward_acc = 0, reward_margin = 0, grad_norm = 0;
-  double tokens_per_s = 0, elapsed_s = 0;
+  double tokens_per_s = 0, elapsed_s = 0, seconds = 0;
+  std::int64_t tokens = 0;
 };
 
-// OUT/metrics.csv: one row per step of every stage (a rerun rewrites the rows of the stages it runs).
+// OUT/metrics.csv: one row per step of every stage; a rerun keeps the rows of the stages it does not run again.
 class DistillCsv {
  public:
   static constexpr const char* kHeader =
       "stage,step,lr,loss,kl,ce,aux,pref_loss,reward_accuracy,reward_margin,grad_norm,tokens_per_s,elapsed_s";
-  explicit DistillCsv(const std::string& path, const std::vector<std::string>& rerun_stages) {
-    std::vector<std::string> keep;
-    {
-      std::ifstream in(path);
-      std::string line;
-      if (in && std::getline(in, line) && line == kHeader)
-        while (std::getline(in, line)) {
-          const std::string st = line.substr(0, line.find(','));
-          if (!line.empty() && std::find(rerun_stages.begin(), rerun_stages.end(), st) == rerun_stages.end())
-            keep.push_back(line);
-        }
-    }
-    out_.open(path, std::ios::trunc);
-    CUMO_CHECK(out_, "DistillCsv: cannot write '", path, "'");
-    out_ << kHeader << "\n";
-    for (const auto& l : keep) out_ << l << "\n";
-    out_.flush();
-  }
+  DistillCsv(const std::string& path, const std::vector<std::string>& rerun_stages, bool fresh = false)
+      : log_(path, kHeader,
+             [&](const std::string& row) {
+               const std::string st = row.substr(0, row.find(','));
+               return std::find(rerun_stages.begin(), rerun_stages.end(), st) == rerun_stages.end();
+             },
+             fresh) {}
   void write(const DistillStepMetrics& m) {
     std::ostringstream o;
     o << std::setprecision(9) << m.stage << ',' << m.step << ',' << m.lr << ',' << m.loss << ',' << m.kl << ','
       << m.ce << ',' << m.aux << ',' << m.pref << ',' << m.reward_acc << ',' << m.reward_margin << ',' << m.grad_norm
       << ',' << std::setprecision(6) << m.tokens_per_s << ',' << m.elapsed_s;
-    out_ << o.str() << "\n";
-    out_.flush();
+    log_.append(o.str());
   }
 
  private:
-  std::ofstream out_;
+  CsvLog log_;
 };
 
 struct DistillStageResult {
@@ -624,8 +339,7 @@ inline io::LlavaRecord answer_record(const data::PreferencePair& p, const std::s
 inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage& st, std::size_t stage_index,
                                             const std::string& dir, DistillCsv* csv, bool quiet,
                                             std::int64_t log_every) {
-  using clock = std::chrono::steady_clock;
-  const auto t_start = clock::now();
+  const auto t_start = std::chrono::steady_clock::now();
   const DistillConfig& cfg = *run.cfg;
   const RunConfig& trun = *run.teacher_run;
   models::CuMo<>& student = *run.student;
@@ -642,13 +356,13 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
   for (auto& L : student.llava().language_model.layers) L.mlp.collect(ffn);
   for (Parameter* p : student.language_parameters())
     if (std::find(ffn.begin(), ffn.end(), p) == ffn.end()) rest.push_back(p);
-  std::vector<ParamGroup> groups;
-  groups.push_back(ParamGroup{"vision", student.vision_parameters(), 1.0, st.weight_decay, true});
-  groups.push_back(ParamGroup{"connector", student.connector_parameters(), 1.0, st.weight_decay, !st.train_connector});
-  groups.push_back(ParamGroup{"ffn", ffn, 1.0, st.weight_decay, !st.train_ffn});
-  groups.push_back(ParamGroup{"attention", rest, 1.0, st.weight_decay, !st.train_attention});
-  AdamW opt(std::move(groups), AdamWOptions{st.lr, 0.9, 0.999, 1e-8, st.weight_decay});
-  const auto sched = CosineWithWarmup::with_warmup_ratio(st.lr, st.steps, st.warmup_ratio);
+  std::vector<train::ParamGroup> groups;
+  groups.push_back({"vision", student.vision_parameters(), 1.0, st.weight_decay, true});
+  groups.push_back({"connector", student.connector_parameters(), 1.0, st.weight_decay, !st.train_connector});
+  groups.push_back({"ffn", ffn, 1.0, st.weight_decay, !st.train_ffn});
+  groups.push_back({"attention", rest, 1.0, st.weight_decay, !st.train_attention});
+  train::AdamW opt(std::move(groups), train::AdamWOptions{st.lr, 0.9, 0.999, 1e-8, st.weight_decay});
+  const auto sched = train::CosineWithWarmup::with_warmup_ratio(st.lr, st.steps, st.warmup_ratio);
 
   // Data.
   io::DataOptions dopt = trun.data_options(st.chat_template);
@@ -696,9 +410,8 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
   DistillStageResult res;
   double train_s = 0;
   std::int64_t tokens = 0;
-  for (std::int64_t s = 0; s < st.steps; ++s) {
-    const auto t0 = clock::now();
-    opt.zero_grad();
+  // next batch, teacher and student forwards, the stage's loss, backward
+  auto forward_backward = [&](std::int64_t s) {
     io::Batch b = it.next();
     if (pref) b = concat_pair_batches(b, io::collate(*rejected, b.indices), data->pad_id());
     const Tensor labels = labels_tensor(b);
@@ -707,13 +420,13 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
     DistillStepMetrics m;
     m.stage = st.name;
     if (pref) {
-      const auto ref = sequence_logps(f.teacher_logits, labels);
+      const auto ref = train::sequence_logps(f.teacher_logits, labels);
       const std::size_t P = std::size_t(b.B / 2);
       const std::vector<double> ref_w(ref.begin(), ref.begin() + std::ptrdiff_t(P)), ref_l(ref.begin() + std::ptrdiff_t(P), ref.end());
-      PreferenceOptions po;
-      po.loss = st.kind == DistillKind::dpo ? PreferenceLoss::sigmoid : PreferenceLoss::kto_pair;
+      train::PreferenceOptions po;
+      po.loss = st.kind == DistillKind::dpo ? train::PreferenceLoss::sigmoid : train::PreferenceLoss::kto_pair;
       po.beta = st.beta;
-      const auto r = preference_distill_loss(f.student_logits, labels, ref_w, ref_l, &dl, po);
+      const auto r = train::preference_distill_loss(f.student_logits, labels, ref_w, ref_l, &dl, po);
       m.pref = r.pref.loss;
       m.reward_acc = r.pref.reward_accuracy;
       m.reward_margin = r.pref.reward_margin;
@@ -723,23 +436,23 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
         // preference term pushes the rejected ones down); the rejected rows are masked out.
         Tensor chosen = labels.clone();  // (2P, T)
         std::int64_t* lp = chosen.data<std::int64_t>();
-        std::fill(lp + std::int64_t(P) * b.T, lp + chosen.numel(), std::int64_t(kIgnoreIndex));
-        MimicWeights w;
+        std::fill(lp + std::int64_t(P) * b.T, lp + chosen.numel(), std::int64_t(train::kIgnoreIndex));
+        train::MimicWeights w;
         w.align = 0;
         w.kl = 0;
         w.ce = st.ce_weight;
-        const auto c = mimic_distill_loss(f.student_logits, f.teacher_logits, chosen, &dl, w);
+        const auto c = train::mimic_distill_loss(f.student_logits, f.teacher_logits, chosen, &dl, w);
         m.ce = c.ce;
         m.loss += c.objective;
       }
     } else {
-      MimicWeights w;
+      train::MimicWeights w;
       w.align = 0;
       w.kl = st.kind == DistillKind::ce ? 0.0 : st.kl_weight;
       w.ce = st.ce_weight;
-      KDOptions ko;
+      train::KDOptions ko;
       ko.temperature = st.temperature;
-      const auto r = mimic_distill_loss(f.student_logits, f.teacher_logits, labels, &dl, w, ko);
+      const auto r = train::mimic_distill_loss(f.student_logits, f.teacher_logits, labels, &dl, w, ko);
       m.kl = r.kl;
       m.ce = r.ce;
       m.loss = r.objective;
@@ -750,15 +463,14 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
       fail("distillation stopped at ", tag, " step ", s + 1, ": the loss is ", m.loss, " (kl ", m.kl, ", ce ", m.ce,
            ", aux ", m.aux, ", preference ", m.pref, ")");
     step.backward(dl, aux_coef);
-    const float gn = clip_grad_norm(opt.trainable_parameters(), st.max_grad_norm, s + 1);
-    m.lr = sched.lr(s);
-    opt.step(m.lr);
-    const double dt = std::chrono::duration<double>(clock::now() - t0).count();
-    train_s += dt;
-    tokens += b.tokens();
-    m.step = s + 1;
-    m.grad_norm = gn;
-    m.tokens_per_s = dt > 0 ? double(b.tokens()) / dt : 0;
+    m.tokens = b.tokens();
+    return m;
+  };
+  // after the update: the CSV row and the log line
+  auto log = [&](DistillStepMetrics& m) {
+    train_s += m.seconds;
+    tokens += m.tokens;
+    m.tokens_per_s = m.seconds > 0 ? double(m.tokens) / m.seconds : 0;
     m.elapsed_s = train_s;
     if (csv) csv->write(m);
     res.last_loss = m.loss;
@@ -769,9 +481,10 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
                            std::to_string(m.reward_acc)).c_str()
                         : "",
                    train_s > 0 ? double(tokens) / train_s : 0.0);
-  }
+  };
+  train_steps(opt, sched, StepLoop{0, st.steps, st.max_grad_norm, nullptr}, forward_backward, log);
 
-  TrainerState ts;
+  train::TrainerState ts;
   ts.step = st.steps;
   ts.metadata["distill_config"] = cfg.raw.dump();
   ts.metadata["stage"] = st.name;
@@ -782,10 +495,10 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
   for (std::size_t l = 0; l < L.size(); ++l)
     if (L[l].mlp.is_sparse()) layers += (layers.empty() ? "" : ",") + std::to_string(l);
   ts.metadata["student_sparse_layers"] = layers;
-  save_checkpoint(dir, student.parameters(), &opt, ts);
+  train::save_checkpoint(dir, student.parameters(), &opt, ts);
   mem.peak_rss_mib = peak_rss_mib();
   res.memory = mem;
-  res.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.tokens_per_s = train_s > 0 ? double(tokens) / train_s : 0;
   return res;
 }
@@ -808,7 +521,7 @@ inline void load_student_checkpoint(models::CuMo<>& student, const StudentConfig
       models::make_sparse_student(student.llava().language_model, sc.experts, sc.top_k, dummy, ls,
                                   models::mod_moe_options(float(sc.capacity_factor)));
   }
-  (void)load_checkpoint(dir, student.parameters(), nullptr);
+  (void)train::load_checkpoint(dir, student.parameters(), nullptr);
 }
 
-}  // namespace cumo::train
+}  // namespace cumo::app

@@ -1,0 +1,88 @@
+#pragma once
+// Small file helpers every writer and reader of the project shares: atomic replacement (a crash leaves the old file
+// or the new one, never a truncated one), and the "regular files only" rule of every reader (a FIFO or a directory
+// in a file's place is refused with a message instead of hanging or failing obscurely).
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <string_view>
+
+#include "cumo/core/error.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+#endif
+
+namespace cumo::io {
+
+// Refuses anything but an existing regular file, naming `path` and what it is instead.
+inline void require_regular_file(const std::string& path, std::string_view where) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const auto st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) fail(where, ": cannot open '", path, "': it does not exist");
+  if (fs::is_directory(st)) fail(where, ": '", path, "' is a directory, not a file");
+  if (!fs::is_regular_file(st)) fail(where, ": '", path, "' is not a regular file (a FIFO, socket or device)");
+}
+
+// Replaces (or creates) `path` with the n bytes at `data`: a uniquely named temporary file beside it, made durable,
+// then renamed over it, and the directory synced.
+inline void write_file_atomic(const std::string& path, const void* data, std::size_t n, std::string_view where) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  std::string tmp = (parent / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
+#if defined(__unix__) || defined(__APPLE__)
+  const int fd = ::mkstemp(tmp.data());
+  if (fd < 0) fail(where, ": cannot create a temporary file beside '", path, "': ", std::strerror(errno));
+  const char* p = static_cast<const char*>(data);
+  std::size_t left = n;
+  while (left > 0) {
+    const ssize_t w = ::write(fd, p, left);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const int err = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      fail(where, ": write error on '", tmp, "': ", std::strerror(err));
+    }
+    p += w;
+    left -= std::size_t(w);
+  }
+  (void)::fsync(fd);
+  ::close(fd);
+#else
+  tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) fail(where, ": cannot create '", tmp, "'");
+    f.write(static_cast<const char*>(data), std::streamsize(n));
+    f.flush();
+    if (!f) fail(where, ": write error on '", tmp, "'");
+  }
+#endif
+  std::error_code ec;
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    std::error_code ec2;
+    fs::remove(tmp, ec2);
+    fail(where, ": cannot rename '", tmp, "' to '", path, "': ", ec.message());
+  }
+#if defined(__unix__) || defined(__APPLE__)
+  const int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);  // best effort: some filesystems refuse fsync on directories
+    ::close(dfd);
+  }
+#endif
+}
+inline void write_file_atomic(const std::string& path, std::string_view text, std::string_view where) {
+  write_file_atomic(path, text.data(), text.size(), where);
+}
+
+}  // namespace cumo::io

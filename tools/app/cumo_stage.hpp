@@ -1,0 +1,300 @@
+#pragma once
+// One stage of the CuMo recipe (tools/app/recipe.hpp), run or continued on a model: its parameter groups and
+// optimizer, the data order, M micro-batches per step (each micro-batch's loss its own mean, the step's the mean
+// of the M: the HF Trainer before 4.46, as LLaVA and CuMo were trained), the shared step loop (app/loop.hpp), the
+// per-step metrics CSV and progress line, NaN/Inf stops naming the term, and a complete checkpoint at the end or
+// on a stop — which --resume continues bitwise (same build, same thread count: docs/training.md).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <iomanip>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "app/loop.hpp"
+#include "app/metrics.hpp"
+#include "app/run_config.hpp"
+#include "cumo/core/error.hpp"
+#include "cumo/io/llava_data.hpp"
+#include "cumo/io/prefetch.hpp"
+#include "cumo/train/checkpoint.hpp"
+#include "cumo/train/optimizer.hpp"
+#include "cumo/train/schedule.hpp"
+
+namespace cumo::app {
+
+struct StepMetrics {
+  int stage = 0;
+  std::int64_t step = 0;
+  double lr = 0, loss = 0, ce = 0, vision_balance = 0, vision_z = 0, projector_balance = 0, projector_z = 0;
+  double grad_norm = 0, tokens_per_s = 0, elapsed_s = 0, seconds = 0;
+  std::int64_t tokens = 0;
+  std::vector<double> vision_balance_l, vision_z_l, vision_load_l;  // per sparse CLIP layer (empty while dense)
+  double projector_load = -1;                                       // max/mean; < 0 while dense
+};
+
+// One file for all stages. Columns: step, stage, lr, loss, ce, vision_balance, vision_z, projector_balance,
+// projector_z, grad_norm, tokens, tokens_per_s, elapsed_s, projector_load_max_mean, then per CLIP layer l
+// vision_balance_l<l>, vision_z_l<l>, vision_load_max_mean_l<l>. MoE columns are empty while the model is dense.
+// A resumed stage keeps the rows of earlier stages and of itself up to its checkpoint's step.
+class MetricsCsv {
+ public:
+  MetricsCsv() = default;
+  MetricsCsv(const std::string& path, std::int64_t vision_layers, int stage, std::int64_t keep_step, bool fresh)
+      : layers_(vision_layers),
+        log_(path, header(vision_layers),
+             [&](const std::string& row) {
+               std::int64_t st = 0, sg = 0;
+               char comma = 0;
+               std::istringstream ls(row);
+               if (!(ls >> st >> comma >> sg)) return false;
+               return sg < stage || (sg == stage && st <= keep_step);
+             },
+             fresh) {}
+
+  static std::string header(std::int64_t layers) {
+    std::string h = "step,stage,lr,loss,ce,vision_balance,vision_z,projector_balance,projector_z,grad_norm,tokens,"
+                    "tokens_per_s,elapsed_s,projector_load_max_mean";
+    for (std::int64_t l = 0; l < layers; ++l) h += ",vision_balance_l" + std::to_string(l);
+    for (std::int64_t l = 0; l < layers; ++l) h += ",vision_z_l" + std::to_string(l);
+    for (std::int64_t l = 0; l < layers; ++l) h += ",vision_load_max_mean_l" + std::to_string(l);
+    return h;
+  }
+  const CsvLog& log() const { return log_; }
+
+  void write(const StepMetrics& m) {
+    std::ostringstream o;
+    o << std::setprecision(9);
+    o << m.step << ',' << m.stage << ',' << m.lr << ',' << m.loss << ',' << m.ce << ',' << m.vision_balance << ','
+      << m.vision_z << ',' << m.projector_balance << ',' << m.projector_z << ',' << m.grad_norm << ',' << m.tokens
+      << ',' << std::setprecision(6) << m.tokens_per_s << ',' << m.elapsed_s << ',' << std::setprecision(9);
+    if (m.projector_load >= 0) o << m.projector_load;
+    auto cols = [&](const std::vector<double>& v) {
+      for (std::int64_t l = 0; l < layers_; ++l) {
+        o << ',';
+        if (std::size_t(l) < v.size()) o << v[std::size_t(l)];
+      }
+    };
+    cols(m.vision_balance_l);
+    cols(m.vision_z_l);
+    cols(m.vision_load_l);
+    log_.append(o.str());
+  }
+
+ private:
+  std::int64_t layers_ = 0;
+  CsvLog log_;
+};
+
+struct StageRunOptions {
+  std::string final_dir;                  // the end-of-stage checkpoint
+  std::string partial_dir;                // a stopped stage's checkpoint (--max-steps, SIGINT)
+  std::string csv_path;                   // per-step metrics ("" = none)
+  bool csv_fresh = false;                 // start the CSV anew (an overwritten run)
+  std::string resume_dir;                 // continue this stage from a partial checkpoint ("" = fresh stage)
+  std::int64_t max_steps = -1;            // stop once the stage has taken this many steps (>= 0), saving partial_dir
+  std::int64_t log_every = 0;             // > 0: a plain log line every so many steps (for non-TTY logs)
+  bool progress = true;                   // the progress bar (only drawn on a terminal)
+  bool quiet = false;                     // no log lines, no bar
+  const std::atomic<bool>* stop = nullptr;  // set asynchronously (SIGINT): save partial_dir and return
+  std::map<std::string, std::string> metadata;  // written into the checkpoints (stage/finished/sparsity are added)
+  std::map<std::string, Rng::State> rngs;       // generators to record (e.g. "init")
+};
+
+struct StageResult {
+  bool finished = false;       // the stage reached its step count (final_dir written)
+  std::int64_t step = 0;       // steps taken so far in this stage
+  std::string checkpoint;      // the directory written
+  double last_loss = 0, last_ce = 0;
+  double seconds = 0;          // wall time of this call
+  double tokens_per_s = 0;     // mean over this call
+};
+
+namespace detail {
+// The first non-finite term of a forward's loss, in words ("the balance loss of CLIP layer 2", ...).
+template <class Model, class Out>
+std::string nonfinite_term(const Model& model, const Out& o) {
+  auto bad = [](double x) { return !std::isfinite(x); };
+  if (bad(o.ce)) {
+    if (o.logits.defined()) {
+      const Tensor logits = model.backend().to_host(o.logits);
+      const float* z = logits.template data<float>();
+      for (std::int64_t i = 0; i < logits.numel(); ++i)
+        if (!std::isfinite(z[i]))
+          return "the cross-entropy (the LM's logits hold " + std::to_string(z[i]) + " at token " +
+                 std::to_string(i / logits.size(-1)) + ")";
+    }
+    return "the cross-entropy";
+  }
+  for (std::size_t l = 0; l < o.vision_balance_per_layer.size(); ++l)
+    if (bad(o.vision_balance_per_layer[l])) return "the balance loss of CLIP layer " + std::to_string(l);
+  for (std::size_t l = 0; l < o.vision_z_per_layer.size(); ++l)
+    if (bad(o.vision_z_per_layer[l])) return "the z-loss of CLIP layer " + std::to_string(l);
+  if (bad(o.projector_balance)) return "the connector's balance loss";
+  if (bad(o.projector_z)) return "the connector's z-loss";
+  return "the total";
+}
+
+// Tokens per expert of each sparse layer, summed over a step's micro-batches, as max/mean.
+struct LoadSum {
+  std::vector<std::vector<std::int64_t>> vision;  // [sparse CLIP layer][expert]
+  std::vector<std::int64_t> projector;
+  static void add(std::vector<std::int64_t>& sum, const std::vector<std::int64_t>& t) {
+    if (sum.size() < t.size()) sum.resize(t.size(), 0);
+    for (std::size_t e = 0; e < t.size(); ++e) sum[e] += t[e];
+  }
+  static double max_over_mean(const std::vector<std::int64_t>& t) {
+    ExpertLoad el;
+    el.tokens = t;
+    return el.max_over_mean();
+  }
+};
+}  // namespace detail
+
+// The stage's parameter groups: vision tower, connector, language model; a frozen group gets no update and no state.
+template <class Model>
+std::vector<train::ParamGroup> stage_groups(Model& model, const StageConfig& sc) {
+  std::vector<train::ParamGroup> g;
+  g.push_back({"vision", model.vision_parameters(), sc.lr_scale_vision, sc.weight_decay, !sc.train_vision});
+  g.push_back({"connector", model.connector_parameters(), sc.lr_scale_connector, sc.weight_decay, !sc.train_connector});
+  g.push_back({"language", model.language_parameters(), sc.lr_scale_language, sc.weight_decay, !sc.train_language});
+  return g;
+}
+
+// Runs (or continues) one stage of training on `model`. The model must already have the stage's structure (dense,
+// or upcycled for stage 3) and, for a fresh stage, its starting weights. Writes final_dir when the stage completes,
+// partial_dir when it stops early (max_steps / stop flag); both are complete checkpoints with optimizer state.
+// The optimizer runs on the model's backend: a models::CuMo<backend::Cuda> trains entirely on the GPU, its
+// checkpoints the CPU run's format.
+template <class Model>
+StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageConfig& sc, const StageRunOptions& ro) {
+  using clock = std::chrono::steady_clock;
+  const auto t_start = clock::now();
+  const std::string tag = "stage " + std::to_string(sc.stage);
+
+  std::vector<train::ParamGroup> groups = stage_groups(model, sc);
+  std::size_t grouped = 0;
+  for (const auto& g : groups) grouped += g.params.size();
+  const ParameterList all = model.parameters();
+  CUMO_CHECK(grouped == all.size(), tag, ": the vision/connector/language groups hold ", grouped,
+             " parameters but the model has ", all.size());
+  train::AdamW<typename Model::backend_type> opt(std::move(groups),
+                                                 {sc.lr, sc.beta1, sc.beta2, sc.eps, sc.weight_decay}, model.backend());
+  CUMO_CHECK(!opt.trainable_parameters().empty(), tag, ": every parameter group is frozen; nothing to train");
+  const auto sched = train::CosineWithWarmup::with_warmup_ratio(sc.lr, sc.steps, sc.warmup_ratio);
+  io::BatchIterator order(data, sc.batch, sc.data_seed);
+
+  train::TrainerState st;
+  if (!ro.resume_dir.empty()) {
+    st = train::load_checkpoint(ro.resume_dir, all, &opt);
+    const auto meta_stage = st.metadata.find("stage");
+    CUMO_CHECK(meta_stage != st.metadata.end() && meta_stage->second == std::to_string(sc.stage), tag,
+               ": checkpoint '", ro.resume_dir, "' is of stage ",
+               meta_stage == st.metadata.end() ? std::string("?") : meta_stage->second);
+    CUMO_CHECK(st.step <= sc.steps, tag, ": checkpoint '", ro.resume_dir, "' is at step ", st.step,
+               " but the stage has only ", sc.steps, " steps");
+    CUMO_CHECK(opt.steps() == st.step, tag, ": checkpoint '", ro.resume_dir, "': optimizer steps ", opt.steps(),
+               " != trainer step ", st.step);
+    order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
+  }
+  // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches
+  // and positions are the iterator's exactly.
+  io::PrefetchedBatches it(std::move(order));
+  for (const auto& [k, v] : ro.rngs) st.rngs[k] = v;
+  for (const auto& [k, v] : ro.metadata) st.metadata[k] = v;
+  st.metadata["stage"] = std::to_string(sc.stage);
+  st.metadata["stage_steps"] = std::to_string(sc.steps);
+  st.metadata["data_seed"] = std::to_string(sc.data_seed);
+  st.metadata["vision_sparse"] = model.vision_is_sparse() ? "1" : "0";
+  st.metadata["connector_sparse"] = model.connector_is_sparse() ? "1" : "0";
+
+  MetricsCsv csv;
+  if (!ro.csv_path.empty())
+    csv = MetricsCsv(ro.csv_path, model.config().llava.vision.layers, sc.stage, st.step, ro.csv_fresh);
+
+  const std::int64_t stop_at = ro.max_steps >= 0 ? std::min(sc.steps, ro.max_steps) : sc.steps;
+  ProgressBar bar(ro.progress && !ro.quiet);
+  const int M = sc.accumulation;
+  const std::int64_t first_step = st.step;
+  std::int64_t tokens_total = 0;
+  double train_seconds = 0;
+  StageResult res;
+
+  // next batches, forward, backward: M micro-batches, each contributing 1/M of the step's loss and gradient
+  auto forward_backward = [&](std::int64_t step) {
+    StepMetrics m;
+    m.stage = sc.stage;
+    detail::LoadSum load;
+    for (int mb = 0; mb < M; ++mb) {
+      const io::Batch b = it.next();
+      const auto out = model.forward(b.input_ids, b.B, b.T, b.pixels, &b.labels, &b.key_valid, true);
+      if (!std::isfinite(out.total))
+        fail("training stopped at ", tag, " step ", step + 1, " (micro-batch ", mb, "): the loss is ", out.total,
+             "; first non-finite term: ", detail::nonfinite_term(model, out));
+      model.backward(1.0 / double(M));
+      m.loss += out.total / M;
+      m.ce += out.ce / M;
+      m.vision_balance += out.vision_balance / M;
+      m.vision_z += out.vision_z / M;
+      m.projector_balance += out.projector_balance / M;
+      m.projector_z += out.projector_z / M;
+      m.tokens += b.tokens();
+      const std::size_t n_sparse = out.vision_load.size();
+      m.vision_balance_l.resize(n_sparse, 0.0);
+      m.vision_z_l.resize(n_sparse, 0.0);
+      load.vision.resize(n_sparse);
+      for (std::size_t l = 0; l < n_sparse && l < out.vision_balance_per_layer.size(); ++l) {
+        m.vision_balance_l[l] += out.vision_balance_per_layer[l] / M;
+        m.vision_z_l[l] += out.vision_z_per_layer[l] / M;
+      }
+      for (std::size_t l = 0; l < n_sparse; ++l) detail::LoadSum::add(load.vision[l], out.vision_load[l].tokens);
+      detail::LoadSum::add(load.projector, out.projector_load.tokens);
+    }
+    for (const auto& v : load.vision) m.vision_load_l.push_back(detail::LoadSum::max_over_mean(v));
+    if (!load.projector.empty()) m.projector_load = detail::LoadSum::max_over_mean(load.projector);
+    return m;
+  };
+  // after the update: the data position, the CSV row, the progress line
+  auto log = [&](StepMetrics& m) {
+    st.step = m.step;
+    const io::DataPosition pos = it.position();
+    st.epoch = std::int64_t(pos.epoch);
+    st.sample = std::int64_t(pos.offset);
+    train_seconds += m.seconds;
+    tokens_total += m.tokens;
+    m.tokens_per_s = m.seconds > 0 ? double(m.tokens) / m.seconds : 0;
+    m.elapsed_s = train_seconds;
+    if (!ro.csv_path.empty()) csv.write(m);
+    res.last_loss = m.loss;
+    res.last_ce = m.ce;
+    const double per_step = train_seconds / double(st.step - first_step);
+    const double eta = per_step * double(stop_at - st.step);
+    const double mean_tps = train_seconds > 0 ? double(tokens_total) / train_seconds : 0;
+    bar.update(tag, st.step, sc.steps, m.loss, m.ce, mean_tps, train_seconds, eta);
+    if (!ro.quiet && ro.log_every > 0 && (st.step % ro.log_every == 0 || st.step == stop_at)) {
+      bar.finish();
+      std::fprintf(stderr, "%s step %lld/%lld  lr %.3g  loss %.4f  ce %.4f  grad %.3f  %.0f tok/s  ETA %s\n",
+                   tag.c_str(), (long long)st.step, (long long)sc.steps, m.lr, m.loss, m.ce, m.grad_norm, mean_tps,
+                   format_duration(eta).c_str());
+    }
+  };
+  train_steps(opt, sched, StepLoop{st.step, stop_at, sc.max_grad_norm, ro.stop}, forward_backward, log);
+  bar.finish();
+
+  res.step = st.step;
+  res.finished = st.step >= sc.steps;
+  st.metadata["stage_finished"] = res.finished ? "1" : "0";
+  res.checkpoint = res.finished ? ro.final_dir : ro.partial_dir;
+  if (!res.checkpoint.empty() && (st.step > first_step || ro.resume_dir.empty() || res.checkpoint != ro.resume_dir))
+    train::save_checkpoint(res.checkpoint, all, &opt, st);
+  res.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
+  res.tokens_per_s = train_seconds > 0 ? double(tokens_total) / train_seconds : 0;
+  return res;
+}
+
+}  // namespace cumo::app
