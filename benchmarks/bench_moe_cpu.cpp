@@ -132,7 +132,7 @@ void BM_dispatch(benchmark::State& st, ShapeCfg s) {
   const Tensor out = Tensor::zeros({s.T * s.K, s.H});
   for (auto _ : st) {
     RouterOutput r;
-    f.moe.router().forward<backend::Cpu>(f.x, false, nullptr, r);
+    f.moe.router().forward(backend::Cpu{}, f.x, false, nullptr, r);
     DispatchPlan plan;
     plan.tokens = s.T, plan.experts = s.E, plan.top_k = s.K;
     plan.demand = Tensor::empty({s.E}, DType::i32);

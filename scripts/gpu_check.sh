@@ -4,10 +4,11 @@
 #
 #   bash scripts/gpu_check.sh                      # all steps
 #   STEPS="build test parity" bash scripts/gpu_check.sh   # some of them (in this order whatever the order given)
+#   bash scripts/gpu_check.sh --quick              # the 15-minute version for a bare lent machine (see below)
 #
 # Steps:
 #   build     configure build-cuda (Release, CUMO_CUDA=ON, benchmarks on, examples off) and build the CUDA targets
-#   test      ctest -L cuda: cuda_backend(+_host), cuda_layers, cuda_model, parity_cuda_fixtures, app_cuda_train
+#   test      ctest -L cuda: cuda_backend(+_host), cuda_backend_ops, cuda_model, parity_cuda_fixtures, app_cuda_train
 #   parity    cumo_parity --device cuda on every shipped fixture (every kind)
 #   sanitize  compute-sanitizer memcheck + racecheck on the three CUDA test binaries (fixed seed)
 #   bench     bench_cuda_cumo_step in fp32, tf32, bf16 (the CuMo training step, equal-FLOP dense GEMM beside it)
@@ -21,14 +22,34 @@
 # Environment: BUILD (build-cuda), CUDA_ARCH (CMAKE_CUDA_ARCHITECTURES, default native), JOBS (nproc); the demo
 # step calls scripts/setup.sh, so on a machine without apt access install the packages first and set
 # CUMO_SKIP_SETUP=1. The demo skips its plots unless PLOT=1.
+#
+# --quick: sized for a 15-minute lease of a lent machine with 16 cores and no package registry (docs/cuda.md):
+#   deps      unpacks the .debs of .devdeps/ (scripts/fetch_devdeps.sh fetches them where apt works; carry the
+#             folder) into /tmp/cumo-devdeps and points CMake and the compilers at it
+#   build     the CUDA targets only, CMAKE_CUDA_ARCHITECTURES 90 (sm_90a-capable H100/H200), every core
+#   test      ctest -L cuda
+#   parity    cumo_parity --device cuda on every shipped fixture
+#   bench     one bench_cuda_cumo_step --precision bf16
+#   torch     PyTorch's side of that step (torch_cumo_step.py, eager, bf16 autocast, grouped MoE)
+# OUT defaults to $OUT when the device tool sets it (what is written there comes back), else runs/gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; fi
 BUILD=${BUILD:-build-cuda}
 OUT=${OUT:-runs/gpu_check}
-CUDA_ARCH=${CUDA_ARCH:-native}
 JOBS=${JOBS:-$(nproc)}
-STEPS=" ${STEPS:-build test parity sanitize bench torch demo} "
+if [ $QUICK = 1 ]; then
+  CUDA_ARCH=${CUDA_ARCH:-90}
+  STEPS=" ${STEPS:-deps build test parity bench torch} "
+  export CUMO_SKIP_SETUP=1
+else
+  CUDA_ARCH=${CUDA_ARCH:-native}
+  STEPS=" ${STEPS:-build test parity sanitize bench torch demo} "
+fi
+DEPS=/tmp/cumo-devdeps
+CMAKE_EXTRA=()
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_check: SKIPPED: no NVIDIA GPU on this machine (nvidia-smi -L fails)"
@@ -63,12 +84,37 @@ run_step() {
   fi
 }
 
+deps() {
+  local d
+  [ -d .devdeps ] && ls .devdeps/*.deb >/dev/null 2>&1 || { echo "no .devdeps/*.deb (run scripts/fetch_devdeps.sh)"; return 1; }
+  rm -rf "$DEPS" && mkdir -p "$DEPS" || return 1
+  for d in .devdeps/*.deb; do
+    if command -v dpkg >/dev/null; then
+      dpkg -x "$d" "$DEPS" || return 1
+    else  # a .deb is an ar archive holding data.tar.*: unpack that
+      local tmp
+      tmp=$(mktemp -d) && (cd "$tmp" && ar x "$OLDPWD/$d") && tar -xf "$tmp"/data.tar.* -C "$DEPS" || return 1
+      rm -rf "$tmp"
+    fi
+  done
+  ls "$DEPS/usr/include"
+}
+# with unpacked deps: CMake finds their package configs, the compilers their headers, the programs libbenchmark
+use_deps() {
+  [ -d "$DEPS/usr" ] || return 0
+  CMAKE_EXTRA=(-DCMAKE_PREFIX_PATH="$DEPS/usr" -DCMAKE_CXX_FLAGS="-isystem $DEPS/usr/include"
+               -DCMAKE_CUDA_FLAGS="-isystem $DEPS/usr/include")
+  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
 build() {
+  use_deps
+  local targets=(cumo_cuda_tests cumo_cuda_backend_ops_tests cumo_cuda_model_tests cumo_parity cumo_train cumo_eval
+                 bench_cuda_cumo_step)
+  [ $QUICK = 1 ] || targets+=(bench_cuda_moe)
   # every option spelled out: a build-cuda first configured by run_demo.sh has tests and benchmarks off
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \
-    -DCUMO_BUILD_BENCHMARKS=ON -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" &&
-    cmake --build "$BUILD" -j "$JOBS" --target cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests \
-      cumo_parity cumo_train cumo_eval bench_cuda_moe bench_cuda_cumo_step
+    -DCUMO_BUILD_BENCHMARKS=ON -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" "${CMAKE_EXTRA[@]}" &&
+    cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
 }
 cuda_tests() { ctest --test-dir "$BUILD" -L cuda --output-on-failure; }
 parity() { "$BUILD/tools/cumo_parity" --device cuda tests/fixtures/*.safetensors; }
@@ -79,7 +125,7 @@ sanitize() {
     echo "no compute-sanitizer on PATH or in /usr/local/cuda/bin"
     return 77
   fi
-  for t in cumo_cuda_tests cumo_cuda_layer_tests cumo_cuda_model_tests; do
+  for t in cumo_cuda_tests cumo_cuda_backend_ops_tests cumo_cuda_model_tests; do
     for tool in memcheck racecheck; do
       echo "-- compute-sanitizer --tool $tool $t (CUMO_TEST_SEED=1)"
       CUMO_TEST_SEED=1 "$cs" --tool "$tool" --error-exitcode 1 "$BUILD/tests/cuda/$t" || rc=1
@@ -88,18 +134,22 @@ sanitize() {
   return $rc
 }
 bench() {
-  local p
-  for p in fp32 tf32 bf16; do "$BUILD/benchmarks/cuda/bench_cuda_cumo_step" --precision "$p" || return 1; done
+  local p precisions=(fp32 tf32 bf16)
+  [ $QUICK = 1 ] && precisions=(bf16)
+  for p in "${precisions[@]}"; do "$BUILD/benchmarks/cuda/bench_cuda_cumo_step" --precision "$p" || return 1; done
 }
 torch_side() {
   if ! python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
     echo "no CUDA-enabled torch + transformers here"
     return 77
   fi
-  python3 benchmarks/torch_cumo_step.py --moe grouped
+  if [ $QUICK = 1 ]; then python3 benchmarks/torch_cumo_step.py --moe grouped --modes eager; else
+    python3 benchmarks/torch_cumo_step.py --moe grouped; fi
 }
 demo() { DEVICE=cuda BUILD="$BUILD" OUT=runs/demo-gpu PLOT=${PLOT:-0} bash scripts/run_demo.sh; }
 
+run_step deps deps
+use_deps
 run_step build build
 run_step test cuda_tests
 run_step parity parity
