@@ -12,6 +12,7 @@
 
 #include "../tools/parity/cumo.hpp"
 #include "cumo/models/cumo.hpp"
+#include "cumo/models/llava_mod.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo_test_config.hpp"
 #include "nn_test_util.hpp"
@@ -115,6 +116,30 @@ TEST_CASE("models cumo: upcycling with exact copies keeps the dense logits; from
   only_vision.upcycle(r3, true, false);
   CHECK(only_vision.vision_is_sparse());
   CHECK_FALSE(only_vision.connector_is_sparse());
+}
+
+TEST_CASE("models cumo: parameter_count() from the sizes alone equals the built model's, dense and upcycled") {
+  // What the trainer's memory check (tools/app/footprint.hpp) and cumo_parity's size check rely on.
+  auto built = [](models::CuMo<>& m) { return double(models::parameter_count(m.parameters())); };
+  for (const bool s2 : {false, true}) {
+    models::CuMoConfig c = tiny_config();
+    c.llava.vision.s2 = s2;
+    CAPTURE(s2);
+    models::CuMo<> m(c);
+    CHECK(c.parameter_count() == built(m));
+    Rng rng(1);
+    m.upcycle(rng, /*vision=*/true, /*connector=*/false);
+    CHECK(c.parameter_count(true, false) == built(m));
+    m.upcycle(rng, /*vision=*/false, /*connector=*/true);
+    CHECK(c.parameter_count(true, true) == built(m));
+    CHECK(c.parameter_count(true, true) > c.parameter_count());
+  }
+  // tied embeddings and QKV biases (Qwen-style) change the decoder's count the way the built decoder does
+  models::CuMoConfig c = tiny_config();
+  c.llava.text.tie_embeddings = true;
+  c.llava.text.qkv_bias = true;
+  models::CuMo<> tied(c);
+  CHECK(c.parameter_count() == built(tied));
 }
 
 TEST_CASE("models cumo: finite differences of the total loss (CE + bzloss) w.r.t. every part, routers included") {

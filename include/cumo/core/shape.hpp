@@ -10,6 +10,11 @@
 
 namespace cumo {
 
+// The largest model size (a width, a count of layers, heads or experts, a vocabulary) a config may ask for: 4 Mi,
+// ten times the largest vocabulary of a released model. Larger is a corrupt or mistyped config; refusing it at
+// validation keeps every size product far from int64 overflow and from a multi-terabyte allocation.
+inline constexpr std::int64_t kMaxDim = std::int64_t(1) << 22;
+
 class Shape {
  public:
   static constexpr int kMaxDims = 8;

@@ -208,6 +208,7 @@ class Tensor {
   }
   void zero_() {
     CUMO_CHECK(is_contiguous(), "Tensor::zero_: tensor must be contiguous");
+    if (nbytes() == 0) return;  // an empty tensor has no storage (memset of a null pointer is undefined)
     if (device() == Device::cpu)
       std::memset(raw(), 0, nbytes());
     else

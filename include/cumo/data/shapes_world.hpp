@@ -447,6 +447,14 @@ inline ShapesWorldSummary write_shapes_world(const std::string& dir, const Shape
   c.validate();
   namespace fs = std::filesystem;
   std::error_code ec;
+  // Never into somebody else's files: the directory must be new, empty, or made by this function (its marker).
+  if (fs::exists(dir, ec)) {
+    CUMO_CHECK(fs::is_directory(dir, ec), "write_shapes_world: '", dir, "' exists and is not a directory");
+    const bool empty = fs::directory_iterator(dir, ec) == fs::directory_iterator();
+    CUMO_CHECK(empty || fs::is_regular_file(fs::path(dir) / "shapes_world.json", ec), "write_shapes_world: '", dir,
+               "' holds other files and has no shapes_world.json (it was not made by this generator): refusing to "
+               "write into it; choose a new or empty directory");
+  }
   fs::create_directories(fs::path(dir) / "images", ec);
   CUMO_CHECK(!ec, "write_shapes_world: cannot create '", (fs::path(dir) / "images").string(), "': ", ec.message());
   const ShapesWorld w = generate_shapes_world(c);

@@ -15,6 +15,7 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 
@@ -30,16 +31,39 @@ inline void require_regular_file(const std::string& path, std::string_view where
   if (!fs::is_regular_file(st)) fail(where, ": '", path, "' is not a regular file (a FIFO, socket or device)");
 }
 
+#if defined(__unix__) || defined(__APPLE__)
+// The process's umask, read without changing it where the kernel reports it (/proc/self/status, Linux >= 4.7), else
+// by the classic set-and-restore. mkstemp and mkdtemp ignore it (0600 / 0700), so what they create is given the
+// mode an open() or mkdir() would have given it: 0666 / 0777 less the umask.
+inline mode_t process_umask() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (f && std::getline(f, line))
+    if (line.rfind("Umask:", 0) == 0) return mode_t(std::stoul(line.substr(6), nullptr, 8));
+  const mode_t m = ::umask(022);
+  ::umask(m);
+  return m;
+}
+inline mode_t new_file_mode() { return mode_t(0666) & ~process_umask(); }
+inline mode_t new_dir_mode() { return mode_t(0777) & ~process_umask(); }
+#endif
+
 // Replaces (or creates) `path` with the n bytes at `data`: a uniquely named temporary file beside it, made durable,
 // then renamed over it, and the directory synced.
 inline void write_file_atomic(const std::string& path, const void* data, std::size_t n, std::string_view where) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  std::string tmp = (parent / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
+  std::string name = ".";  // appended, not "." + name: GCC 12 warns falsely (-Wrestrict) on that form
+  name += target.filename().string();
+  name += ".tmp.XXXXXX";
+  std::string tmp = (parent / name).string();
 #if defined(__unix__) || defined(__APPLE__)
   const int fd = ::mkstemp(tmp.data());
   if (fd < 0) fail(where, ": cannot create a temporary file beside '", path, "': ", std::strerror(errno));
+  // mkstemp creates 0600: keep the mode of the file replaced, or give a new one what the umask allows.
+  struct stat old {};
+  (void)::fchmod(fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : new_file_mode());
   const char* p = static_cast<const char*>(data);
   std::size_t left = n;
   while (left > 0) {

@@ -95,6 +95,9 @@ inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::s
 
 }  // namespace detail
 
+// The largest image decode_image accepts: 64 Mpx (8192 x 8192; 192 MiB as RGB), far above any vision tower's input.
+inline constexpr std::int64_t kMaxImagePixels = std::int64_t(1) << 26;
+
 // Decodes an encoded image held in memory; `channels` = 3 gives RGB whatever the file holds (grey is replicated,
 // alpha dropped, palettes expanded — PIL's convert("RGB") does the same for these cases). `name` is used in errors.
 inline Image decode_image(const std::uint8_t* data, std::size_t n, const std::string& name = "<memory>",
@@ -104,6 +107,10 @@ inline Image decode_image(const std::uint8_t* data, std::size_t n, const std::st
   CUMO_CHECK(n > 0, where, ": '", name, "' is empty (0 bytes)");
   CUMO_CHECK(n <= std::size_t(INT_MAX), where, ": '", name, "' is too large (", n, " bytes)");
   int w = 0, h = 0, file_c = 0;
+  // The header's claimed size first: a few hundred bytes can claim a 65535 x 65535 image (12 GiB decoded).
+  if (stbi_info_from_memory(data, int(n), &w, &h, &file_c))
+    CUMO_CHECK(w > 0 && h > 0 && std::int64_t(w) * std::int64_t(h) <= kMaxImagePixels, where, ": '", name,
+               "' claims ", w, " x ", h, " pixels, more than the ", kMaxImagePixels, " this decoder accepts");
   stbi_uc* p = stbi_load_from_memory(data, int(n), &w, &h, &file_c, channels);
   if (!p) {
     const char* why = stbi_failure_reason();

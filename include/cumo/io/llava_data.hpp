@@ -66,7 +66,10 @@ class LlavaDataset {
       if (opt_.check_images && !records_[i].image.empty()) {
         std::error_code ec;
         const std::string p = image_path(i);
-        CUMO_CHECK(std::filesystem::is_regular_file(p, ec), where, ": image file '", p, "' does not exist");
+        CUMO_CHECK(std::filesystem::exists(p, ec), where, ": image file '", p, "' does not exist");
+        CUMO_CHECK(!std::filesystem::is_directory(p, ec), where, ": image path '", p, "' is a directory, not a file");
+        CUMO_CHECK(std::filesystem::is_regular_file(p, ec), where, ": image path '", p,
+                   "' is not a regular file (a FIFO, socket or device)");
       }
     }
     cache_.resize(records_.size());
@@ -76,6 +79,13 @@ class LlavaDataset {
   const LlavaRecord& record(std::size_t i) const { return records_.at(i); }
   const TokenizedConversation& tokens(std::size_t i) const { return tokens_.at(i); }
   bool has_image(std::size_t i) const { return !records_.at(i).image.empty(); }
+  // Answer tokens (labels that are not ignored) over every record: 0 means there is nothing to train on.
+  std::int64_t supervised_tokens() const {
+    std::int64_t n = 0;
+    for (const auto& t : tokens_)
+      for (std::int32_t l : t.labels) n += l != kIgnoreLabel;
+    return n;
+  }
   const DataOptions& options() const { return opt_; }
   const std::string& source() const { return source_; }
   std::int32_t pad_id() const { return pad_id_; }

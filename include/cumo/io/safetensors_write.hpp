@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cumo/io/files.hpp"
 #include "cumo/io/safetensors.hpp"
 
 namespace cumo::io {
@@ -138,9 +139,9 @@ inline void save(const std::string& path, const std::vector<std::pair<std::strin
       if (armed) ::unlink(tmp->c_str());
     }
   } cleanup{&tmp};
-  // mkstemp creates 0600; keep the mode of the file we replace, or the usual 0644 for a new one.
+  // mkstemp creates 0600; keep the mode of the file we replace, or what the umask allows a new one.
   struct stat old {};
-  (void)::fchmod(fd.fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : 0644);
+  (void)::fchmod(fd.fd, ::stat(path.c_str(), &old) == 0 ? (old.st_mode & 07777) : io::new_file_mode());
   detail::emit(plan, [&](const void* p, std::size_t n) { detail::write_all(fd.fd, p, n, tmp); });
   CUMO_CHECK(::fsync(fd.fd) == 0, where, ": fsync of ", detail::quote_untrusted(tmp), " failed: ",
              std::strerror(errno));

@@ -69,6 +69,16 @@ struct CuMoConfig {
             {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
   }
 
+  // The parameters of the model with these sizes: dense, or with every CLIP MLP (`sparse_vision`) and the
+  // connector (`sparse_connector`) upcycled to `experts` experts plus a router. From the sizes alone, in double, so
+  // that absurd sizes are measured (and refused by the caller) instead of overflowing or being allocated.
+  double parameter_count(bool sparse_vision = false, bool sparse_connector = false) const {
+    const double Fin = double(llava.vision.feature_width()), Ht = double(llava.text.hidden), E = double(experts);
+    const double connector_mlp = Fin * Ht + Ht + Ht * Ht + Ht;
+    return llava.vision.parameter_count(sparse_vision ? experts : 0) +
+           (sparse_connector ? E * connector_mlp + Fin * E : connector_mlp) + llava.text.parameter_count();
+  }
+
   // Every field in range, or an error naming it and its value (`where` names the source).
   void validate(const std::string& where) const {
     llava.validate(where);

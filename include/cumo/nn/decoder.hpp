@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/backend/ops.hpp"
+#include "cumo/core/shape.hpp"
 #include "cumo/nn/attention.hpp"
 #include "cumo/nn/embedding.hpp"
 #include "cumo/nn/mlp.hpp"
@@ -100,11 +101,28 @@ struct DecoderConfig {
     return c;
   }
 
+  // Parameters of the decoder with these sizes (after with_defaults()), in double: sizes are measured before
+  // anything is allocated.
+  double parameter_count() const {
+    const DecoderConfig c = with_defaults();
+    const double H = double(c.hidden), hd = double(c.head_dim), q = double(c.heads) * hd, kv = double(c.kv_heads) * hd;
+    const double ffn3 = 3 * H * double(c.ffn);
+    const double layer = H * q + 2 * H * kv + (c.qkv_bias ? q + 2 * kv : 0) + q * H + 2 * H +
+                         (c.experts > 0 ? double(c.experts) * ffn3 + H * double(c.experts) : ffn3);
+    return double(c.vocab) * H * (c.tie_embeddings ? 1 : 2) + double(c.layers) * layer + H;
+  }
+
   // Every field in range (after with_defaults()), or an error naming it and its value (`where` names the source).
   void validate(const std::string& where) const {
     CUMO_CHECK(vocab >= 1 && hidden >= 1 && layers >= 1 && heads >= 1 && ffn >= 1, where,
                ": the decoder needs positive vocab_size, hidden_size, num_hidden_layers, num_attention_heads and "
                "intermediate_size (got ", vocab, ", ", hidden, ", ", layers, ", ", heads, ", ", ffn, ")");
+    for (const auto& [name, x] : {std::pair{"vocab_size", vocab}, {"hidden_size", hidden},
+                                  {"num_hidden_layers", layers}, {"num_attention_heads", heads},
+                                  {"num_key_value_heads", kv_heads}, {"head_dim", head_dim},
+                                  {"intermediate_size", ffn}, {"num_local_experts", std::int64_t(experts)}})
+      CUMO_CHECK(x <= kMaxDim, where, ": ", name, " ", x, " is larger than any model this library sizes (> ", kMaxDim,
+                 ")");
     CUMO_CHECK(kv_heads >= 1 && heads % kv_heads == 0, where, ": num_key_value_heads ", kv_heads,
                " must be positive and divide num_attention_heads ", heads);
     CUMO_CHECK(head_dim >= 2 && head_dim % 2 == 0, where, ": head_dim ", head_dim, " must be even and positive (RoPE)");

@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cumo/core/shape.hpp"
 #include "cumo/nn/attention.hpp"
 #include "cumo/nn/layernorm.hpp"
 #include "cumo/nn/mlp.hpp"
@@ -30,6 +31,15 @@ struct VisionConfig {
 
   std::int64_t grid() const { return image_size / patch_size; }
   std::int64_t patches() const { return grid() * grid(); }
+  // Parameters of the tower with these sizes (every MLP a top-k-of-`experts` MoE with a router when experts > 0),
+  // in double: sizes are measured before anything is allocated.
+  double parameter_count(int experts = 0) const {
+    const double H = double(hidden), F = double(ffn), E = double(experts);
+    const double mlp = H * F + F + F * H + H;
+    const double layer = 4 * (H * H + H) + 4 * H + (experts > 0 ? E * mlp + H * E : mlp);
+    return double(channels) * double(patch_size) * double(patch_size) * H + H + double(patches() + 1) * H + 4 * H +
+           double(layers) * layer;
+  }
   // Width of the image features the connector receives.
   std::int64_t feature_width() const { return s2 ? 2 * hidden : hidden; }
 
@@ -63,6 +73,11 @@ struct VisionConfig {
     CUMO_CHECK(hidden >= 1 && layers >= 1 && heads >= 1 && ffn >= 1, where,
                ": the vision tower needs positive hidden_size, num_hidden_layers, num_attention_heads and "
                "intermediate_size (got ", hidden, ", ", layers, ", ", heads, ", ", ffn, ")");
+    for (const auto& [name, x] : {std::pair{"hidden_size", hidden}, {"num_hidden_layers", layers},
+                                  {"num_attention_heads", heads}, {"intermediate_size", ffn},
+                                  {"image_size", image_size}, {"patch_size", patch_size}, {"num_channels", channels}})
+      CUMO_CHECK(x <= kMaxDim, where, ": ", name, " ", x, " is larger than any model this library sizes (> ", kMaxDim,
+                 ")");
     CUMO_CHECK(hidden % heads == 0, where, ": hidden_size ", hidden, " is not divisible by num_attention_heads ",
                heads);
     CUMO_CHECK(patch_size >= 1 && image_size >= patch_size && image_size % patch_size == 0, where, ": image_size ",

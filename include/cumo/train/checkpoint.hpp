@@ -46,6 +46,7 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 #if defined(__linux__)
@@ -111,6 +112,7 @@ inline fs::path make_sibling_dir(const fs::path& target, const char* tag, const 
 #if defined(__unix__) || defined(__APPLE__)
   CUMO_CHECK(::mkdtemp(tmpl.data()), where, ": cannot create a temporary directory beside '", target.string(),
              "': ", std::strerror(errno));
+  (void)::chmod(tmpl.c_str(), io::new_dir_mode());  // mkdtemp makes 0700; a checkpoint gets what mkdir would give
   return fs::path(tmpl);
 #else
   for (int i = 0;; ++i) {
