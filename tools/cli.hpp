@@ -1,6 +1,8 @@
 #pragma once
 // The command-line shape the cumo tools share: `-h/--help`, switches without a value, flags that take the next
 // argument, integer values checked in words, and the exit statuses 0 (help), 2 (usage error).
+#include <cerrno>
+#include <climits>
 #include <cstdlib>
 #include <functional>
 #include <iostream>
@@ -9,12 +11,25 @@
 
 namespace cumo::cli {
 
-// The integer value of `flag`; a malformed one ends the program with status 2 and a message naming tool and flag.
-inline long long to_int(const char* tool, std::string_view flag, const char* v) {
+// The integer value of `flag`, which must lie in [min, max]; a malformed or out-of-range one (-5 for a count,
+// 99999999999999999999 that strtoll would saturate) ends the program with status 2 and a message naming tool, flag
+// and value.
+inline long long to_int(const char* tool, std::string_view flag, const char* v, long long min = LLONG_MIN,
+                        long long max = LLONG_MAX) {
   char* end = nullptr;
+  errno = 0;
   const long long x = std::strtoll(v, &end, 10);
   if (!end || *end != '\0' || end == v) {
     std::cerr << tool << ": " << flag << " expects an integer, got '" << v << "'\n";
+    std::exit(2);
+  }
+  if (errno == ERANGE || x < min || x > max) {
+    std::cerr << tool << ": " << flag << " must be ";
+    if (max == LLONG_MAX)
+      std::cerr << ">= " << min;
+    else
+      std::cerr << "in [" << min << ", " << max << "]";
+    std::cerr << ", got '" << v << "'\n";
     std::exit(2);
   }
   return x;

@@ -10,6 +10,7 @@
 //   cumo_distill --config CONFIG.json --eval-teacher [--out DIR]
 //       the same evaluation of the teacher checkpoint.
 #include <cstdio>
+#include <new>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -174,9 +175,9 @@ int main(int argc, char** argv) {
     else if (f == "--stages") a.stages = v;
     else if (f == "--from") a.from = v;
     else if (f == "--teacher") a.teacher = v;
-    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v);
-    else if (f == "--student-ffn") a.student_ffn = cli::to_int(kTool, f, v);
-    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v);
+    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v, 0);
+    else if (f == "--student-ffn") a.student_ffn = cli::to_int(kTool, f, v, 1, cumo::kMaxDim);
+    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v, 1);
     else return false;
     return true;
   };
@@ -189,6 +190,10 @@ int main(int argc, char** argv) {
   }
   try {
     return run(a);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "cumo_distill: out of memory (std::bad_alloc): the teacher, the student or a batch does not fit in "
+                 "this machine's memory\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "cumo_distill: " << e.what() << "\n";
     return 1;

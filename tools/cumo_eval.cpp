@@ -11,6 +11,7 @@
 //       answers one question about one image.
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -252,9 +253,9 @@ int main(int argc, char** argv) {
     else if (f == "--out") a.out = v;
     else if (f == "--image") a.image = v;
     else if (f == "--question") a.question = v;
-    else if (f == "--limit") a.limit = cli::to_int(kTool, f, v);
-    else if (f == "--batch") a.batch = cli::to_int(kTool, f, v);
-    else if (f == "--max-new") a.max_new = cli::to_int(kTool, f, v);
+    else if (f == "--limit") a.limit = cli::to_int(kTool, f, v, 0, INT_MAX);
+    else if (f == "--batch") a.batch = cli::to_int(kTool, f, v, 1, INT_MAX);
+    else if (f == "--max-new") a.max_new = cli::to_int(kTool, f, v, 1, INT_MAX);
     else return false;
     return true;
   };
@@ -267,6 +268,10 @@ int main(int argc, char** argv) {
   }
   try {
     return a.generate ? generate_one(a) : evaluate(a);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "cumo_eval: out of memory (std::bad_alloc): the model or the data does not fit in this machine's "
+                 "memory\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "cumo_eval: " << e.what() << "\n";
     return 1;

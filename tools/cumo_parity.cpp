@@ -78,7 +78,9 @@ int main(int argc, char** argv) {
       }
       const auto config_it = meta.find("config");
       CUMO_CHECK(config_it != meta.end(), "fixture has no metadata 'config'");
-      run->second(file, nlohmann::json::parse(config_it->second), report);
+      const auto config = nlohmann::json::parse(config_it->second);
+      cumo::parity::check_claimed_sizes(file, kind, config);
+      run->second(file, config, report);
     } catch (const std::exception& e) {
       std::printf("  error: %s\n", e.what());
       ++unrun;

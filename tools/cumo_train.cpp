@@ -11,6 +11,7 @@
 // continues from a checkpoint this tool wrote: a stopped stage (<out>/stage<s>-partial) continues where it stopped,
 // bitwise; a finished stage (<out>/stage<s>) goes on with the next one. See docs/training_app.md.
 #include <iostream>
+#include <new>
 #include <string_view>
 
 #include "train_run.hpp"
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   Args a;
   auto on_switch = [&](std::string_view f) {
     if (f == "--quiet" || f == "-q") return a.quiet = true;
+    if (f == "--overwrite") return a.overwrite = true;
     return false;
   };
   auto on_value = [&](std::string_view f, const char* v) {
@@ -30,9 +32,9 @@ int main(int argc, char** argv) {
     else if (f == "--from") a.from = v;
     else if (f == "--out") a.out = v;
     else if (f == "--variant") a.variant = v;
-    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v);
-    else if (f == "--max-steps") a.max_steps = cli::to_int(kTool, f, v);
-    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v);
+    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v, 0);
+    else if (f == "--max-steps") a.max_steps = cli::to_int(kTool, f, v, 0);
+    else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v, 1);
     else if (f == "--device") a.device = v;
     else if (f == "--precision") a.precision = v;
     else return false;
@@ -54,6 +56,10 @@ int main(int argc, char** argv) {
 #endif
     CUMO_CHECK(a.precision == "fp32", "--precision ", a.precision, " is for the GPU; the CPU trains in fp32");
     return run<backend::Cpu>(a);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "\ncumo_train: out of memory (std::bad_alloc): the model, a batch or the data does not fit in this "
+                 "machine's memory; reduce the model sizes, the stage's batch or max_length\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "\ncumo_train: " << e.what() << "\n";
     return 1;

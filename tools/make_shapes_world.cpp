@@ -3,12 +3,14 @@
 //
 //   cumo_make_shapes --out data/shapes [--seed 0] [--train 1000] [--eval 100] [--size 32]
 //                    [--min-objects 1] [--max-objects 3] [--colours 6] [--questions-per-image 5]
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <string>
 #include <string_view>
 
+#include "cli.hpp"
 #include "cumo/data/shapes_world.hpp"
 
 namespace {
@@ -19,15 +21,6 @@ void usage(std::ostream& os) {
         "Writes DIR/images/{train,eval}_NNNNNN.png and DIR/{stage1,stage2,stage3,eval}.json (LLaVA format),\n"
         "plus DIR/shapes_world.json with the settings. Defaults: seed 0, 1000 train and 100 eval images of 32x32,\n"
         "1-3 objects, 6 colours, 5 stage-3 questions per training image (one of each type).\n";
-}
-long long to_int(std::string_view flag, const char* v) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  if (!end || *end != '\0' || end == v) {
-    std::cerr << "cumo_make_shapes: " << flag << " expects an integer, got '" << v << "'\n";
-    std::exit(2);
-  }
-  return x;
 }
 }  // namespace
 
@@ -47,15 +40,15 @@ int main(int argc, char** argv) {
     }
     const char* v = argv[++i];
     if (a == "--out") out = v;
-    else if (a == "--seed") c.seed = std::uint64_t(to_int(a, v));
-    else if (a == "--train") c.train_images = int(to_int(a, v));
-    else if (a == "--eval") c.eval_images = int(to_int(a, v));
-    else if (a == "--size") c.image_size = int(to_int(a, v));
-    else if (a == "--min-objects") c.min_objects = int(to_int(a, v));
-    else if (a == "--max-objects") c.max_objects = int(to_int(a, v));
-    else if (a == "--colours" || a == "--colors") c.colours = int(to_int(a, v));
-    else if (a == "--questions-per-image") c.questions_per_image = int(to_int(a, v));
-    else if (a == "--supersample") c.supersample = int(to_int(a, v));
+    else if (a == "--seed") c.seed = std::uint64_t(cumo::cli::to_int("cumo_make_shapes", a, v, 0));
+    else if (a == "--train") c.train_images = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--eval") c.eval_images = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--size") c.image_size = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--min-objects") c.min_objects = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--max-objects") c.max_objects = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--colours" || a == "--colors") c.colours = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--questions-per-image") c.questions_per_image = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
+    else if (a == "--supersample") c.supersample = int(cumo::cli::to_int("cumo_make_shapes", a, v, 0, INT_MAX));
     else {
       std::cerr << "cumo_make_shapes: unknown flag " << a << "\n";
       usage(std::cerr);

@@ -17,7 +17,10 @@
 #include "app/checkpoints.hpp"
 #include "app/cumo_stage.hpp"
 #include "app/data.hpp"
+#include "app/footprint.hpp"
 #include "app/run_config.hpp"
+#include "app/run_dir.hpp"
+#include "cumo/io/files.hpp"
 #include "cumo/io/tokenizer.hpp"
 #include "cumo/models/cumo.hpp"
 
@@ -32,15 +35,20 @@ inline void on_signal(int) { g_stop.store(true); }
 inline void usage(std::ostream& os) {
   os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]\n"
         "                  [--variant dense|moe|moe_nobz|moe_scratch] [--seed S] [--max-steps N]\n"
-        "                  [--log-every N] [--quiet] [--device auto|cpu|cuda] [--precision fp32|tf32|bf16]\n"
+        "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
+        "                  [--precision fp32|tf32|bf16]\n"
         "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
         "  --stage      which stage(s) to run (default all)\n"
-        "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage)\n"
-        "  --from       the checkpoint a single stage > 1 starts from (default <out>/stage<s-1>)\n"
-        "  --out        output directory (overrides the config's \"out\")\n"
+        "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage); the run\n"
+        "               goes on in the directory holding it\n"
+        "  --from       the finished checkpoint of stage s-1 a single stage s > 1 starts from (default\n"
+        "               <out>/stage<s-1>)\n"
+        "  --out        output directory (overrides the config's \"out\", or --resume's directory)\n"
+        "  --overwrite  replace the checkpoints of the stages this run trains if <out> already has them (without it\n"
+        "               an existing stage<s> or stage<s>-partial is an error)\n"
         "  --variant    stage-3 ablation variant (overrides the config's \"variant\")\n"
         "  --seed       model / data-order seed (overrides the config's \"seed\")\n"
-        "  --max-steps  stop each stage after N steps, saving <out>/stage<s>-partial (resume with --resume)\n"
+        "  --max-steps  stop each stage after N (>= 0) steps, saving <out>/stage<s>-partial (resume with --resume)\n"
         "  --log-every  a plain log line on stderr every N steps (default: the bar on a terminal, else none)\n"
         "  --quiet      no progress output\n"
         "  --device     where the model trains: cuda needs a build with the CUDA backend and a GPU; auto (default)\n"
@@ -51,7 +59,7 @@ inline void usage(std::ostream& os) {
 struct Args {
   std::string config, resume, from, out, variant, stage = "all", device = "auto", precision = "fp32";
   long long seed = -1, max_steps = -1, log_every = 0;
-  bool quiet = false;
+  bool quiet = false, overwrite = false;
 };
 
 inline void write_summary(const std::string& out_dir, int stage, const app::StageResult& r, const app::StageConfig& sc) {
@@ -78,8 +86,17 @@ inline void write_summary(const std::string& out_dir, int stage, const app::Stag
   for (const char* k : {"stage1", "stage2", "stage3"})
     if (j.contains(k)) total += j[k].value("seconds", 0.0);
   j["total_seconds"] = total;
-  std::ofstream f(path, std::ios::trunc);
-  f << j.dump(2) << "\n";
+  io::write_file_atomic(path.string(), j.dump(2) + "\n", "train_summary.json");
+}
+
+// A checkpoint a stage starts from must be the finished end of the stage before it.
+inline void check_start(const std::string& dir, int stage, const char* how) {
+  const nlohmann::json st = app::read_trainer_state(dir);
+  const std::string s = app::metadata_of(st, "stage", dir);
+  const bool finished = app::metadata_of(st, "stage_finished", dir) == "1";
+  CUMO_CHECK(s == std::to_string(stage - 1) && finished, how, " '", dir, "' is ", finished ? "the end" : "a stop",
+             " of stage ", s, ", but stage ", stage, " starts from the finished end of stage ", stage - 1,
+             finished ? "" : " (finish that stage first: --resume it)");
 }
 
 // `backend` runs the whole model (its options — precision — are the run's).
@@ -99,7 +116,9 @@ int run(const Args& a, Backend backend = {}) {
     if (!a.config.empty())
       std::cerr << "cumo_train: note: --resume uses the configuration stored in the checkpoint; --config is ignored\n";
     CUMO_CHECK(a.variant.empty() && a.seed < 0, "--variant / --seed cannot change a resumed run");
-    if (!a.out.empty()) raw["out"] = a.out;
+    // The run goes on beside the checkpoint it was given — not in the directory stored when it was made, which
+    // for a copied or moved run is somebody else's.
+    raw["out"] = !a.out.empty() ? a.out : fs::absolute(a.resume).lexically_normal().parent_path().string();
     cfg = app::RunConfig::from_json(raw, "checkpoint '" + a.resume + "' run_config");
   } else {
     CUMO_CHECK(!a.config.empty(), "--config CONFIG.json is required (or --resume DIR)");
@@ -110,12 +129,6 @@ int run(const Args& a, Backend backend = {}) {
     if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
     cfg = app::RunConfig::from_json(raw, "'" + a.config + "'");
   }
-  fs::create_directories(cfg.out);
-  {
-    std::ofstream f(fs::path(cfg.out) / "config.json", std::ios::trunc);
-    f << cfg.raw.dump(2) << "\n";
-  }
-
   // ---- which stages ---------------------------------------------------------------------------------------------
   int first = 1, last = 3;
   bool resume_partial = false;
@@ -141,10 +154,18 @@ int run(const Args& a, Backend backend = {}) {
     resume_partial = !finished;
   }
 
+  // ---- the output directory: one writer, stale temporaries gone, nothing replaced unless told ----------------
+  const app::RunDir dir(cfg.out, kTool);
+  dir.clean_stale();
+  dir.claim_stages(first, last, a.overwrite, resume_partial ? a.resume : "");
+  io::write_file_atomic((fs::path(cfg.out) / "config.json").string(), cfg.raw.dump(2) + "\n", "config.json");
+
   // ---- data and model ------------------------------------------------------------------------------------------
-  app::ensure_data(cfg, app::run_files(cfg));
   const auto tok = io::load_tokenizer(cfg.tokenizer);
-  models::CuMo<Backend> model(cfg.model_config(*tok), backend);
+  const models::CuMoConfig model_cfg = cfg.model_config(*tok);
+  app::check_model_fits(model_cfg, last == 3 && cfg.variant != app::Variant::dense, true, "model");
+  app::ensure_data(cfg, app::run_files(cfg));
+  models::CuMo<Backend> model(model_cfg, backend);
   if (!a.quiet) std::cerr << "cumo_train: training on " << Backend::name << "\n";
   Rng init_rng(cfg.seed);
   model.reset_parameters(init_rng);
@@ -155,7 +176,8 @@ int run(const Args& a, Backend backend = {}) {
   if (!a.resume.empty()) {
     if (!resume_partial) start_from = a.resume;
   } else if (first > 1) {
-    start_from = a.from.empty() ? (fs::path(cfg.out) / ("stage" + std::to_string(first - 1))).string() : a.from;
+    start_from = a.from.empty() ? dir.stage_dir(first - 1) : a.from;
+    check_start(start_from, first, a.from.empty() ? "the previous stage's checkpoint" : "--from");
   } else {
     CUMO_CHECK(a.from.empty(), "--from is for a stage > 1 (stage 1 starts from fresh weights)");
   }
@@ -179,11 +201,21 @@ int run(const Args& a, Backend backend = {}) {
       model.upcycle(up_rng, true, true, cfg.variant == app::Variant::moe_scratch);
     }
     const auto data = io::LlavaDataset::load(cfg.data_path(sc.data), *tok, cfg.data_options(sc.chat_template, sc.max_length));
+    {
+      std::size_t longest = 0;
+      for (std::size_t i = 0; i < data.size(); ++i)
+        if (data.tokens(i).ids.size() > data.tokens(longest).ids.size()) longest = i;
+      if (data.size() > 0)
+        app::check_batch_fits(model.config(), sc.batch, std::int64_t(data.tokens(longest).ids.size()),
+                              "stage " + std::to_string(s),
+                              "record " + std::to_string(longest) + " of '" + cfg.data_path(sc.data) + "'");
+    }
 
     app::StageRunOptions ro;
-    ro.final_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s))).string();
-    ro.partial_dir = (fs::path(cfg.out) / ("stage" + std::to_string(s) + "-partial")).string();
+    ro.final_dir = dir.stage_dir(s);
+    ro.partial_dir = dir.partial_dir(s);
     ro.csv_path = (fs::path(cfg.out) / "metrics.csv").string();
+    ro.csv_fresh = a.overwrite && s == 1 && !resuming;  // an overwritten run from stage 1 starts its log anew
     ro.resume_dir = resuming ? a.resume : "";
     ro.max_steps = a.max_steps;
     ro.log_every = a.log_every;

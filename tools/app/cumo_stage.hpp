@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <iomanip>
+#include <iostream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -186,6 +187,9 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   train::AdamW<typename Model::backend_type> opt(std::move(groups),
                                                  {sc.lr, sc.beta1, sc.beta2, sc.eps, sc.weight_decay}, model.backend());
   CUMO_CHECK(!opt.trainable_parameters().empty(), tag, ": every parameter group is frozen; nothing to train");
+  CUMO_CHECK(data.supervised_tokens() > 0, tag, ": '", data.source(), "' (", data.size(), " records) has no "
+             "supervised token: no record has an assistant answer left after truncation, so there is nothing to train "
+             "on (the loss would be 0)");
   const auto sched = train::CosineWithWarmup::with_warmup_ratio(sc.lr, sc.steps, sc.warmup_ratio);
   io::BatchIterator order(data, sc.batch, sc.data_seed);
 
@@ -214,8 +218,15 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   st.metadata["connector_sparse"] = model.connector_is_sparse() ? "1" : "0";
 
   MetricsCsv csv;
-  if (!ro.csv_path.empty())
+  if (!ro.csv_path.empty()) {
     csv = MetricsCsv(ro.csv_path, model.config().llava.vision.layers, sc.stage, st.step, ro.csv_fresh);
+    // Rows past the step this stage starts from are not backed by a checkpoint (a run stopped after them, or one
+    // being redone): they go, and the log says so.
+    if (csv.log().dropped() > 0)
+      std::cerr << "note: " << ro.csv_path << ": kept " << csv.log().kept() << " earlier rows, dropped "
+                << csv.log().dropped() << " of stage " << sc.stage << " and later past step " << st.step
+                << " (no checkpoint holds them; this run writes them again)\n";
+  }
 
   const std::int64_t stop_at = ro.max_steps >= 0 ? std::min(sc.steps, ro.max_steps) : sc.steps;
   ProgressBar bar(ro.progress && !ro.quiet);

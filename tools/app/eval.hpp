@@ -30,6 +30,9 @@ GreedyAnswer greedy_answer(models::CuMo<Backend>& m, const io::Tokenizer& tok, c
                            std::size_t i, const io::ChatTemplate& chat, int image_tokens, std::int64_t max_new,
                            const std::string& where) {
   const auto p = io::tokenize_prompt(data.record(i), tok, chat, image_tokens, where);
+  // Without a reference, exact match compares two empty strings and the accuracy (and its baselines) read 1.0.
+  CUMO_CHECK(!trim_answer(p.answer).empty(), where, " (id ", data.record(i).id, ") has no reference answer (no "
+             "assistant turn, or an empty one): there is nothing to evaluate it against");
   Tensor pixels;
   if (data.has_image(i)) {
     const Tensor px = data.pixels(i);  // (3, S, S)

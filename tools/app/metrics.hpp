@@ -42,8 +42,8 @@ class CsvLog {
       if (std::getline(in, line)) {
         strip_cr(line);
         CUMO_CHECK(line == header_, "metrics log '", path_, "' has other columns than this run writes (its header is '",
-                   line.substr(0, 80), line.size() > 80 ? "…" : "", "'); move it away, or pass --overwrite to start the "
-                   "run anew");
+                   line.substr(0, 80), line.size() > 80 ? "…" : "", "'); nothing was changed. Move it away to start a new "
+                   "log (or train from stage 1 with --overwrite)");
         while (std::getline(in, line)) {
           strip_cr(line);
           if (line.empty()) continue;

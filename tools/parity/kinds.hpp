@@ -34,4 +34,38 @@ std::map<std::string, Runner> runners() {
   };
 }
 
+// A lower bound of the parameters the model a fixture's metadata config describes would have, from the sizes
+// alone. The fixture holds every one of them (and the reference outputs), so a config claiming more than the file's
+// elements is corrupt or hostile: refused before anything is built (a claimed hidden of 10^6 would otherwise allocate
+// terabytes of weights before the first tensor is compared). -1: a kind without an estimate.
+inline double claimed_parameters(const std::string& kind, const nlohmann::json& config) {
+  if (kind == "moe_mlp" || kind == "moe_swiglu") {
+    const double H = config.at("hidden").get<double>(), F = config.at("ffn").get<double>();
+    const double E = config.at("experts").get<double>();
+    return E * (kind == "moe_mlp" ? 2 : 3) * H * F + H * E;
+  }
+  if (kind == "clip_vision") return nn::VisionConfig::from_json(config).parameter_count();
+  if (kind == "mistral" || kind == "qwen2" || kind == "mixtral")
+    return nn::DecoderConfig::from_json(config).parameter_count();
+  if (kind == "llava") {
+    const auto c = nn::LlavaConfig::from_json(config);
+    return c.vision.parameter_count() + c.text.parameter_count();
+  }
+  if (kind == "cumo") return models::CuMoConfig::from_json(config).parameter_count();
+  if (kind == "llava_mod_distill")
+    return nn::DecoderConfig::from_json(config.at("teacher")).parameter_count() +
+           nn::DecoderConfig::from_json(config.at("student")).parameter_count();
+  return -1;
+}
+
+// Refuses a fixture whose config claims more parameters than the file holds elements (see claimed_parameters).
+inline void check_claimed_sizes(const io::SafeTensors& file, const std::string& kind, const nlohmann::json& config) {
+  const double claimed = claimed_parameters(kind, config);
+  double held = 0;
+  for (const auto& n : file.names()) held += double(file.info(n).shape.numel());
+  CUMO_CHECK(claimed <= held, "the metadata config describes a model of at least ", claimed,
+             " parameters, but the file holds only ", held, " tensor elements in all: the config does not match the "
+             "tensors (refused before building the model)");
+}
+
 }  // namespace cumo::parity
