@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The CPU training step, cumo vs PyTorch eager, side by side in one run (docs/benchmarks.md): the demo's stage-3
+# model and batch (configs/demo.json, 16 × 116 tokens), at 1 and 2 threads, each side ROUNDS times, alternating
+# so that both see the same machine state. Run on an otherwise idle machine.
+#   BUILD=dir (default build-bench)   ROUNDS=n (default 3)   CONFIG=run config (default configs/demo.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build-bench}
+ROUNDS=${ROUNDS:-3}
+CONFIG=${CONFIG:-configs/demo.json}
+PY=/usr/bin/python3  # Debian's python3-torch lives in the system interpreter, not in a pyenv/venv one
+"$PY" -c "import torch" 2>/dev/null || { echo "cpu_step_vs_torch.sh: needs Debian's python3-torch (apt-get install python3-torch)"; exit 1; }
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
+      -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
+cmake --build "$BUILD" -j2 --target bench_cpu_cumo_step
+for threads in 1 2; do
+  for round in $(seq "$ROUNDS"); do
+    echo "== threads $threads round $round"
+    OMP_NUM_THREADS=$threads "$BUILD/benchmarks/bench_cpu_cumo_step" --config "$CONFIG" \
+      --benchmark_min_time=3 2>/dev/null | grep -E "^cumo step"
+    OMP_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" --threads "$threads" --steps 20
+  done
+done
