@@ -91,6 +91,10 @@ void BM_cumo_step(benchmark::State& st) {
 
 // The floor: the step's FLOPs as square n³ fp32 GEMMs (n = 256, about the demo's widest operand side).
 void BM_dense_equal_flop(benchmark::State& st) {
+  if (g_flops <= 0) {  // the step's FLOP count comes from cumo_step, which a --benchmark_filter may leave out
+    st.SkipWithError("dense_equal_flop needs cumo_step to run first (its FLOP count)");
+    return;
+  }
   const Eigen::Index n = 256;
   const double per = 2.0 * double(n) * double(n) * double(n);
   const int reps = std::max(1, int(g_flops / per + 0.5));

@@ -20,6 +20,8 @@ struct StepBatch {
 
 inline StepBatch make_step_batch(const models::CuMoConfig& cfg, std::int64_t B, std::int64_t text_len,
                                  std::int64_t labelled = -1) {
+  CUMO_CHECK(B >= 1 && text_len >= 1 && labelled <= text_len, "make_step_batch: need B >= 1, text_len >= 1 and "
+             "labelled <= text_len (got ", B, ", ", text_len, ", ", labelled, ")");
   StepBatch b;
   b.B = B;
   b.n_img = cfg.llava.vision.patches();
