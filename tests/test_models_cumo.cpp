@@ -5,6 +5,7 @@
 
 #include "test_tmp.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -309,4 +310,103 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   Rng r(1);
   sparse.upcycle(r);
   CHECK_THROWS_AS(sparse.load(dpath), Error);
+}
+
+namespace {
+// Whether `a` and `b` hold the same dtype, shape and bytes.
+bool same_bytes(const io::SafeTensors& a, const std::string& an, const io::SafeTensors& b, const std::string& bn) {
+  const Tensor x = a.get(an), y = b.get(bn);
+  return x.dtype() == y.dtype() && x.shape() == y.shape() && bitwise_equal(x, y);
+}
+}  // namespace
+
+TEST_CASE("models cumo: the released CuMo layout loads as it is, and saving in it writes every tensor back bitwise") {
+  namespace fs = std::filesystem;
+  const auto f = io::SafeTensors::open(std::string(CUMO_FIXTURE_DIR) + "/cumo_release_e4_k2_v32_t32.safetensors");
+  const auto cfg = models::CuMoConfig::from_json(nlohmann::json::parse(f.metadata().at("config")));
+  const io::HFCheckpoint ck = io::HFCheckpoint::from(f);
+  const fs::path dir = cumo::test::tmp_root() / "cumo_release";
+  fs::create_directories(dir);
+  // the sparse model (param.*) and the dense one it was upcycled from (param.dense.*)
+  for (const std::string prefix : {"param.", "param.dense."}) {
+    CAPTURE(prefix);
+    models::CuMo<> m(cfg);
+    m.load(ck, prefix);
+    CHECK(m.vision_is_sparse() == (prefix == "param."));
+    CHECK(m.connector_is_sparse() == (prefix == "param."));
+    const std::string path = (dir / "release.safetensors").string();
+    m.save(path, io::Layout::cumo_release);
+    const auto saved = io::SafeTensors::open(path);
+    std::size_t in_fixture = 0;
+    for (const auto& n : f.names()) {
+      if (!n.starts_with(prefix) || (prefix == "param." && n.starts_with("param.dense."))) continue;
+      ++in_fixture;
+      const std::string bare = n.substr(prefix.size());
+      CAPTURE(bare);
+      REQUIRE(saved.contains(bare));
+      CHECK(same_bytes(saved, bare, f, n));
+    }
+    CHECK(saved.names().size() == in_fixture);  // nothing written beyond the release's tensors
+    // and back: the release file loads into a fresh model, which saves the transformers layout bitwise as before
+    models::CuMo<> back(cfg);
+    back.load(path);
+    const std::string a = (dir / "a.safetensors").string(), b = (dir / "b.safetensors").string();
+    m.save(a);
+    back.save(b);
+    const auto fa = io::SafeTensors::open(a), fb = io::SafeTensors::open(b);
+    REQUIRE(fa.names() == fb.names());
+    for (const auto& n : fa.names()) CHECK(same_bytes(fa, n, fb, n));
+  }
+}
+
+TEST_CASE("models cumo: release names — every one is a name load_hf accepts; a Mixtral decoder's experts are w1/w2/w3") {
+  namespace fs = std::filesystem;
+  CHECK(io::release_name("model.vision_tower.encoder.layers.3.mlp.gate.weight") ==
+        "model.vision_tower.vision_model.encoder.layers.3.gate.weight");
+  CHECK(io::release_name("model.vision_tower.encoder.layers.3.mlp.fc1.weight") ==
+        "model.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight");
+  CHECK(io::release_name("model.multi_modal_projector.linear_2.bias") == "model.mm_projector.2.bias");
+  CHECK(io::release_name("model.multi_modal_projector.gate.weight") == "model.mm_projector.gate.weight");
+  CHECK(io::release_name("model.language_model.layers.0.mlp.gate.weight") == "model.layers.0.block_sparse_moe.gate.weight");
+  CHECK(io::release_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight");
+  CHECK(io::release_name("lm_head.weight") == "lm_head.weight");
+  std::string module;
+  std::vector<std::string> parts;
+  REQUIRE(io::release_expert_parts("model.multi_modal_projector.experts.fc2.bias", module, parts));
+  CHECK(module == "model.mm_projector");
+  CHECK(parts == std::vector<std::string>{"2.bias"});
+  REQUIRE(io::release_expert_parts("model.language_model.layers.1.mlp.experts.gate_up_proj", module, parts));
+  CHECK(module == "model.layers.1.block_sparse_moe");
+  CHECK(parts == std::vector<std::string>{"w1.weight", "w3.weight"});
+  CHECK_FALSE(io::release_expert_parts("model.language_model.layers.1.mlp.gate_proj.weight", module, parts));
+
+  // a CuMo-Mixtral-like model: sparse CLIP, connector and decoder
+  auto cfg = tiny_config();
+  cfg.llava.text.experts = 2;
+  cfg.llava.text.top_k = 1;
+  Rng rng(4);
+  models::CuMo<> m(cfg);
+  Rng up(5);
+  m.upcycle(up);
+  randomize(m.parameters(), rng, 0.4f);
+  for (Parameter* p : m.parameters()) {
+    std::vector<std::string> ps;
+    if (io::release_expert_parts(p->name, module, ps)) continue;
+    const auto v = io::hf_name_variants(p->name);
+    CHECK_MESSAGE(std::find(v.begin(), v.end(), io::release_name(p->name)) != v.end(), p->name);
+  }
+  const fs::path dir = cumo::test::tmp_root() / "cumo_release_mixtral";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "m.safetensors").string();
+  m.save(path, io::Layout::cumo_release);
+  const auto saved = io::SafeTensors::open(path);
+  CHECK(saved.contains("model.layers.0.block_sparse_moe.experts.1.w3.weight"));
+  CHECK(saved.contains("model.layers.0.block_sparse_moe.gate.weight"));
+  CHECK(saved.contains("model.vision_tower.vision_model.encoder.layers.1.experts.3.fc2.bias"));
+  CHECK(saved.contains("model.mm_projector.experts.0.0.weight"));
+  models::CuMo<> back(cfg);  // the decoder is sparse from the config; CLIP and connector are detected by load()
+  back.load(path);
+  const auto pa = m.parameters(), pb = back.parameters();
+  REQUIRE(pa.size() == pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i) CHECK_MESSAGE(bitwise_equal(pa[i]->value, pb[i]->value), pa[i]->name);
 }

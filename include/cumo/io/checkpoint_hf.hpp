@@ -4,7 +4,8 @@
 //   holding either. load_hf(params, ckpt): every parameter is looked up under each naming variant of its canonical
 //   name (io/hf_names.hpp), fused experts are assembled from per-expert tensors when the file stores them so,
 //   bf16 / f16 / f64 become fp32, and every missing or mis-shaped tensor is reported — all of them at once — by
-//   name with both shapes. save_hf() writes canonical (transformers 5) names that PyTorch loads back as they are.
+//   name with both shapes. save_hf() writes canonical (transformers 5) names that PyTorch loads back as they are, or the released CuMo
+// checkpoints' layout (Layout::cumo_release).
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -206,14 +207,51 @@ inline LoadResult load_hf(const ParameterList& params, const std::string& path, 
   return load_hf(params, HFCheckpoint::open(path), opt);
 }
 
-// Writes every parameter under its canonical HF name (fp32), atomically. `metadata` goes to __metadata__
-// (HF writes {"format": "pt"}; added when absent).
-inline void save_hf(const std::string& path, const ParameterList& params, std::map<std::string, std::string> metadata = {}) {
-  std::vector<std::pair<std::string, Tensor>> t;
-  for (Parameter* p : params)  // a device parameter is written from a host copy
-    t.emplace_back(p->name, p->value.device() == Device::cpu ? p->value : p->value.to(Device::cpu));
+// How save_hf names what it writes.
+enum class Layout {
+  transformers,  // canonical transformers 5 names, experts fused (E, …): what PyTorch's LlavaForConditionalGeneration loads
+  cumo_release,  // the released SHI-Labs/CuMo checkpoints' names, experts one tensor each (io::release_name)
+};
+
+inline Layout parse_layout(const std::string& s) {
+  if (s == "transformers") return Layout::transformers;
+  if (s == "release" || s == "cumo_release") return Layout::cumo_release;
+  fail("unknown checkpoint layout '", s, "' (accepted: transformers, release)");
+}
+
+namespace detail {
+// (name, tensor) pairs of `params` in `layout`, host tensors; a fused expert tensor (E, R, …) becomes E tensors per
+// part, each part a block of R / parts rows.
+inline std::vector<std::pair<std::string, Tensor>> named_for_layout(const ParameterList& params, Layout layout) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (Parameter* p : params) {
+    Tensor host = p->value.device() == Device::cpu ? p->value : p->value.to(Device::cpu);
+    std::string module;
+    std::vector<std::string> parts;
+    if (layout == Layout::transformers) {
+      out.emplace_back(p->name, host);
+    } else if (!release_expert_parts(p->name, module, parts)) {
+      out.emplace_back(release_name(p->name), host);
+    } else {
+      const std::int64_t E = host.size(0), rows = host.size(1) / std::int64_t(parts.size());
+      for (std::int64_t e = 0; e < E; ++e) {
+        const Tensor slice = host.select(0, e);  // (R, …)
+        for (std::size_t k = 0; k < parts.size(); ++k)
+          out.emplace_back(module + ".experts." + std::to_string(e) + "." + parts[k],
+                           slice.slice(0, std::int64_t(k) * rows, std::int64_t(k + 1) * rows).contiguous());
+      }
+    }
+  }
+  return out;
+}
+}  // namespace detail
+
+// Writes every parameter (fp32) atomically, named as `layout` says. `metadata` goes to __metadata__ (HF writes
+// {"format": "pt"}; added when absent). Either layout loads back through load_hf, bitwise.
+inline void save_hf(const std::string& path, const ParameterList& params, std::map<std::string, std::string> metadata = {},
+                    Layout layout = Layout::transformers) {
   metadata.emplace("format", "pt");
-  save(path, t, metadata);
+  save(path, detail::named_for_layout(params, layout), metadata);
 }
 
 }  // namespace cumo::io

@@ -302,9 +302,10 @@ class CuMo {
     io::load_hf(parameters(), ck, opt);
   }
   void load(const std::string& path) { load(io::HFCheckpoint::open(path)); }
-  // Writes every parameter under its HF name (fused experts), with the config in the metadata ("cumo_config").
-  void save(const std::string& path) {
-    io::save_hf(path, parameters(), {{"cumo_config", cfg_.to_json().dump()}});
+  // Writes every parameter with the config in the metadata ("cumo_config"): under its HF name with fused experts
+  // (Layout::transformers), or in the released CuMo checkpoints' layout, one tensor per expert (Layout::cumo_release).
+  void save(const std::string& path, io::Layout layout = io::Layout::transformers) {
+    io::save_hf(path, parameters(), {{"cumo_config", cfg_.to_json().dump()}}, layout);
   }
 
  private:
