@@ -1,6 +1,10 @@
 // Generation with the KV cache computes exactly what a full causal forward computes.
 #include <doctest/doctest.h>
 
+#include <cmath>
+#include <set>
+#include <vector>
+
 #include "cumo/nn.hpp"
 #include "nn_test_util.hpp"
 
@@ -40,4 +44,41 @@ TEST_CASE("nn generation: prefill + token-by-token decoding with the KV cache eq
     }
   }
   CHECK(cache[0].len == T);
+}
+
+TEST_CASE("nn sampling: greedy is the argmax; temperature sampling follows softmax(z/T); top-p keeps the nucleus") {
+  const std::vector<float> z{1.0f, 3.0f, 2.0f, -1.0f, 3.0f};  // a tie at 1 and 4: greedy takes the lower id
+  nn::TokenSampler greedy(nn::SamplingOptions{});
+  CHECK(greedy.next(z.data(), 5) == 1);
+
+  // frequencies of 200k draws at T = 2 against softmax(z / 2): 5 standard errors at most (about 0.005)
+  const float T = 2.f;
+  nn::TokenSampler s(nn::SamplingOptions{T, 1.f, 42});
+  std::vector<double> want(5), got(5, 0.0);
+  double sum = 0;
+  for (int i = 0; i < 5; ++i) sum += want[i] = std::exp(z[i] / T);
+  const int n = 200000;
+  for (int k = 0; k < n; ++k) got[std::size_t(s.next(z.data(), 5))] += 1.0 / n;
+  for (int i = 0; i < 5; ++i) {
+    const double p = want[i] / sum, se = std::sqrt(p * (1 - p) / n);
+    CAPTURE(i);
+    CHECK(std::abs(got[i] - p) < 5 * se + 1e-12);
+  }
+
+  // top-p: probabilities at T = 1 are 0.0537, 0.3966, 0.1459, 0.0073, 0.3966 (sorted: ids 1, 4, 2, 0, 3).
+  // top_p 0.5 keeps {1, 4} (0.3966 < 0.5 before id 4, 0.7932 ≥ 0.5 before id 2); top_p 0.3 keeps {1} alone.
+  nn::TokenSampler half(nn::SamplingOptions{1.f, 0.5f, 7});
+  std::set<std::int64_t> seen;
+  for (int k = 0; k < 2000; ++k) seen.insert(half.next(z.data(), 5));
+  CHECK(seen == std::set<std::int64_t>{1, 4});
+  nn::TokenSampler tiny(nn::SamplingOptions{1.f, 0.3f, 7});
+  for (int k = 0; k < 100; ++k) CHECK(tiny.next(z.data(), 5) == 1);
+
+  // the same seed draws the same tokens
+  nn::TokenSampler a(nn::SamplingOptions{0.8f, 0.9f, 5}), b(nn::SamplingOptions{0.8f, 0.9f, 5});
+  for (int k = 0; k < 50; ++k) CHECK(a.next(z.data(), 5) == b.next(z.data(), 5));
+
+  CHECK_THROWS_AS(nn::TokenSampler(nn::SamplingOptions{-1.f, 1.f, 0}), Error);
+  CHECK_THROWS_AS(nn::TokenSampler(nn::SamplingOptions{1.f, 0.f, 0}), Error);
+  CHECK_THROWS_AS(nn::TokenSampler(nn::SamplingOptions{1.f, 1.5f, 0}), Error);
 }

@@ -11,4 +11,5 @@
 #include "cumo/nn/mlp.hpp"
 #include "cumo/nn/rmsnorm.hpp"
 #include "cumo/nn/rope.hpp"
+#include "cumo/nn/sampling.hpp"
 #include "cumo/nn/vit.hpp"

@@ -14,7 +14,7 @@
 //
 // Composition rather than duplication: the three parts are nn::Llava's (ClipVision, Connector, DecoderLM), whose
 // MLP slots are FeedForward<Dense, Sparse> variants; this header adds the stage-3 transformation, the CuMo loss and
-// its backward, the loss/load report, KV-cached greedy generation over an image prompt, and checkpoint I/O that
+// its backward, the loss/load report, KV-cached generation (greedy or sampled) over an image prompt, and checkpoint I/O that
 // detects a sparse checkpoint and upcycles the shapes before loading.
 //
 // Parameter names are HF's (transformers 5): model.vision_tower.…, model.multi_modal_projector.…,
@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,7 @@
 
 #include "cumo/io/checkpoint_hf.hpp"
 #include "cumo/nn/llava.hpp"
+#include "cumo/nn/sampling.hpp"
 
 namespace cumo::models {
 
@@ -233,16 +235,23 @@ class CuMo {
   ParameterList language_parameters() { return m_.language_model.parameters(); }
 
   // ---- generation -----------------------------------------------------------------------------------------
-  // Greedy decoding for one image and one prompt with the decoder's KV cache. The prompt holds either one
-  // image_token_id per patch (as forward() wants) or a single image_token_id, which is expanded to patches() of them.
-  // Returns the new token ids, stopping after eos_id (included) or max_new tokens. Overwrites the saved forward
-  // state (no backward() for a forward before it).
+  struct GenerateOptions {
+    std::int64_t max_new = 32;
+    std::int64_t eos_id = -1;        // stop after this token (included); -1: never
+    nn::SamplingOptions sampling;    // greedy by default
+    std::function<void(std::int64_t)> on_token;  // called with each new token as soon as it is chosen (streaming)
+  };
+  // Decoding for one image and one prompt with the decoder's KV cache: greedy, or sampled with temperature and
+  // top-p (nn/sampling.hpp). The prompt holds either one image_token_id per patch (as forward() wants) or a single
+  // image_token_id, which is expanded to patches() of them. Returns the new token ids, stopping after eos_id
+  // (included) or max_new tokens. Overwrites the saved forward state (no backward() for a forward before it).
   std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt_ids, const Tensor& pixels,
-                                     std::int64_t max_new, std::int64_t eos_id) {
+                                     const GenerateOptions& o) {
     constexpr const char* where = "CuMo::generate";
     has_forward_ = false;
     const std::int64_t image_id = cfg_.llava.image_token_id, N = cfg_.llava.vision.patches();
     CUMO_CHECK(!prompt_ids.empty(), where, ": empty prompt");
+    CUMO_CHECK(o.max_new >= 0, where, ": max_new must be >= 0, got ", o.max_new);
     std::int64_t n_img = 0;
     for (auto id : prompt_ids) n_img += id == image_id;
     std::vector<std::int64_t> ids;
@@ -256,18 +265,29 @@ class CuMo {
     CUMO_CHECK(!has_image || pixels.size(0) == 1, where, ": one image at a time, got pixel_values of shape ",
                pixels.shape());
     auto& lm = m_.language_model;
+    nn::TokenSampler sampler(o.sampling);
     const std::int64_t P = std::int64_t(ids.size());
     const Tensor emb = m_.embed_multimodal(ids, pixels, /*training=*/false);  // (P, H), image rows written
-    auto cache = lm.make_cache(1, P + std::max<std::int64_t>(max_new, 1));
+    auto cache = lm.make_cache(1, P + std::max<std::int64_t>(o.max_new, 1));
     std::vector<std::int64_t> out;
     Tensor logits = lm.forward_cached_embeds(emb, 1, P, cache);  // (P, V)
-    for (std::int64_t s = 0; s < max_new; ++s) {
-      const std::int64_t next = argmax_last_row(logits);
+    for (std::int64_t s = 0; s < o.max_new; ++s) {
+      const Tensor row = last_row_on_host(logits);  // (V,)
+      const std::int64_t next = sampler.next(row.data<float>(), row.numel());
       out.push_back(next);
-      if (next == eos_id || s + 1 == max_new) break;
+      if (o.on_token) o.on_token(next);
+      if (next == o.eos_id || s + 1 == o.max_new) break;
       logits = lm.forward_cached({next}, 1, 1, cache);  // (1, V)
     }
     return out;
+  }
+  // Greedy decoding (the evaluation's).
+  std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt_ids, const Tensor& pixels,
+                                     std::int64_t max_new, std::int64_t eos_id) {
+    GenerateOptions o;
+    o.max_new = max_new;
+    o.eos_id = eos_id;
+    return generate(prompt_ids, pixels, o);
   }
 
   // ---- checkpoints ----------------------------------------------------------------------------------------
@@ -315,14 +335,12 @@ class CuMo {
     for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = v;
   }
   double scalar(const Tensor& t) const { return double(be_.item(t)); }
-  // The greedy choice after the last position: its logits row is read on the host.
-  std::int64_t argmax_last_row(const Tensor& logits) const {
+  // The logits row after the last position, on the host: (V,).
+  Tensor last_row_on_host(const Tensor& logits) const {
     const std::int64_t V = logits.size(1);
     Tensor row = be_.empty({1, V});
     be_.copy_blocks(logits, (logits.size(0) - 1) * V, 0, row, 0, 0, V, 1);
-    const Tensor host = be_.to_host(row);
-    const float* z = host.data<float>();
-    return std::int64_t(std::max_element(z, z + V) - z);
+    return be_.to_host(row).view({V});
   }
   static CuMoConfig validated(CuMoConfig c) {
     c.validate("CuMo");
