@@ -185,7 +185,7 @@ TEST_CASE("data/llava: image placeholder rules (LLaVA's implicit <image>, errors
                        cumo::Error);
 }
 
-TEST_CASE("data/llava: plain, chat and vicuna templates render as documented") {
+TEST_CASE("data/llava: plain, chat, vicuna and mistral_instruct_system templates render as documented") {
   const ByteTokenizer tok;
   const auto r = qa("a.png", {{"<image>\nDescribe.", "a red circle."}});
   const auto plain = tokenize_conversation(r, tok, ChatTemplate::plain(), 2);
@@ -196,6 +196,14 @@ TEST_CASE("data/llava: plain, chat and vicuna templates render as documented") {
   const auto vic = tokenize_conversation(r, tok, ChatTemplate::vicuna(), 1);
   CHECK(tok.decode(vic.ids, false).find(" USER: <image>\nDescribe. ASSISTANT: a red circle.</s>") != std::string::npos);
   CHECK_THROWS_AS(ChatTemplate::from_name("nope"), cumo::Error);
+  // CuMo's eval/serve template: the system message inside the first [INST] only
+  const auto two = qa("a.png", {{"<image>\nDescribe.", "a red circle."}, {"And?", "done."}});
+  const auto sys = tokenize_conversation(two, tok, ChatTemplate::from_name("mistral_instruct_system"), 1);
+  CHECK(tok.decode(sys.ids, false) ==
+        "<s>[INST] <<SYS>>\nA chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions.\n<</SYS>>\n\n<image>\nDescribe. [/INST] a red "
+        "circle.</s>[INST] And? [/INST] done.</s>");
+  CHECK(ChatTemplate::from_name("mistral_instruct").name == "mistral");
 }
 
 TEST_CASE("data/llava: max_length truncates the tail but refuses to cut through the image tokens") {

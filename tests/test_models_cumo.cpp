@@ -8,11 +8,13 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <string>
 
 #include "../tools/parity/cumo.hpp"
 #include "cumo/models/cumo.hpp"
+#include "cumo/models/cumo_release.hpp"
 #include "cumo/models/llava_mod.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo_test_config.hpp"
@@ -434,4 +436,69 @@ TEST_CASE("models cumo: sampled generation — reproducible per seed, streamed i
   CHECK(draws.size() > 1);  // at T = 1.5 over 13 tokens, eight seeds do not all draw the same 8 tokens
   o.sampling = nn::SamplingOptions{1.f, 1e-6f, 3};  // the nucleus is the top token alone: greedy
   CHECK(m.generate(prompt, px, o) == m.generate(prompt, px, 8, -1));
+}
+
+TEST_CASE("models cumo: a release config.json (LlavaMistralConfig) with or without a CLIP config builds the model") {
+  namespace fs = std::filesystem;
+  const auto f = io::SafeTensors::open(std::string(CUMO_FIXTURE_DIR) + "/cumo_release_e4_k2_v32_t32.safetensors");
+  const auto fixture = nlohmann::json::parse(f.metadata().at("config"));
+  const auto cfg = models::CuMoConfig::from_json(fixture);
+  nlohmann::json j = models::release_config_json(cfg, true, true);
+  CHECK(j.at("model_type") == "llava_mistral");
+  CHECK(j.at("mm_projector_type") == "smoe_mlp");
+  const io::HFCheckpoint ck = io::HFCheckpoint::from(f);
+
+  // with the CLIP config: the fixture's model exactly, and its logits
+  const nlohmann::json clip = fixture.at("llava").at("vision_config");
+  const auto r = models::release_config(j, &clip, &ck);
+  CHECK(r.sparse_vision);
+  CHECK(r.sparse_connector);
+  CHECK(r.pad_to_square);
+  CHECK(r.model.experts == 4);
+  CHECK(r.model.top_k == 2);
+  CHECK(r.model.llava.vision.heads == 4);
+  CHECK(r.model.llava.text.kv_heads == 2);
+  CHECK(r.model.llava.image_token_id == 97);  // one past the vocabulary, as SentencePieceTokenizer's <image>
+  models::CuMo<> m(r.model);
+  m.load(ck, "param.");
+
+  // without it: the sizes inferred from the tensors, and the notes say what was assumed
+  const auto inf = models::release_config(j, nullptr, &ck, "param.");
+  CHECK(inf.model.llava.vision.hidden == 32);
+  CHECK(inf.model.llava.vision.layers == 2);
+  CHECK(inf.model.llava.vision.ffn == 64);
+  CHECK(inf.model.llava.vision.patch_size == 8);
+  CHECK(inf.model.llava.vision.image_size == 32);
+  REQUIRE(inf.notes.size() == 2);
+  CHECK(inf.notes[1].find("assumed") != std::string::npos);
+
+  // bad values name the accepted ones
+  auto bad = j;
+  bad["mm_projector_type"] = "qformer";
+  CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("accepted: smoe_mlp, mlp2x_gelu"), Error);
+  bad = j;
+  bad["model_type"] = "llama";
+  CHECK_THROWS_AS(models::release_config(bad, &clip, &ck), Error);
+  bad = j;
+  bad["scales"] = {1, 2};
+  CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("scales"), Error);
+
+  // a directory as released: config.json + model.safetensors (release layout), the CLIP config beside it
+  const fs::path dir = cumo::test::tmp_root() / "release_dir" / "cumo-mistral-tiny";
+  fs::create_directories(dir);
+  j["mm_vision_tower"] = "openai/clip-tiny";
+  std::ofstream(dir / "config.json") << j.dump(2);
+  m.save((dir / "model.safetensors").string(), io::Layout::cumo_release);
+  const auto plain = models::load_release_config(dir.string());
+  CHECK(plain.notes.size() == 2);  // inferred
+  fs::create_directories(dir.parent_path() / "clip-tiny");
+  std::ofstream(dir.parent_path() / "clip-tiny" / "config.json") << nlohmann::json{{"vision_config", clip}}.dump();
+  const auto beside = models::load_release_config(dir.string());
+  CHECK(beside.model.llava.vision.heads == 4);
+  models::CuMo<> back(beside.model);
+  back.load(dir.string());
+  CHECK(back.vision_is_sparse());
+  const auto pa = m.parameters(), pb = back.parameters();
+  REQUIRE(pa.size() == pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i) CHECK(bitwise_equal(pa[i]->value, pb[i]->value));
 }

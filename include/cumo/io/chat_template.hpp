@@ -28,9 +28,21 @@ struct ChatTemplate {
   std::string assistant_suffix;           // after each answer's eos (unlabelled)
   bool add_bos = true;
   bool image_only_user = false;           // "plain": user text dropped, only its image tokens kept
+  bool system_in_first_user = false;      // LLaMA-2 style: the system text goes after the first user_prefix
 
   // <s>[INST] {human} [/INST] {gpt}</s>[INST] ... (CuMo's Mistral-instruct models)
   static ChatTemplate mistral() { return ChatTemplate{}; }
+  // CuMo's evaluation and serving template (LLaVA's conv_mistral_instruct_system, LLAMA_2 style): the system
+  // message inside the first [INST] —
+  //   <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{human} [/INST] {gpt}</s>
+  static ChatTemplate mistral_instruct_system() {
+    ChatTemplate t;
+    t.name = "mistral_instruct_system";
+    t.system = "<<SYS>>\nA chat between a curious user and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions.\n<</SYS>>\n\n";
+    t.system_in_first_user = true;
+    return t;
+  }
   // LLaVA's stage-1 "plain" format: <s>{image tokens}{caption}</s>. Only the image of the user turn is kept.
   static ChatTemplate plain() {
     ChatTemplate t;
@@ -60,11 +72,12 @@ struct ChatTemplate {
     return t;
   }
   static ChatTemplate from_name(std::string_view n) {
-    if (n == "mistral") return mistral();
+    if (n == "mistral" || n == "mistral_instruct") return mistral();
+    if (n == "mistral_instruct_system") return mistral_instruct_system();
     if (n == "plain") return plain();
     if (n == "vicuna") return vicuna();
     if (n == "chat") return chat();
-    fail("ChatTemplate: unknown template '", n, "' (known: mistral, plain, vicuna, chat)");
+    fail("ChatTemplate: unknown template '", n, "' (known: mistral (= mistral_instruct), mistral_instruct_system, plain, vicuna, chat)");
   }
 };
 
@@ -131,8 +144,8 @@ inline TokenizedConversation render_conversation(const LlavaRecord& r, const Tok
     }
 
   if (t.add_bos) push({tok.bos_id()}, false);
-  push_text(t.system, false);
-  bool image_done = false;
+  if (!t.system_in_first_user) push_text(t.system, false);
+  bool image_done = false, system_done = !t.system_in_first_user;
   Role prev = Role::system;
   for (std::size_t i = first; i < r.conversations.size(); ++i) {
     const Turn& turn = r.conversations[i];
@@ -151,6 +164,8 @@ inline TokenizedConversation render_conversation(const LlavaRecord& r, const Tok
       // LLaVA: a record with an image but no placeholder gets "<image>\n" in front of its first user message.
       if (has_image && !image_done && placeholders == 0) value = std::string(kImagePlaceholder) + "\n" + value;
       push_text(t.user_prefix, false);
+      if (!system_done) push_text(t.system, false);
+      system_done = true;
       const std::size_t p = value.find(kImagePlaceholder);
       if (p != std::string::npos && !image_done) {
         if (!t.image_only_user) push_text(std::string_view(value).substr(0, p), false);
