@@ -501,4 +501,24 @@ TEST_CASE("models cumo: a release config.json (LlavaMistralConfig) with or witho
   const auto pa = m.parameters(), pb = back.parameters();
   REQUIRE(pa.size() == pb.size());
   for (std::size_t i = 0; i < pa.size(); ++i) CHECK(bitwise_equal(pa[i]->value, pb[i]->value));
+
+  // a tower saved without post_layernorm (unused at feature layer -2) still loads; any other missing tensor fails
+  const auto full = io::SafeTensors::open((dir / "model.safetensors").string());
+  std::vector<std::pair<std::string, Tensor>> kept, kept_but_one;
+  for (const auto& n : full.names()) {
+    if (n.find("post_layernorm") != std::string::npos) continue;
+    kept.emplace_back(n, full.get(n));
+    if (n != "lm_head.weight") kept_but_one.emplace_back(n, full.get(n));
+  }
+  const std::string no_post = (dir.parent_path() / "no_post.safetensors").string();
+  io::save(no_post, kept);
+  models::CuMo<> without(beside.model);
+  without.load(no_post);
+  const auto pw = without.parameters();
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    if (pa[i]->name.find("post_layernorm") == std::string::npos) CHECK(bitwise_equal(pa[i]->value, pw[i]->value));
+  const std::string no_head = (dir.parent_path() / "no_head.safetensors").string();
+  io::save(no_head, kept_but_one);
+  models::CuMo<> headless(beside.model);
+  CHECK_THROWS_WITH_AS(headless.load(no_head), doctest::Contains("missing 'lm_head.weight'"), Error);
 }

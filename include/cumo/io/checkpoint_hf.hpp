@@ -97,11 +97,13 @@ class HFCheckpoint {
 struct LoadOptions {
   std::string prefix;          // prepended to every name looked up (fixtures store weights as "param.<name>")
   bool allow_missing = false;  // leave missing parameters as they are instead of failing
+  // parameters whose name ends with one of these may be absent (left as they are, listed in LoadResult::missing)
+  std::vector<std::string> optional_suffixes;
 };
 
 struct LoadResult {
   std::vector<std::pair<std::string, std::string>> loaded;  // (parameter, name found in the file; "experts:…" when assembled)
-  std::vector<std::string> missing;                          // only with allow_missing
+  std::vector<std::string> missing;                          // with allow_missing or optional_suffixes
 };
 
 namespace detail {
@@ -186,7 +188,9 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
       problems.push_back(expert_problem);
       continue;
     }
-    if (opt.allow_missing) {
+    bool optional = opt.allow_missing;
+    for (const auto& suffix : opt.optional_suffixes) optional |= p->name.ends_with(suffix);
+    if (optional) {
       res.missing.push_back(p->name);
       continue;
     }

@@ -319,6 +319,9 @@ class CuMo {
     }
     io::LoadOptions opt;
     opt.prefix = prefix;
+    // CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads; the released CuMo CLIP-MoE towers
+    // may not store it. Absent, it keeps its value (ones and zeros when freshly built).
+    opt.optional_suffixes = {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"};
     io::load_hf(parameters(), ck, opt);
   }
   void load(const std::string& path) { load(io::HFCheckpoint::open(path)); }

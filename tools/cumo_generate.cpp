@@ -1,0 +1,227 @@
+// cumo_generate: answers a question about an image with a CuMo checkpoint, streaming the answer as it is generated.
+//
+//   cumo_generate --checkpoint DIR --image FILE --prompt "..." [--max-new-tokens N] [--temperature T] [--top-p P]
+//                 [--seed S] [--template NAME] [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32]
+//   cumo_generate --checkpoint DIR --batch FILE.jsonl [same options]     one {"image", "prompt"} object per line;
+//                 writes one {"image", "prompt", "answer", "tokens", "seconds"} line per record to stdout
+//
+// DIR is either a released CuMo checkpoint (config.json with model_type llava_mistral / llava_mixtral, weights in the
+// release layout, tokenizer.model beside them; models/cumo_release.hpp) or a checkpoint written by cumo_train. The
+// prompt is rendered with the checkpoint's chat template (release: mistral_instruct_system, CuMo's eval template),
+// the image preprocessed as the model was trained (release: pad to square with the CLIP mean colour when
+// image_aspect_ratio is "pad", CLIP resize and crop). Temperature 0 (the default) is greedy. Tokens/s goes to stderr.
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "cli.hpp"
+#include "app/checkpoints.hpp"
+#include "app/run_config.hpp"
+#include "cumo/io/image.hpp"
+#include "cumo/models/cumo_release.hpp"
+
+namespace {
+constexpr const char* kTool = "cumo_generate";
+namespace fs = std::filesystem;
+using namespace cumo;
+
+void usage(std::ostream& os) {
+  os << "usage: cumo_generate --checkpoint DIR (--image FILE --prompt TEXT | --batch FILE.jsonl)\n"
+        "                     [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--template NAME]\n"
+        "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32] [--quiet]\n"
+        "  --checkpoint   a released CuMo directory (config.json + release-layout weights) or a cumo_train checkpoint\n"
+        "  --temperature  0 (default): greedy; > 0: sampling, with --top-p (default 1) and --seed (default 0)\n"
+        "  --tokenizer    default: DIR/tokenizer.model for a release, the run's tokenizer for a cumo_train checkpoint\n"
+        "  --template     chat template (default: mistral_instruct_system for a release, the run's eval template)\n"
+        "  --clip-config  the CLIP config.json of a release (default: beside it, else inferred from the tensors)\n"
+        "  --batch        JSON lines of {\"image\": FILE, \"prompt\": TEXT}; answers go to stdout as JSON lines\n";
+}
+
+struct Args {
+  std::string checkpoint, image, prompt, batch, chat, tokenizer, clip_config, device = "cpu", dtype = "f32";
+  long long max_new = 128, seed = 0;
+  float temperature = 0.f, top_p = 1.f;
+  bool quiet = false;
+};
+
+float to_float(std::string_view flag, const char* v) {
+  char* end = nullptr;
+  const float x = std::strtof(v, &end);
+  if (end == v || *end != '\0') {
+    std::cerr << kTool << ": " << flag << " expects a number, got '" << v << "'\n";
+    std::exit(2);
+  }
+  return x;
+}
+
+// The model and everything needed to prompt it.
+struct Loaded {
+  std::unique_ptr<models::CuMo<>> model;
+  std::unique_ptr<io::Tokenizer> tok;
+  io::ChatTemplate chat;
+  io::ClipPreprocess pre;
+  int image_tokens = 0;
+};
+
+Loaded load(const Args& a) {
+  Loaded l;
+  const bool release = fs::exists(fs::path(a.checkpoint) / "config.json") &&
+                       !fs::exists(fs::path(a.checkpoint) / "trainer_state.json");
+  if (release) {
+    const models::ReleaseConfig rc = models::load_release_config(a.checkpoint, a.clip_config);
+    for (const auto& n : rc.notes)
+      if (!a.quiet) std::cerr << kTool << ": " << n << "\n";
+    l.tok = io::load_tokenizer(a.tokenizer.empty() ? (fs::path(a.checkpoint) / "tokenizer.model").string() : a.tokenizer);
+    CUMO_CHECK(l.tok->image_id() == rc.model.llava.image_token_id, "the tokenizer's <image> id ", l.tok->image_id(),
+               " differs from the model's ", rc.model.llava.image_token_id, " (one past the vocabulary)");
+    l.model = std::make_unique<models::CuMo<>>(rc.model);
+    l.model->load(a.checkpoint);
+    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? "mistral_instruct_system" : a.chat);
+    l.pre.size = int(rc.model.llava.vision.image_size);
+    if (rc.pad_to_square) l.pre.aspect = io::AspectMode::pad;
+    l.image_tokens = int(rc.model.llava.vision.patches());
+  } else {
+    l.tok = io::load_tokenizer(a.tokenizer.empty() ? app::run_config_of_checkpoint(a.checkpoint).tokenizer : a.tokenizer);
+    app::RunConfig cfg;
+    l.model = std::make_unique<models::CuMo<>>(app::load_model_from_checkpoint(a.checkpoint, *l.tok, &cfg));
+    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? cfg.eval_template : a.chat);
+    l.pre.size = int(cfg.image_size());
+    l.image_tokens = int(cfg.image_tokens());
+  }
+  return l;
+}
+
+struct Answer {
+  std::string text;
+  std::int64_t tokens = 0;
+  double seconds = 0;
+};
+
+// One image and one prompt; with `stream`, the answer's text is written to stdout as its tokens arrive.
+Answer answer(Loaded& l, const Args& a, const std::string& image, const std::string& prompt, bool stream) {
+  io::LlavaRecord r;
+  r.id = "prompt";
+  r.image = image;
+  r.conversations = {{io::Role::user, "human", "<image>\n" + prompt}, {io::Role::assistant, "gpt", ""}};
+  const auto p = io::tokenize_prompt(r, *l.tok, l.chat, l.image_tokens, "--prompt");
+  const Tensor px = io::clip_preprocess_file(image, l.pre);  // (3, S, S); an undecodable file names itself
+  const Tensor pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
+  models::CuMo<>::GenerateOptions o;
+  o.max_new = a.max_new;
+  o.eos_id = l.tok->eos_id();
+  o.sampling = nn::SamplingOptions{a.temperature, a.top_p, std::uint64_t(a.seed)};
+  std::vector<std::int64_t> so_far;
+  std::string shown;
+  if (stream)
+    o.on_token = [&](std::int64_t t) {  // decode the whole answer each time: a multi-byte character may span tokens
+      so_far.push_back(t);
+      const std::string text = l.tok->decode(so_far, /*skip_special=*/true);
+      if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+        std::cout << text.substr(shown.size()) << std::flush;
+        shown = text;
+      }
+    };
+  const std::vector<std::int64_t> ids(p.ids.begin(), p.ids.end());
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto out = l.model->generate(ids, pixels, o);
+  Answer ans;
+  ans.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ans.tokens = std::int64_t(out.size());
+  ans.text = l.tok->decode(out, /*skip_special=*/true);
+  if (stream) std::cout << ans.text.substr(std::min(shown.size(), ans.text.size())) << "\n" << std::flush;
+  return ans;
+}
+
+int run(const Args& a) {
+  CUMO_CHECK(a.device == "cpu", "--device ", a.device, " is not supported by cumo_generate yet (cpu only)");
+  CUMO_CHECK(a.dtype == "f32", "--dtype ", a.dtype,
+             " is not supported yet: weights are held in fp32 (bf16/f16 checkpoints are converted on loading)");
+  Loaded l = load(a);
+  if (a.batch.empty()) {
+    const Answer ans = answer(l, a, a.image, a.prompt, /*stream=*/true);
+    std::fprintf(stderr, "%s: %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included)\n", kTool,
+                 static_cast<long long>(ans.tokens), ans.seconds, ans.seconds > 0 ? double(ans.tokens) / ans.seconds : 0.0);
+    return 0;
+  }
+  std::ifstream in(a.batch);
+  CUMO_CHECK(in, "cannot open --batch '", a.batch, "'");
+  std::string line;
+  std::int64_t n = 0, tokens = 0;
+  double seconds = 0;
+  for (std::int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      fail("--batch '", a.batch, "' line ", lineno, " is not JSON: ", e.what());
+    }
+    CUMO_CHECK(j.is_object() && j.contains("image") && j["image"].is_string() && j.contains("prompt") &&
+                   j["prompt"].is_string(),
+               "--batch '", a.batch, "' line ", lineno, ": need {\"image\": FILE, \"prompt\": TEXT}");
+    fs::path image = j["image"].get<std::string>();
+    if (image.is_relative()) image = fs::path(a.batch).parent_path() / image;
+    const Answer ans = answer(l, a, image.string(), j["prompt"].get<std::string>(), /*stream=*/false);
+    std::cout << nlohmann::json{{"image", j["image"]}, {"prompt", j["prompt"]}, {"answer", ans.text},
+                                {"tokens", ans.tokens}, {"seconds", ans.seconds}}
+                     .dump()
+              << "\n"
+              << std::flush;
+    ++n;
+    tokens += ans.tokens;
+    seconds += ans.seconds;
+  }
+  CUMO_CHECK(n > 0, "--batch '", a.batch, "' has no records");
+  std::fprintf(stderr, "%s: %lld prompts, %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included)\n", kTool,
+               static_cast<long long>(n), static_cast<long long>(tokens), seconds, seconds > 0 ? double(tokens) / seconds : 0.0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  auto on_switch = [&](std::string_view f) {
+    if (f == "--quiet" || f == "-q") return a.quiet = true;
+    return false;
+  };
+  auto on_value = [&](std::string_view f, const char* v) {
+    if (f == "--checkpoint") a.checkpoint = v;
+    else if (f == "--image") a.image = v;
+    else if (f == "--prompt") a.prompt = v;
+    else if (f == "--batch") a.batch = v;
+    else if (f == "--template") a.chat = v;
+    else if (f == "--tokenizer") a.tokenizer = v;
+    else if (f == "--clip-config") a.clip_config = v;
+    else if (f == "--device") a.device = v;
+    else if (f == "--dtype") a.dtype = v;
+    else if (f == "--max-new-tokens") a.max_new = cli::to_int(kTool, f, v, 1, INT_MAX);
+    else if (f == "--seed") a.seed = cli::to_int(kTool, f, v, 0);
+    else if (f == "--temperature") a.temperature = to_float(f, v);
+    else if (f == "--top-p") a.top_p = to_float(f, v);
+    else return false;
+    return true;
+  };
+  if (const auto status = cli::parse_args(kTool, argc, argv, usage, on_switch, on_value)) return *status;
+  if (a.checkpoint.empty() || (a.batch.empty() && (a.image.empty() || a.prompt.empty()))) {
+    std::cerr << kTool << ": --checkpoint and either --image + --prompt or --batch are required\n";
+    usage(std::cerr);
+    return 2;
+  }
+  try {
+    return run(a);
+  } catch (const std::bad_alloc&) {
+    std::cerr << kTool << ": out of memory (std::bad_alloc): the model does not fit in this machine's memory\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << kTool << ": " << e.what() << "\n";
+    return 1;
+  }
+}
