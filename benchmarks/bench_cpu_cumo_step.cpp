@@ -20,6 +20,7 @@
 #include <Eigen/Core>
 
 #include "app/run_config.hpp"
+#include "cli.hpp"
 #include "cumo/io/tokenizer.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo_step.hpp"
@@ -125,8 +126,8 @@ int main(int argc, char** argv) try {
     const std::string k = argv[i];
     CUMO_CHECK(i + 1 < argc, "bench_cpu_cumo_step: ", k, " needs a value (see the header of bench_cpu_cumo_step.cpp)");
     if (k == "--config") g_args.config = argv[++i];
-    else if (k == "--text-len") g_args.text_len = std::stoll(argv[++i]);
-    else if (k == "--labelled") g_args.labelled = std::stoll(argv[++i]);
+    else if (k == "--text-len") g_args.text_len = cli::to_int("bench_cpu_cumo_step", k, argv[++i], 1);
+    else if (k == "--labelled") g_args.labelled = cli::to_int("bench_cpu_cumo_step", k, argv[++i], 0);
     else fail("bench_cpu_cumo_step: unknown argument '", k, "'");
   }
   benchmark::RegisterBenchmark("cumo_step", BM_cumo_step)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -3,6 +3,7 @@
 // argument, integer values checked in words, and the exit statuses 0 (help), 2 (usage error).
 #include <cerrno>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <iostream>
@@ -30,6 +31,19 @@ inline long long to_int(const char* tool, std::string_view flag, const char* v, 
     else
       std::cerr << "in [" << min << ", " << max << "]";
     std::cerr << ", got '" << v << "'\n";
+    std::exit(2);
+  }
+  return x;
+}
+
+// The finite floating-point value of `flag`; a malformed one (or inf / nan) ends the program with status 2 and a
+// message naming tool, flag and value. Ranges are the caller's to check (they are rarely integers' [min, max]).
+inline double to_double(const char* tool, std::string_view flag, const char* v) {
+  char* end = nullptr;
+  errno = 0;
+  const double x = std::strtod(v, &end);
+  if (!end || *end != '\0' || end == v || errno == ERANGE || !std::isfinite(x)) {
+    std::cerr << tool << ": " << flag << " expects a finite number, got '" << v << "'\n";
     std::exit(2);
   }
   return x;

@@ -51,16 +51,6 @@ struct Args {
   bool quiet = false;
 };
 
-float to_float(std::string_view flag, const char* v) {
-  char* end = nullptr;
-  const float x = std::strtof(v, &end);
-  if (end == v || *end != '\0') {
-    std::cerr << kTool << ": " << flag << " expects a number, got '" << v << "'\n";
-    std::exit(2);
-  }
-  return x;
-}
-
 // The model and everything needed to prompt it.
 struct Loaded {
   std::unique_ptr<models::CuMo<>> model;
@@ -204,8 +194,8 @@ int main(int argc, char** argv) {
     else if (f == "--dtype") a.dtype = v;
     else if (f == "--max-new-tokens") a.max_new = cli::to_int(kTool, f, v, 1, INT_MAX);
     else if (f == "--seed") a.seed = cli::to_int(kTool, f, v, 0);
-    else if (f == "--temperature") a.temperature = to_float(f, v);
-    else if (f == "--top-p") a.top_p = to_float(f, v);
+    else if (f == "--temperature") a.temperature = float(cli::to_double(kTool, f, v));
+    else if (f == "--top-p") a.top_p = float(cli::to_double(kTool, f, v));
     else return false;
     return true;
   };

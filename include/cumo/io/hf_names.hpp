@@ -50,6 +50,7 @@ struct PrefixGroup {
   std::vector<std::string> prefixes;     // equivalent prefixes, canonical first
   std::vector<std::string> first_words;  // what may follow the prefix ("" = anything)
   std::vector<Rename> renames;           // what else the rest of the name may be called under this group
+  std::string release_prefix;            // the released CuMo checkpoints' prefix (with `renames` applied)
 };
 
 inline const std::vector<PrefixGroup>& prefix_groups() {
@@ -57,14 +58,17 @@ inline const std::vector<PrefixGroup>& prefix_groups() {
       {{"model.vision_tower.", "vision_tower.vision_model.", "vision_model.", "vision_tower.",
         "model.vision_tower.vision_model.", ""},
        {"embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."},
-       {std::begin(kCuMoVisionRenames), std::end(kCuMoVisionRenames)}},
+       {std::begin(kCuMoVisionRenames), std::end(kCuMoVisionRenames)},
+       "model.vision_tower.vision_model."},
       {{"model.language_model.", "language_model.model.", "model."},
        {"embed_tokens.", "layers.", "norm."},
-       {std::begin(kMixtralRenames), std::end(kMixtralRenames)}},
-      {{"lm_head.", "language_model.lm_head."}, {""}, {}},
+       {std::begin(kMixtralRenames), std::end(kMixtralRenames)},
+       "model."},
+      {{"lm_head.", "language_model.lm_head."}, {""}, {}, "lm_head."},
       {{"model.multi_modal_projector.", "multi_modal_projector."},
        {""},
-       {std::begin(kMmProjectorRenames), std::end(kMmProjectorRenames)}},
+       {std::begin(kMmProjectorRenames), std::end(kMmProjectorRenames)},
+       "model.multi_modal_projector."},  // every projector name has a '@' rename to model.mm_projector
   };
   return groups;
 }
@@ -153,14 +157,8 @@ inline std::string release_name(const std::string& name) {
   std::string rest;
   const detail::PrefixGroup* g = detail::group_of(name, rest);
   if (g == nullptr) return name;
-  const auto& groups = detail::prefix_groups();
-  if (g == &groups[0]) return "model.vision_tower.vision_model." + detail::renamed(rest, detail::kCuMoVisionRenames).back();
-  if (g == &groups[1]) return "model." + detail::renamed(rest, detail::kMixtralRenames).back();
-  if (g == &groups[3]) {
-    const auto r = detail::renamed(rest, detail::kMmProjectorRenames);
-    return r.size() > 1 ? "model." + r.back().substr(1) : name;
-  }
-  return name;  // lm_head.weight
+  const std::string r = detail::renamed(rest, g->renames).back();  // the rename that applies, if any
+  return r.starts_with("@") ? "model." + r.substr(1) : g->release_prefix + r;
 }
 
 // For a fused expert tensor: the release module ("….experts" dropped) and the per-expert suffixes stacked along

@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cumo/io/checkpoint_hf.hpp"
+#include "cumo/io/files.hpp"
 #include "cumo/models/cumo.hpp"
 
 namespace cumo::models {
@@ -37,6 +38,7 @@ struct ReleaseConfig {
 namespace detail {
 
 inline nlohmann::json read_json_file(const std::string& path, const char* what) {
+  io::require_regular_file(path, std::string("CuMo release: ") + what);  // a FIFO in its place is refused, not waited on
   std::ifstream f(path);
   CUMO_CHECK(f, "CuMo release: cannot open ", what, " '", path, "'");
   try {
