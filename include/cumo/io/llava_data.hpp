@@ -21,6 +21,7 @@
 #include "cumo/core/error.hpp"
 #include "cumo/core/rng.hpp"
 #include "cumo/core/tensor.hpp"
+#include "cumo/dist/shard.hpp"
 #include "cumo/io/image.hpp"
 #include "cumo/io/chat_template.hpp"
 #include "cumo/io/llava_json.hpp"
@@ -169,6 +170,9 @@ struct Batch {
   Tensor pixels;                        // (images, 3, S, S) f32 for the rows that have an image, in row order
   std::vector<std::uint8_t> has_image;  // (B)
   std::vector<std::size_t> indices;     // (B) data-set indices of the rows
+  // The whole global batch this one is a data-parallel rank's share of (= this batch's own when not sharded):
+  // its rows, its targets after the causal shift, its images. A rank's loss share is local / global.
+  std::int64_t global_rows = 0, global_targets = 0, global_images = 0;
 
   std::int64_t images() const { return pixels.defined() ? pixels.size(0) : 0; }
   std::int64_t tokens() const {
@@ -180,7 +184,21 @@ struct Batch {
   std::int64_t label_count() const {
     return std::count_if(labels.begin(), labels.end(), [](std::int64_t y) { return y != kIgnoreLabel; });
   }
+  // Targets after the causal shift (the label at position 0 of a row is never one): what the CE counts.
+  std::int64_t targets() const {
+    std::int64_t n = 0;
+    for (std::int64_t r = 0; r < B; ++r)
+      for (std::int64_t t = 1; t < T; ++t) n += labels[std::size_t(r * T + t)] != kIgnoreLabel;
+    return n;
+  }
 };
+
+// A sample's targets after the causal shift.
+inline std::int64_t shifted_targets(const TokenizedConversation& tc) {
+  std::int64_t n = 0;
+  for (std::size_t t = 1; t < tc.labels.size(); ++t) n += tc.labels[t] != kIgnoreLabel;
+  return n;
+}
 
 // Pads the samples to the longest one (rounded up to a multiple of `pad_multiple`).
 inline Batch collate(const LlavaDataset& data, std::span<const std::size_t> indices, std::int64_t pad_multiple = 1) {
@@ -203,6 +221,9 @@ inline Batch collate(const LlavaDataset& data, std::span<const std::size_t> indi
   b.lengths.resize(std::size_t(b.B));
   b.has_image.resize(std::size_t(b.B));
   b.indices.assign(indices.begin(), indices.end());
+  b.global_rows = b.B;
+  b.global_images = n_img;
+  for (std::size_t i : indices) b.global_targets += shifted_targets(data.tokens(i));
   const int S = data.image_size();
   if (n_img) b.pixels = Tensor::empty({n_img, 3, S, S});  // (images, 3, S, S)
   std::int64_t img = 0;
@@ -284,7 +305,31 @@ class BatchIterator {
     offset_ = end;
     return idx;
   }
-  Batch next() { return collate(*data_, next_indices(), pad_multiple_); }
+  // The next batch: the whole of it, or this rank's share after set_shard() (its global_* name the whole).
+  Batch next() {
+    const std::vector<std::size_t> all = next_indices();
+    if (world_ == 1) return collate(*data_, all, pad_multiple_);
+    const dist::Shard mine = dist::shard_of(std::int64_t(all.size()), rank_, world_);
+    Batch b;
+    if (mine.size() > 0)
+      b = collate(*data_, std::span<const std::size_t>(all).subspan(std::size_t(mine.begin), std::size_t(mine.size())),
+                  pad_multiple_);
+    b.global_rows = std::int64_t(all.size());
+    b.global_images = b.global_targets = 0;
+    for (std::size_t i : all) {
+      b.global_images += data_->has_image(i) ? 1 : 0;
+      b.global_targets += shifted_targets(data_->tokens(i));
+    }
+    return b;
+  }
+  // Data parallelism: next() returns rank `rank`'s contiguous share of each global batch of `world` ranks (the
+  // first size % world ranks one row more; a short last batch may leave a rank none: B = 0). The position and the
+  // order are the global batch's, so every rank walks the same sequence and a checkpoint resumes on any world size.
+  void set_shard(int rank, int world) {
+    CUMO_CHECK(world >= 1 && rank >= 0 && rank < world, "BatchIterator::set_shard: rank ", rank, " of ", world);
+    rank_ = rank;
+    world_ = world;
+  }
 
   DataPosition position() const { return {seed_, epoch_, offset_, data_->size()}; }
   void set_position(const DataPosition& p) {
@@ -339,6 +384,7 @@ class BatchIterator {
   std::uint64_t epoch_ = 0;
   std::size_t offset_ = 0;
   std::vector<std::size_t> order_;
+  int rank_ = 0, world_ = 1;
 };
 
 }  // namespace cumo::io

@@ -219,13 +219,20 @@ class CuMo {
 
   // d total / d every parameter, scaled by `dtotal`, accumulated into the gradients. Needs the last forward to have
   // had labels (the LM loss is part of total). One backward per forward.
-  void backward(double dtotal = 1.0) {
+  void backward(double dtotal = 1.0) { backward(LossScales{dtotal, dtotal}); }
+  // The language model's loss and the CLIP/connector aux losses scaled apart: a data-parallel rank weights its CE
+  // by its share of the global batch's targets and the per-image aux losses by its share of the images
+  // (dist/data_parallel.hpp).
+  struct LossScales {
+    double lm = 1, aux = 1;
+  };
+  void backward(LossScales s) {
     CUMO_CHECK(has_forward_, "CuMo::backward: no forward to differentiate (call forward with labels first)");
     has_forward_ = false;
     const double L = double(std::max<std::int64_t>(vision_sparse_layers_, 1));
-    const AuxLossWeights vision{float(dtotal * cfg_.balance_coef / L), float(dtotal * cfg_.z_coef / L)};
-    const AuxLossWeights projector{float(dtotal * cfg_.balance_coef), float(dtotal * cfg_.z_coef)};
-    m_.backward(float(dtotal), vision, projector);
+    const AuxLossWeights vision{float(s.aux * cfg_.balance_coef / L), float(s.aux * cfg_.z_coef / L)};
+    const AuxLossWeights projector{float(s.aux * cfg_.balance_coef), float(s.aux * cfg_.z_coef)};
+    m_.backward(float(s.lm), vision, projector);
   }
 
   // ---- parameters -----------------------------------------------------------------------------------------

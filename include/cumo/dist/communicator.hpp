@@ -1,0 +1,178 @@
+#pragma once
+// dist::Communicator: the few collectives data and expert parallelism need, over an engine (MPI for CPU ranks,
+// dist/mpi.hpp; NCCL for GPUs, dist/nccl.cuh), and the algorithms built on them once for every engine:
+//
+//   allreduce_sum      a deterministic sum: every rank gets the same bits, the left fold over ranks 0, 1, …, N−1
+//                      (reduce-scatter as an all-to-all of chunks + a sum in rank order + an all-gather: the
+//                      bytes of a ring all-reduce, with an order no engine's algorithm choice can change)
+//   agree              every rank learns whether any rank failed, and all throw the first failure's message, so a
+//                      check that fails on one rank is an error everywhere instead of a hang
+//   check_same         every rank holds the same value (a config, a world-size fit), or all throw naming the ranks
+//   any                one flag over the ranks (a stop request seen by some of them)
+//
+// A collective that does not complete within the communicator's timeout throws dist::CommError (another rank died
+// or hangs); after that the communicator is unusable and the caller aborts the job (abort()). SelfCommunicator is
+// the world of one process: every collective is the identity, so single-process code runs the same wiring.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "cumo/core/error.hpp"
+#include "cumo/dist/shard.hpp"
+
+namespace cumo::dist {
+
+// A collective failed or timed out. The communicator that threw it must not be used again: abort the job.
+class CommError : public Error {
+ public:
+  using Error::Error;
+};
+
+enum class ReduceOp { sum, min, max };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string_view engine() const = 0;  // "self", "mpi", "nccl"
+
+  // ---- the engine's primitives: host memory, byte counts, every rank calls each in the same order ----------
+  // Rank r sends send[soff_q, soff_q + send_bytes[q]) to every q and receives recv_bytes[q] bytes from q into
+  // recv[roff_q, …) (offsets: prefix sums of the counts). Zero counts are allowed.
+  virtual void alltoallv(const void* send, std::span<const std::int64_t> send_bytes, void* recv,
+                         std::span<const std::int64_t> recv_bytes) = 0;
+  // Every rank contributes `bytes`; recv holds rank q's contribution at the prefix sum of recv_bytes[0..q).
+  virtual void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) = 0;
+  virtual void broadcast(void* data, std::int64_t bytes, int root) = 0;
+  // Exact integer reductions (control data: counts, flags, hashes).
+  virtual void allreduce(std::span<std::int64_t> values, ReduceOp op) = 0;
+  virtual void barrier() = 0;
+  // Ends every rank of the job now (a collective that cannot complete, an error on one rank). Never returns.
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// The world of one process.
+class SelfCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string_view engine() const override { return "self"; }
+  void alltoallv(const void* send, std::span<const std::int64_t> send_bytes, void* recv,
+                 std::span<const std::int64_t> recv_bytes) override {
+    CUMO_CHECK(send_bytes.size() == 1 && recv_bytes.size() == 1 && send_bytes[0] == recv_bytes[0],
+               "SelfCommunicator::alltoallv: sends ", send_bytes.size() ? send_bytes[0] : -1, " bytes but receives ",
+               recv_bytes.size() ? recv_bytes[0] : -1);
+    if (send_bytes[0] > 0 && send != recv) std::memmove(recv, send, std::size_t(send_bytes[0]));
+  }
+  void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) override {
+    CUMO_CHECK(recv_bytes.size() == 1 && recv_bytes[0] == bytes, "SelfCommunicator::allgatherv: sends ", bytes,
+               " bytes but receives ", recv_bytes.size() ? recv_bytes[0] : -1);
+    if (bytes > 0 && send != recv) std::memmove(recv, send, std::size_t(bytes));
+  }
+  void broadcast(void*, std::int64_t, int root) override {
+    CUMO_CHECK(root == 0, "SelfCommunicator::broadcast: root ", root, " in a world of one");
+  }
+  void allreduce(std::span<std::int64_t>, ReduceOp) override {}
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override { std::exit(code); }
+};
+
+// In place: x ← Σ_ranks x, bitwise the same on every rank and in a fixed order (the left fold over ranks),
+// whatever the engine. float, double or int64.
+template <class T>
+void allreduce_sum(Communicator& comm, std::span<T> x) {
+  static_assert(std::is_arithmetic_v<T>, "allreduce_sum: T must be an arithmetic type");
+  const int N = comm.size();
+  if (N == 1 || x.empty()) return;
+  const auto n = std::int64_t(x.size());
+  // chunk q (rank q's to reduce) of every rank → rank q: N copies of one chunk, in rank order
+  const auto ranks = std::size_t(N);
+  std::vector<std::int64_t> send(ranks), recv(ranks), gathered(ranks);
+  const Shard mine = shard_of(n, comm.rank(), N);
+  for (int q = 0; q < N; ++q) {
+    send[std::size_t(q)] = shard_of(n, q, N).size() * std::int64_t(sizeof(T));
+    recv[std::size_t(q)] = mine.size() * std::int64_t(sizeof(T));
+    gathered[std::size_t(q)] = send[std::size_t(q)];
+  }
+  std::vector<T> copies(std::size_t(mine.size() * N));  // (N, chunk)
+  comm.alltoallv(x.data(), send, copies.data(), recv);
+  std::vector<T> sum(copies.begin(), copies.begin() + mine.size());  // rank 0's, then + rank 1's, …
+  for (int q = 1; q < N; ++q)
+    for (std::int64_t i = 0; i < mine.size(); ++i) sum[std::size_t(i)] += copies[std::size_t(q * mine.size() + i)];
+  comm.allgatherv(sum.data(), mine.size() * std::int64_t(sizeof(T)), x.data(), gathered);
+}
+
+inline std::int64_t allreduce_one(Communicator& comm, std::int64_t v, ReduceOp op) {
+  comm.allreduce(std::span<std::int64_t>(&v, 1), op);
+  return v;
+}
+
+// True on every rank when `flag` is true on any.
+inline bool any(Communicator& comm, bool flag) {
+  return comm.size() > 1 ? allreduce_one(comm, flag ? 1 : 0, ReduceOp::max) != 0 : flag;
+}
+
+// Every rank calls it after a step that can fail on some ranks only (one rank writes a directory, reads a file):
+// `error` empty = this rank succeeded. When any rank failed, every rank throws the lowest failing rank's message.
+inline void agree(Communicator& comm, const std::string& error) {
+  if (comm.size() == 1) {
+    if (!error.empty()) throw Error(error);
+    return;
+  }
+  const std::int64_t first = allreduce_one(comm, error.empty() ? comm.size() : comm.rank(), ReduceOp::min);
+  if (first == comm.size()) return;
+  std::int64_t len = comm.rank() == first ? std::int64_t(error.size()) : 0;
+  comm.broadcast(&len, sizeof len, int(first));
+  std::string msg(std::size_t(len), '\0');
+  if (comm.rank() == first) msg = error;
+  comm.broadcast(msg.data(), len, int(first));
+  throw Error(first == comm.rank() ? msg : detail::concat("rank ", first, ": ", msg));
+}
+
+// Runs f() on every rank and agrees on its outcome (an exception on one rank becomes the same error on all).
+template <class F>
+void agree_on(Communicator& comm, F&& f) {
+  std::string error;
+  try {
+    f();
+  } catch (const CommError&) {
+    throw;
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  agree(comm, error);
+}
+
+// FNV-1a over the bytes of a value the ranks must share.
+inline std::uint64_t fingerprint(std::string_view s) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// Every rank must hold the same `value` (`what` names it: "the run configuration"); otherwise every rank throws
+// the same error, naming the ranks that differ from rank 0.
+inline void check_same(Communicator& comm, std::string_view what, std::string_view value) {
+  if (comm.size() == 1) return;
+  const auto h = std::int64_t(fingerprint(value) & 0x7fffffffffffffffull);
+  std::vector<std::int64_t> all(std::size_t(comm.size()));
+  const std::vector<std::int64_t> eight(std::size_t(comm.size()), std::int64_t(sizeof h));
+  comm.allgatherv(&h, sizeof h, all.data(), eight);
+  std::string differ;
+  for (int q = 1; q < comm.size(); ++q)
+    if (all[std::size_t(q)] != all[0]) differ += (differ.empty() ? "" : ", ") + std::to_string(q);
+  CUMO_CHECK(differ.empty(), "the ranks disagree on ", what, ": rank(s) ", differ, " differ from rank 0 (every rank "
+             "must be started with the same arguments, configuration and files)");
+}
+
+}  // namespace cumo::dist

@@ -1,0 +1,97 @@
+#pragma once
+// Data parallelism: each rank runs forward and backward on its share of every global (micro-)batch, weighting its
+// loss by its share so that the ranks' gradients SUM to the single-process gradient of the whole batch; then
+// allreduce_gradients() makes every rank hold that sum, and the replicated optimizers take the same step.
+//
+//   share.ce  = local targets / global targets   the CE is a mean over the batch's targets (HF, LLaVA, CuMo)
+//   share.aux = local images / global images     CuMo's balance and z losses are per-image means (segments)
+//
+// Both losses are linear in these shares, so the data-parallel step is the single-process step on the same global
+// batch up to fp32 summation order (tests/dist: every gradient rel ≤ 1e-6). A loss that is not a mean over
+// samples (the HF Mixtral decoder's balance loss over all tokens of all layers: E · Σ f_e P_e) is not linear in
+// them; the trainer refuses it with several ranks.
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cumo/core/error.hpp"
+#include "cumo/core/parameter.hpp"
+#include "cumo/dist/communicator.hpp"
+
+namespace cumo::dist {
+
+struct LossShare {
+  double ce = 1, aux = 1;
+};
+// A rank's share of a global micro-batch; a rank with nothing (a short last batch) has share 0.
+inline LossShare loss_share(std::int64_t local_targets, std::int64_t global_targets, std::int64_t local_images,
+                            std::int64_t global_images) {
+  CUMO_CHECK(local_targets >= 0 && local_targets <= global_targets && local_images >= 0 &&
+                 local_images <= global_images,
+             "loss_share: local targets ", local_targets, " / global ", global_targets, ", local images ",
+             local_images, " / global ", global_images);
+  return {global_targets > 0 ? double(local_targets) / double(global_targets) : 0.0,
+          global_images > 0 ? double(local_images) / double(global_images) : 0.0};
+}
+
+// Σ over ranks of every trainable parameter's gradient, in place: the gradients are streamed in parameter order
+// through buckets of `bucket_bytes`, each reduced by the deterministic allreduce_sum, so every rank ends with the
+// same bits. The list must name the same parameters, in the same order and shapes, on every rank (the caller
+// checks the model structure with check_same first). Host (CPU) gradients; the GPU path reduces on the device.
+inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
+                                std::int64_t bucket_bytes = std::int64_t(16) << 20) {
+  if (comm.size() == 1) return;
+  CUMO_CHECK(bucket_bytes >= std::int64_t(sizeof(float)), "allreduce_gradients: bucket of ", bucket_bytes, " bytes");
+  const std::int64_t cap = bucket_bytes / std::int64_t(sizeof(float));
+  std::vector<float> bucket;
+  bucket.reserve(std::size_t(cap));
+  struct Piece {
+    float* grad;
+    std::int64_t n;
+  };
+  std::vector<Piece> pieces;  // where the bucket's values go back to
+  auto flush = [&] {
+    if (bucket.empty()) return;
+    allreduce_sum(comm, std::span<float>(bucket));
+    std::int64_t off = 0;
+    for (const Piece& p : pieces) {
+      std::copy_n(bucket.data() + off, p.n, p.grad);
+      off += p.n;
+    }
+    bucket.clear();
+    pieces.clear();
+  };
+  for (Parameter* p : params) {
+    if (!p->trainable) continue;
+    const std::string name = p->name + ".grad";
+    CUMO_CHECK(p->grad.defined(), "allreduce_gradients: ", name, " is undefined");
+    check_device("allreduce_gradients", name, p->grad, Device::cpu);
+    check_dtype("allreduce_gradients", name, p->grad, DType::f32);
+    CUMO_CHECK(p->grad.is_contiguous(), "allreduce_gradients: ", name, " is not contiguous");
+    float* g = p->grad.data<float>();
+    for (std::int64_t done = 0, n = p->grad.numel(); done < n;) {
+      const std::int64_t take = std::min(n - done, cap - std::int64_t(bucket.size()));
+      bucket.insert(bucket.end(), g + done, g + done + take);
+      pieces.push_back({g + done, take});
+      done += take;
+      if (std::int64_t(bucket.size()) == cap) flush();
+    }
+  }
+  flush();
+}
+
+// The structure every rank must share before gradients can be summed: names and shapes, in order.
+inline std::string structure_of(const ParameterList& params) {
+  std::string s;
+  for (const Parameter* p : params) {
+    s += p->name;
+    s += p->trainable ? ':' : '!';
+    for (std::int64_t i = 0; i < p->value.dim(); ++i) s += std::to_string(p->value.size(i)) + ',';
+    s += ';';
+  }
+  return s;
+}
+
+}  // namespace cumo::dist

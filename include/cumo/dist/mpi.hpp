@@ -1,0 +1,201 @@
+#pragma once
+// dist::MpiCommunicator: the Communicator on MPI (OpenMPI from Debian here), for ranks on CPUs. Every collective is
+// MPI's non-blocking form followed by a wait that polls until a deadline, so a rank that died or hangs turns into
+// a dist::CommError on the others within the timeout instead of a job that never ends (MPI's blocking calls
+// cannot time out). Errors come back as codes (MPI_ERRORS_RETURN), never as MPI's own abort.
+//
+// Needs <mpi.h> and the MPI library: the build defines CUMO_WITH_MPI=1 and links MPI::MPI_CXX (the cumo::mpi
+// target of the installed package, when its build found MPI).
+#include <mpi.h>
+
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "cumo/dist/communicator.hpp"
+
+namespace cumo::dist {
+
+// MPI_Init_thread on construction unless MPI is up already; MPI_Finalize on destruction if it was ours.
+class MpiSession {
+ public:
+  MpiSession(int* argc = nullptr, char*** argv = nullptr) {
+    int up = 0;
+    MPI_Initialized(&up);
+    if (up) return;
+    int provided = 0;
+    // FUNNELED: only the main thread calls MPI (the data prefetch thread and OpenMP workers never do).
+    CUMO_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) == MPI_SUCCESS,
+               "MPI_Init_thread failed");
+    owned_ = true;
+  }
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+  ~MpiSession() {
+    int done = 0;
+    MPI_Finalized(&done);
+    if (owned_ && !done) MPI_Finalize();
+  }
+
+  // True when this process was started by an MPI launcher (mpirun, srun): the environment names its rank.
+  static bool launched() {
+    for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PROCID"})
+      if (std::getenv(v)) return true;
+    return false;
+  }
+
+ private:
+  bool owned_ = false;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  // A private duplicate of `comm` (MPI_COMM_WORLD by default); `timeout_s` bounds every collective.
+  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD, double timeout_s = 600) : timeout_s_(timeout_s) {
+    CUMO_CHECK(timeout_s > 0, "MpiCommunicator: timeout must be > 0 s, got ", timeout_s);
+    CUMO_CHECK(MPI_Comm_dup(comm, &comm_) == MPI_SUCCESS, "MpiCommunicator: MPI_Comm_dup failed");
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+  ~MpiCommunicator() override {
+    int done = 0;
+    MPI_Finalized(&done);
+    if (!done && comm_ != MPI_COMM_NULL && !broken_) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string_view engine() const override { return "mpi"; }
+  double timeout_s() const { return timeout_s_; }
+  MPI_Comm handle() const { return comm_; }
+
+  void alltoallv(const void* send, std::span<const std::int64_t> send_bytes, void* recv,
+                 std::span<const std::int64_t> recv_bytes) override {
+    const auto sc = counts("alltoallv", send_bytes), rc = counts("alltoallv", recv_bytes);
+    const auto sd = displacements("alltoallv", sc), rd = displacements("alltoallv", rc);
+    MPI_Request r;
+    call("alltoallv", MPI_Ialltoallv(send, sc.data(), sd.data(), MPI_BYTE, recv, rc.data(), rd.data(), MPI_BYTE,
+                                     comm_, &r));
+    wait(r, "alltoallv");
+  }
+  void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) override {
+    const auto rc = counts("allgatherv", recv_bytes);
+    const auto rd = displacements("allgatherv", rc);
+    MPI_Request r;
+    call("allgatherv", MPI_Iallgatherv(send, to_int("allgatherv", bytes), MPI_BYTE, recv, rc.data(), rd.data(),
+                                       MPI_BYTE, comm_, &r));
+    wait(r, "allgatherv");
+  }
+  void broadcast(void* data, std::int64_t bytes, int root) override {
+    CUMO_CHECK(root >= 0 && root < size_, "MpiCommunicator::broadcast: root ", root, " of ", size_, " ranks");
+    MPI_Request r;
+    call("broadcast", MPI_Ibcast(data, to_int("broadcast", bytes), MPI_BYTE, root, comm_, &r));
+    wait(r, "broadcast");
+  }
+  void allreduce(std::span<std::int64_t> values, ReduceOp op) override {
+    const MPI_Op o = op == ReduceOp::sum ? MPI_SUM : op == ReduceOp::min ? MPI_MIN : MPI_MAX;
+    MPI_Request r;
+    call("allreduce", MPI_Iallreduce(MPI_IN_PLACE, values.data(), to_int("allreduce", std::int64_t(values.size())),
+                                     MPI_INT64_T, o, comm_, &r));
+    wait(r, "allreduce");
+  }
+  void barrier() override {
+    MPI_Request r;
+    call("barrier", MPI_Ibarrier(comm_, &r));
+    wait(r, "barrier");
+  }
+  [[noreturn]] void abort(int code) override {
+    std::cerr.flush();
+    MPI_Abort(MPI_COMM_WORLD, code);
+    std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
+  }
+
+  // The ranks with the same colour form a new communicator (ordered by key, then by rank): the expert-parallel
+  // groups inside the data-parallel world.
+  MpiCommunicator split(int colour, int key) const {
+    MPI_Comm c;
+    CUMO_CHECK(MPI_Comm_split(comm_, colour, key, &c) == MPI_SUCCESS, "MpiCommunicator::split failed");
+    MpiCommunicator out(c, timeout_s_);
+    MPI_Comm_free(&c);
+    return out;
+  }
+  MpiCommunicator(MpiCommunicator&& o) noexcept
+      : comm_(o.comm_), rank_(o.rank_), size_(o.size_), timeout_s_(o.timeout_s_), broken_(o.broken_) {
+    o.comm_ = MPI_COMM_NULL;
+  }
+
+ private:
+  void check_usable(const char* what) const {
+    if (broken_)
+      throw CommError(detail::concat("MpiCommunicator::", what, ": an earlier collective failed on rank ", rank_,
+                                     "; the communicator is unusable (abort the job)"));
+  }
+  void call(const char* what, int rc) {
+    check_usable(what);
+    if (rc == MPI_SUCCESS) return;
+    broken_ = true;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    throw CommError(detail::concat("MPI ", what, " failed on rank ", rank_, ": ", std::string(msg, std::size_t(len))));
+  }
+  // Polls the request until it completes or the deadline passes: spinning first (a collective that is about to
+  // finish), then sleeping 100 µs between tests so a rank that waits for a slow one leaves the core to it.
+  void wait(MPI_Request& r, const char* what) {
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    for (long polls = 0;; ++polls) {
+      int done = 0;
+      const int rc = MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+      if (rc != MPI_SUCCESS) call(what, rc);
+      if (done) return;
+      if (polls > 2000) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      if ((polls & 63) == 0 && std::chrono::duration<double>(clock::now() - t0).count() > timeout_s_) {
+        broken_ = true;
+        throw CommError(detail::concat("rank ", rank_, " of ", size_, ": the ", what, " did not complete within ",
+                                       timeout_s_, " s: another rank died, hangs, or took another path "
+                                       "(raise the timeout with --comm-timeout / CUMO_COMM_TIMEOUT if a step is "
+                                       "really that slow)"));
+      }
+    }
+  }
+  static int to_int(const char* what, std::int64_t n) {
+    CUMO_CHECK(n >= 0 && n <= INT_MAX, "MpiCommunicator::", what, ": ", n, " bytes do not fit MPI's int count; "
+               "split the transfer");
+    return int(n);
+  }
+  std::vector<int> counts(const char* what, std::span<const std::int64_t> bytes) const {
+    CUMO_CHECK(std::int64_t(bytes.size()) == size_, "MpiCommunicator::", what, ": ", bytes.size(), " counts for ",
+               size_, " ranks");
+    std::vector<int> c;
+    for (std::int64_t b : bytes) c.push_back(to_int(what, b));
+    return c;
+  }
+  static std::vector<int> displacements(const char* what, const std::vector<int>& c) {
+    std::vector<int> d(c.size());
+    std::int64_t off = 0;
+    for (std::size_t i = 0; i < c.size(); ++i) {
+      d[i] = to_int(what, off);
+      off += c[i];
+    }
+    to_int(what, off);
+    return d;
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1;
+  double timeout_s_ = 600;
+  bool broken_ = false;
+};
+
+}  // namespace cumo::dist

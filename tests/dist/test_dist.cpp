@@ -1,0 +1,278 @@
+// The distributed suite, run under mpirun (-np 2, -np 4 --oversubscribe; ctest label `distributed`): every rank
+// runs every case in the same order. The communicator's algorithms (the deterministic sum, agree, check_same), and
+// the data-parallel CuMo step against the single-process step on the same global batch — one step's loss and every
+// gradient, and five AdamW steps — including a rank whose share of a micro-batch is empty.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <iostream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cumo/dist/data_parallel.hpp"
+#include "cumo/dist/world.hpp"
+#include "cumo/models/cumo.hpp"
+#include "cumo/train/optimizer.hpp"
+#include "cumo_test_config.hpp"
+#include "nn_test_util.hpp"
+
+using namespace cumo;
+
+namespace {
+dist::Communicator* g_comm = nullptr;
+dist::Communicator& comm() { return *g_comm; }
+
+// ‖a − b‖ / ‖b‖ over a tensor (‖a‖ when b is all zeros: then a must be too).
+double rel(const Tensor& a, const Tensor& b) {
+  const float* x = a.data<float>();
+  const float* y = b.data<float>();
+  double d = 0, n = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    d += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+    n += double(y[i]) * y[i];
+  }
+  return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
+}
+
+// A sample: ids and unshifted labels of one row, and its image when it has one (4 image tokens at 1..4).
+struct Sample {
+  std::vector<std::int64_t> ids, labels;
+  Tensor pixels;  // (3, 8, 8) or undefined
+};
+std::vector<Sample> make_samples(int n, std::uint64_t seed) {
+  Rng rng(seed);
+  std::vector<Sample> out;
+  for (int i = 0; i < n; ++i) {
+    Sample s;
+    const bool image = i % 3 != 2;  // some rows are text only
+    const int text = 4 + int(rng.next_u32() % 5);
+    s.ids.push_back(1);
+    s.labels.push_back(-100);
+    if (image) {
+      for (int p = 0; p < 4; ++p) {
+        s.ids.push_back(12);
+        s.labels.push_back(-100);
+      }
+      s.pixels = test::random_tensor({3, 8, 8}, rng);
+    }
+    for (int t = 0; t < text; ++t) {
+      const std::int64_t id = 2 + std::int64_t(rng.next_u32() % 10);
+      s.ids.push_back(id);
+      s.labels.push_back(t < 2 ? -100 : id);  // the first two text tokens are the "prompt"
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+// Rows [begin, end) right-padded to their longest, as io::collate does.
+struct Rows {
+  std::int64_t B = 0, T = 0, images = 0, targets = 0;
+  std::vector<std::int64_t> ids, labels;
+  std::vector<std::uint8_t> key_valid;
+  Tensor pixels;
+};
+Rows collate(const std::vector<Sample>& s, std::int64_t begin, std::int64_t end) {
+  Rows r;
+  r.B = end - begin;
+  for (std::int64_t i = begin; i < end; ++i) {
+    r.T = std::max<std::int64_t>(r.T, std::int64_t(s[std::size_t(i)].ids.size()));
+    r.images += s[std::size_t(i)].pixels.defined();
+  }
+  r.ids.assign(std::size_t(r.B * r.T), 0);
+  r.labels.assign(std::size_t(r.B * r.T), -100);
+  r.key_valid.assign(std::size_t(r.B * r.T), 0);
+  if (r.images) r.pixels = Tensor::empty({r.images, 3, 8, 8});
+  std::int64_t img = 0;
+  for (std::int64_t i = begin; i < end; ++i) {
+    const Sample& x = s[std::size_t(i)];
+    for (std::size_t t = 0; t < x.ids.size(); ++t) {
+      const std::size_t at = std::size_t((i - begin) * r.T) + t;
+      r.ids[at] = x.ids[t];
+      r.labels[at] = x.labels[t];
+      r.key_valid[at] = 1;
+      r.targets += t >= 1 && x.labels[t] != -100;
+    }
+    if (x.pixels.defined()) r.pixels[img++].copy_from(x.pixels);
+  }
+  return r;
+}
+
+models::CuMo<> make_model(std::uint64_t seed) {
+  models::CuMo<> m(test::tiny_cumo_config());
+  Rng rng(seed);
+  test::randomize(m.parameters(), rng, 0.4f);
+  Rng up(seed + 1);
+  m.upcycle(up);
+  for (Parameter* p : m.parameters())
+    if (p->name.ends_with(".gate.weight")) rng.fill_normal(p->value, 0.f, 0.8f);  // routers with real aux gradient
+  return m;
+}
+
+// A key projection's bias adds q·b_k to every score of a query, which the softmax ignores: its gradient is 0 in
+// exact arithmetic and fp32 rounding noise (~1e-9 here) in practice, different noise for a different summation
+// order. A relative error of noise is meaningless, and AdamW turns noise into steps of ±lr in its sign, so these
+// are checked for being negligible instead (PyTorch's k_proj.bias behaves the same way).
+bool zero_by_math(const std::string& name) { return name.ends_with("k_proj.bias"); }
+
+// The micro-batches of one step: [0, 4) and [4, 7) of the samples (a world of 4 leaves rank 3 nothing in the second).
+const std::vector<std::pair<std::int64_t, std::int64_t>> kMicro{{0, 4}, {4, 7}};
+
+// The single-process step: every micro-batch whole, each its own mean, the step's loss their mean.
+double reference_step(models::CuMo<>& m, const std::vector<Sample>& s) {
+  zero_grad(m.parameters());
+  double loss = 0;
+  const double M = double(kMicro.size());
+  for (auto [b, e] : kMicro) {
+    const Rows r = collate(s, b, e);
+    loss += m.forward(r.ids, r.B, r.T, r.pixels, &r.labels, &r.key_valid).total / M;
+    m.backward(1.0 / M);
+  }
+  return loss;
+}
+
+// The data-parallel step: this rank's rows of every micro-batch, weighted by its share, then the gradient sum.
+double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist::Communicator& c) {
+  zero_grad(m.parameters());
+  double loss = 0;
+  const double M = double(kMicro.size());
+  for (auto [b, e] : kMicro) {
+    const Rows whole = collate(s, b, e);
+    const dist::Shard mine = dist::shard_of(e - b, c.rank(), c.size());
+    if (mine.size() == 0) continue;  // nothing to add; the reduction below still counts this rank
+    const Rows r = collate(s, b + mine.begin, b + mine.end);
+    const auto out = m.forward(r.ids, r.B, r.T, r.pixels, &r.labels, &r.key_valid);
+    const dist::LossShare share = dist::loss_share(out.targets, whole.targets, r.images, whole.images);
+    m.backward(models::CuMo<>::LossScales{share.ce / M, share.aux / M});
+    loss += (out.ce * share.ce + (out.total - out.ce) * share.aux) / M;
+  }
+  dist::allreduce_gradients(c, m.parameters(), 256);  // small buckets: many of them, parameters split across two
+  dist::allreduce_sum(c, std::span<double>(&loss, 1));
+  return loss;
+}
+}  // namespace
+
+TEST_CASE("dist: allreduce_sum is the left fold over ranks in rank order, bitwise the same on every rank") {
+  const int N = comm().size();
+  for (std::int64_t n : {1, 3, 1001}) {  // fewer values than ranks, and chunks of unequal size
+    std::vector<std::vector<float>> all(static_cast<std::size_t>(N));
+    for (int q = 0; q < N; ++q) {
+      Rng rng(100 + std::uint64_t(q));
+      all[std::size_t(q)].resize(std::size_t(n));
+      for (float& v : all[std::size_t(q)]) v = rng.uniform(-1.f, 1.f) * float(q + 1) * 1e3f;
+    }
+    std::vector<float> x = all[std::size_t(comm().rank())];
+    dist::allreduce_sum(comm(), std::span<float>(x));
+    int mismatches = 0;
+    for (std::int64_t i = 0; i < n; ++i) {
+      float want = all[0][std::size_t(i)];
+      for (int q = 1; q < N; ++q) want += all[std::size_t(q)][std::size_t(i)];
+      mismatches += std::memcmp(&want, &x[std::size_t(i)], sizeof want) != 0;
+    }
+    CAPTURE(n);
+    CHECK(mismatches == 0);
+  }
+  std::vector<std::int64_t> ints{comm().rank() + 1, -1};
+  dist::allreduce_sum(comm(), std::span<std::int64_t>(ints));
+  CHECK(ints[0] == std::int64_t(N) * (N + 1) / 2);
+  CHECK(ints[1] == -N);
+}
+
+TEST_CASE("dist: agree turns one rank's failure into the same error on every rank, check_same names the ranks") {
+  const int last = comm().size() - 1;
+  CHECK_NOTHROW(dist::agree(comm(), ""));
+  std::string what;
+  try {
+    dist::agree_on(comm(), [&] {
+      if (comm().rank() == last) throw Error("cannot write /nowhere");
+    });
+  } catch (const Error& e) {
+    what = e.what();
+  }
+  CHECK(what.find("cannot write /nowhere") != std::string::npos);
+  if (comm().rank() != last) CHECK(what.find("rank " + std::to_string(last)) != std::string::npos);
+
+  CHECK_NOTHROW(dist::check_same(comm(), "the configuration", "same everywhere"));
+  const std::string mine = comm().rank() == last ? "experts 5" : "experts 4";
+  if (comm().size() > 1)  // a world of one has nobody to disagree with
+    CHECK_THROWS_WITH(dist::check_same(comm(), "the configuration", mine),
+                    doctest::Contains(("the ranks disagree on the configuration: rank(s) " + std::to_string(last)).c_str()));
+  CHECK(dist::any(comm(), comm().rank() == last));
+  CHECK_FALSE(dist::any(comm(), false));
+}
+
+TEST_CASE("dist: a data-parallel CuMo step equals the single-process step — loss and every gradient rel <= 1e-6") {
+  const auto samples = make_samples(7, 11);
+  models::CuMo<> m = make_model(3);
+  const ParameterList params = m.parameters();
+  const double ref_loss = reference_step(m, samples);
+  std::vector<Tensor> ref;
+  for (Parameter* p : params) ref.push_back(p->grad.clone());
+  const double dp_loss = data_parallel_step(m, samples, comm());
+  CHECK(std::abs(dp_loss - ref_loss) <= 1e-6 * std::abs(ref_loss));
+  double worst = 0, total = 0;
+  std::string worst_name;
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    total += test::dot(ref[k], ref[k]);
+    if (zero_by_math(params[k]->name)) continue;
+    const double r = rel(params[k]->grad, ref[k]);
+    if (r > worst) worst = r, worst_name = params[k]->name;
+  }
+  CAPTURE(worst_name);
+  CHECK(worst <= 1e-6);
+  // the key biases' gradients are rounding noise in both runs, far below everything else
+  for (std::size_t k = 0; k < params.size(); ++k)
+    if (zero_by_math(params[k]->name)) {
+      CAPTURE(params[k]->name);
+      CHECK(std::sqrt(test::dot(params[k]->grad, params[k]->grad)) <= 1e-6 * std::sqrt(total));
+      CHECK(std::sqrt(test::dot(ref[k], ref[k])) <= 1e-6 * std::sqrt(total));
+    }
+  // a gradient that is zero by construction stays exactly zero (the last CLIP layer's unused experts)
+  for (std::size_t k = 0; k < params.size(); ++k)
+    if (params[k]->name.find("layers.1.mlp.experts") != std::string::npos) CHECK(test::dot(params[k]->grad, params[k]->grad) == 0.0);
+}
+
+TEST_CASE("dist: five data-parallel AdamW steps with clipping equal five single-process steps (rel <= 1e-6)") {
+  const auto samples = make_samples(7, 12);
+  models::CuMo<> a = make_model(4), b = make_model(4);
+  const train::AdamWOptions o{2e-3, 0.9, 0.999, 1e-8, 0.01};
+  train::AdamW<> oa(a.parameters(), o), ob(b.parameters(), o);
+  for (int step = 1; step <= 5; ++step) {
+    reference_step(a, samples);
+    train::clip_gradients(oa, 1.0, step);
+    oa.step(2e-3);
+    data_parallel_step(b, samples, comm());
+    train::clip_gradients(ob, 1.0, step);
+    ob.step(2e-3);
+  }
+  const ParameterList pa = a.parameters(), pb = b.parameters();
+  double worst = 0;
+  for (std::size_t k = 0; k < pa.size(); ++k)
+    if (!zero_by_math(pa[k]->name)) worst = std::max(worst, rel(pb[k]->value, pa[k]->value));
+  CHECK(worst <= 1e-6);
+  // and every rank holds the same bits: the replicated optimizers took the same step
+  std::vector<std::int64_t> h{std::int64_t(dist::fingerprint(std::string_view(
+      reinterpret_cast<const char*>(pb[0]->value.data<float>()), std::size_t(pb[0]->value.numel()) * 4)) >> 1)};
+  std::vector<std::int64_t> lo = h, hi = h;
+  comm().allreduce(lo, dist::ReduceOp::min);
+  comm().allreduce(hi, dist::ReduceOp::max);
+  CHECK(lo[0] == hi[0]);
+}
+
+int main(int argc, char** argv) {
+  dist::World world(&argc, &argv);
+  g_comm = &world.comm();
+  doctest::Context ctx(argc, argv);
+  if (world.rank() != 0) ctx.setOption("minimal", true);  // one full report (rank 0's); failures print everywhere
+  const int rc = ctx.run();
+  // every rank's verdict: the job fails when any rank failed
+  const bool failed = dist::any(world.comm(), rc != 0);
+  if (world.rank() == 0)
+    std::cout << "distributed suite: " << world.size() << " rank(s) over " << world.comm().engine() << ": "
+              << (failed ? "FAILED" : "passed") << "\n";
+  return failed ? 1 : 0;
+}
