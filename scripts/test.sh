@@ -22,11 +22,12 @@ if [[ ${SANITIZE:-1} != 0 ]]; then
   # tools' tests (parity on every fixture, the app smoke/resume/safety runs, the distillation runs) and the
   # examples. Left out: the CUDA backend (nvcc objects are not instrumented, and there is no GPU here), the
   # benchmarks (timing, not correctness), the fuzzers (already ASan + UBSan builds), the installed-package check (it rebuilds the README example outside
-  # this build) and the `heavy` label. -O1 keeps Eigen fast enough to fit the CI budget.
+  # this build) and the `heavy` label. -O1 keeps Eigen fast enough to fit the CI budget. Built without MPI
+  # (-DCUMO_MPI=OFF): the distributed suite runs in the pass above, and this one proves a build without MPI works.
   SAN=${SANITIZE_BUILD:-build-asan}
   flags="-O1 -g1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
   cmake -S . -B "$SAN" -DCMAKE_BUILD_TYPE=None -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \
-        -DCUMO_BUILD_EXAMPLES=ON -DCUMO_BUILD_BENCHMARKS=OFF -DCUMO_BUILD_FUZZERS=OFF -DCUMO_APP_NATIVE=ON \
+        -DCUMO_BUILD_EXAMPLES=ON -DCUMO_BUILD_BENCHMARKS=OFF -DCUMO_BUILD_FUZZERS=OFF -DCUMO_APP_NATIVE=ON -DCUMO_MPI=OFF \
         "-DCMAKE_CXX_FLAGS=$flags" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined"
   cmake --build "$SAN" -j2
   # detect_leaks=0: LeakSanitizer needs ptrace, which containers often deny; leaks are not this pass's target

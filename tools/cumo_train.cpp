@@ -7,18 +7,38 @@
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains
 // models::CuMo<backend::Cuda> when a GPU is present (--device auto, the default) or asked for (--device cuda); its
 // checkpoints are the CPU run's format, so cumo_eval and a CPU --resume read them. The run itself is train_run.hpp.
+// Under `mpirun -np N` (a build with MPI) the N processes train data parallel on CPU ranks: each its share of every
+// global batch, the gradients summed deterministically, rank 0 writing (docs/distributed.md).
 // Stage s > 1 starts from the previous stage's final checkpoint (<out>/stage<s-1>, or --from DIR). --resume DIR
 // continues from a checkpoint this tool wrote: a stopped stage (<out>/stage<s>-partial) continues where it stopped,
 // bitwise; a finished stage (<out>/stage<s>) goes on with the next one. See docs/training_app.md.
 #include <iostream>
 #include <new>
+#include <optional>
+#include <string>
 #include <string_view>
 
+#include "cumo/dist/world.hpp"
 #include "train_run.hpp"
 
 using namespace cumo_train_app;
 
+namespace {
+std::string rank_prefix(const cumo::dist::Communicator& comm) {
+  return comm.size() > 1 ? "rank " + std::to_string(comm.rank()) + ": " : "";
+}
+}  // namespace
+
 int main(int argc, char** argv) {
+  // Under mpirun (a build with MPI): one data-parallel rank per process; otherwise a world of one.
+  std::optional<dist::World> world;
+  try {
+    world.emplace(&argc, &argv);
+  } catch (const std::exception& e) {
+    std::cerr << "cumo_train: " << e.what() << "\n";
+    return 1;
+  }
+  dist::Communicator& comm = world->comm();
   Args a;
   auto on_switch = [&](std::string_view f) {
     if (f == "--quiet" || f == "-q") return a.quiet = true;
@@ -48,20 +68,32 @@ int main(int argc, char** argv) {
     CUMO_CHECK(a.precision == "fp32" || a.precision == "tf32" || a.precision == "bf16",
                "--precision must be fp32, tf32 or bf16, got '", a.precision, "'");
 #if defined(CUMO_TRAIN_CUDA)
-    if (a.device != "cpu")
+    if (a.device != "cpu" && comm.size() > 1)
+      CUMO_CHECK(a.device == "auto", "--device cuda with ", comm.size(), " ranks: data parallelism across GPUs needs "
+                 "the NCCL communicator, which is not written yet (docs/distributed.md); train on CPU ranks with "
+                 "--device cpu");
+    if (a.device != "cpu" && comm.size() == 1)
       if (const auto status = run_on_gpu(a)) return *status;
 #else
     CUMO_CHECK(a.device != "cuda", "--device cuda, but this build has no CUDA backend "
                "(configure with -DCUMO_CUDA=ON on a machine with the CUDA toolkit)");
 #endif
     CUMO_CHECK(a.precision == "fp32", "--precision ", a.precision, " is for the GPU; the CPU trains in fp32");
-    return run<backend::Cpu>(a);
+    return run<backend::Cpu>(a, comm);
+  } catch (const dist::AgreedError& e) {
+    // every rank has this same error: one report, and each rank ends on its own
+    if (comm.rank() == 0) std::cerr << "\ncumo_train: " << e.what() << "\n";
+    return 1;
   } catch (const std::bad_alloc&) {
-    std::cerr << "\ncumo_train: out of memory (std::bad_alloc): the model, a batch or the data does not fit in this "
-                 "machine's memory; reduce the model sizes, the stage's batch or max_length\n";
+    std::cerr << "\ncumo_train: " << rank_prefix(comm) << "out of memory (std::bad_alloc): the model, a batch or the "
+                 "data does not fit in this machine's memory; reduce the model sizes, the stage's batch or max_length\n";
+    if (comm.size() > 1) comm.abort(1);
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "\ncumo_train: " << e.what() << "\n";
+    // An error on some ranks only (a NaN, a collective that timed out): the others would wait for this one in
+    // their next collective, so the whole job ends now.
+    std::cerr << "\ncumo_train: " << rank_prefix(comm) << e.what() << "\n";
+    if (comm.size() > 1) comm.abort(1);
     return 1;
   }
 }

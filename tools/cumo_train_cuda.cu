@@ -13,7 +13,8 @@ std::optional<int> run_on_gpu(const Args& a) {
   cumo::gpu::Options o;
   o.allow_tf32 = a.precision != "fp32";
   o.dense_bf16 = a.precision == "bf16";
-  return run(a, cumo::backend::Cuda(o));
+  cumo::dist::SelfCommunicator one;  // multi-GPU data parallelism needs the NCCL communicator (not written yet)
+  return run(a, one, cumo::backend::Cuda(o));
 }
 
 }  // namespace cumo_train_app

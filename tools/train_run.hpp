@@ -20,6 +20,7 @@
 #include "app/footprint.hpp"
 #include "app/run_config.hpp"
 #include "app/run_dir.hpp"
+#include "cumo/dist/data_parallel.hpp"
 #include "cumo/io/files.hpp"
 #include "cumo/io/tokenizer.hpp"
 #include "cumo/models/cumo.hpp"
@@ -99,9 +100,11 @@ inline void check_start(const std::string& dir, int stage, const char* how) {
              finished ? "" : " (finish that stage first: --resume it)");
 }
 
-// `backend` runs the whole model (its options — precision — are the run's).
+// `backend` runs the whole model (its options — precision — are the run's). `comm`: the data-parallel world (one
+// process: dist::SelfCommunicator); every rank runs this with the same arguments, rank 0 alone writes.
 template <class Backend>
-int run(const Args& a, Backend backend = {}) {
+int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
+  const bool rank0 = comm.rank() == 0;
   // ---- the configuration ---------------------------------------------------------------------------------------
   nlohmann::json resume_state;
   app::RunConfig cfg;
@@ -129,6 +132,10 @@ int run(const Args& a, Backend backend = {}) {
     if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
     cfg = app::RunConfig::from_json(raw, "'" + a.config + "'");
   }
+  // Every rank must train the same thing: a rank started with other arguments or another config stops them all.
+  dist::check_same(comm, "the run configuration and command line",
+                   cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + std::to_string(a.max_steps) +
+                       "|" + (a.overwrite ? "overwrite" : ""));
   // ---- which stages ---------------------------------------------------------------------------------------------
   int first = 1, last = 3;
   bool resume_partial = false;
@@ -155,18 +162,31 @@ int run(const Args& a, Backend backend = {}) {
   }
 
   // ---- the output directory: one writer, stale temporaries gone, nothing replaced unless told ----------------
-  const app::RunDir dir(cfg.out, kTool);
-  dir.clean_stale();
-  dir.claim_stages(first, last, a.overwrite, resume_partial ? a.resume : "");
-  io::write_file_atomic((fs::path(cfg.out) / "config.json").string(), cfg.raw.dump(2) + "\n", "config.json");
+  // (rank 0's alone: the others never write, and learn whether it could)
+  std::optional<app::RunDir> dir;
+  dist::agree_on(comm, [&] {
+    if (!rank0) return;
+    dir.emplace(cfg.out, kTool);
+    dir->clean_stale();
+    dir->claim_stages(first, last, a.overwrite, resume_partial ? a.resume : "");
+    io::write_file_atomic((fs::path(cfg.out) / "config.json").string(), cfg.raw.dump(2) + "\n", "config.json");
+  });
 
   // ---- data and model ------------------------------------------------------------------------------------------
   const auto tok = io::load_tokenizer(cfg.tokenizer);
   const models::CuMoConfig model_cfg = cfg.model_config(*tok);
   app::check_model_fits(model_cfg, last == 3 && cfg.variant != app::Variant::dense, true, "model");
-  app::ensure_data(cfg, app::run_files(cfg));
+  dist::agree_on(comm, [&] {
+    if (rank0) app::ensure_data(cfg, app::run_files(cfg));  // may write the built-in data: one writer
+  });
   models::CuMo<Backend> model(model_cfg, backend);
-  if (!a.quiet) std::cerr << "cumo_train: training on " << Backend::name << "\n";
+  const bool quiet = a.quiet || !rank0;
+  if (!quiet)
+    std::cerr << "cumo_train: training on " << Backend::name
+              << (comm.size() > 1 ? " x " + std::to_string(comm.size()) + " data-parallel ranks (" +
+                                        std::string(comm.engine()) + ")"
+                                  : std::string())
+              << "\n";
   Rng init_rng(cfg.seed);
   model.reset_parameters(init_rng);
   const Rng::State init_state = init_rng.state();
@@ -176,7 +196,7 @@ int run(const Args& a, Backend backend = {}) {
   if (!a.resume.empty()) {
     if (!resume_partial) start_from = a.resume;
   } else if (first > 1) {
-    start_from = a.from.empty() ? dir.stage_dir(first - 1) : a.from;
+    start_from = a.from.empty() ? app::RunDir::stage_dir(cfg.out, first - 1) : a.from;
     check_start(start_from, first, a.from.empty() ? "the previous stage's checkpoint" : "--from");
   } else {
     CUMO_CHECK(a.from.empty(), "--from is for a stage > 1 (stage 1 starts from fresh weights)");
@@ -185,7 +205,7 @@ int run(const Args& a, Backend backend = {}) {
   if (!start_from.empty()) {
     structure_of(start_from);
     (void)train::load_checkpoint(start_from, model.parameters(), nullptr);
-    if (!a.quiet) std::cerr << "stage " << first << " starts from " << start_from << "\n";
+    if (!quiet) std::cerr << "stage " << first << " starts from " << start_from << "\n";
   }
   if (resume_partial) structure_of(a.resume);
 
@@ -200,6 +220,10 @@ int run(const Args& a, Backend backend = {}) {
       Rng up_rng(cfg.seed * 0x9E3779B97F4A7C15ull + 3);
       model.upcycle(up_rng, true, true, cfg.variant == app::Variant::moe_scratch);
     }
+    // The replicas start the same (same seeds, same checkpoint files), or the ranks would train different models.
+    if (comm.size() > 1)
+      dist::check_same(comm, "the model's weights at the start of stage " + std::to_string(s),
+                       dist::weights_digest(model.parameters()));
     const auto data = io::LlavaDataset::load(cfg.data_path(sc.data), *tok, cfg.data_options(sc.chat_template, sc.max_length));
     {
       std::size_t longest = 0;
@@ -212,26 +236,31 @@ int run(const Args& a, Backend backend = {}) {
     }
 
     app::StageRunOptions ro;
-    ro.final_dir = dir.stage_dir(s);
-    ro.partial_dir = dir.partial_dir(s);
-    ro.csv_path = (fs::path(cfg.out) / "metrics.csv").string();
+    ro.final_dir = app::RunDir::stage_dir(cfg.out, s);
+    ro.partial_dir = app::RunDir::partial_dir(cfg.out, s);
+    ro.csv_path = rank0 ? (fs::path(cfg.out) / "metrics.csv").string() : "";
+    ro.comm = &comm;
     ro.csv_fresh = a.overwrite && s == 1 && !resuming;  // an overwritten run from stage 1 starts its log anew
     ro.resume_dir = resuming ? a.resume : "";
     ro.max_steps = a.max_steps;
     ro.log_every = a.log_every;
-    ro.quiet = a.quiet;
+    ro.quiet = quiet;
     ro.stop = &g_stop;
     ro.metadata["run_config"] = cfg.raw.dump();
     ro.metadata["model_config"] = model.config().to_json().dump();
     ro.metadata["variant"] = app::variant_name(cfg.variant);
     ro.rngs["init"] = init_state;
-    if (!a.quiet)
+    if (!quiet)
       std::cerr << "stage " << s << ": " << data.size() << " samples from " << cfg.data_path(sc.data) << ", "
                 << sc.steps << " steps of " << sc.accumulation << " x " << sc.batch << ", lr " << sc.lr
                 << (s == 3 ? std::string(", variant ") + app::variant_name(cfg.variant) : std::string())
                 << (resuming ? ", resuming " + a.resume : std::string()) << "\n";
 
     const app::StageResult r = app::run_stage(model, data, sc, ro);
+    if (!rank0) {
+      if (!r.finished) return g_stop.load() ? 130 : 0;
+      continue;
+    }
     write_summary(cfg.out, s, r, sc);
     std::printf("stage %d: %s at step %lld/%lld in %.1f s (%.0f tok/s), loss %.4f, ce %.4f -> %s\n", s,
                 r.finished ? "finished" : "stopped", (long long)r.step, (long long)sc.steps, r.seconds,

@@ -21,6 +21,7 @@
 #include "app/metrics.hpp"
 #include "app/run_config.hpp"
 #include "cumo/core/error.hpp"
+#include "cumo/dist/data_parallel.hpp"
 #include "cumo/io/llava_data.hpp"
 #include "cumo/io/prefetch.hpp"
 #include "cumo/train/checkpoint.hpp"
@@ -105,6 +106,9 @@ struct StageRunOptions {
   const std::atomic<bool>* stop = nullptr;  // set asynchronously (SIGINT): save partial_dir and return
   std::map<std::string, std::string> metadata;  // written into the checkpoints (stage/finished/sparsity are added)
   std::map<std::string, Rng::State> rngs;       // generators to record (e.g. "init")
+  // Data parallel (docs/distributed.md): every rank runs run_stage on its share of each global micro-batch; rank 0
+  // alone writes the checkpoints (the others pass empty csv_path and quiet). nullptr = one process.
+  dist::Communicator* comm = nullptr;
 };
 
 struct StageResult {
@@ -192,6 +196,16 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
              "on (the loss would be 0)");
   const auto sched = train::CosineWithWarmup::with_warmup_ratio(sc.lr, sc.steps, sc.warmup_ratio);
   io::BatchIterator order(data, sc.batch, sc.data_seed);
+  dist::SelfCommunicator self;
+  dist::Communicator& comm = ro.comm ? *ro.comm : self;
+  const bool parallel = comm.size() > 1;
+  if (parallel) {
+    const auto& text = model.config().llava.text;
+    CUMO_CHECK(text.experts == 0 || text.aux_coef == 0.0, tag, ": data parallel with a Mixtral decoder's "
+               "router_aux_loss_coef (", text.aux_coef, ") is not supported: that balance loss is "
+               "over all tokens of the batch at once, not a mean over samples, so the ranks' shares do not add up to it");
+    order.set_shard(comm.rank(), comm.size());
+  }
 
   train::TrainerState st;
   if (!ro.resume_dir.empty()) {
@@ -241,30 +255,64 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     StepMetrics m;
     m.stage = sc.stage;
     detail::LoadSum load;
+    // Data parallel: this rank's rows of each global micro-batch, its CE weighted by its share of the targets and
+    // the per-image aux losses by its share of the images, so the ranks' terms sum to the whole batch's.
+    const std::size_t n_sparse = model.vision_is_sparse() ? std::size_t(model.config().llava.vision.layers) : 0;
+    const std::size_t experts = std::size_t(model.config().experts);
+    m.vision_balance_l.assign(n_sparse, 0.0);
+    m.vision_z_l.assign(n_sparse, 0.0);
+    load.vision.assign(n_sparse, std::vector<std::int64_t>(experts, 0));
+    if (model.connector_is_sparse()) load.projector.assign(experts, 0);
     for (int mb = 0; mb < M; ++mb) {
       const io::Batch b = it.next();
+      if (b.B == 0) continue;  // a short last batch left this rank nothing; its gradient share is zero
       const auto out = model.forward(b.input_ids, b.B, b.T, b.pixels, &b.labels, &b.key_valid, true);
       if (!std::isfinite(out.total))
         fail("training stopped at ", tag, " step ", step + 1, " (micro-batch ", mb, "): the loss is ", out.total,
              "; first non-finite term: ", detail::nonfinite_term(model, out));
-      model.backward(1.0 / double(M));
-      m.loss += out.total / M;
-      m.ce += out.ce / M;
-      m.vision_balance += out.vision_balance / M;
-      m.vision_z += out.vision_z / M;
-      m.projector_balance += out.projector_balance / M;
-      m.projector_z += out.projector_z / M;
+      const dist::LossShare share =
+          parallel ? dist::loss_share(out.targets, b.global_targets, b.images(), b.global_images) : dist::LossShare{};
+      if (parallel)
+        model.backward(typename Model::LossScales{share.ce / double(M), share.aux / double(M)});
+      else
+        model.backward(1.0 / double(M));
+      m.loss += parallel ? (out.ce * share.ce + (out.total - out.ce) * share.aux) / M : out.total / M;
+      m.ce += out.ce * share.ce / M;
+      m.vision_balance += out.vision_balance * share.aux / M;
+      m.vision_z += out.vision_z * share.aux / M;
+      m.projector_balance += out.projector_balance * share.aux / M;
+      m.projector_z += out.projector_z * share.aux / M;
       m.tokens += b.tokens();
-      const std::size_t n_sparse = out.vision_load.size();
-      m.vision_balance_l.resize(n_sparse, 0.0);
-      m.vision_z_l.resize(n_sparse, 0.0);
-      load.vision.resize(n_sparse);
-      for (std::size_t l = 0; l < n_sparse && l < out.vision_balance_per_layer.size(); ++l) {
-        m.vision_balance_l[l] += out.vision_balance_per_layer[l] / M;
-        m.vision_z_l[l] += out.vision_z_per_layer[l] / M;
+      CUMO_CHECK(out.vision_load.empty() || out.vision_load.size() == n_sparse, tag, ": ", out.vision_load.size(),
+                 " sparse CLIP layers reported, ", n_sparse, " expected");
+      for (std::size_t l = 0; l < out.vision_load.size() && l < out.vision_balance_per_layer.size(); ++l) {
+        m.vision_balance_l[l] += out.vision_balance_per_layer[l] * share.aux / M;
+        m.vision_z_l[l] += out.vision_z_per_layer[l] * share.aux / M;
       }
-      for (std::size_t l = 0; l < n_sparse; ++l) detail::LoadSum::add(load.vision[l], out.vision_load[l].tokens);
+      for (std::size_t l = 0; l < out.vision_load.size(); ++l)
+        detail::LoadSum::add(load.vision[l], out.vision_load[l].tokens);
       detail::LoadSum::add(load.projector, out.projector_load.tokens);
+    }
+    if (parallel) {
+      // the gradient sum (deterministic: every rank the same bits), then the metrics and the loads over the ranks
+      dist::allreduce_gradients(comm, opt.trainable_parameters());
+      std::vector<double> sums{m.loss, m.ce, m.vision_balance, m.vision_z, m.projector_balance, m.projector_z};
+      sums.insert(sums.end(), m.vision_balance_l.begin(), m.vision_balance_l.end());
+      sums.insert(sums.end(), m.vision_z_l.begin(), m.vision_z_l.end());
+      dist::allreduce_sum(comm, std::span<double>(sums));
+      m.loss = sums[0], m.ce = sums[1], m.vision_balance = sums[2], m.vision_z = sums[3];
+      m.projector_balance = sums[4], m.projector_z = sums[5];
+      std::copy_n(sums.begin() + 6, n_sparse, m.vision_balance_l.begin());
+      std::copy_n(sums.begin() + 6 + std::ptrdiff_t(n_sparse), n_sparse, m.vision_z_l.begin());
+      std::vector<std::int64_t> counts{m.tokens};
+      for (const auto& v : load.vision) counts.insert(counts.end(), v.begin(), v.end());
+      counts.insert(counts.end(), load.projector.begin(), load.projector.end());
+      dist::allreduce_sum(comm, std::span<std::int64_t>(counts));
+      m.tokens = counts[0];
+      std::size_t at = 1;
+      for (auto& v : load.vision)
+        for (auto& t : v) t = counts[at++];
+      for (auto& t : load.projector) t = counts[at++];
     }
     for (const auto& v : load.vision) m.vision_load_l.push_back(detail::LoadSum::max_over_mean(v));
     if (!load.projector.empty()) m.projector_load = detail::LoadSum::max_over_mean(load.projector);
@@ -294,15 +342,20 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                    format_duration(eta).c_str());
     }
   };
-  train_steps(opt, sched, StepLoop{st.step, stop_at, sc.max_grad_norm, ro.stop}, forward_backward, log);
+  train_steps(opt, sched, StepLoop{st.step, stop_at, sc.max_grad_norm, ro.stop, parallel ? &comm : nullptr},
+              forward_backward, log);
   bar.finish();
 
   res.step = st.step;
   res.finished = st.step >= sc.steps;
   st.metadata["stage_finished"] = res.finished ? "1" : "0";
   res.checkpoint = res.finished ? ro.final_dir : ro.partial_dir;
-  if (!res.checkpoint.empty() && (st.step > first_step || ro.resume_dir.empty() || res.checkpoint != ro.resume_dir))
-    train::save_checkpoint(res.checkpoint, all, &opt, st);
+  // Rank 0 writes (every rank holds the same weights and optimizer state); the others learn whether it could.
+  dist::agree_on(comm, [&] {
+    if (comm.rank() == 0 && !res.checkpoint.empty() &&
+        (st.step > first_step || ro.resume_dir.empty() || res.checkpoint != ro.resume_dir))
+      train::save_checkpoint(res.checkpoint, all, &opt, st);
+  });
   res.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   res.tokens_per_s = train_seconds > 0 ? double(tokens_total) / train_seconds : 0;
   return res;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 
+#include "cumo/dist/communicator.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo/train/schedule.hpp"
 
@@ -16,6 +17,7 @@ struct StepLoop {
   std::int64_t stop_at = 0;                 // the step count to stop at
   double max_grad_norm = 1.0;
   const std::atomic<bool>* stop = nullptr;  // raised asynchronously: finish the step in flight and return
+  dist::Communicator* comm = nullptr;       // data parallel: the ranks stop together, when any saw the flag
 };
 
 // Metrics: the trainer's per-step record, with at least `step`, `lr`, `grad_norm` and `seconds`.
@@ -26,7 +28,8 @@ std::int64_t train_steps(Optimizer& opt, const train::CosineWithWarmup& schedule
                          ForwardBackward&& forward_backward, Log&& log) {
   std::int64_t step = loop.first;
   while (step < loop.stop_at) {
-    if (loop.stop && loop.stop->load()) break;
+    const bool stop = loop.stop && loop.stop->load();
+    if (loop.comm ? dist::any(*loop.comm, stop) : stop) break;
     const auto t0 = std::chrono::steady_clock::now();
     opt.zero_grad();
     auto m = forward_backward(step);

@@ -60,8 +60,13 @@ class RunDir {
   }
 
   const std::string& path() const { return out_; }
-  std::string stage_dir(int s) const { return (std::filesystem::path(out_) / ("stage" + std::to_string(s))).string(); }
-  std::string partial_dir(int s) const { return stage_dir(s) + "-partial"; }
+  std::string stage_dir(int s) const { return stage_dir(out_, s); }
+  std::string partial_dir(int s) const { return partial_dir(out_, s); }
+  // The same paths without the lock (the data-parallel ranks other than rank 0, which never write).
+  static std::string stage_dir(const std::string& out, int s) {
+    return (std::filesystem::path(out) / ("stage" + std::to_string(s))).string();
+  }
+  static std::string partial_dir(const std::string& out, int s) { return stage_dir(out, s) + "-partial"; }
 
   // Removes the temporaries a killed save left behind (see the header comment); returns their names.
   std::vector<std::string> clean_stale(std::ostream& log = std::cerr) const {

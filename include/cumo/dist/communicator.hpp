@@ -36,6 +36,12 @@ class CommError : public Error {
   using Error::Error;
 };
 
+// The same error on every rank (agree, check_same): each rank can stop cleanly, nobody has to abort the job.
+class AgreedError : public Error {
+ public:
+  using Error::Error;
+};
+
 enum class ReduceOp { sum, min, max };
 
 class Communicator {
@@ -135,7 +141,7 @@ inline void agree(Communicator& comm, const std::string& error) {
   std::string msg(std::size_t(len), '\0');
   if (comm.rank() == first) msg = error;
   comm.broadcast(msg.data(), len, int(first));
-  throw Error(first == comm.rank() ? msg : detail::concat("rank ", first, ": ", msg));
+  throw AgreedError(first == comm.rank() ? msg : detail::concat("rank ", first, ": ", msg));
 }
 
 // Runs f() on every rank and agrees on its outcome (an exception on one rank becomes the same error on all).
@@ -146,6 +152,8 @@ void agree_on(Communicator& comm, F&& f) {
     f();
   } catch (const CommError&) {
     throw;
+  } catch (const AgreedError&) {
+    throw;  // agreed already, by a collective inside f
   } catch (const std::exception& e) {
     error = e.what();
     if (error.empty()) error = "unknown error";
@@ -171,8 +179,9 @@ inline void check_same(Communicator& comm, std::string_view what, std::string_vi
   std::string differ;
   for (int q = 1; q < comm.size(); ++q)
     if (all[std::size_t(q)] != all[0]) differ += (differ.empty() ? "" : ", ") + std::to_string(q);
-  CUMO_CHECK(differ.empty(), "the ranks disagree on ", what, ": rank(s) ", differ, " differ from rank 0 (every rank "
-             "must be started with the same arguments, configuration and files)");
+  if (!differ.empty())
+    throw AgreedError(detail::concat("the ranks disagree on ", what, ": rank(s) ", differ, " differ from rank 0 (every "
+                                     "rank must be started with the same arguments, configuration and files)"));
 }
 
 }  // namespace cumo::dist

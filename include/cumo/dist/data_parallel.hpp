@@ -82,6 +82,18 @@ inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
   flush();
 }
 
+// A digest of every parameter's bytes (host tensors): the ranks' replicas must start identical.
+inline std::string weights_digest(const ParameterList& params) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (const Parameter* p : params) {
+    CUMO_CHECK(p->value.device() == Device::cpu, "weights_digest: ", p->name, " is not on the host");
+    const Tensor v = p->value.contiguous();
+    h ^= fingerprint(std::string_view(static_cast<const char*>(v.raw()), v.nbytes()));
+    h *= 1099511628211ull;
+  }
+  return std::to_string(h);
+}
+
 // The structure every rank must share before gradients can be summed: names and shapes, in order.
 inline std::string structure_of(const ParameterList& params) {
   std::string s;

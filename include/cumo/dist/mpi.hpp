@@ -137,8 +137,8 @@ class MpiCommunicator final : public Communicator {
  private:
   void check_usable(const char* what) const {
     if (broken_)
-      throw CommError(detail::concat("MpiCommunicator::", what, ": an earlier collective failed on rank ", rank_,
-                                     "; the communicator is unusable (abort the job)"));
+      throw CommError(detail::concat("MpiCommunicator::", what, ": an earlier collective failed; the communicator "
+                                     "is unusable (abort the job)"));
   }
   void call(const char* what, int rc) {
     check_usable(what);
@@ -147,7 +147,7 @@ class MpiCommunicator final : public Communicator {
     char msg[MPI_MAX_ERROR_STRING];
     int len = 0;
     MPI_Error_string(rc, msg, &len);
-    throw CommError(detail::concat("MPI ", what, " failed on rank ", rank_, ": ", std::string(msg, std::size_t(len))));
+    throw CommError(detail::concat("the MPI ", what, " failed: ", std::string(msg, std::size_t(len))));
   }
   // Polls the request until it completes or the deadline passes: spinning first (a collective that is about to
   // finish), then sleeping 100 µs between tests so a rank that waits for a slow one leaves the core to it.
@@ -162,10 +162,9 @@ class MpiCommunicator final : public Communicator {
       if (polls > 2000) std::this_thread::sleep_for(std::chrono::microseconds(100));
       if ((polls & 63) == 0 && std::chrono::duration<double>(clock::now() - t0).count() > timeout_s_) {
         broken_ = true;
-        throw CommError(detail::concat("rank ", rank_, " of ", size_, ": the ", what, " did not complete within ",
-                                       timeout_s_, " s: another rank died, hangs, or took another path "
-                                       "(raise the timeout with --comm-timeout / CUMO_COMM_TIMEOUT if a step is "
-                                       "really that slow)"));
+        throw CommError(detail::concat("the MPI ", what, " over ", size_, " ranks did not complete within ",
+                                       timeout_s_, " s: another rank died, hangs, or took another path (raise "
+                                       "the timeout with CUMO_COMM_TIMEOUT=seconds if a step is really that slow)"));
       }
     }
   }

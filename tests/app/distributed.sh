@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# cumo_train data parallel under mpirun, on the app smoke run's stage-2 checkpoint (ctest label `distributed`):
+#   distributed.sh TRAIN MPIRUN CASE     (run in the app smoke directory; MPIRUN may carry options)
+# CASE:
+#   matches     stage 3 with 2 and with 4 ranks against one process on the same global batches (a batch of 5 over
+#               48 samples ends each epoch with 3 rows, so with 4 ranks one rank gets none): every step's loss within
+#               1e-5 relative; the ranks' checkpoint is rank 0's alone
+#   resume      2 ranks stopped after 3 steps and resumed on 2 ranks end bitwise where the uninterrupted 2-rank run
+#               ended; resumed on 1 process instead, it finishes
+#   mismatch    two ranks started with different configs stop with the same clear error, no hang
+#   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
+#   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
+#               job ends with the timeout's message
+set -uo pipefail
+train=$1
+read -r -a mpirun <<<"$2"
+case=$3
+fail() { echo "FAIL [$case]: $*"; exit 1; }
+[ -f run/stage2/model.safetensors ] || fail "no run/stage2 (the app_smoke_train fixture)"
+export OMP_NUM_THREADS=1
+
+# stage 3 of tiny.json with a batch of 5 and 12 steps of 2 micro-batches: 24 micro-batches, two epochs' short batch
+python3 - <<'EOF'
+import json
+c = json.load(open("tiny.json"))
+c["stages"]["3"].update({"steps": 12, "batch": 5})
+json.dump(c, open("dp.json", "w"))
+c["stages"]["3"]["lr"] = 1e-3
+json.dump(c, open("dp_other.json", "w"))
+EOF
+stage3() { "$@" --config dp.json --stage 3 --from run/stage2 --quiet --overwrite; }
+losses() { grep -E '^[0-9]+,3,' "$1/metrics.csv" | cut -d, -f1,4; }
+
+case $case in
+matches)
+  rm -rf dp1 dp2 dp4
+  stage3 "$train" --out dp1 >/dev/null || fail "the single-process run failed"
+  for np in 2 4; do
+    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dp$np 2>&1) || fail "$np ranks failed: $out"
+    [ -f dp$np/stage3/model.safetensors ] || fail "$np ranks wrote no checkpoint"
+    python3 - dp1 dp$np <<'EOF' || fail "$np ranks: the losses differ from one process"
+import sys
+def rows(d):
+    return [tuple(map(float, l.split(",")[:4:3])) for l in open(d + "/metrics.csv") if l.split(",")[1:2] == ["3"]]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+assert len(a) == len(b) == 12, (len(a), len(b))
+worst = max(abs(x[1] - y[1]) / abs(x[1]) for x, y in zip(a, b))
+print(f"{sys.argv[2]}: 12 steps, worst loss rel diff {worst:.2e}")
+sys.exit(0 if worst <= 1e-5 else 1)
+EOF
+  done
+  echo "PASS [matches]"
+  ;;
+resume)
+  rm -rf dpa dpb
+  "${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpa --quiet >/dev/null 2>&1 ||
+    fail "the uninterrupted 2-rank run failed"
+  "${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpb --quiet --max-steps 3 \
+    >/dev/null 2>&1 || fail "the stopped 2-rank run failed"
+  [ -f dpb/stage3-partial/trainer_state.json ] || fail "no partial checkpoint"
+  cp -r dpb dpc
+  out=$("${mpirun[@]}" -np 2 "$train" --resume dpb/stage3-partial --quiet 2>&1) || fail "the 2-rank resume failed: $out"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp -s dpa/stage3/$f dpb/stage3/$f || fail "stage3/$f after a 2-rank resume differs from the uninterrupted run"
+  done
+  out=$("$train" --resume dpc/stage3-partial --quiet 2>&1) || fail "resuming a 2-rank checkpoint on 1 process: $out"
+  [ -f dpc/stage3/model.safetensors ] || fail "the 1-process resume wrote no final checkpoint"
+  rm -rf dpc
+  echo "PASS [resume]"
+  ;;
+mismatch)
+  rm -rf dpm
+  start=$SECONDS
+  out=$("${mpirun[@]}" -np 1 "$train" --config dp.json --stage 3 --from run/stage2 --out dpm --quiet : \
+        -np 1 "$train" --config dp_other.json --stage 3 --from run/stage2 --out dpm --quiet 2>&1)
+  status=$?
+  echo "$out" | tail -3
+  [ $status -ne 0 ] || fail "ranks with different configs trained"
+  echo "$out" | grep -q "the ranks disagree on the run configuration" || fail "no clear error"
+  ((SECONDS - start < 60)) || fail "took $((SECONDS - start)) s"
+  echo "PASS [mismatch]"
+  ;;
+dead | hang)
+  rm -rf dpk dpk.log
+  python3 - <<'EOF'
+import json
+c = json.load(open("dp.json"))
+c["stages"]["3"]["steps"] = 100000  # long enough to be interrupted
+json.dump(c, open("dp_long.json", "w"))
+EOF
+  export CUMO_COMM_TIMEOUT=5
+  start=$SECONDS
+  "${mpirun[@]}" -np 2 "$train" --config dp_long.json --stage 3 --from run/stage2 --out dpk --log-every 1 \
+    >dpk.log 2>&1 &
+  job=$!
+  # wait until both ranks train (rank 0 logs steps), then pick the rank that is not the first child
+  for _ in $(seq 200); do grep -q "stage 3 step 2/" dpk.log 2>/dev/null && break; sleep 0.1; done
+  ranks=($(pgrep -f "dp_long.json" | while read -r p; do [ "$(cat /proc/$p/comm)" = cumo_train ] && echo $p; done))
+  ((${#ranks[@]} == 2)) || { kill -9 $job; fail "expected 2 training ranks, found ${#ranks[@]}: $(cat dpk.log)"; }
+  victim=${ranks[1]}
+  if [ "$case" = dead ]; then kill -9 "$victim"; else kill -STOP "$victim"; fi
+  t0=$SECONDS
+  while kill -0 $job 2>/dev/null && ((SECONDS - t0 < 60)); do sleep 0.2; done
+  kill -0 $job 2>/dev/null && { kill -9 $job "$victim"; fail "the job did not end within 60 s of the fault"; }
+  wait $job
+  status=$?
+  kill -9 "$victim" 2>/dev/null
+  tail -5 dpk.log
+  [ $status -ne 0 ] || fail "the job ended with status 0"
+  if [ "$case" = hang ]; then
+    grep -q "did not complete within 5 s" dpk.log || fail "no timeout message"
+  fi
+  echo "PASS [$case] (ended $((SECONDS - t0)) s after the fault, status $status)"
+  ;;
+*) fail "unknown case" ;;
+esac
