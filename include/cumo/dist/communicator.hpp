@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -62,6 +63,9 @@ class Communicator {
   // Exact integer reductions (control data: counts, flags, hashes).
   virtual void allreduce(std::span<std::int64_t> values, ReduceOp op) = 0;
   virtual void barrier() = 0;
+  // The ranks that pass the same colour form a new communicator, ordered by key then rank (expert-parallel groups
+  // inside the data-parallel world). Every rank calls it.
+  virtual std::unique_ptr<Communicator> split(int colour, int key) const = 0;
   // Ends every rank of the job now (a collective that cannot complete, an error on one rank). Never returns.
   [[noreturn]] virtual void abort(int code) = 0;
 };
@@ -89,6 +93,7 @@ class SelfCommunicator final : public Communicator {
   }
   void allreduce(std::span<std::int64_t>, ReduceOp) override {}
   void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) const override { return std::make_unique<SelfCommunicator>(); }
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -120,18 +121,12 @@ class MpiCommunicator final : public Communicator {
     std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
   }
 
-  // The ranks with the same colour form a new communicator (ordered by key, then by rank): the expert-parallel
-  // groups inside the data-parallel world.
-  MpiCommunicator split(int colour, int key) const {
+  std::unique_ptr<Communicator> split(int colour, int key) const override {
     MPI_Comm c;
     CUMO_CHECK(MPI_Comm_split(comm_, colour, key, &c) == MPI_SUCCESS, "MpiCommunicator::split failed");
-    MpiCommunicator out(c, timeout_s_);
+    auto out = std::make_unique<MpiCommunicator>(c, timeout_s_);
     MPI_Comm_free(&c);
     return out;
-  }
-  MpiCommunicator(MpiCommunicator&& o) noexcept
-      : comm_(o.comm_), rank_(o.rank_), size_(o.size_), timeout_s_(o.timeout_s_), broken_(o.broken_) {
-    o.comm_ = MPI_COMM_NULL;
   }
 
  private:

@@ -10,6 +10,7 @@
 // state (backend::Cuda's precision, GEMM algorithm, sync policy and workspace) configures this block alone.
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "cumo/backend/contract.hpp"
@@ -17,6 +18,7 @@
 #include "cumo/core/parameter.hpp"
 #include "cumo/core/rng.hpp"
 #include "cumo/core/routing.hpp"
+#include "cumo/dist/expert_parallel.hpp"
 #include "cumo/moe/expert.hpp"
 #include "cumo/moe/router.hpp"
 
@@ -95,6 +97,28 @@ class SparseMoE {
   }
   void zero_grad() { cumo::zero_grad(parameters()); }
 
+  // ---- expert parallelism (dist/expert_parallel.hpp) --------------------------------------------------------
+  // Keeps only this rank's E/K experts of an expert-parallel group of K ranks (rank r: experts [r·E/K, (r+1)·E/K),
+  // their current weights) and from now on sends every routed row to the rank holding its expert and back. The
+  // router stays whole. Every rank of `group` calls it, on the same weights; dropless, CPU only. After it the
+  // experts' parameters are the local slice: their gradients are this rank's experts' over the whole group's tokens.
+  void shard_experts(dist::Communicator& group) {
+    CUMO_CHECK(Backend::device == Device::cpu, "SparseMoE::shard_experts: expert parallelism runs on the CPU "
+               "backend (host buffers over MPI); a GPU group needs the NCCL communicator, not written yet");
+    CUMO_CHECK(options_.capacity_factor <= 0.f, "SparseMoE::shard_experts: expert parallelism is dropless; this "
+               "block has capacity_factor ", options_.capacity_factor);
+    CUMO_CHECK(!ep_, "SparseMoE::shard_experts: the experts are sharded already");
+    dist::ExpertExchange ep(group, num_experts());
+    ExpertT local(ep.local_experts(), hidden(), experts_.ffn(), Backend::device, out_features());
+    const ParameterList whole = experts_.parameters(), mine = local.parameters();
+    for (std::size_t i = 0; i < whole.size(); ++i)
+      mine[i]->value.copy_from(whole[i]->value.slice(0, ep.first_expert(), ep.first_expert() + ep.local_experts()));
+    experts_ = std::move(local);
+    ep_.emplace(std::move(ep));
+  }
+  bool experts_sharded() const { return ep_.has_value(); }
+  const dist::ExpertExchange* expert_exchange() const { return ep_ ? &*ep_ : nullptr; }
+
   // ---- forward ----------------------------------------------------------------------------------------------
   Output forward(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
     constexpr const char* where = "SparseMoE::forward";
@@ -136,7 +160,15 @@ class SparseMoE {
     saved_.xs = be_.empty({T * K, hidden()});
     saved_.out = be_.empty({T * K, out_features()});
     be_.gather_rows(xc, plan, saved_.xs);                                  // (rows, H)
-    experts_.forward(be_, saved_.xs, plan, saved_.experts, saved_.out);    // (rows, O)
+    if (ep_) {
+      // rows → their experts' ranks, the local experts, and back (dist/expert_parallel.hpp)
+      ep_->dispatch(saved_.xs, plan, saved_.ep);                                           // (rows_local, H)
+      Tensor out_local = be_.empty({saved_.ep.local.rows(), out_features()});
+      experts_.forward(be_, saved_.ep.xs_local, saved_.ep.local, saved_.experts, out_local);  // (rows_local, O)
+      saved_.out = ep_->to_senders(out_local, saved_.ep);                                  // (rows, O)
+    } else {
+      experts_.forward(be_, saved_.xs, plan, saved_.experts, saved_.out);  // (rows, O)
+    }
     out.y = be_.empty({T, out_features()});
     be_.combine(saved_.out, saved_.router.topk_w, plan, out.y);            // (T, O)
     saved_.valid = true;
@@ -173,7 +205,14 @@ class SparseMoE {
 
     // experts, then the gather's transpose: every token sums its k row gradients
     Tensor dxs = be_.empty({T * K, H});
-    experts_.backward(be_, saved_.xs, dout, plan, saved_.experts, dxs);  // (rows, H)
+    if (ep_) {
+      const Tensor dout_local = ep_->to_local(dout, saved_.ep);  // (rows_local, O)
+      Tensor dxs_local = be_.empty({saved_.ep.local.rows(), H});
+      experts_.backward(be_, saved_.ep.xs_local, dout_local, saved_.ep.local, saved_.experts, dxs_local);
+      dxs = ep_->to_senders(dxs_local, saved_.ep);  // (rows, H)
+    } else {
+      experts_.backward(be_, saved_.xs, dout, plan, saved_.experts, dxs);  // (rows, H)
+    }
     Tensor dx = be_.zeros({T, H});
     be_.scatter_add_rows(dxs, plan, dx);  // (T, H)
 
@@ -194,6 +233,7 @@ class SparseMoE {
     saved_.xs = Tensor();
     saved_.out = Tensor();
     saved_.experts = {};
+    saved_.ep = {};
     return dx;
   }
 
@@ -229,12 +269,14 @@ class SparseMoE {
     DispatchPlan plan;
     Tensor xs, out;  // (T*K, H) permuted inputs and unweighted expert outputs
     typename ExpertT::Saved experts;
+    dist::ExpertExchange::Saved ep;  // expert parallel only
   };
 
   RouterT router_;
   ExpertT experts_;
   SparseMoEOptions options_;
   [[no_unique_address]] Backend be_;
+  std::optional<dist::ExpertExchange> ep_;  // set by shard_experts()
   Saved saved_;
 };
 
