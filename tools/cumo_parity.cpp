@@ -1,17 +1,22 @@
-// cumo_parity [--device cpu|cuda] FILE...
+// cumo_parity [--device cpu|cuda] [--expert-parallel K] FILE...
 // Runs every fixture whose `kind` it supports, building each model from the fixture's metadata `config` alone,
 // prints one line per checked tensor and ends with "N passed, M failed". Exit status 1 when anything failed or a
 // file could not be run (unsupported kind, unreadable file); 77 for --device cuda on a machine without a CUDA device
 // (ctest's "skipped", as the CUDA test binaries).
+// Under `mpirun -np K … --expert-parallel K` (a build with MPI) the sparse block kinds run with their experts sharded
+// over the K ranks (parity/moe.hpp); the verdict is over every rank's checks.
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <map>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "cumo/dist/world.hpp"
 #include "cumo/io/safetensors.hpp"
 #if defined(__CUDACC__)
 #include "cumo/backend/cuda.cuh"
@@ -21,18 +26,31 @@
 namespace {
 
 int usage() {
-  std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] FILE...\n");
+  std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] [--expert-parallel K] FILE...\n"
+                       "  --expert-parallel K  under mpirun -np K: the sparse blocks' experts sharded over the K ranks\n");
   return 2;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::optional<cumo::dist::World> world;
+  try {
+    world.emplace(&argc, &argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cumo_parity: %s\n", e.what());
+    return 1;
+  }
+  cumo::dist::Communicator& comm = world->comm();
+  const bool rank0 = comm.rank() == 0;
   std::string device = "cpu";
+  int expert_parallel = 0;
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--device") && i + 1 < argc)
       device = argv[++i];
+    else if (!std::strcmp(argv[i], "--expert-parallel") && i + 1 < argc)
+      expert_parallel = std::atoi(argv[++i]);
     else if (!std::strncmp(argv[i], "--device=", 9))
       device = argv[i] + 9;
     else if (argv[i][0] == '-')
@@ -41,10 +59,27 @@ int main(int argc, char** argv) {
       files.push_back(argv[i]);
   }
   if (files.empty()) return usage();
+  if (expert_parallel || comm.size() > 1) {
+    // the same arguments on every rank, so every rank ends here the same way
+    std::string why;
+    if (expert_parallel < 1)
+      why = "several ranks need --expert-parallel K (K = the number of ranks)";
+    else if (expert_parallel != comm.size())
+      why = "--expert-parallel " + std::to_string(expert_parallel) + " but " + std::to_string(comm.size()) +
+            " ranks: run it as mpirun -np " + std::to_string(expert_parallel) + (cumo::dist::kHaveMpi ? "" :
+            " in a build with MPI (this one has none)");
+    else if (device != "cpu")
+      why = "--expert-parallel runs on the CPU (the GPU path needs the NCCL communicator, not written yet)";
+    if (!why.empty()) {
+      if (rank0) std::fprintf(stderr, "cumo_parity: %s\n", why.c_str());
+      return 2;
+    }
+  }
+  cumo::dist::Communicator* ep = expert_parallel ? &comm : nullptr;
 
   std::map<std::string, cumo::parity::Runner> table;
   if (device == "cpu") {
-    table = cumo::parity::runners<cumo::backend::Cpu>();
+    table = cumo::parity::runners<cumo::backend::Cpu>(ep);
   } else if (device == "cuda") {
 #if defined(__CUDACC__)
     int n = 0;
@@ -62,6 +97,7 @@ int main(int argc, char** argv) {
   }
 
   cumo::parity::Report report;
+  if (!rank0) report.prefix = "[rank " + std::to_string(comm.rank()) + "] ";
   int unrun = 0;
   for (const std::string& path : files) {
     try {
@@ -69,7 +105,9 @@ int main(int argc, char** argv) {
       const auto& meta = file.metadata();
       const auto kind_it = meta.find("kind");
       const std::string kind = kind_it == meta.end() ? "" : kind_it->second;
-      std::printf("%s  [kind %s, device %s]\n", path.c_str(), kind.empty() ? "?" : kind.c_str(), device.c_str());
+      if (rank0)
+        std::printf("%s  [kind %s, device %s%s]\n", path.c_str(), kind.empty() ? "?" : kind.c_str(), device.c_str(),
+                    ep ? (", experts over " + std::to_string(comm.size()) + " ranks").c_str() : "");
       const auto run = table.find(kind);
       if (run == table.end()) {
         std::printf("  unsupported kind '%s'\n", kind.c_str());
@@ -86,7 +124,17 @@ int main(int argc, char** argv) {
       ++unrun;
     }
   }
-  if (unrun) std::printf("%d file(s) could not be run\n", unrun);
-  std::printf("%d passed, %d failed\n", report.passed, report.failed);
-  return report.failed || unrun ? 1 : 0;
+  std::fflush(stdout);
+  // checks: every rank's; files not run or skipped: each rank meets the same ones, so the most any rank met
+  std::vector<std::int64_t> totals{report.passed, report.failed}, unrun_skipped{unrun, report.skipped};
+  if (comm.size() > 1) {
+    cumo::dist::allreduce_sum(comm, std::span<std::int64_t>(totals));
+    comm.allreduce(unrun_skipped, cumo::dist::ReduceOp::max);
+  }
+  totals.insert(totals.end(), unrun_skipped.begin(), unrun_skipped.end());
+  if (!rank0) return totals[1] || totals[2] ? 1 : 0;
+  if (totals[2]) std::printf("%lld file(s) could not be run\n", (long long)totals[2]);
+  std::printf("%lld passed, %lld failed%s\n", (long long)totals[0], (long long)totals[1],
+              totals[3] ? (", " + std::to_string(totals[3]) + " skipped").c_str() : "");
+  return totals[1] || totals[2] ? 1 : 0;
 }

@@ -336,6 +336,39 @@ TEST_CASE("dist: expert parallel with ranks that receive no row (every token rou
   check_expert_parallel(comm(), true);
 }
 
+TEST_CASE("dist: expert parallel where only rank 0 has tokens — the others serve their experts with none") {
+  if (kE % comm().size() != 0 || comm().size() == 1) return;
+  Rng rng(5);
+  const bool holder = comm().rank() == 0;
+  const std::int64_t T = holder ? 12 : 0;
+  const Tensor x = test::random_tensor({T, kH}, rng), dy = test::random_tensor({T, kH}, rng);
+  const AuxLossWeights aux{0.1f, 0.01f};
+  Block whole = make_block(false);
+  ParameterList wp = whole.parameters();
+  Tensor y_ref, dx_ref;
+  if (holder) {
+    y_ref = whole.forward(x).y;
+    dx_ref = whole.backward(dy, aux);
+  }
+  for (Parameter* p : wp) dist::allreduce_sum(comm(), std::span<float>(p->grad.data<float>(), std::size_t(p->grad.numel())));
+  Block ep = make_block(false);
+  ep.shard_experts(comm());
+  const auto out = ep.forward(x);
+  const Tensor dx = ep.backward(dy, aux);
+  CHECK(out.y.size(0) == T);
+  if (holder) {
+    CHECK(rel(out.y, y_ref) <= 1e-6);
+    CHECK(rel(dx, dx_ref) <= 1e-6);
+  }
+  ParameterList epp = ep.parameters();
+  const int first = ep.expert_exchange()->first_expert(), n = ep.expert_exchange()->local_experts();
+  for (std::size_t i = 0; i + 1 < epp.size(); ++i) {
+    CAPTURE(epp[i]->name);
+    CHECK(rel(epp[i]->grad, wp[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
+  }
+  if (!holder) CHECK(test::dot(epp.back()->grad, epp.back()->grad) == 0.0);  // no tokens, no router gradient
+}
+
 TEST_CASE("dist: expert parallel inside data parallel — groups of 2 ranks split from the world") {
   if (comm().size() < 4 || comm().size() % 2 != 0) return;
   const auto group = comm().split(comm().rank() / 2, comm().rank());

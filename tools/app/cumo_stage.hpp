@@ -35,6 +35,7 @@ struct StepMetrics {
   std::int64_t step = 0;
   double lr = 0, loss = 0, ce = 0, vision_balance = 0, vision_z = 0, projector_balance = 0, projector_z = 0;
   double grad_norm = 0, tokens_per_s = 0, elapsed_s = 0, seconds = 0;
+  double comm_seconds = 0;  // data parallel: the gradient and metric reductions of this step
   std::int64_t tokens = 0;
   std::vector<double> vision_balance_l, vision_z_l, vision_load_l;  // per sparse CLIP layer (empty while dense)
   double projector_load = -1;                                       // max/mean; < 0 while dense
@@ -118,6 +119,8 @@ struct StageResult {
   double last_loss = 0, last_ce = 0;
   double seconds = 0;          // wall time of this call
   double tokens_per_s = 0;     // mean over this call
+  double comm_seconds = 0;     // data parallel: time in the step's reductions (of `seconds`' training part)
+  double train_seconds = 0;    // the steps alone (no loading, no checkpoint)
 };
 
 namespace detail {
@@ -295,6 +298,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     }
     if (parallel) {
       // the gradient sum (deterministic: every rank the same bits), then the metrics and the loads over the ranks
+      const auto t_comm = clock::now();
       dist::allreduce_gradients(comm, opt.trainable_parameters());
       std::vector<double> sums{m.loss, m.ce, m.vision_balance, m.vision_z, m.projector_balance, m.projector_z};
       sums.insert(sums.end(), m.vision_balance_l.begin(), m.vision_balance_l.end());
@@ -313,6 +317,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       for (auto& v : load.vision)
         for (auto& t : v) t = counts[at++];
       for (auto& t : load.projector) t = counts[at++];
+      m.comm_seconds = std::chrono::duration<double>(clock::now() - t_comm).count();
     }
     for (const auto& v : load.vision) m.vision_load_l.push_back(detail::LoadSum::max_over_mean(v));
     if (!load.projector.empty()) m.projector_load = detail::LoadSum::max_over_mean(load.projector);
@@ -325,6 +330,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     st.epoch = std::int64_t(pos.epoch);
     st.sample = std::int64_t(pos.offset);
     train_seconds += m.seconds;
+    res.comm_seconds += m.comm_seconds;
     tokens_total += m.tokens;
     m.tokens_per_s = m.seconds > 0 ? double(m.tokens) / m.seconds : 0;
     m.elapsed_s = train_seconds;
@@ -358,6 +364,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   });
   res.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   res.tokens_per_s = train_seconds > 0 ? double(tokens_total) / train_seconds : 0;
+  res.train_seconds = train_seconds;
   return res;
 }
 

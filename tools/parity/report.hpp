@@ -18,10 +18,12 @@ inline bool same_layout(const Shape& a, const Shape& b) {
 struct Report {
   int passed = 0;
   int failed = 0;
+  int skipped = 0;     // fixtures a mode does not run (said on their own line; never counted as passed)
+  std::string prefix;  // names the rank under mpirun ("[rank 1] ")
 
   void record(const std::string& name, double err, double tol, const char* how) {
     const bool ok = err <= tol;
-    std::printf("  %-44s %s %.3e  tol %.0e  %s\n", name.c_str(), how, err, tol, ok ? "ok" : "FAIL");
+    std::printf("  %s%-44s %s %.3e  tol %.0e  %s\n", prefix.c_str(), name.c_str(), how, err, tol, ok ? "ok" : "FAIL");
     (ok ? passed : failed) += 1;
   }
   // Relative error ‖got − want‖ / ‖want‖ against a tolerance.

@@ -128,7 +128,9 @@ class SparseMoE {
     CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
                hidden());
     const std::int64_t T = x.size(0);
-    CUMO_CHECK(T > 0, where, ": x has shape ", x.shape(), " — zero tokens");
+    // Sharded experts: a rank with no tokens (a data-parallel rank's empty share) still serves its experts to the
+    // others, so it must take part in the exchange.
+    CUMO_CHECK(T > 0 || ep_, where, ": x has shape ", x.shape(), " — zero tokens");
     CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
                args.segments, " equal segments (images)");
     const Tensor xc = x.contiguous();
@@ -143,7 +145,8 @@ class SparseMoE {
 
     Output out;
     out.aux = new_aux();
-    be_.aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
+    if (T > 0)  // (no tokens, no loss: the aux losses stay 0)
+      be_.aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
 
     DispatchPlan& plan = saved_.plan;
     plan.tokens = T;
@@ -219,6 +222,10 @@ class SparseMoE {
     // router: top-k weights → probs (+ balance) → logits (+ z, + the caller's) → weight and input
     Tensor dprobs = be_.zeros({T, E});
     Tensor dlogits = be_.zeros({T, E});
+    if (T == 0) {  // a sharded block's rank without tokens: nothing of its own to differentiate
+      release_activations();
+      return dx;
+    }
     be_.topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
     be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
                             AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
@@ -227,13 +234,7 @@ class SparseMoE {
                             AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
     if (router_dlogits) be_.add(dlogits, *router_dlogits, dlogits);
     router_.backward(be_, r, dlogits, dx);  // (E, H), (T, H)
-    // Free the activations now rather than at the next forward; the plan and router output stay for load().
-    saved_.valid = false;
-    saved_.x = Tensor();
-    saved_.xs = Tensor();
-    saved_.out = Tensor();
-    saved_.experts = {};
-    saved_.ep = {};
+    release_activations();
     return dx;
   }
 
@@ -259,6 +260,16 @@ class SparseMoE {
   }
 
  private:
+  // Frees the activations after a backward rather than at the next forward; the plan and router output stay
+  // for load().
+  void release_activations() {
+    saved_.valid = false;
+    saved_.x = Tensor();
+    saved_.xs = Tensor();
+    saved_.out = Tensor();
+    saved_.experts = {};
+    saved_.ep = {};
+  }
   AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
 
   struct Saved {
