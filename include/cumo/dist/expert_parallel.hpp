@@ -12,6 +12,7 @@
 // The backward sends d out the same way and d xs back. Dropless, host (CPU) memory; the order of every row is a
 // function of the routing alone, so the exchange is deterministic. A rank that receives no row runs its experts on
 // zero rows, which every kernel accepts.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -98,7 +99,7 @@ class ExpertExchange {
   // Rows in the sending order (rows, W) → the owners' expert-major order (rows_local, W): xs, and d out.
   Tensor to_local(const Tensor& rows, const Saved& s) const {
     const std::int64_t W = rows.size(1);
-    Tensor received = Tensor::empty({std::int64_t(s.order.size()), W});  // (rows_local, W) source-major
+    Tensor& received = workspace(std::int64_t(s.order.size()), W);  // (rows_local, W) source-major
     group_->alltoallv(rows.contiguous().data<float>(), bytes(s.send_rows, W), received.data<float>(),
                       bytes(s.recv_rows, W));
     Tensor local = Tensor::empty({std::int64_t(s.order.size()), W});  // (rows_local, W) expert-major
@@ -111,7 +112,7 @@ class ExpertExchange {
     const std::int64_t W = local.size(1);
     CUMO_CHECK(local.dim() == 2 && local.size(0) == std::int64_t(s.order.size()), "ExpertExchange::to_senders: ",
                "local rows have shape ", local.shape(), " but ", s.order.size(), " rows were received");
-    Tensor source_major = Tensor::empty({std::int64_t(s.order.size()), W});
+    Tensor& source_major = workspace(std::int64_t(s.order.size()), W);  // (rows_local, W)
     permute(local.contiguous(), s.order, source_major, true);
     std::int64_t rows = 0;
     for (std::int64_t r : s.send_rows) rows += r;
@@ -137,8 +138,18 @@ class ExpertExchange {
     }
   }
 
+  // The exchange's scratch rows, kept across calls: a fresh buffer of this size each call costs more in page
+  // faults than the copy into it (measured: bench_ep_dispatch).
+  Tensor& workspace(std::int64_t rows, std::int64_t width) const {
+    if (!scratch_.defined() || scratch_.numel() < std::max<std::int64_t>(rows * width, 1))
+      scratch_ = Tensor::empty({std::max<std::int64_t>(rows * width, 1)});
+    view_ = scratch_.slice(0, 0, rows * width).view({rows, width});
+    return view_;
+  }
+
   Communicator* group_;
   int experts_;
+  mutable Tensor scratch_, view_;  // (capacity,) and its (rows, width) view of the current call
 };
 
 }  // namespace cumo::dist
