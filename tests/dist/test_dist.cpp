@@ -17,6 +17,7 @@
 #include "cumo/dist/expert_parallel.hpp"
 #include "cumo/moe/sparse_moe.hpp"
 #include "cumo/dist/world.hpp"
+#include "cumo/dist/zero.hpp"
 #include "cumo/models/cumo.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo_test_config.hpp"
@@ -265,6 +266,45 @@ TEST_CASE("dist: five data-parallel AdamW steps with clipping equal five single-
   comm().allreduce(lo, dist::ReduceOp::min);
   comm().allreduce(hi, dist::ReduceOp::max);
   CHECK(lo[0] == hi[0]);
+}
+
+TEST_CASE("dist: ZeRO-1 (AdamW moments sharded over the ranks) takes bitwise the replicated optimizer's steps") {
+  const auto samples = make_samples(7, 13);
+  models::CuMo<> a = make_model(6), b = make_model(6);
+  const train::AdamWOptions o{2e-3, 0.9, 0.999, 1e-8, 0.01};
+  train::AdamW<> oa(a.parameters(), o), ob(b.parameters(), o);
+  dist::Zero1<> zero(comm(), ob);
+  for (int step = 1; step <= 5; ++step) {
+    data_parallel_step(a, samples, comm());
+    train::clip_gradients(oa, 1.0, step);
+    oa.step(2e-3);
+    data_parallel_step(b, samples, comm());
+    train::clip_gradients(ob, 1.0, step);
+    ob.step(2e-3);
+    zero.share_parameters();
+  }
+  const ParameterList pa = a.parameters(), pb = b.parameters();
+  int differ = 0, held = 0;
+  for (std::size_t k = 0; k < pa.size(); ++k) {
+    differ += std::memcmp(pa[k]->value.data<float>(), pb[k]->value.data<float>(), pa[k]->value.nbytes()) != 0;
+    held += ob.state(*pb[k]) != nullptr;
+  }
+  CHECK(differ == 0);
+  CHECK(held == zero.owned_parameters());  // this rank keeps only its own parameters' moments
+  if (comm().size() > 1) CHECK(held < std::int64_t(pa.size()));
+  // gathered for a checkpoint: every moment, bitwise the replicated optimizer's
+  zero.gather_state();
+  const auto want = oa.state_tensors(), got = ob.state_tensors();
+  REQUIRE(got.size() == want.size());
+  int bad = 0;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    bad += got[i].first != want[i].first ||
+           std::memcmp(got[i].second.raw(), want[i].second.raw(), want[i].second.nbytes()) != 0;
+  CHECK(bad == 0);
+  zero.release();
+  held = 0;
+  for (Parameter* p : pb) held += ob.state(*p) != nullptr;
+  CHECK(held == zero.owned_parameters());
 }
 
 namespace {

@@ -26,7 +26,9 @@
 // requires_grad=False. Parameters whose `trainable` flag is false are treated the same way.
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <map>
 #include <optional>
 #include <set>
@@ -205,6 +207,20 @@ class AdamWGroups {
     steps_ = 0;
   }
 
+  // ---- ZeRO-1 (dist/zero.hpp) ---------------------------------------------------------------------------------
+  // step() updates only the parameters `owned` says yes to, and the others keep no state here (another rank owns
+  // them). An empty function: every parameter (the default).
+  void set_owned(std::function<bool(const Parameter&)> owned) {
+    owned_ = std::move(owned);
+    if (!owned_) return;
+    for (auto it = state_.begin(); it != state_.end();)
+      it = owned_(*it->first) ? std::next(it) : state_.erase(it);
+  }
+  bool owns(const Parameter& p) const { return !owned_ || owned_(p); }
+  // One parameter's state from elsewhere (its owner's), or none: what a ZeRO-1 checkpoint gathers.
+  void set_state(const Parameter& p, State s) { state_[&p] = std::move(s); }
+  void drop_state(const Parameter& p) { state_.erase(&p); }
+
  protected:
   // Checks the options and the groups; every parameter f32, contiguous, on `device`.
   AdamWGroups(std::vector<ParamGroup> groups, AdamWOptions options, const char* where, Device device)
@@ -245,6 +261,7 @@ class AdamWGroups {
   AdamWOptions options_;
   std::unordered_map<const Parameter*, State> state_;
   std::int64_t steps_ = 0;
+  std::function<bool(const Parameter&)> owned_;  // ZeRO-1: which parameters this rank updates (empty: all)
 };
 }  // namespace detail
 
@@ -286,7 +303,7 @@ class AdamW : public detail::AdamWGroups {
       if (g.frozen) continue;
       const double wd = g.weight_decay ? *g.weight_decay : options_.weight_decay;
       for (Parameter* p : g.params) {
-        if (!p->trainable) continue;
+        if (!p->trainable || !owns(*p)) continue;
         State& s = state_[p];
         if (!s.exp_avg.defined()) {  // lazy, as PyTorch: state appears at a parameter's first step
           s.exp_avg = be_.zeros(p->value.shape());
