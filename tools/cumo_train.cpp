@@ -2,7 +2,7 @@
 //
 //   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]
 //              [--variant dense|moe|moe_nobz|moe_scratch] [--seed S] [--max-steps N] [--log-every N] [--quiet]
-//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16]
+//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1]
 //
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains
 // models::CuMo<backend::Cuda> when a GPU is present (--device auto, the default) or asked for (--device cuda); its
@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
   auto on_switch = [&](std::string_view f) {
     if (f == "--quiet" || f == "-q") return a.quiet = true;
     if (f == "--overwrite") return a.overwrite = true;
+    if (f == "--zero1") return a.zero1 = true;
     return false;
   };
   auto on_value = [&](std::string_view f, const char* v) {

@@ -37,7 +37,7 @@ inline void usage(std::ostream& os) {
   os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]\n"
         "                  [--variant dense|moe|moe_nobz|moe_scratch] [--seed S] [--max-steps N]\n"
         "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
-        "                  [--precision fp32|tf32|bf16]\n"
+        "                  [--precision fp32|tf32|bf16] [--zero1]\n"
         "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
         "  --stage      which stage(s) to run (default all)\n"
         "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage); the run\n"
@@ -54,13 +54,15 @@ inline void usage(std::ostream& os) {
         "  --quiet      no progress output\n"
         "  --device     where the model trains: cuda needs a build with the CUDA backend and a GPU; auto (default)\n"
         "               takes the GPU when there is one\n"
-        "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n";
+        "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n"
+        "  --zero1      under mpirun: shard the AdamW moments over the ranks (ZeRO-1; the same weights)\n"
+        "Under mpirun -np N (a build with MPI) the N ranks train data parallel: docs/distributed.md\n";
 }
 
 struct Args {
   std::string config, resume, from, out, variant, stage = "all", device = "auto", precision = "fp32";
   long long seed = -1, max_steps = -1, log_every = 0;
-  bool quiet = false, overwrite = false;
+  bool quiet = false, overwrite = false, zero1 = false;
 };
 
 inline void write_summary(const std::string& out_dir, int stage, const app::StageResult& r, const app::StageConfig& sc) {
@@ -132,6 +134,8 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
     cfg = app::RunConfig::from_json(raw, "'" + a.config + "'");
   }
+  CUMO_CHECK(!a.zero1 || comm.size() > 1, "--zero1 shards the optimizer over data-parallel ranks: run it under "
+             "mpirun -np N with N > 1");
   // Every rank must train the same thing: a rank started with other arguments or another config stops them all.
   dist::check_same(comm, "the run configuration and command line",
                    cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + std::to_string(a.max_steps) +
@@ -184,7 +188,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   if (!quiet)
     std::cerr << "cumo_train: training on " << Backend::name
               << (comm.size() > 1 ? " x " + std::to_string(comm.size()) + " data-parallel ranks (" +
-                                        std::string(comm.engine()) + ")"
+                                        std::string(comm.engine()) + (a.zero1 ? ", ZeRO-1" : "") + ")"
                                   : std::string())
               << "\n";
   Rng init_rng(cfg.seed);
@@ -240,6 +244,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     ro.partial_dir = app::RunDir::partial_dir(cfg.out, s);
     ro.csv_path = rank0 ? (fs::path(cfg.out) / "metrics.csv").string() : "";
     ro.comm = &comm;
+    ro.zero1 = a.zero1;
     ro.csv_fresh = a.overwrite && s == 1 && !resuming;  // an overwritten run from stage 1 starts its log anew
     ro.resume_dir = resuming ? a.resume : "";
     ro.max_steps = a.max_steps;

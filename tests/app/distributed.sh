@@ -7,6 +7,7 @@
 #               1e-5 relative; the ranks' checkpoint is rank 0's alone
 #   resume      2 ranks stopped after 3 steps and resumed on 2 ranks end bitwise where the uninterrupted 2-rank run
 #               ended; resumed on 1 process instead, it finishes
+#   zero1       2 ranks with --zero1 (AdamW moments sharded) end bitwise where 2 replicated ranks end
 #   mismatch    two ranks started with different configs stop with the same clear error, no hang
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
@@ -67,6 +68,17 @@ resume)
   [ -f dpc/stage3/model.safetensors ] || fail "the 1-process resume wrote no final checkpoint"
   rm -rf dpc
   echo "PASS [resume]"
+  ;;
+zero1)
+  rm -rf dpz dpr
+  out=$("${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpr --quiet 2>&1) ||
+    fail "2 replicated ranks failed: $out"
+  out=$("${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpz --quiet --zero1 2>&1) ||
+    fail "2 ranks with --zero1 failed: $out"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp -s dpr/stage3/$f dpz/stage3/$f || fail "stage3/$f with --zero1 differs from the replicated run's"
+  done
+  echo "PASS [zero1]"
   ;;
 mismatch)
   rm -rf dpm

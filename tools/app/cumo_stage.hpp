@@ -13,6 +13,7 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "app/run_config.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/dist/data_parallel.hpp"
+#include "cumo/dist/zero.hpp"
 #include "cumo/io/llava_data.hpp"
 #include "cumo/io/prefetch.hpp"
 #include "cumo/train/checkpoint.hpp"
@@ -110,6 +112,7 @@ struct StageRunOptions {
   // Data parallel (docs/distributed.md): every rank runs run_stage on its share of each global micro-batch; rank 0
   // alone writes the checkpoints (the others pass empty csv_path and quiet). nullptr = one process.
   dist::Communicator* comm = nullptr;
+  bool zero1 = false;  // data parallel: the AdamW moments sharded over the ranks (dist/zero.hpp); same weights
 };
 
 struct StageResult {
@@ -223,6 +226,14 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                " != trainer step ", st.step);
     order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
+  // ZeRO-1 after any resume (the checkpoint's moments are whole; this rank keeps its own)
+  std::optional<dist::Zero1<backend::Cpu>> zero;
+  if (parallel && ro.zero1) {
+    if constexpr (Model::backend_type::device == Device::cpu)
+      zero.emplace(comm, opt);
+    else
+      fail(tag, ": --zero1 runs on CPU ranks");
+  }
   // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches
   // and positions are the iterator's exactly.
   io::PrefetchedBatches it(std::move(order));
@@ -325,6 +336,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   };
   // after the update: the data position, the CSV row, the progress line
   auto log = [&](StepMetrics& m) {
+    if (zero) zero->share_parameters();  // the other ranks' updated parameters
     st.step = m.step;
     const io::DataPosition pos = it.position();
     st.epoch = std::int64_t(pos.epoch);
@@ -357,11 +369,13 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   st.metadata["stage_finished"] = res.finished ? "1" : "0";
   res.checkpoint = res.finished ? ro.final_dir : ro.partial_dir;
   // Rank 0 writes (every rank holds the same weights and optimizer state); the others learn whether it could.
+  if (zero) zero->gather_state();  // a checkpoint holds every moment
   dist::agree_on(comm, [&] {
     if (comm.rank() == 0 && !res.checkpoint.empty() &&
         (st.step > first_step || ro.resume_dir.empty() || res.checkpoint != ro.resume_dir))
       train::save_checkpoint(res.checkpoint, all, &opt, st);
   });
+  if (zero) zero->release();
   res.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   res.tokens_per_s = train_seconds > 0 ? double(tokens_total) / train_seconds : 0;
   res.train_seconds = train_seconds;
