@@ -16,6 +16,7 @@ packages=(
   libsentencepiece-dev   # tokenizer.model support (optional in the library, used by the tools and tests)
   libopenblas-dev        # optional BLAS for the CPU GEMMs (benchmarked beside Eigen's own)
   openmpi-bin libopenmpi-dev  # optional MPI for multi-process data parallelism (tests: ctest -L distributed)
+  procps                 # pgrep: the distributed fault tests find the ranks they kill
   clang libclang-rt-14-dev  # libFuzzer harness for the safetensors parser
   python3
 )
