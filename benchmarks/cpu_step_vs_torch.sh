@@ -18,6 +18,13 @@ for threads in 1 2; do
     echo "== threads $threads round $round"
     OMP_NUM_THREADS=$threads "$BUILD/benchmarks/bench_cpu_cumo_step" --config "$CONFIG" \
       --benchmark_min_time=3 2>/dev/null | grep -E "^cumo step"
-    OMP_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" --threads "$threads" --steps 20
+    # Debian's PyTorch runs its GEMMs in OpenBLAS (pthread build, BLAS_INFO=generic), whose own thread count
+    # (OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else every core) is not torch.set_num_threads: pin both.
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
+      --threads 1 --steps 20 | sed "s/^/[torch 1 x openblas $threads] /"
+    if [ "$threads" -gt 1 ]; then  # the other way to use the cores: torch's threads, single-threaded BLAS
+      OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=1 "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
+        --threads "$threads" --steps 20 | sed "s/^/[torch $threads x openblas 1] /"
+    fi
   done
 done
