@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cumo/core/compare.hpp"
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/expert_parallel.hpp"
 #include "cumo/moe/sparse_moe.hpp"
@@ -30,18 +31,6 @@ using cumo::dist::Communicator;
 namespace {
 dist::Communicator* g_comm = nullptr;
 dist::Communicator& comm() { return *g_comm; }
-
-// ‖a − b‖ / ‖b‖ over a tensor (‖a‖ when b is all zeros: then a must be too).
-double rel(const Tensor& a, const Tensor& b) {
-  const float* x = a.data<float>();
-  const float* y = b.data<float>();
-  double d = 0, n = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    d += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
-    n += double(y[i]) * y[i];
-  }
-  return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
-}
 
 // A sample: ids and unshifted labels of one row, and its image when it has one (4 image tokens at 1..4).
 struct Sample {
@@ -224,7 +213,7 @@ TEST_CASE("dist: a data-parallel CuMo step equals the single-process step — lo
   for (std::size_t k = 0; k < params.size(); ++k) {
     total += test::dot(ref[k], ref[k]);
     if (zero_by_math(params[k]->name)) continue;
-    const double r = rel(params[k]->grad, ref[k]);
+    const double r = rel_error(params[k]->grad, ref[k]);
     if (r > worst) worst = r, worst_name = params[k]->name;
   }
   CAPTURE(worst_name);
@@ -257,7 +246,7 @@ TEST_CASE("dist: five data-parallel AdamW steps with clipping equal five single-
   const ParameterList pa = a.parameters(), pb = b.parameters();
   double worst = 0;
   for (std::size_t k = 0; k < pa.size(); ++k)
-    if (!zero_by_math(pa[k]->name)) worst = std::max(worst, rel(pb[k]->value, pa[k]->value));
+    if (!zero_by_math(pa[k]->name)) worst = std::max(worst, rel_error(pb[k]->value, pa[k]->value));
   CHECK(worst <= 1e-6);
   // and every rank holds the same bits: the replicated optimizers took the same step
   std::vector<std::int64_t> h{std::int64_t(dist::fingerprint(std::string_view(
@@ -286,7 +275,7 @@ TEST_CASE("dist: ZeRO-1 (AdamW moments sharded over the ranks) takes bitwise the
   const ParameterList pa = a.parameters(), pb = b.parameters();
   int differ = 0, held = 0;
   for (std::size_t k = 0; k < pa.size(); ++k) {
-    differ += std::memcmp(pa[k]->value.data<float>(), pb[k]->value.data<float>(), pa[k]->value.nbytes()) != 0;
+    differ += !bitwise_equal(pa[k]->value, pb[k]->value);
     held += ob.state(*pb[k]) != nullptr;
   }
   CHECK(differ == 0);
@@ -298,8 +287,7 @@ TEST_CASE("dist: ZeRO-1 (AdamW moments sharded over the ranks) takes bitwise the
   REQUIRE(got.size() == want.size());
   int bad = 0;
   for (std::size_t i = 0; i < got.size(); ++i)
-    bad += got[i].first != want[i].first ||
-           std::memcmp(got[i].second.raw(), want[i].second.raw(), want[i].second.nbytes()) != 0;
+    bad += got[i].first != want[i].first || !bitwise_equal(got[i].second, want[i].second);
   CHECK(bad == 0);
   zero.release();
   held = 0;
@@ -349,19 +337,19 @@ void check_expert_parallel(Communicator& group, bool skewed) {
   REQUIRE(ep.experts().experts() == kE / group.size());
   const auto out = ep.forward(x, ForwardArgs{2, true});
   const Tensor dx = ep.backward(dy, aux);
-  CHECK(rel(out.y, ref.y) <= 1e-6);
-  CHECK(rel(dx, dx_ref) <= 1e-6);
+  CHECK(rel_error(out.y, ref.y) <= 1e-6);
+  CHECK(rel_error(dx, dx_ref) <= 1e-6);
   CHECK(Cpu::item(out.aux.balance_top1) == Cpu::item(ref.aux.balance_top1));  // the same local routing
   if (skewed) CHECK(whole.load().tokens[2] + whole.load().tokens[3] == 0);
   // router: whole on every rank, its gradient summed over the group; experts: this rank's slice of the sum
   ParameterList epp = ep.parameters();
   Parameter& router = *epp.back();
   dist::allreduce_sum(group, std::span<float>(router.grad.data<float>(), std::size_t(router.grad.numel())));
-  CHECK(rel(router.grad, wp.back()->grad) <= 1e-6);
+  CHECK(rel_error(router.grad, wp.back()->grad) <= 1e-6);
   const int first = ep.expert_exchange()->first_expert(), n = ep.expert_exchange()->local_experts();
   for (std::size_t i = 0; i + 1 < epp.size(); ++i) {
     CAPTURE(epp[i]->name);
-    CHECK(rel(epp[i]->grad, wp[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
+    CHECK(rel_error(epp[i]->grad, wp[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
   }
 }
 }  // namespace
@@ -397,14 +385,14 @@ TEST_CASE("dist: expert parallel where only rank 0 has tokens — the others ser
   const Tensor dx = ep.backward(dy, aux);
   CHECK(out.y.size(0) == T);
   if (holder) {
-    CHECK(rel(out.y, y_ref) <= 1e-6);
-    CHECK(rel(dx, dx_ref) <= 1e-6);
+    CHECK(rel_error(out.y, y_ref) <= 1e-6);
+    CHECK(rel_error(dx, dx_ref) <= 1e-6);
   }
   ParameterList epp = ep.parameters();
   const int first = ep.expert_exchange()->first_expert(), n = ep.expert_exchange()->local_experts();
   for (std::size_t i = 0; i + 1 < epp.size(); ++i) {
     CAPTURE(epp[i]->name);
-    CHECK(rel(epp[i]->grad, wp[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
+    CHECK(rel_error(epp[i]->grad, wp[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
   }
   if (!holder) CHECK(test::dot(epp.back()->grad, epp.back()->grad) == 0.0);  // no tokens, no router gradient
 }

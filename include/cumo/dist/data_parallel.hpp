@@ -39,7 +39,7 @@ inline LossShare loss_share(std::int64_t local_targets, std::int64_t global_targ
 // Σ over ranks of every trainable parameter's gradient, in place: the gradients are streamed in parameter order
 // through buckets of `bucket_bytes`, each reduced by the deterministic allreduce_sum, so every rank ends with the
 // same bits. The list must name the same parameters, in the same order and shapes, on every rank (the caller
-// checks the model structure with check_same first). Host (CPU) gradients; the GPU path reduces on the device.
+// checks the weights with check_same and weights_digest first). Host (CPU) gradients.
 inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
                                 std::int64_t bucket_bytes = std::int64_t(16) << 20) {
   if (comm.size() == 1) return;
@@ -92,18 +92,6 @@ inline std::string weights_digest(const ParameterList& params) {
     h *= 1099511628211ull;
   }
   return std::to_string(h);
-}
-
-// The structure every rank must share before gradients can be summed: names and shapes, in order.
-inline std::string structure_of(const ParameterList& params) {
-  std::string s;
-  for (const Parameter* p : params) {
-    s += p->name;
-    s += p->trainable ? ':' : '!';
-    for (std::int64_t i = 0; i < p->value.dim(); ++i) s += std::to_string(p->value.size(i)) + ',';
-    s += ';';
-  }
-  return s;
 }
 
 }  // namespace cumo::dist
