@@ -31,7 +31,7 @@ namespace cumo::backend {
 struct Cpu {
   static constexpr Device device = Device::cpu;
   static constexpr const char* name = "cpu";
-  static constexpr Capabilities capabilities{};
+  static constexpr Capabilities capabilities{/*max_head_dim=*/0, /*bf16_weights=*/true, /*f16_weights=*/true};
 
   // ---- memory ---------------------------------------------------------------------------------------------------
   static Tensor empty(const Shape& shape, DType dtype = DType::f32) { return Tensor::empty(shape, dtype); }

@@ -288,14 +288,60 @@ inline void store_from_double(void* p, DType t, std::int64_t i, double v) {
 }
 }  // namespace detail
 
+namespace detail {
+// n elements of dtype `s` at src → dtype `d` at dst (contiguous host buffers). The pairs weights take (f32 with
+// bf16/f16) are tight loops the compiler vectorises; the rest go through double.
+inline void convert_n(const void* src, DType s, void* dst, DType d, std::int64_t n) {
+  if (n <= 0) return;
+  if (s == d) {
+    std::memcpy(dst, src, std::size_t(n) * size_of(s));
+  } else if (s == DType::bf16 && d == DType::f32) {
+    const auto* in = static_cast<const std::uint16_t*>(src);
+    auto* out = static_cast<float*>(dst);  // bf16 is the top half of an f32: widening is a shift
+    for (std::int64_t i = 0; i < n; ++i) out[i] = bits_float(std::uint32_t(in[i]) << 16);
+  } else if (s == DType::f32 && d == DType::bf16) {
+    const auto* in = static_cast<const float*>(src);
+    auto* out = static_cast<bf16_t*>(dst);
+    for (std::int64_t i = 0; i < n; ++i) out[i] = to_bf16(in[i]);
+  } else if (s == DType::f16 && d == DType::f32) {
+    const auto* in = static_cast<const f16_t*>(src);
+    auto* out = static_cast<float*>(dst);
+    for (std::int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
+  } else if (s == DType::f32 && d == DType::f16) {
+    const auto* in = static_cast<const float*>(src);
+    auto* out = static_cast<f16_t*>(dst);
+    for (std::int64_t i = 0; i < n; ++i) out[i] = to_f16(in[i]);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) store_from_double(dst, d, i, load_as_double(src, s, i));
+  }
+}
+}  // namespace detail
+
 inline Tensor Tensor::to(DType dtype) const {
   CUMO_CHECK(device() == Device::cpu, "Tensor::to(dtype): conversion runs on the CPU; move the tensor first");
   Tensor c = contiguous_();
   if (dtype == dtype_) return c.clone();
   Tensor t = empty(shape_, dtype);
-  for (std::int64_t i = 0; i < numel(); ++i)
-    detail::store_from_double(t.raw(), dtype, i, detail::load_as_double(c.raw(), dtype_, i));
+  detail::convert_n(c.raw(), dtype_, t.raw(), dtype, numel());
   return t;
+}
+
+// dst ← src converted to dst's dtype (same shape; dst contiguous; either may be on a device: conversions run on the
+// host). Into a host tensor it converts in place, without a temporary of src's size.
+inline void copy_converted(Tensor& dst, const Tensor& src) {
+  if (src.dtype() == dst.dtype()) {
+    dst.copy_from(src);
+    return;
+  }
+  CUMO_CHECK(src.shape() == dst.shape(), "copy_converted: source has shape ", src.shape(), " but destination has ",
+             dst.shape());
+  CUMO_CHECK(dst.is_contiguous(), "copy_converted: destination must be contiguous");
+  const Tensor host = src.device() == Device::cpu ? src.contiguous() : src.to(Device::cpu);
+  if (dst.device() == Device::cpu) {
+    detail::convert_n(host.raw(), host.dtype(), dst.raw(), dst.dtype(), dst.numel());
+    return;
+  }
+  dst.copy_from(host.to(dst.dtype()).to(dst.device()));
 }
 
 // ---- checks used at public entry points ---------------------------------------------------------------------

@@ -77,6 +77,8 @@ class HFCheckpoint {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const { return shard(name).info(name); }
   Tensor get_f32(const std::string& name) const { return shard(name).get_f32(name); }
+  Tensor get(const std::string& name) const { return shard(name).get(name); }  // stored dtype, zero-copy view
+  void release_pages(const std::string& name) const { shard(name).release_pages(name); }
   std::vector<std::string> names() const {
     std::vector<std::string> n;
     for (const auto& [k, v] : where_) n.push_back(k);
@@ -99,6 +101,8 @@ struct LoadOptions {
   bool allow_missing = false;  // leave missing parameters as they are instead of failing
   // parameters whose name ends with one of these may be absent (left as they are, listed in LoadResult::missing)
   std::vector<std::string> optional_suffixes;
+  // drop each mapped tensor's pages once copied (SafeTensors::release_pages): for a loader that owns the checkpoint
+  bool release_pages = false;
 };
 
 struct LoadResult {
@@ -134,7 +138,8 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
                            "' has shape " + want.str());
         continue;
       }
-      p->value.copy_from(ck.get_f32(found).to(p->value.device()));
+      copy_converted(p->value, ck.get(found));  // into the parameter's dtype (fp32, or bf16/f16 for inference)
+      if (opt.release_pages) ck.release_pages(found);
       res.loaded.emplace_back(p->name, found);
       continue;
     }
@@ -149,8 +154,9 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
         for (const auto& choice : ep.choices) {
           const std::string first = opt.prefix + mod + ".experts.0." + choice[0];
           if (!ck.contains(first)) continue;
-          Tensor full = Tensor::empty(want);
+          Tensor full = Tensor::empty(want, p->value.dtype());  // assembled on the host in the parameter's dtype
           const std::int64_t per = want.numel() / E;
+          char* base = static_cast<char*>(full.raw());
           for (int e = 0; e < E && expert_problem.empty(); ++e) {
             std::int64_t off = 0;
             for (const auto& part : choice) {
@@ -159,13 +165,16 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
                 expert_problem = "'" + n + "' is missing (needed for '" + p->name + "')";
                 break;
               }
-              Tensor t = ck.get_f32(n).contiguous();
+              const Tensor t = ck.get(n);
               if (off + t.numel() > per) {
                 expert_problem = "'" + n + "' has shape " + t.shape().str() + ", too large for expert " +
                                  std::to_string(e) + " of '" + p->name + "' with shape " + want.str();
                 break;
               }
-              std::copy_n(t.data<float>(), t.numel(), full.data<float>() + e * per + off);
+              Tensor into = Tensor::borrow(base + std::size_t(e * per + off) * size_of(full.dtype()), t.shape(),
+                                           full.dtype());  // expert e's part, a view of `full`
+              copy_converted(into, t);
+              if (opt.release_pages) ck.release_pages(n);
               off += t.numel();
             }
             if (expert_problem.empty() && off != per)
@@ -174,7 +183,7 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
                                " needs " + std::to_string(per);
           }
           if (expert_problem.empty()) {
-            p->value.copy_from(full.to(p->value.device()));
+            p->value.copy_from(full);
             res.loaded.emplace_back(p->name, "experts:" + mod + ".experts.*." + choice[0]);
             assembled = true;
           }

@@ -252,6 +252,22 @@ class SafeTensors {
     return out;
   }
 
+  // Drops this process's copy of a mapped tensor's pages (the whole pages inside its bytes) once a loader has
+  // copied it out, so loading a checkpoint larger than half the memory does not hold it twice. A later get() reads
+  // the file again; writes made through a view of it are lost (loaders never write). A no-op for parsed buffers.
+  void release_pages(std::string_view name) const {
+#if CUMO_IO_POSIX
+    if (!mapped_) return;
+    const TensorInfo& ti = info(name);
+    const std::uintptr_t page = std::uintptr_t(::sysconf(_SC_PAGESIZE));
+    const std::uintptr_t b = (reinterpret_cast<std::uintptr_t>(data_ + ti.begin) + page - 1) / page * page;
+    const std::uintptr_t e = reinterpret_cast<std::uintptr_t>(data_ + ti.end) / page * page;
+    if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // advice: a failure costs memory only
+#else
+    (void)name;
+#endif
+  }
+
   // __metadata__: string keys to string values, as the format defines it.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
@@ -289,6 +305,7 @@ class SafeTensors {
 
   std::string path_;
   std::shared_ptr<void> keepalive_;  // the mapping or the caller's vector
+  bool mapped_ = false;               // keepalive_ is a private file mapping (open())
   const std::uint8_t* data_ = nullptr;  // start of the data section
   std::size_t data_size_ = 0, header_bytes_ = 0;
   std::map<std::string, TensorInfo, std::less<>> tensors_;
@@ -526,7 +543,9 @@ inline SafeTensors SafeTensors::open(const std::string& path) {
     fail(pre, "cannot mmap ", map->len, " bytes: ", std::strerror(err));
   }
   const auto* p = static_cast<const std::uint8_t*>(map->addr);
-  return from_bytes(p, map->len, std::shared_ptr<void>(map, map->addr), path);
+  SafeTensors t = from_bytes(p, map->len, std::shared_ptr<void>(map, map->addr), path);
+  t.mapped_ = true;
+  return t;
 #else
   std::ifstream f(path, std::ios::binary);
   CUMO_CHECK(f, pre, "cannot open");

@@ -302,7 +302,8 @@ class CuMo {
   // `multi_modal_projector.gate.weight` under any accepted prefix) turns the corresponding dense parts of this model
   // sparse first — E from the router's rows, k from the config — so a stage-3 checkpoint loads into a freshly built
   // model. Loading a dense checkpoint into an already sparse part fails (load_hf names the missing tensors).
-  void load(const io::HFCheckpoint& ck, const std::string& prefix = "") {
+  // release_pages: drop each tensor's mapped pages once copied (io::LoadOptions), for a caller done with `ck`.
+  void load(const io::HFCheckpoint& ck, const std::string& prefix = "", bool release_pages = false) {
     auto gate_rows = [&](const std::string& name) -> std::int64_t {
       for (const auto& n : io::hf_name_variants(name))
         if (ck.contains(prefix + n)) return ck.info(prefix + n).shape[0];
@@ -329,9 +330,11 @@ class CuMo {
     // CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads; the released CuMo CLIP-MoE towers
     // may not store it. Absent, it keeps its value (ones and zeros when freshly built).
     opt.optional_suffixes = {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"};
+    opt.release_pages = release_pages;
     io::load_hf(parameters(), ck, opt);
   }
-  void load(const std::string& path) { load(io::HFCheckpoint::open(path)); }
+  // From a file or directory, holding each tensor once: its mapped pages are dropped as soon as it is copied.
+  void load(const std::string& path) { load(io::HFCheckpoint::open(path), "", /*release_pages=*/true); }
   // Writes every parameter with the config in the metadata ("cumo_config"): under its HF name with fused experts
   // (Layout::transformers), or in the released CuMo checkpoints' layout, one tensor per expert (Layout::cumo_release).
   void save(const std::string& path, io::Layout layout = io::Layout::transformers) {

@@ -38,15 +38,13 @@ inline void linear_init(Tensor& dst, std::int64_t fan_in, Rng& rng) {
   Tensor w = Tensor::empty(dst.shape());
   const float bound = 1.f / std::sqrt(float(fan_in));
   rng.fill_uniform(w, -bound, bound);
-  dst.copy_from(w.to(dst.device()));
+  copy_converted(dst, w);
 }
 inline void copy_into_expert(Tensor& stacked, int e, const Tensor& src, const char* name) {
   Tensor dst = stacked.select(0, e);
   CUMO_CHECK(dst.shape() == src.shape(), "upcycle_from_dense: dense ", name, " has shape ", src.shape(),
              " but an expert's ", name, " has shape ", dst.shape());
-  Tensor s = src.dtype() == DType::f32 ? src : src.to(DType::f32);
-  if (s.device() != dst.device()) s = s.to(dst.device());
-  dst.copy_from(s);
+  copy_converted(dst, src);
 }
 }  // namespace detail
 
@@ -68,9 +66,9 @@ class Expert<MLP<Act>> {
 
   // out = 0 means out = hidden; the LLaVA connector's experts map vision width to text width.
   Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu, std::int64_t out = 0)
-      : fc1_weight("experts.fc1.weight", Tensor::zeros({experts, ffn, hidden}, DType::f32, device)),
+      : fc1_weight("experts.fc1.weight", Tensor::zeros({experts, ffn, hidden}, parameter_storage().weights, device)),
         fc1_bias("experts.fc1.bias", Tensor::zeros({experts, ffn}, DType::f32, device)),
-        fc2_weight("experts.fc2.weight", Tensor::zeros({experts, out ? out : hidden, ffn}, DType::f32, device)),
+        fc2_weight("experts.fc2.weight", Tensor::zeros({experts, out ? out : hidden, ffn}, parameter_storage().weights, device)),
         fc2_bias("experts.fc2.bias", Tensor::zeros({experts, out ? out : hidden}, DType::f32, device)),
         experts_(experts),
         hidden_(hidden),
@@ -116,6 +114,8 @@ class Expert<MLP<Act>> {
   template <class Backend>
   void backward(const Backend& be, const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
                 Tensor& dxs) {
+    require_trainable("Expert::backward", fc1_weight);
+    require_trainable("Expert::backward", fc2_weight);
     const std::int64_t cap = xs.size(0), rows = plan.rows();
     Tensor da = be.empty({cap, ffn_});
     be.grouped_linear_dweight(dout, saved.a, plan, fc2_weight.grad, &fc2_bias.grad);  // (E, H, F)
@@ -142,8 +142,8 @@ class Expert<GatedMLP<Act>> {
   };
 
   Expert(int experts, std::int64_t hidden, std::int64_t ffn, Device device = Device::cpu, std::int64_t out = 0)
-      : gate_up_proj("experts.gate_up_proj", Tensor::zeros({experts, 2 * ffn, hidden}, DType::f32, device)),
-        down_proj("experts.down_proj", Tensor::zeros({experts, out ? out : hidden, ffn}, DType::f32, device)),
+      : gate_up_proj("experts.gate_up_proj", Tensor::zeros({experts, 2 * ffn, hidden}, parameter_storage().weights, device)),
+        down_proj("experts.down_proj", Tensor::zeros({experts, out ? out : hidden, ffn}, parameter_storage().weights, device)),
         experts_(experts),
         hidden_(hidden),
         ffn_(ffn),
@@ -168,8 +168,8 @@ class Expert<GatedMLP<Act>> {
       CUMO_CHECK(d.gate_proj.shape() == gate.shape() && d.up_proj.shape() == up.shape(),
                  "upcycle_from_dense: dense gate/up_proj have shapes ", d.gate_proj.shape(), " / ",
                  d.up_proj.shape(), " but an expert's are ", gate.shape());
-      gate.copy_from(d.gate_proj.to(gate.device()));
-      up.copy_from(d.up_proj.to(up.device()));
+      copy_converted(gate, d.gate_proj);
+      copy_converted(up, d.up_proj);
       detail::copy_into_expert(down_proj.value, e, d.down_proj, "down_proj");
     }
   }
@@ -187,6 +187,8 @@ class Expert<GatedMLP<Act>> {
   template <class Backend>
   void backward(const Backend& be, const Tensor& xs, const Tensor& dout, const DispatchPlan& plan, const Saved& saved,
                 Tensor& dxs) {
+    require_trainable("Expert::backward", gate_up_proj);
+    require_trainable("Expert::backward", down_proj);
     const std::int64_t cap = xs.size(0), rows = plan.rows();
     Tensor da = be.empty({cap, ffn_});
     Tensor dh = be.empty({cap, 2 * ffn_});

@@ -38,6 +38,20 @@ struct ForwardArgs {
   bool training = true;
 };
 
+namespace detail {
+// The dtype of an activation at the block's door: f32, or bf16/f16 on the CPU backend, widened to fp32 on entry (the
+// block computes in fp32) and the result narrowed back to it.
+template <class Backend>
+DType activation_dtype(std::string_view where, std::string_view name, const Tensor& t) {
+  const DType d = t.dtype();
+  const bool half = d == DType::bf16 || d == DType::f16;
+  CUMO_CHECK(d == DType::f32 || (half && Backend::device == Device::cpu), where, ": ", name, " has dtype ",
+             name_of(d), " but expected f32", Backend::device == Device::cpu ? ", bf16 or f16" : " (bf16/f16 "
+             "activations are taken by the CPU backend only)");
+  return d;
+}
+}  // namespace detail
+
 template <class RouterT, class ExpertT, class Backend = backend::Cpu>
 class SparseMoE {
   static_assert(is_router<RouterT>::value,
@@ -68,6 +82,11 @@ class SparseMoE {
         experts_(experts, hidden, ffn, Backend::device, out_features),
         options_(options),
         be_(std::move(backend)) {
+    const DType wt = parameter_storage().weights;  // the experts' weights were made in it
+    if (wt != DType::f32)
+      backend::require<Backend>(wt == DType::bf16 ? Backend::capabilities.bf16_weights
+                                                  : Backend::capabilities.f16_weights,
+                                "SparseMoE", std::string(name_of(wt)) + " expert weights");
     CUMO_CHECK(ffn >= 1, "SparseMoE: ffn must be positive, got ", ffn);
     CUMO_CHECK(options.capacity_factor >= 0.f, "SparseMoE: capacity_factor must be >= 0, got ",
                options.capacity_factor);
@@ -123,7 +142,7 @@ class SparseMoE {
   Output forward(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
     constexpr const char* where = "SparseMoE::forward";
     check_device(where, "x", x, Backend::device);
-    check_dtype(where, "x", x, DType::f32);
+    const DType io = detail::activation_dtype<Backend>(where, "x", x);  // y comes back in x's dtype
     CUMO_CHECK(x.dim() == 2, where, ": x has shape ", x.shape(), " but expected (tokens, ", hidden(), ")");
     CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
                hidden());
@@ -133,7 +152,7 @@ class SparseMoE {
     CUMO_CHECK(T > 0 || ep_, where, ": x has shape ", x.shape(), " — zero tokens");
     CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
                args.segments, " equal segments (images)");
-    const Tensor xc = x.contiguous();
+    const Tensor xc = io == DType::f32 ? x.contiguous() : x.to(DType::f32);  // the block computes in fp32
     if (options_.check_finite)
       CUMO_CHECK(be_.all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
 
@@ -175,6 +194,7 @@ class SparseMoE {
     out.y = be_.empty({T, out_features()});
     be_.combine(saved_.out, saved_.router.topk_w, plan, out.y);            // (T, O)
     saved_.valid = true;
+    if (io != DType::f32) out.y = out.y.to(io);
     return out;
   }
 
@@ -187,10 +207,10 @@ class SparseMoE {
     constexpr const char* where = "SparseMoE::backward";
     CUMO_CHECK(saved_.valid, where, ": no saved forward (call forward first; one backward per forward)");
     check_device(where, "dy", dy, Backend::device);
-    check_dtype(where, "dy", dy, DType::f32);
+    const DType io = detail::activation_dtype<Backend>(where, "dy", dy);  // dx comes back in dy's dtype
     CUMO_CHECK(dy.dim() == 2 && dy.size(0) == saved_.plan.tokens && dy.size(1) == out_features(), where,
                ": dy has shape ", dy.shape(), " but y has shape ", Shape{saved_.plan.tokens, out_features()});
-    const Tensor dyc = dy.contiguous();
+    const Tensor dyc = io == DType::f32 ? dy.contiguous() : dy.to(DType::f32);
     const DispatchPlan& plan = saved_.plan;
     const RouterOutput& r = saved_.router;
     const std::int64_t T = plan.tokens, H = hidden();
@@ -224,7 +244,7 @@ class SparseMoE {
     Tensor dlogits = be_.zeros({T, E});
     if (T == 0) {  // a sharded block's rank without tokens: nothing of its own to differentiate
       release_activations();
-      return dx;
+      return io == DType::f32 ? dx : dx.to(io);
     }
     be_.topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
     be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
@@ -235,7 +255,7 @@ class SparseMoE {
     if (router_dlogits) be_.add(dlogits, *router_dlogits, dlogits);
     router_.backward(be_, r, dlogits, dx);  // (E, H), (T, H)
     release_activations();
-    return dx;
+    return io == DType::f32 ? dx : dx.to(io);
   }
 
   // ---- what the last forward did ----------------------------------------------------------------------------

@@ -339,6 +339,7 @@ class DecoderLM {
     const Tensor dl = check_input(where, "dlogits", dlogits, cfg_.vocab, Backend::device);
     CUMO_CHECK(dl.size(0) == hn.size(0), where, ": dlogits has shape ", dl.shape(), " but hn has ", hn.shape());
     Parameter& W = head_weight();
+    require_trainable(where, W);
     Tensor dh = be_.empty({hn.size(0), cfg_.hidden});
     be_.linear_backward(dl, hn, W.value, W.grad, nullptr, dh);  // dW (V, H) +=, dh (N, H)
     return dh;

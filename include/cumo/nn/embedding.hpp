@@ -15,7 +15,7 @@ class Embedding {
  public:
   Embedding() = default;
   Embedding(const std::string& name, std::int64_t vocab, std::int64_t hidden, Backend backend = {})
-      : weight(param(name + ".weight", {vocab, hidden}, Backend::device)),
+      : weight(param(name + ".weight", {vocab, hidden}, Backend::device, 0.f, weight_dtype<Backend>("nn::Embedding"))),
         vocab_(vocab),
         hidden_(hidden),
         be_(std::move(backend)) {}
@@ -43,6 +43,7 @@ class Embedding {
   }
   // dy (N, H); positions listed in `skip` (e.g. replaced by image features) are left out.
   void backward(const Tensor& dy, const std::vector<bool>* skip = nullptr) {
+    require_trainable("Embedding::backward", weight);
     const Tensor g = check_input("Embedding::backward", "dy", dy, hidden_, Backend::device);
     CUMO_CHECK(g.size(0) == std::int64_t(ids_.size()), "Embedding::backward: dy has shape ", g.shape(), " but ",
                ids_.size(), " ids were embedded");

@@ -17,7 +17,7 @@ class Linear {
   Linear() = default;
   // `name` is the HF module path, e.g. "model.layers.0.self_attn.q_proj" (parameters are name.weight / name.bias).
   Linear(const std::string& name, std::int64_t in, std::int64_t out, bool bias, Backend backend = {})
-      : weight(param(name + ".weight", {out, in}, Backend::device)),
+      : weight(param(name + ".weight", {out, in}, Backend::device, 0.f, weight_dtype<Backend>("nn::Linear"))),
         in_(in),
         out_(out),
         has_bias_(bias),
@@ -38,14 +38,17 @@ class Linear {
     if (has_bias_) out.push_back(&bias);
   }
 
-  // x (N, in) → y (N, out), without saving anything (inference, generation).
+  // x (N, in) → y (N, out), without saving anything (inference, generation). x in bf16/f16 (CPU) is computed in
+  // fp32 and y returned in x's dtype, in forward and backward alike.
   Tensor apply(const Tensor& x) const {
+    if (is_half(x)) return apply(x.to(DType::f32)).to(x.dtype());
     const Tensor xc = check_input("Linear::forward", weight.name, x, in_, Backend::device);
     Tensor y = be_.empty({xc.size(0), out_});
     be_.linear(xc, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
     return y;
   }
   Tensor forward(const Tensor& x) {
+    if (is_half(x)) return forward(x.to(DType::f32)).to(x.dtype());
     x_ = check_input("Linear::forward", weight.name, x, in_, Backend::device);
     Tensor y = be_.empty({x_.size(0), out_});
     be_.linear(x_, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
@@ -53,7 +56,9 @@ class Linear {
   }
   // dy (N, out) → dx (N, in); weight/bias grads accumulate.
   Tensor backward(const Tensor& dy) {
+    if (is_half(dy)) return backward(dy.to(DType::f32)).to(dy.dtype());
     CUMO_CHECK(x_.defined(), "Linear::backward (", weight.name, "): no saved forward");
+    require_trainable("Linear::backward", weight);
     const Tensor g = check_input("Linear::backward", "dy", dy, out_, Backend::device);
     CUMO_CHECK(g.size(0) == x_.size(0), "Linear::backward (", weight.name, "): dy has shape ", g.shape(),
                " but the forward saw x with shape ", x_.shape());

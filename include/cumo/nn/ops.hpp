@@ -31,6 +31,11 @@ inline Tensor check_input(std::string_view where, std::string_view name, const T
   return x;
 }
 
+// A bf16/f16 activation on the host, which the CPU layers widen to fp32 at their door.
+inline bool is_half(const Tensor& x) {
+  return x.defined() && (x.dtype() == DType::bf16 || x.dtype() == DType::f16) && x.device() == Device::cpu;
+}
+
 // a += b (same numel) on backend `be`.
 template <class B>
 void add_(const B& be, Tensor& a, const Tensor& b) {
@@ -47,14 +52,27 @@ Tensor add(const B& be, const Tensor& a, const Tensor& b) {
 }
 
 // A parameter of the given shape filled with `value` (0: HF's zero init for biases; 1: norm weights), named as the
-// HF state_dict names it, on `device`. Filled on the host and copied, so every backend starts from the same bits.
-inline Parameter param(std::string name, Shape shape, Device device = Device::cpu, float value = 0.f) {
-  Tensor t = Tensor::zeros(shape);
+// HF state_dict names it, on `device`, in `dtype` (matrix weights: weight_dtype()). Filled on the host and copied,
+// so every backend starts from the same bits.
+inline Parameter param(std::string name, Shape shape, Device device = Device::cpu, float value = 0.f,
+                       DType dtype = DType::f32) {
+  Tensor t = Tensor::zeros(shape, dtype);
   if (value != 0.f) {
+    CUMO_CHECK(dtype == DType::f32, "nn::param: '", name, "' filled with ", value, " must be f32");
     float* p = t.data<float>();
     for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = value;
   }
   return Parameter(std::move(name), device == Device::cpu ? t : t.to(device));
+}
+
+// The dtype matrix weights are created in (ParameterStorage, core/parameter.hpp), once backend B is known to
+// compute with it: a backend that cannot is refused when the layer is built, not at its first forward.
+template <class B>
+DType weight_dtype(std::string_view where) {
+  const DType t = parameter_storage().weights;
+  if (t == DType::bf16) backend::require<B>(B::capabilities.bf16_weights, where, "bf16 weights");
+  if (t == DType::f16) backend::require<B>(B::capabilities.f16_weights, where, "f16 weights");
+  return t;
 }
 
 }  // namespace cumo::nn

@@ -10,12 +10,14 @@
 
 namespace cumo::cpu {
 
-// table (V, H); ids (N), each in [0, V) (the layer checks them); y (N, H).
+// table (V, H), fp32 or bf16/f16 (widened row by row); ids (N), each in [0, V) (the layer checks them); y (N, H).
 inline void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y) {
   const std::int64_t H = table.size(1);
-  const float* w = table.data<float>();
+  const char* w = static_cast<const char*>(table.raw());
+  const std::size_t row = std::size_t(H) * size_of(table.dtype());
   float* py = y.data<float>();
-  for (std::size_t r = 0; r < ids.size(); ++r) std::copy(w + ids[r] * H, w + (ids[r] + 1) * H, py + std::int64_t(r) * H);
+  for (std::size_t r = 0; r < ids.size(); ++r)
+    detail::convert_n(w + std::size_t(ids[r]) * row, table.dtype(), py + std::int64_t(r) * H, DType::f32, H);
 }
 
 // dtable (V, H) += dy rows at their ids; rows listed in `skip` (replaced embeddings) are left out.

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cumo/backend/cpu/gemm.hpp"
+#include "cumo/backend/cpu/linear.hpp"
 #include "cumo/backend/cpu/parallel.hpp"
 #include "cumo/core/tensor.hpp"
 
@@ -32,17 +33,24 @@ void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops
 }
 }  // namespace detail
 
-// C[g] (n_g, N) = A[g] (n_g, K) · W[e] (N, K)^T [+ bias[e]]   (forward of a stacked Linear)
+// C[g] (n_g, N) = A[g] (n_g, K) · W[e] (N, K)^T [+ bias[e]]   (forward of a stacked Linear; W fp32, or bf16/f16
+// for inference, widened a block at a time)
 inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const std::vector<std::int64_t>& off,
                            Tensor& c) {
   const std::int64_t N = w.size(1), K = w.size(2);
   const float* A = a.data<float>();
-  const float* W = w.data<float>();
+  const bool wide = w.dtype() == DType::f32;
+  const float* W = wide ? w.data<float>() : nullptr;
+  const char* Wn = static_cast<const char*>(w.raw());
   float* C = c.data<float>();
   detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
     const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
     if (n == 0) return;
-    gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, 0.f, C + r0 * N, N);
+    if (wide)
+      gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, 0.f, C + r0 * N, N);
+    else
+      widened_product(A + r0 * K, K, n, K, Wn + std::size_t(e * N * K) * size_of(w.dtype()), w.dtype(), N, K, 0.f,
+                      C + r0 * N, N);
     if (bias) {
       MatrixMap Ce(C + r0 * N, n, N, Eigen::OuterStride<>(N));
       Ce.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>() + e * N, N);
