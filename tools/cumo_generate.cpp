@@ -1,7 +1,7 @@
 // cumo_generate: answers a question about an image with a CuMo checkpoint, streaming the answer as it is generated.
 //
 //   cumo_generate --checkpoint DIR --image FILE --prompt "..." [--max-new-tokens N] [--temperature T] [--top-p P]
-//                 [--seed S] [--template NAME] [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32]
+//                 [--seed S] [--template NAME] [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32|bf16|f16]
 //   cumo_generate --checkpoint DIR --batch FILE.jsonl [same options]     one {"image", "prompt"} object per line;
 //                 writes one {"image", "prompt", "answer", "tokens", "seconds"} line per record to stdout
 //
@@ -17,6 +17,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <memory>
 #include <string>
 #include <string_view>
@@ -35,12 +38,13 @@ using namespace cumo;
 void usage(std::ostream& os) {
   os << "usage: cumo_generate --checkpoint DIR (--image FILE --prompt TEXT | --batch FILE.jsonl)\n"
         "                     [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--template NAME]\n"
-        "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32] [--quiet]\n"
+        "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32|bf16|f16] [--quiet]\n"
         "  --checkpoint   a released CuMo directory (config.json + release-layout weights) or a cumo_train checkpoint\n"
         "  --temperature  0 (default): greedy; > 0: sampling, with --top-p (default 1) and --seed (default 0)\n"
         "  --tokenizer    default: DIR/tokenizer.model for a release, the run's tokenizer for a cumo_train checkpoint\n"
         "  --template     chat template (default: mistral_instruct_system for a release, the run's eval template)\n"
         "  --clip-config  the CLIP config.json of a release (default: beside it, else inferred from the tensors)\n"
+        "  --dtype        the matrix weights in memory (default f32); bf16/f16 halve it, products accumulate in fp32\n"
         "  --batch        JSON lines of {\"image\": FILE, \"prompt\": TEXT}; answers go to stdout as JSON lines\n";
 }
 
@@ -60,8 +64,33 @@ struct Loaded {
   int image_tokens = 0;
 };
 
+// This process's resident memory in bytes: its peak so far (VmHWM) and now (VmRSS); 0 where /proc is absent.
+struct Memory {
+  double peak = 0, now = 0;
+};
+Memory memory() {
+  Memory m;
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) m.peak = std::atof(line.c_str() + 6) * 1024;
+    if (line.rfind("VmRSS:", 0) == 0) m.now = std::atof(line.c_str() + 6) * 1024;
+  }
+  return m;
+}
+
+DType parse_dtype(const std::string& s) {
+  if (s == "f32") return DType::f32;
+  if (s == "bf16") return DType::bf16;
+  if (s == "f16") return DType::f16;
+  fail("--dtype '", s, "' is not supported (accepted: f32, bf16, f16)");
+}
+
 Loaded load(const Args& a) {
   Loaded l;
+  // Inference only: no gradients, and the matrix weights in --dtype (bf16: 2 bytes a parameter; the CPU products
+  // widen them a block at a time and accumulate in fp32). The scope covers loading, which may make parts sparse.
+  ParameterStorageScope storage({parse_dtype(a.dtype), /*grads=*/false});
   const bool release = fs::exists(fs::path(a.checkpoint) / "config.json") &&
                        !fs::exists(fs::path(a.checkpoint) / "trainer_state.json");
   if (release) {
@@ -90,8 +119,14 @@ Loaded load(const Args& a) {
 
 struct Answer {
   std::string text;
-  std::int64_t tokens = 0;
+  std::int64_t tokens = 0, prompt_tokens = 0;
   double seconds = 0;
+  double prefill_seconds = 0;  // until the first new token: the image, the prompt's prefill and one sampling
+  // tokens after the first, per second of decoding (one cached step each): what the weights' bandwidth bounds
+  double decode_rate() const {
+    const double d = seconds - prefill_seconds;
+    return tokens > 1 && d > 0 ? double(tokens - 1) / d : 0.0;
+  }
 };
 
 // One image and one prompt; with `stream`, the answer's text is written to stdout as its tokens arrive.
@@ -109,20 +144,25 @@ Answer answer(Loaded& l, const Args& a, const std::string& image, const std::str
   o.sampling = nn::SamplingOptions{a.temperature, a.top_p, std::uint64_t(a.seed)};
   std::vector<std::int64_t> so_far;
   std::string shown;
-  if (stream)
-    o.on_token = [&](std::int64_t t) {  // decode the whole answer each time: a multi-byte character may span tokens
-      so_far.push_back(t);
+  const auto t0 = std::chrono::steady_clock::now();
+  double first = -1;
+  o.on_token = [&](std::int64_t t) {
+    if (first < 0) first = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    so_far.push_back(t);
+    if (stream) {  // decode the whole answer each time: a multi-byte character may span tokens
       const std::string text = l.tok->decode(so_far, /*skip_special=*/true);
       if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
         std::cout << text.substr(shown.size()) << std::flush;
         shown = text;
       }
-    };
+    }
+  };
   const std::vector<std::int64_t> ids(p.ids.begin(), p.ids.end());
-  const auto t0 = std::chrono::steady_clock::now();
   const auto out = l.model->generate(ids, pixels, o);
   Answer ans;
   ans.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ans.prefill_seconds = first < 0 ? ans.seconds : first;
+  ans.prompt_tokens = std::int64_t(ids.size());
   ans.tokens = std::int64_t(out.size());
   ans.text = l.tok->decode(out, /*skip_special=*/true);
   if (stream) std::cout << ans.text.substr(std::min(shown.size(), ans.text.size())) << "\n" << std::flush;
@@ -130,14 +170,28 @@ Answer answer(Loaded& l, const Args& a, const std::string& image, const std::str
 }
 
 int run(const Args& a) {
+#if defined(__GLIBC__)
+  // Every tensor of 1 MiB or more gets its own mapping, returned when freed. glibc's default threshold rises to the
+  // size of the largest block freed (up to 32 MiB), after which loading's freed temporaries stay in the heap and
+  // count against peak memory (measured: +18 % of a 1 B model's bf16 weights).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
   CUMO_CHECK(a.device == "cpu", "--device ", a.device, " is not supported by cumo_generate yet (cpu only)");
-  CUMO_CHECK(a.dtype == "f32", "--dtype ", a.dtype,
-             " is not supported yet: weights are held in fp32 (bf16/f16 checkpoints are converted on loading)");
   Loaded l = load(a);
+  const Memory loaded = memory();
+  double weight_bytes = 0;
+  for (const Parameter* p : l.model->parameters()) weight_bytes += double(p->value.nbytes());
+  if (!a.quiet)
+    std::fprintf(stderr, "%s: weights %.3f GB (%s); resident after loading %.3f GB, peak %.3f GB\n", kTool,
+                 weight_bytes / 1e9, a.dtype.c_str(), loaded.now / 1e9, loaded.peak / 1e9);
   if (a.batch.empty()) {
     const Answer ans = answer(l, a, a.image, a.prompt, /*stream=*/true);
-    std::fprintf(stderr, "%s: %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included)\n", kTool,
-                 static_cast<long long>(ans.tokens), ans.seconds, ans.seconds > 0 ? double(ans.tokens) / ans.seconds : 0.0);
+    std::fprintf(stderr, "%s: %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included); prefill %.3f s "
+                 "(%lld prompt tokens), decode %.2f tokens/s; weights %s\n", kTool,
+                 static_cast<long long>(ans.tokens), ans.seconds, ans.seconds > 0 ? double(ans.tokens) / ans.seconds : 0.0,
+                 ans.prefill_seconds, static_cast<long long>(ans.prompt_tokens), ans.decode_rate(), a.dtype.c_str());
+    std::fprintf(stderr, "%s: peak resident memory %.3f GB = %.3f x the weights\n", kTool, memory().peak / 1e9,
+                 weight_bytes > 0 ? memory().peak / weight_bytes : 0.0);
     return 0;
   }
   std::ifstream in(a.batch);

@@ -1,10 +1,13 @@
-// cumo_parity [--device cpu|cuda] [--expert-parallel K] FILE...
+// cumo_parity [--device cpu|cuda] [--expert-parallel K] [--dtype f32|bf16|f16] FILE...
 // Runs every fixture whose `kind` it supports, building each model from the fixture's metadata `config` alone,
 // prints one line per checked tensor and ends with "N passed, M failed". Exit status 1 when anything failed or a
 // file could not be run (unsupported kind, unreadable file); 77 for --device cuda on a machine without a CUDA device
 // (ctest's "skipped", as the CUDA test binaries).
 // Under `mpirun -np K … --expert-parallel K` (a build with MPI) the sparse block kinds run with their experts sharded
 // over the K ranks (parity/moe.hpp); the verdict is over every rank's checks.
+// --dtype bf16|f16 (CPU) builds every model with its matrix weights in that dtype and no gradients, rounds the inputs
+// to it and compares the outputs against tolerances derived from the rounding (parity/report.hpp, Report::tol);
+// gradients are compared in fp32 only.
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -26,8 +29,9 @@
 namespace {
 
 int usage() {
-  std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] [--expert-parallel K] FILE...\n"
-                       "  --expert-parallel K  under mpirun -np K: the sparse blocks' experts sharded over the K ranks\n");
+  std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] [--expert-parallel K] [--dtype f32|bf16|f16] FILE...\n"
+                       "  --expert-parallel K  under mpirun -np K: the sparse blocks' experts sharded over the K ranks\n"
+                       "  --dtype D            the models' matrix weights and inputs in D (CPU; outputs only)\n");
   return 2;
 }
 
@@ -43,12 +47,14 @@ int main(int argc, char** argv) {
   }
   cumo::dist::Communicator& comm = world->comm();
   const bool rank0 = comm.rank() == 0;
-  std::string device = "cpu";
+  std::string device = "cpu", dtype = "f32";
   int expert_parallel = 0;
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--device") && i + 1 < argc)
       device = argv[++i];
+    else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc)
+      dtype = argv[++i];
     else if (!std::strcmp(argv[i], "--expert-parallel") && i + 1 < argc)
       expert_parallel = std::atoi(argv[++i]);
     else if (!std::strncmp(argv[i], "--device=", 9))
@@ -59,6 +65,17 @@ int main(int argc, char** argv) {
       files.push_back(argv[i]);
   }
   if (files.empty()) return usage();
+  cumo::DType weights = cumo::DType::f32;
+  if (dtype == "bf16") weights = cumo::DType::bf16;
+  else if (dtype == "f16") weights = cumo::DType::f16;
+  else if (dtype != "f32") {
+    if (rank0) std::fprintf(stderr, "cumo_parity: --dtype '%s' is not supported (accepted: f32, bf16, f16)\n", dtype.c_str());
+    return 2;
+  }
+  if (weights != cumo::DType::f32 && device != "cpu") {
+    if (rank0) std::fprintf(stderr, "cumo_parity: --dtype %s runs on the CPU (backend::Cuda holds fp32 weights)\n", dtype.c_str());
+    return 2;
+  }
   if (expert_parallel || comm.size() > 1) {
     // the same arguments on every rank, so every rank ends here the same way
     std::string why;
@@ -97,6 +114,7 @@ int main(int argc, char** argv) {
   }
 
   cumo::parity::Report report;
+  report.weights = weights;
   if (!rank0) report.prefix = "[rank " + std::to_string(comm.rank()) + "] ";
   int unrun = 0;
   for (const std::string& path : files) {
@@ -106,8 +124,9 @@ int main(int argc, char** argv) {
       const auto kind_it = meta.find("kind");
       const std::string kind = kind_it == meta.end() ? "" : kind_it->second;
       if (rank0)
-        std::printf("%s  [kind %s, device %s%s]\n", path.c_str(), kind.empty() ? "?" : kind.c_str(), device.c_str(),
-                    ep ? (", experts over " + std::to_string(comm.size()) + " ranks").c_str() : "");
+        std::printf("%s  [kind %s, device %s%s%s]\n", path.c_str(), kind.empty() ? "?" : kind.c_str(), device.c_str(),
+                    ep ? (", experts over " + std::to_string(comm.size()) + " ranks").c_str() : "",
+                    weights != cumo::DType::f32 ? (", " + dtype + " weights").c_str() : "");
       const auto run = table.find(kind);
       if (run == table.end()) {
         std::printf("  unsupported kind '%s'\n", kind.c_str());

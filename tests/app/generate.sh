@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cumo_generate on the app smoke run's stage-3 checkpoint (run from its working directory; $1 = the binary):
 # greedy answers stream and end with a tokens/s line; the same seed samples the same answer; --batch writes one JSON
-# line per record; bad input fails with a message, not a crash.
+# line per record; --dtype bf16/f16 hold the weights in half precision; bad input fails with a message, not a crash.
 set -u
 gen=$1
 img=data/images/eval_000000.png
@@ -30,7 +30,16 @@ grep -q "2 prompts" err.txt || fail "no batch summary: $(cat err.txt)"
 
 "$gen" --checkpoint run/stage3 --image no_such.png --prompt "q" > /dev/null 2>err.txt && fail "a missing image passed"
 grep -q "no_such.png" err.txt || fail "the missing image is not named: $(cat err.txt)"
-"$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --dtype bf16 > /dev/null 2>err.txt && fail "--dtype bf16 passed"
-grep -q "not supported yet" err.txt || fail "--dtype bf16 not explained: $(cat err.txt)"
+# bf16 and f16 weights in memory: the run answers, says which weights it held, and times the decode apart.
+for dt in bf16 f16; do
+  half=$("$gen" --checkpoint run/stage3 --image "$img" --prompt "what colour is the circle?" --max-new-tokens 6 \
+          --dtype $dt 2>err.txt) || fail "--dtype $dt exited $?: $(cat err.txt)"
+  grep -q "weights $dt" err.txt || fail "--dtype $dt: no weights line: $(cat err.txt)"
+  grep -q "decode [0-9.]* tokens/s" err.txt || fail "--dtype $dt: no decode rate: $(cat err.txt)"
+  [ -n "$half" ] || fail "--dtype $dt answered nothing"
+  echo "$dt: '$half' / $(cat err.txt)"
+done
+"$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --dtype f8 > /dev/null 2>err.txt && fail "--dtype f8 passed"
+grep -q "accepted: f32, bf16, f16" err.txt || fail "--dtype f8 not explained: $(cat err.txt)"
 "$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --top-p 0 > /dev/null 2>err.txt && fail "--top-p 0 passed"
 echo "ok"

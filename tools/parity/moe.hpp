@@ -33,8 +33,9 @@ void run_block(const io::SafeTensors& f, const nlohmann::json& cfg, BalanceCount
   const int E = cfg.at("experts").get<int>(), K = cfg.at("top_k").get<int>();
   SparseMoEOptions options;
   options.balance = counting;
+  ParameterStorageScope storage(r.storage());
   SparseMoE<Router<TopKDynamic>, Expert, Backend> moe(H, F, E, options, TopKDynamic{K});
-  for (Parameter* p : moe.parameters()) p->value.copy_from(on<Backend>(f.get_f32("param." + param_of(p->name))));
+  for (Parameter* p : moe.parameters()) copy_converted(p->value, f.get_f32("param." + param_of(p->name)));
   // this rank's experts [first, first + local) under expert parallelism, all of them otherwise
   int first = 0, local = E;
   const bool holder = !ep || ep->rank() == 0;  // the rank with the fixture's tokens
@@ -50,7 +51,23 @@ void run_block(const io::SafeTensors& f, const nlohmann::json& cfg, BalanceCount
 
   const Tensor x0 = on<Backend>(f.get_f32("input.x")), dy0 = on<Backend>(f.get_f32("input.dy"));
   const Tensor x = holder ? x0 : x0.slice(0, 0, 0).contiguous(), dy = holder ? dy0 : dy0.slice(0, 0, 0).contiguous();
-  const double fwd = 1e-4, grad = 1e-3;
+  const double grad = 1e-3;
+  if (r.inference()) {  // bf16/f16 activations in and out; the router's input is the rounded x (0 products)
+    const double tol = r.tol(1e-4, 2), router_tol = r.tol(1e-4, 0);
+    auto out = moe.forward(x.to(r.weights));
+    const RouterOutput& ro = moe.router_output();
+    r.check("output.y", out.y, f.get_f32("output.y"), tol);
+    r.check("output.router_logits", ro.logits, f.get_f32("output.router_logits"), router_tol);
+    if (f.contains("output.topk_index")) {
+      r.check_exact("output.topk_index", ro.topk_idx, f.get_f32("output.topk_index"));
+      r.check("output.topk_weight", ro.topk_w, f.get_f32("output.topk_weight"), router_tol);
+    }
+    const Tensor& bal = counting == BalanceCounts::top1 ? out.aux.balance_top1 : out.aux.balance_allk;
+    r.check("output.balance_loss", bal, f.get_f32("output.balance_loss"), router_tol);
+    r.check("output.z_loss", out.aux.z, f.get_f32("output.z_loss"), router_tol);
+    return r.no_gradients();
+  }
+  const double fwd = 1e-4;
   auto out = moe.forward(x);
   const Tensor dx = moe.backward(dy, coef);
   // the experts' gradients: this rank's slice of the fixture's

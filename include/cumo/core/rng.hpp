@@ -63,21 +63,26 @@ class Rng {
   // A child generator with an independent stream, e.g. one per layer.
   Rng fork() { return Rng((std::uint64_t(next_u32()) << 32) | next_u32()); }
 
+  // Fill a contiguous host tensor; a bf16/f16 one (inference weights) gets the same draws, rounded.
   void fill_normal(Tensor& t, float mean = 0.f, float std = 1.f) {
-    float* p = host_f32(t, "Rng::fill_normal");
-    for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = mean + std * normal();
+    fill(t, "Rng::fill_normal", [&] { return mean + std * normal(); });
   }
   void fill_uniform(Tensor& t, float lo, float hi) {
-    float* p = host_f32(t, "Rng::fill_uniform");
-    for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = uniform(lo, hi);
+    fill(t, "Rng::fill_uniform", [&] { return uniform(lo, hi); });
   }
 
  private:
-  static float* host_f32(Tensor& t, const char* where) {
-    check_dtype(where, "tensor", t, DType::f32);
+  template <class Draw>
+  void fill(Tensor& t, const char* where, Draw&& draw) {
     check_device(where, "tensor", t, Device::cpu);
     CUMO_CHECK(t.is_contiguous(), where, ": tensor must be contiguous");
-    return t.data<float>();
+    const bool half = t.dtype() == DType::bf16 || t.dtype() == DType::f16;
+    CUMO_CHECK(t.dtype() == DType::f32 || half, where, ": tensor has dtype ", name_of(t.dtype()),
+               " but expected f32, bf16 or f16");
+    Tensor f = half ? Tensor::empty(t.shape()) : t;
+    float* p = f.data<float>();
+    for (std::int64_t i = 0; i < f.numel(); ++i) p[i] = draw();
+    if (half) copy_converted(t, f);
   }
   State state_;
 };

@@ -154,7 +154,10 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
         for (const auto& choice : ep.choices) {
           const std::string first = opt.prefix + mod + ".experts.0." + choice[0];
           if (!ck.contains(first)) continue;
-          Tensor full = Tensor::empty(want, p->value.dtype());  // assembled on the host in the parameter's dtype
+          // Assembled in place on the host (a second copy of a large expert stack would raise peak memory), or on
+          // the host in the parameter's dtype and then copied to its device.
+          const bool in_place = p->value.device() == Device::cpu && p->value.is_contiguous();
+          Tensor full = in_place ? p->value : Tensor::empty(want, p->value.dtype());
           const std::int64_t per = want.numel() / E;
           char* base = static_cast<char*>(full.raw());
           for (int e = 0; e < E && expert_problem.empty(); ++e) {
@@ -183,7 +186,7 @@ inline LoadResult load_hf(const ParameterList& params, const HFCheckpoint& ck, c
                                " needs " + std::to_string(per);
           }
           if (expert_problem.empty()) {
-            p->value.copy_from(full);
+            if (!in_place) p->value.copy_from(full);
             res.loaded.emplace_back(p->name, "experts:" + mod + ".experts.*." + choice[0]);
             assembled = true;
           }

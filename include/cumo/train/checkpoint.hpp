@@ -214,9 +214,7 @@ inline void check_weights(const io::SafeTensors& file, const ParameterList& mode
 
 inline void copy_weights(const io::SafeTensors& file, const ParameterList& model) {
   for (Parameter* p : model) {
-    Tensor src = file.info(p->name).dtype == p->value.dtype() ? file.get(p->name) : file.get_f32(p->name);
-    if (src.dtype() != p->value.dtype()) src = src.to(p->value.dtype());
-    p->value.copy_from(src);
+    copy_converted(p->value, file.get(p->name));  // into the parameter's dtype (bf16/f16 for inference)
   }
 }
 

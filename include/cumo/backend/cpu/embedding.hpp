@@ -17,7 +17,7 @@ inline void embedding_forward(const Tensor& table, const std::vector<std::int64_
   const std::size_t row = std::size_t(H) * size_of(table.dtype());
   float* py = y.data<float>();
   for (std::size_t r = 0; r < ids.size(); ++r)
-    detail::convert_n(w + std::size_t(ids[r]) * row, table.dtype(), py + std::int64_t(r) * H, DType::f32, H);
+    cumo::detail::convert_n(w + std::size_t(ids[r]) * row, table.dtype(), py + std::int64_t(r) * H, DType::f32, H);
 }
 
 // dtable (V, H) += dy rows at their ids; rows listed in `skip` (replaced embeddings) are left out.

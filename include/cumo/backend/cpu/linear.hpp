@@ -8,11 +8,92 @@
 
 #include <Eigen/Core>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "cumo/backend/cpu/gemm.hpp"
 #include "cumo/backend/cpu/parallel.hpp"
 #include "cumo/core/tensor.hpp"
 
 namespace cumo::cpu {
+
+namespace detail {
+// y[j] = beta·y[j] + Σ_k x[k] · w[j, k] for a bf16 w, the product of one decode step: bound by reading w, so each
+// element is widened in a register and fused into the dot product (no fp32 copy of w), four rows sharing each load
+// of x. fp32 accumulation in 16 (AVX-512) or 8 (AVX2) lanes, then summed across lanes.
+inline void bf16_gemv(const float* x, std::int64_t k, const std::uint16_t* w, std::int64_t n, std::int64_t ldw,
+                      float beta, float* y) {
+  auto finish = [&](std::int64_t j, float dot) { y[j] = beta == 0.f ? dot : beta * y[j] + dot; };
+  auto tail = [&](const std::uint16_t* row, std::int64_t k0) {
+    float s = 0.f;
+    for (std::int64_t i = k0; i < k; ++i) s += x[i] * bits_float(std::uint32_t(row[i]) << 16);
+    return s;
+  };
+#if defined(__AVX512F__)
+  constexpr std::int64_t L = 16;
+  auto widen = [](const std::uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  auto sum = [](__m512 v) {  // (not _mm512_reduce_add_ps: GCC 12 warns inside it, -Wmaybe-uninitialized)
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    float s = 0.f;
+    for (float f : t) s += f;
+    return s;
+  };
+  auto zero = [] { return _mm512_setzero_ps(); };
+  auto fma = [](__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); };
+  auto loadx = [](const float* p) { return _mm512_loadu_ps(p); };
+#elif defined(__AVX2__) && defined(__FMA__)
+  constexpr std::int64_t L = 8;
+  auto widen = [](const std::uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  };
+  auto sum = [](__m256 v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  };
+  auto zero = [] { return _mm256_setzero_ps(); };
+  auto fma = [](__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); };
+  auto loadx = [](const float* p) { return _mm256_loadu_ps(p); };
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  const std::int64_t kv = k / L * L;
+  const std::int64_t quads = n / 4;
+  parallel_for(
+      quads,
+      [&](std::int64_t q) {
+        const std::int64_t j = 4 * q;
+        const std::uint16_t *r0 = w + j * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+        auto a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+        for (std::int64_t i = 0; i < kv; i += L) {
+          const auto xv = loadx(x + i);
+          a0 = fma(xv, widen(r0 + i), a0);
+          a1 = fma(xv, widen(r1 + i), a1);
+          a2 = fma(xv, widen(r2 + i), a2);
+          a3 = fma(xv, widen(r3 + i), a3);
+        }
+        finish(j, sum(a0) + tail(r0, kv));
+        finish(j + 1, sum(a1) + tail(r1, kv));
+        finish(j + 2, sum(a2) + tail(r2, kv));
+        finish(j + 3, sum(a3) + tail(r3, kv));
+      },
+      8 * k);
+  for (std::int64_t j = 4 * quads; j < n; ++j) {
+    const std::uint16_t* r = w + j * ldw;
+    auto a = zero();
+    for (std::int64_t i = 0; i < kv; i += L) a = fma(loadx(x + i), widen(r + i), a);
+    finish(j, sum(a) + tail(r, kv));
+  }
+#else
+  parallel_for(n, [&](std::int64_t j) { finish(j, tail(w + j * ldw, 0)); }, 2 * k);
+#endif
+}
+}  // namespace detail
 
 // y (m, n) = beta·y + x (m, k) · w (n, k)ᵀ with w's elements of dtype `wt` (bf16 or f16) at `w`, row stride ldw.
 // The weight is widened to fp32 a block of rows at a time into a per-thread buffer and multiplied by the fp32 GEMM,
@@ -22,6 +103,10 @@ namespace cumo::cpu {
 inline void widened_product(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, const void* w, DType wt,
                             std::int64_t n, std::int64_t ldw, float beta, float* y, std::int64_t ldy) {
   if (m == 0 || n == 0) return;
+  if (m == 1 && wt == DType::bf16) {  // one decode step
+    detail::bf16_gemv(x, k, static_cast<const std::uint16_t*>(w), n, ldw, beta, y);
+    return;
+  }
   const std::int64_t block_bytes = m <= 16 ? (std::int64_t(256) << 10) : (std::int64_t(2) << 20);
   const std::int64_t nb = std::max<std::int64_t>(16, block_bytes / (4 * std::max<std::int64_t>(k, 1)) / 16 * 16);
   const std::int64_t blocks = (n + nb - 1) / nb;
@@ -33,7 +118,7 @@ inline void widened_product(const float* x, std::int64_t ldx, std::int64_t m, st
         const std::int64_t j0 = b * nb, rows = std::min(nb, n - j0);
         wide.resize(std::size_t(rows * k));
         for (std::int64_t r = 0; r < rows; ++r)
-          detail::convert_n(static_cast<const char*>(w) + std::size_t((j0 + r) * ldw) * es, wt, wide.data() + r * k,
+          cumo::detail::convert_n(static_cast<const char*>(w) + std::size_t((j0 + r) * ldw) * es, wt, wide.data() + r * k,
                             DType::f32, k);
         gemm(Op::N, Op::T, m, rows, k, 1.f, x, ldx, wide.data(), k, beta, y + j0, ldy);  // (m, rows)
       },
