@@ -19,6 +19,7 @@ for dt in $dtypes; do
   /usr/bin/time -v "$build/tools/cumo_generate" --checkpoint "$dir" --tokenizer byte --image "$dir/image.png" \
     --prompt "Describe the image." --max-new-tokens "$new" --dtype "$dt" > "$scratch/answer.txt" 2> "$scratch/err.txt" ||
     { cat "$scratch/err.txt"; exit 1; }
+  grep "^cumo_generate:" "$scratch/err.txt"  # its own account: weights, memory after loading, peak, timings
   python3 - "$dir/synthetic.json" "$scratch/err.txt" "$dt" "$bw" <<'PY'
 import json, re, sys
 syn = json.load(open(sys.argv[1])); err = open(sys.argv[2]).read(); dt = sys.argv[3]; bw = float(sys.argv[4])

@@ -200,3 +200,23 @@ TEST_CASE("half weights: a Linear built in an f16 scope takes f16 activations an
   CHECK_THROWS_WITH_AS(half->backward(y), doctest::Contains("held in f16 for inference"), Error);
   CHECK_THROWS_WITH_AS(ParameterStorageScope({DType::i32, true}), doctest::Contains("must be f32, bf16 or f16"), Error);
 }
+
+TEST_CASE("inference: the vision tower without kept activations (dense and sparse MLPs) gives the same features and "
+          "refuses a backward") {
+  Rng rng(17);
+  nn::VisionConfig c;
+  c.hidden = 8;
+  c.layers = 3;
+  c.heads = 2;
+  c.ffn = 16;
+  c.image_size = 8;
+  c.patch_size = 4;
+  nn::ClipVision<> m(c);
+  test::randomize(m.parameters(), rng);
+  m.layers[1].mlp.upcycle(4, 2, rng);  // one sparse layer among dense ones
+  const Tensor px = test::random_tensor({2, 3, 8, 8}, rng);
+  const Tensor kept = m.forward(px, true, /*keep_activations=*/true).features.clone();
+  const Tensor dropped = m.forward(px, true, /*keep_activations=*/false).features;
+  CHECK(bitwise_equal(kept, dropped));
+  CHECK_THROWS_AS(m.backward(test::random_tensor(dropped.shape(), rng)), Error);  // nothing saved to differentiate
+}

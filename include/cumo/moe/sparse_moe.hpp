@@ -279,9 +279,8 @@ class SparseMoE {
     return c > options_.min_capacity ? c : options_.min_capacity;
   }
 
- private:
-  // Frees the activations after a backward rather than at the next forward; the plan and router output stay
-  // for load().
+  // Frees the activations: after a backward rather than at the next forward, or after an inference forward that
+  // no backward follows. The plan and router output stay for load().
   void release_activations() {
     saved_.valid = false;
     saved_.x = Tensor();
@@ -290,6 +289,8 @@ class SparseMoE {
     saved_.experts = {};
     saved_.ep = {};
   }
+
+ private:
   AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
 
   struct Saved {

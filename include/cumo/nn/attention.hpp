@@ -102,6 +102,10 @@ class Attention {
     be_.attention_forward(q_, k_, v_, layout.mask(), shape(layout.B, layout.T, layout.T, layout.T), ctx_, &saved_);
     return o_proj.forward(ctx_);  // (B*T, hidden)
   }
+  void release_activations() {  // drops what forward() saved
+    q_ = k_ = v_ = ctx_ = saved_ = Tensor();
+    for (Linear<Backend>* l : {&q_proj, &k_proj, &v_proj, &o_proj}) l->release_activations();
+  }
   // key_valid (B*T): 0 marks a padding key no query may attend to. Positions are t within each sequence.
   Tensor forward(const Tensor& x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>* key_valid = nullptr) {
     return forward(x, TokenLayout::make(be_, B, T, key_valid));

@@ -37,6 +37,11 @@ class LayerNorm {
     return y;
   }
 
+  void release_activations() {  // drops what forward() saved
+    x_ = Tensor();
+    stats_ = Tensor();
+  }
+
   // dy (N, H) → dx = (1/σ)(ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)), ĝ = dy γ; dγ, dβ accumulate
   Tensor backward(const Tensor& dy) {
     CUMO_CHECK(x_.defined(), "LayerNorm::backward (", weight.name, "): no saved forward");

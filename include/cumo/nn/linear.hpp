@@ -54,6 +54,8 @@ class Linear {
     be_.linear(x_, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
     return y;
   }
+  // Drops what forward() saved (inference through the training path: nothing will call backward()).
+  void release_activations() { x_ = Tensor(); }
   // dy (N, out) → dx (N, in); weight/bias grads accumulate.
   Tensor backward(const Tensor& dy) {
     if (is_half(dy)) return backward(dy.to(DType::f32)).to(dy.dtype());

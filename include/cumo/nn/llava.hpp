@@ -86,8 +86,10 @@ class Llava {
 
   // pixels (images, C, S, S) on the host → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers:
   // see ClipVision::forward (false stops at the feature layer: generation).
-  Tensor encode_images(const Tensor& pixels, bool all_layers = true) {
-    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers) : vision_tower.forward(pixels, all_layers).features;
+  // keep_activations = false (inference): the tower drops each layer's saved activations as it goes.
+  Tensor encode_images(const Tensor& pixels, bool all_layers = true, bool keep_activations = true) {
+    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers, keep_activations)
+                          : vision_tower.forward(pixels, all_layers, keep_activations).features;
   }
   // d features → the vision tower's gradients (both S² passes). aux as ClipVision::backward.
   void encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
@@ -127,7 +129,7 @@ class Llava {
       CUMO_CHECK(n_img == 0, where, ": the prompt has ", n_img, " image tokens but no pixel_values were given");
       return emb;
     }
-    const Tensor features = encode_images(pixels, /*all_layers=*/training);    // (images*N, Hv or 2·Hv)
+    const Tensor features = encode_images(pixels, /*all_layers=*/training, /*keep_activations=*/training);  // (images*N, Hv or 2·Hv)
     const Tensor proj = projector.forward(features, pixels.size(0), training);  // (images*N, Ht)
     CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
                ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",

@@ -53,6 +53,11 @@ class DenseMLP {
     be_.template activation_forward<Act>(h, h.size(0), a);  // (N, F)
     return fc2.apply(a);                                    // (N, out)
   }
+  void release_activations() {  // drops what forward() saved
+    h_ = Tensor();
+    fc1.release_activations();
+    fc2.release_activations();
+  }
   Tensor backward(const Tensor& dy) {
     Tensor da = fc2.backward(dy);                                      // (N, F)
     be_.template activation_backward<Act>(h_, da, da.size(0), da);     // in place: dh = da ⊙ Act'(h)
@@ -102,6 +107,10 @@ class DenseGatedMLP {
     Tensor a = be_.empty(g.shape());
     be_.template gated_forward<Act>(g, u, a);  // (N, F)
     return down_proj.apply(a);                 // (N, H)
+  }
+  void release_activations() {  // drops what forward() saved
+    g_ = u_ = Tensor();
+    for (auto* l : {&gate_proj, &up_proj, &down_proj}) l->release_activations();
   }
   Tensor backward(const Tensor& dy) {
     const Tensor da = down_proj.backward(dy);  // (N, F)
@@ -171,6 +180,13 @@ class FeedForward {
     return dense().backward(dy);
   }
   const AuxLosses& last_aux() const { return aux_; }
+  // Drops what forward() saved for a backward (a sparse block keeps its routing plan, for load()).
+  void release_activations() {
+    if (is_sparse())
+      sparse().release_activations();
+    else
+      dense().release_activations();
+  }
 
  private:
   static auto make_topk(int k) {

@@ -121,6 +121,12 @@ class ClipEncoderLayer {
     Tensor h = add(be_, x, self_attn.forward(layer_norm1.forward(x), layout));
     return add(be_, h, mlp.forward(layer_norm2.forward(h), ForwardArgs{layout.B, true}));
   }
+  void release_activations() {  // drops what forward() saved
+    layer_norm1.release_activations();
+    layer_norm2.release_activations();
+    self_attn.release_activations();
+    mlp.release_activations();
+  }
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}) {
     Tensor dh = add(be_, dy, layer_norm2.backward(mlp.backward(dy, aux)));
     return add(be_, dh, layer_norm1.backward(self_attn.backward(dh)));
@@ -180,8 +186,9 @@ class ClipVision {
   // pixels (B, C, S, S) → hidden states and features. `all_layers` = false stops at the feature layer (LLaVA never
   // reads the last layer's output); true runs every layer as HF does (aux losses of the last layer count in CuMo).
   // The pixels are on the host for every backend (the data loader's batch): the patches are unfolded there and
-  // go to the backend as one (B*N, C*P*P) matrix.
-  Output forward(const Tensor& pixels, bool all_layers = true) {
+  // go to the backend as one (B*N, C*P*P) matrix. keep_activations = false (inference): each layer drops what it
+  // saved for the backward as soon as it has run, so the tower holds one layer's activations at a time, not all.
+  Output forward(const Tensor& pixels, bool all_layers = true, bool keep_activations = true) {
     constexpr const char* where = "ClipVision::forward";
     const VisionConfig& c = cfg_;
     check_dtype(where, "pixel_values", pixels, DType::f32);
@@ -206,10 +213,16 @@ class ClipVision {
     const TokenLayout layout = TokenLayout::make(be_, B, T);
     Output out;
     out.hidden_states.push_back(pre_layrnorm.forward(emb));
+    if (!keep_activations) {
+      pre_layrnorm.release_activations();
+      cols_ = Tensor();
+    }
     const std::int64_t depth = all_layers ? c.layers : feature_depth();
     ran_ = depth;
-    for (std::int64_t l = 0; l < depth; ++l)
+    for (std::int64_t l = 0; l < depth; ++l) {
       out.hidden_states.push_back(layers[std::size_t(l)].forward(out.hidden_states.back(), layout));
+      if (!keep_activations) layers[std::size_t(l)].release_activations();
+    }
     out.features = be_.empty({B * N, H});  // B blocks of N rows, past each CLS row
     be_.copy_blocks(out.hidden_states[std::size_t(feature_depth())], H, T * H, out.features, 0, N * H, N * H, B);
     dpatch_ = Tensor();
