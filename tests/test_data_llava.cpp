@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cumo/core/compare.hpp"
 #include "cumo/io/llava_data.hpp"
 #include "cumo/io/prefetch.hpp"
 
@@ -289,6 +290,28 @@ TEST_CASE("data/llava: the data set loads images relative to the JSON and collat
       }
   // pad_multiple rounds T up.
   CHECK(collate(ds, idx, 16).T % 16 == 0);
+}
+
+TEST_CASE("data/llava: records that share an image file share one cached copy of its pixels") {
+  const fs::path d = make_dataset_dir();
+  write_text(d / "shared.json", R"([
+ {"id": "a", "image": "img/p0.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "x"}]},
+ {"id": "b", "image": "img/p1.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "y"}]},
+ {"id": "c", "image": "img/p0.png", "conversations": [{"from": "human", "value": "<image>\nr"}, {"from": "gpt", "value": "z"}]}
+])");
+  const ByteTokenizer tok;
+  const auto ds = LlavaDataset::load((d / "shared.json").string(), tok, small_options());
+  const cumo::Tensor a = ds.pixels(0), b = ds.pixels(1), c = ds.pixels(2);
+  CHECK(a.raw() == c.raw());  // one slot for p0.png
+  CHECK(a.raw() != b.raw());
+  const cumo::Tensor p0 = clip_preprocess_file((d / "img" / "p0.png").string(), small_options().preprocess);
+  CHECK(cumo::bitwise_equal(c, p0));
+  // Without the cache every call decodes again (nothing shared).
+  DataOptions nc = small_options();
+  nc.cache_images = false;
+  const auto ds2 = LlavaDataset::load((d / "shared.json").string(), tok, nc);
+  CHECK(ds2.pixels(0).raw() != ds2.pixels(2).raw());
+  CHECK(cumo::bitwise_equal(ds2.pixels(2), p0));
 }
 
 TEST_CASE("data/llava: a missing or corrupt image file is reported with the record and the path") {

@@ -236,6 +236,48 @@ TEST_CASE("models cumo: greedy generation with the KV cache equals the argmax of
   CHECK_THROWS_AS(m.generate({1, 12, 12, 4}, px, 2, -1), Error);  // 2 image tokens for 4 patches
 }
 
+TEST_CASE("models cumo: sincos vision positions — MAE's 2-D table, CLS row 0, every other draw unchanged") {
+  // tiny config: H 8, 2x2 grid → Q = 2 frequencies ω = 1, 0.01 per axis.
+  const models::CuMoConfig c = tiny_config();
+  models::CuMo<> plain(c), sincos(c);
+  Rng r1(9), r2(9);
+  plain.reset_parameters(r1);
+  sincos.reset_parameters(r2, models::CuMoInit{.sincos_vision_positions = true});
+  const Tensor& pos = sincos.llava().vision_tower.position_embedding.value;  // (5, 8)
+  REQUIRE(pos.size(0) == 5);
+  REQUIRE(pos.size(1) == 8);
+  const float* d = pos.data<float>();
+  for (int h = 0; h < 8; ++h) CHECK(d[h] == 0.f);  // CLS
+  const double w[2] = {1.0, 0.01};
+  for (int gy = 0; gy < 2; ++gy)
+    for (int gx = 0; gx < 2; ++gx) {
+      const float* row = d + (1 + gy * 2 + gx) * 8;
+      for (int i = 0; i < 2; ++i) {
+        CAPTURE(gy);
+        CAPTURE(gx);
+        CAPTURE(i);
+        CHECK(row[i] == doctest::Approx(std::sin(gx * w[i])));
+        CHECK(row[2 + i] == doctest::Approx(std::cos(gx * w[i])));
+        CHECK(row[4 + i] == doctest::Approx(std::sin(gy * w[i])));
+        CHECK(row[6 + i] == doctest::Approx(std::cos(gy * w[i])));
+      }
+    }
+  // distinct patches get distinct rows (the point of the table)
+  CHECK(rel_error(pos.select(0, 1).contiguous(), pos.select(0, 2).contiguous()) > 0.1);
+  const ParameterList a = plain.parameters(), b = sincos.parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(a[i]->name);
+    if (a[i]->name.ends_with("embeddings.position_embedding.weight")) continue;
+    CHECK(bitwise_equal(a[i]->value, b[i]->value));
+  }
+  // H not a multiple of 4 is refused by name
+  Tensor odd = Tensor::zeros({5, 6});
+  CHECK_THROWS_WITH_AS(nn::fill_sincos_positions(odd, 2), doctest::Contains("multiple of 4"), Error);
+  Tensor wrong = Tensor::zeros({4, 8});
+  CHECK_THROWS_WITH_AS(nn::fill_sincos_positions(wrong, 2), doctest::Contains("position_embedding"), Error);
+}
+
 TEST_CASE("models cumo: stage 1 trains only the connector (parameter lists partition the model)") {
   Rng rng(4);
   Batch b(rng);

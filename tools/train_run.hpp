@@ -192,7 +192,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
                                   : std::string())
               << "\n";
   Rng init_rng(cfg.seed);
-  model.reset_parameters(init_rng);
+  model.reset_parameters(init_rng, cfg.init);
   const Rng::State init_state = init_rng.state();
 
   // Where the first stage's weights come from.

@@ -71,7 +71,7 @@ inline models::CuMo<> load_model_from_checkpoint(const std::string& dir, const i
   RunConfig c = run_config_of_checkpoint(dir, st);
   models::CuMo<> model(c.model_config(tok));
   Rng rng(c.seed);
-  model.reset_parameters(rng);
+  model.reset_parameters(rng, c.init);
   match_structure(model, st, dir);
   (void)train::load_checkpoint(dir, model.parameters(), nullptr);
   if (config) *config = std::move(c);

@@ -70,6 +70,7 @@ struct RunConfig {
   bool generate_data = false;         // data.generate present: the shapes world may be written into data_dir
   data::ShapesConfig shapes;          // what the generator writes
   models::CuMoConfig model;           // vocab and image_token_id are the tokenizer's (model_config())
+  models::CuMoInit init;   // model.vision.position_init ("normal" | "sincos"): from-scratch init only
   StageConfig stages[3];
   std::string eval_data = "eval.json";
   std::string eval_template = "mistral";
@@ -114,7 +115,8 @@ struct RunConfig {
 
 namespace detail {
 // The "model" block: the app's compact schema, read straight into a CuMoConfig (defaults: the demo's small model).
-inline void read_model(const nlohmann::json* m, const std::string& source, models::CuMoConfig& c) {
+inline void read_model(const nlohmann::json* m, const std::string& source, models::CuMoConfig& c,
+                       models::CuMoInit& init) {
   nn::VisionConfig& v = c.llava.vision;
   nn::DecoderConfig& t = c.llava.text;
   v.hidden = 64, v.layers = 2, v.heads = 4, v.ffn = 256, v.image_size = 32, v.patch_size = 8, v.channels = 3;
@@ -138,6 +140,12 @@ inline void read_model(const nlohmann::json* m, const std::string& source, model
       rv.get("ffn", v.ffn);
       rv.get("feature_layer", v.feature_layer);
       rv.get("s2", v.s2);
+      std::string position_init = "normal";
+      rv.get("position_init", position_init);
+      CUMO_CHECK(position_init == "normal" || position_init == "sincos", source,
+                 ": model.vision.position_init must be \"normal\" (HF's N(0, 0.02^2)) or \"sincos\", got \"",
+                 position_init, "\"");
+      init.sincos_vision_positions = position_init == "sincos";
       rv.reject_unknown();
     }
     if (const auto* tj = rm.object("text")) {
@@ -206,7 +214,7 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
     }
     rd.reject_unknown();
   }
-  detail::read_model(r.object("model"), source, c.model);
+  detail::read_model(r.object("model"), source, c.model, c.init);
 
   // Stage defaults: the paper's recipe.
   for (int s = 1; s <= 3; ++s) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -73,7 +74,14 @@ class LlavaDataset {
                    "' is not a regular file (a FIFO, socket or device)");
       }
     }
-    cache_.resize(records_.size());
+    // One cache slot per distinct image file: the instruction data asks several questions about each image, and
+    // caching per record would hold each image's pixels once per question.
+    std::unordered_map<std::string, std::size_t> slot_of;
+    image_slot_.resize(records_.size());
+    for (std::size_t i = 0; i < records_.size(); ++i)
+      image_slot_[i] = slot_of.try_emplace(records_[i].image.empty() ? std::string() : image_path(i), slot_of.size())
+                           .first->second;
+    cache_.resize(slot_of.size());
   }
 
   std::size_t size() const { return records_.size(); }
@@ -105,7 +113,7 @@ class LlavaDataset {
     CUMO_CHECK(has_image(i), "LlavaDataset::pixels: record ", i, " (id ", records_[i].id, ") has no image");
     if (opt_.cache_images) {
       std::lock_guard<std::mutex> lock(*mutex_);
-      if (cache_[i].defined()) return cache_[i];
+      if (cache_[image_slot_[i]].defined()) return cache_[image_slot_[i]];
     }
     Tensor t;
     try {
@@ -115,7 +123,7 @@ class LlavaDataset {
     }
     if (opt_.cache_images) {
       std::lock_guard<std::mutex> lock(*mutex_);
-      cache_[i] = t;
+      cache_[image_slot_[i]] = t;
     }
     return t;
   }
@@ -155,7 +163,8 @@ class LlavaDataset {
   std::string source_;
   std::int32_t pad_id_ = 0, image_id_ = 0;
   std::unique_ptr<std::mutex> mutex_;
-  mutable std::vector<Tensor> cache_;
+  std::vector<std::size_t> image_slot_;  // record → its image's cache slot
+  mutable std::vector<Tensor> cache_;    // per distinct image path
 };
 
 // ================================================================================================================

@@ -36,6 +36,14 @@
 
 namespace cumo::models {
 
+// Choices of CuMo::reset_parameters beyond HF's init. sincos_vision_positions: the vision tower's position table
+// starts from the fixed 2-D sine-cosine table (nn::fill_sincos_positions) instead of N(0, 0.02²), for towers
+// trained from scratch; every other parameter gets the same draws either way (the table is overwritten after the
+// position embedding's own draw).
+struct CuMoInit {
+  bool sincos_vision_positions = false;
+};
+
 struct CuMoConfig {
   nn::LlavaConfig llava;  // vision + text + image_token_id
   int experts = 4, top_k = 2;
@@ -112,7 +120,8 @@ class CuMo {
   // (HF's initializer_range), biases 0, LayerNorm / RMSNorm weight 1 and bias 0; a router that already exists gets
   // PyTorch's Linear default U(±1/√fan_in), as at upcycling. Deterministic in `rng`, in parameters() order; the
   // values are drawn on the host for every backend, so a device model starts from the CPU model's bits.
-  void reset_parameters(Rng& rng) {
+  // init.sincos_vision_positions: see CuMoInit.
+  void reset_parameters(Rng& rng, CuMoInit init = {}) {
     for (Parameter* p : parameters()) {
       const std::string& n = p->name;
       const bool is_norm = p->value.dim() == 1 && (n.find("norm") != std::string::npos ||
@@ -132,6 +141,12 @@ class CuMo {
         rng.fill_normal(v, 0.f, 0.02f);
       }
       if (v.raw() != p->value.raw()) p->value.copy_from(v);
+    }
+    if (init.sincos_vision_positions) {
+      Parameter& pos = m_.vision_tower.position_embedding;
+      Tensor v = pos.value.device() == Device::cpu ? pos.value : Tensor::empty(pos.value.shape());  // (N+1, Hv)
+      nn::fill_sincos_positions(v, cfg_.llava.vision.grid());
+      if (v.raw() != pos.value.raw()) pos.value.copy_from(v);
     }
   }
 

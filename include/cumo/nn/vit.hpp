@@ -90,6 +90,35 @@ struct VisionConfig {
   }
 };
 
+// 2-D sine-cosine position table for a grid × grid patch layout plus the CLS row (MAE's get_2d_sincos_pos_embed):
+// of each row's H entries, the first H/2 encode the patch's column and the last H/2 its row, each half as
+// [sin(p·ω_0..ω_{H/4−1}), cos(p·ω_0..)] with ω_i = 10000^(−i/(H/4)); the CLS row is 0. A from-scratch tower that
+// starts from this table knows where every patch is from step 0; the N(0, 0.02²) HF init leaves the patches'
+// positions to be learned, which a small model trained briefly never does (docs/results.md). H must be a multiple
+// of 4. Writes the (grid²+1, H) f32 host tensor `pos`.
+inline void fill_sincos_positions(Tensor& pos, std::int64_t grid) {
+  constexpr const char* where = "fill_sincos_positions";
+  check_dtype(where, "position_embedding", pos, DType::f32);
+  check_device(where, "position_embedding", pos, Device::cpu);
+  CUMO_CHECK(pos.dim() == 2 && pos.size(0) == grid * grid + 1 && pos.is_contiguous(), where,
+             ": position_embedding must be a contiguous (", grid * grid + 1, ", H) tensor, got ", pos.shape());
+  const std::int64_t H = pos.size(1), Q = H / 4;
+  CUMO_CHECK(H % 4 == 0, where, ": the hidden size ", H, " must be a multiple of 4");
+  float* d = pos.data<float>();
+  std::fill(d, d + H, 0.f);  // CLS
+  for (std::int64_t gy = 0; gy < grid; ++gy)
+    for (std::int64_t gx = 0; gx < grid; ++gx) {
+      float* row = d + (1 + gy * grid + gx) * H;
+      for (std::int64_t i = 0; i < Q; ++i) {
+        const double w = std::pow(10000.0, -double(i) / double(Q));
+        row[i] = float(std::sin(double(gx) * w));
+        row[Q + i] = float(std::cos(double(gx) * w));
+        row[2 * Q + i] = float(std::sin(double(gy) * w));
+        row[3 * Q + i] = float(std::cos(double(gy) * w));
+      }
+    }
+}
+
 template <backend::Backend Backend = backend::Cpu>
 using VisionFFN = FeedForward<DenseMLP<QuickGELU, Backend>,
                               SparseMoE<Router<TopKDynamic>, Expert<MLP<QuickGELU>>, Backend>>;
