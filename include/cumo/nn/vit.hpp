@@ -93,9 +93,9 @@ struct VisionConfig {
 // 2-D sine-cosine position table for a grid × grid patch layout plus the CLS row (MAE's get_2d_sincos_pos_embed):
 // of each row's H entries, the first H/2 encode the patch's column and the last H/2 its row, each half as
 // [sin(p·ω_0..ω_{H/4−1}), cos(p·ω_0..)] with ω_i = 10000^(−i/(H/4)); the CLS row is 0. A from-scratch tower that
-// starts from this table knows where every patch is from step 0; the N(0, 0.02²) HF init leaves the patches'
-// positions to be learned, which a small model trained briefly never does (docs/results.md). H must be a multiple
-// of 4. Writes the (grid²+1, H) f32 host tensor `pos`.
+// starts from this table tells every patch where it is from step 0; from HF's N(0, 0.02²) init the demo's trained
+// tower gave every background patch the same feature vector (docs/results.md). H must be a multiple of 4. Writes
+// the (grid²+1, H) f32 host tensor `pos`.
 inline void fill_sincos_positions(Tensor& pos, std::int64_t grid) {
   constexpr const char* where = "fill_sincos_positions";
   check_dtype(where, "position_embedding", pos, DType::f32);
