@@ -18,6 +18,7 @@ expected=$(sed -n '/demo-eval:begin/,/demo-eval:end/p' "$DOC" | sed '1d;$d' | se
 if [[ -z ${LOG:-} ]]; then
   OUT=${1:-$(mktemp -d /tmp/cumo-results-check.XXXXXX)/demo}
   LOG=$OUT.log
+  mkdir -p "$(dirname "$OUT")"
   echo "check_results: training the demo into $OUT (OMP_NUM_THREADS=$THREADS; log $LOG)"
   OUT=$OUT FRESH=1 PLOT=0 OMP_NUM_THREADS=$THREADS bash scripts/run_demo.sh > "$LOG" 2>&1 ||
     { echo "check_results: FAIL: run_demo.sh exited non-zero ($LOG)"; exit 1; }
