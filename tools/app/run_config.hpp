@@ -70,7 +70,7 @@ struct RunConfig {
   bool generate_data = false;         // data.generate present: the shapes world may be written into data_dir
   data::ShapesConfig shapes;          // what the generator writes
   models::CuMoConfig model;           // vocab and image_token_id are the tokenizer's (model_config())
-  models::CuMoInit init;   // model.vision.position_init ("normal" | "sincos"): from-scratch init only
+  models::CuMoInit init;              // model.vision.position_init ("normal" | "sincos"): from-scratch init only
   StageConfig stages[3];
   std::string eval_data = "eval.json";
   std::string eval_template = "mistral";

@@ -139,14 +139,11 @@ class CuMo {
         fill(v, 0.f);
       } else {
         rng.fill_normal(v, 0.f, 0.02f);
+        // Drawn first all the same, so that every later parameter gets the same draws either way.
+        if (init.sincos_vision_positions && p == &m_.vision_tower.position_embedding)
+          nn::fill_sincos_positions(v, cfg_.llava.vision.grid());  // (N+1, Hv)
       }
       if (v.raw() != p->value.raw()) p->value.copy_from(v);
-    }
-    if (init.sincos_vision_positions) {
-      Parameter& pos = m_.vision_tower.position_embedding;
-      Tensor v = pos.value.device() == Device::cpu ? pos.value : Tensor::empty(pos.value.shape());  // (N+1, Hv)
-      nn::fill_sincos_positions(v, cfg_.llava.vision.grid());
-      if (v.raw() != pos.value.raw()) pos.value.copy_from(v);
     }
   }
 
