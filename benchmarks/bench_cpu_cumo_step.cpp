@@ -8,7 +8,8 @@
 // a top-k-of-E MoE. The batch is the stage-3 batch size × (1 + patches + text-len) tokens (16 × 116 for the demo),
 // the last `labelled` tokens of each row supervised. A step is zero_grad, forward (CE + bzloss), backward,
 // global-norm clipping (the stage's max_grad_norm) and AdamW — what the trainer's step does. Measured in the same
-// run: an equal-FLOP chain of square fp32 GEMMs (Eigen), the step's floor; the table after the run prints both.
+// run: an equal-FLOP chain of square fp32 GEMMs (cpu::gemm: oneDNN, or Eigen in bench_cpu_cumo_step_eigen), the
+// step's floor; the table after the run prints both.
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -19,8 +20,10 @@
 
 #include <Eigen/Core>
 
+#include "app/footprint.hpp"
 #include "app/run_config.hpp"
 #include "cli.hpp"
+#include "cumo/backend/cpu/gemm.hpp"
 #include "cumo/io/tokenizer.hpp"
 #include "cumo/train/optimizer.hpp"
 #include "cumo_step.hpp"
@@ -90,20 +93,24 @@ void BM_cumo_step(benchmark::State& st) {
   st.SetLabel(std::to_string(step.batch.B) + "x" + std::to_string(step.batch.T) + " tokens");
 }
 
-// The floor: the step's FLOPs as square n³ fp32 GEMMs (n = 256, about the demo's widest operand side).
+// The floor: the step's FLOPs as square n³ fp32 GEMMs (n = 256, about the demo's widest operand side), through the
+// same cpu::gemm the step uses (oneDNN when the build has it, else Eigen's kernel).
 void BM_dense_equal_flop(benchmark::State& st) {
   if (g_flops <= 0) {  // the step's FLOP count comes from cumo_step, which a --benchmark_filter may leave out
     st.SkipWithError("dense_equal_flop needs cumo_step to run first (its FLOP count)");
     return;
   }
-  const Eigen::Index n = 256;
+  const std::int64_t n = 256;
   const double per = 2.0 * double(n) * double(n) * double(n);
   const int reps = std::max(1, int(g_flops / per + 0.5));
-  Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n), c(n, n);
+  Rng rng(3);
+  Tensor a = Tensor::empty({n, n}), b = Tensor::empty({n, n}), c = Tensor::empty({n, n});
+  rng.fill_normal(a);
+  rng.fill_normal(b);
   for (auto _ : st)
     for (int r = 0; r < reps; ++r) {
-      c.noalias() = a * b;
-      benchmark::DoNotOptimize(c.data());
+      cpu::gemm(cpu::Op::N, cpu::Op::N, n, n, n, 1.f, a.data<float>(), n, b.data<float>(), n, 0.f, c.data<float>(), n);
+      benchmark::DoNotOptimize(c.raw());
     }
   st.counters["FLOP/s"] = benchmark::Counter(per * reps * double(st.iterations()), benchmark::Counter::kIsRate);
 }
@@ -121,6 +128,7 @@ class TimeReporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) try {
+  app::retain_freed_memory();  // as cumo_train does
   benchmark::Initialize(&argc, argv);
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];

@@ -14,6 +14,7 @@ packages=(
   doctest-dev            # tests
   libbenchmark-dev       # benchmarks
   libsentencepiece-dev   # tokenizer.model support (optional in the library, used by the tools and tests)
+  libdnnl-dev            # oneDNN: the CPU backend's fp32 GEMMs (optional in the library, used by our tools and tests)
   libopenblas-dev        # optional BLAS for the CPU GEMMs (benchmarked beside Eigen's own)
   openmpi-bin libopenmpi-dev  # optional MPI for multi-process data parallelism (tests: ctest -L distributed)
   procps                 # pgrep: the distributed fault tests find the ranks they kill

@@ -187,6 +187,28 @@ TEST_CASE("nn gradcheck: decoder LMs (Mistral, Qwen2 tied + biases, Mixtral with
   }
 }
 
+TEST_CASE("nn gradcheck: the LM head's backward over the supervised rows only (a few answer tokens per sequence)") {
+  // 4 of 16 rows have a target, so DecoderLM::backward takes the compacted head backward (head_backward_targets);
+  // its gradients must still be the whole loss's.
+  Rng rng(19);
+  nn::DecoderConfig c;
+  c.model_type = "mistral";
+  c.vocab = 11, c.hidden = 8, c.layers = 1, c.heads = 2, c.kv_heads = 1, c.head_dim = 4, c.ffn = 12;
+  nn::DecoderLM<> m(c);
+  const auto params = m.parameters();
+  randomize(params, rng, 0.5f);
+  const std::vector<std::int64_t> ids{1, 5, 7, 2, 10, 0, 3, 3, 9, 4, 6, 8, 2, 1, 0, 5};
+  std::vector<std::int64_t> labels(ids.size(), -100);
+  for (std::size_t t : {6u, 7u, 13u, 14u}) labels[t] = ids[t];  // the last answer tokens of each sequence
+  zero_grad(params);
+  const auto out = m.forward(ids, 2, 8, &labels);
+  CHECK(out.targets == 4);
+  const Tensor dx = m.backward();
+  for (std::int64_t r : {0, 1, 2, 3}) CHECK(dx.at<float>(r, 0) != 0.f);  // every row still gets its gradient
+  m.backward_embeddings(dx);
+  gradcheck(targets_of(params), [&] { return m.forward(ids, 2, 8, &labels).loss; });
+}
+
 TEST_CASE("nn gradcheck: connector and the LLaVA composition") {
   Rng rng(10);
   nn::LlavaConfig c;

@@ -25,6 +25,7 @@
 #include "app/distill_config.hpp"
 #include "app/distill_eval.hpp"
 #include "app/distill_stage.hpp"
+#include "app/footprint.hpp"
 #include "app/run_config.hpp"
 
 namespace {
@@ -161,6 +162,7 @@ int run(const Args& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cumo::app::retain_freed_memory();
   Args a;
   auto on_switch = [&](std::string_view f) {
     if (f == "--eval") return a.eval = true;

@@ -258,7 +258,9 @@ class DecoderLM {
     dlogits_ = Tensor();
     if (labels) {
       dlogits_ = be_.empty(out.logits.shape());
-      const auto r = be_.cross_entropy(out.logits, be_.upload(shifted_labels(*labels, B, T)), &dlogits_);
+      const Tensor targets = shifted_labels(*labels, B, T);  // (B*T,) host
+      target_runs_ = runs_of_targets(targets);
+      const auto r = be_.cross_entropy(out.logits, be_.upload(targets), &dlogits_);
       out.ce = r.loss;
       out.targets = r.targets;
     }
@@ -285,7 +287,7 @@ class DecoderLM {
       for (Tensor& t : router_dlogits)
         if (t.defined()) be_.scale(t, float(cfg_.aux_coef) * dloss);
     }
-    return backward_layers(norm.backward(head_backward(dl, hn_)), AuxLossWeights{}, &router_dlogits);
+    return backward_layers(norm.backward(head_backward_targets(dl)), AuxLossWeights{}, &router_dlogits);
   }
   void backward_embeddings(const Tensor& dx, const std::vector<bool>* skip = nullptr) { embed_tokens.backward(dx, skip); }
   void backward_all(float dloss = 1.f) { backward_embeddings(backward(dloss)); }
@@ -345,6 +347,33 @@ class DecoderLM {
     return dh;
   }
 
+  // head_backward over the rows that have a target (target_runs_) only. Every other row of dlogits is 0: its
+  // products would add exact zeros to dW and give zero rows of d hn. A supervised answer after a prompt and the
+  // image tokens is a few rows of each sequence (8 of 116 in the demo's stage 3), so this skips most of the head's
+  // backward. The same dW and d hn up to the order of the dW sums.
+  Tensor head_backward_targets(const Tensor& dl) {
+    const std::int64_t N = dl.size(0), H = cfg_.hidden, V = cfg_.vocab;
+    std::int64_t n = 0;
+    for (const auto& [r0, len] : target_runs_) n += len;
+    if (2 * n > N) return head_backward(dl, hn_);
+    Tensor dh = be_.zeros({N, H});  // (N, H)
+    if (n == 0) return dh;
+    Tensor dlc = be_.empty({n, V}), hnc = be_.empty({n, H});  // (n, V), (n, H)
+    std::int64_t o = 0;
+    for (const auto& [r0, len] : target_runs_) {
+      be_.copy_blocks(dl, r0 * V, 0, dlc, o * V, 0, len * V, 1);
+      be_.copy_blocks(hn_, r0 * H, 0, hnc, o * H, 0, len * H, 1);
+      o += len;
+    }
+    const Tensor dhc = head_backward(dlc, hnc);  // (n, H)
+    o = 0;
+    for (const auto& [r0, len] : target_runs_) {
+      be_.copy_blocks(dhc, o * H, 0, dh, r0 * H, 0, len * H, 1);
+      o += len;
+    }
+    return dh;
+  }
+
   // Router logits (N, E) of every sparse layer in the last forward.
   std::vector<Tensor> router_logits() const {
     std::vector<Tensor> r;
@@ -379,6 +408,19 @@ class DecoderLM {
   const Parameter& head_weight() const { return cfg_.tie_embeddings ? embed_tokens.weight : lm_head.weight; }
 
   // HF's causal shift: row (b, t) predicts label (b, t + 1); the last row of each sequence predicts nothing.
+  // The runs {first row, rows} of consecutive rows whose target is not ignored.
+  static std::vector<std::pair<std::int64_t, std::int64_t>> runs_of_targets(const Tensor& targets) {
+    std::vector<std::pair<std::int64_t, std::int64_t>> runs;
+    const std::int64_t* p = targets.data<std::int64_t>();
+    for (std::int64_t r = 0; r < targets.numel(); ++r) {
+      if (p[r] == backend::kIgnoreIndex) continue;
+      if (!runs.empty() && runs.back().first + runs.back().second == r)
+        ++runs.back().second;
+      else
+        runs.push_back({r, 1});
+    }
+    return runs;
+  }
   static Tensor shifted_labels(const std::vector<std::int64_t>& labels, std::int64_t B, std::int64_t T) {
     Tensor y = Tensor::empty({B * T}, DType::i64);
     std::int64_t* p = y.data<std::int64_t>();
@@ -430,6 +472,7 @@ class DecoderLM {
   DecoderConfig cfg_;
   [[no_unique_address]] Backend be_;
   Tensor hn_, dlogits_;               // (N, H), (N, V)
+  std::vector<std::pair<std::int64_t, std::int64_t>> target_runs_;  // rows with a target: {first, count}
   std::vector<Tensor> aux_dlogits_;   // per layer (N, E), unscaled; undefined for dense layers
 };
 

@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "cumo/backend/cpu/gemm.hpp"
 #include "cumo/backend/cpu/parallel.hpp"
 #include "cumo/backend/ops.hpp"
@@ -36,30 +38,35 @@ inline void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   const std::int32_t* valid = key_valid && key_valid->defined() ? key_valid->data<std::int32_t>() : nullptr;
   float* pc = out.data<float>();
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr std::int64_t kLanes = Eigen::internal::packet_traits<float>::size;
   parallel_for(B * H, [&](std::int64_t bh) {
     const std::int64_t b = bh / H, h = bh % H, g = h / per;
     float* P = probs.data<float>() + bh * Tq * S;  // (Tq, S)
+    // The exponentials go to an aligned row first: Eigen peels a scalar (libm) prologue up to the first aligned
+    // element of an unaligned destination, and rows of P start wherever i·S puts them.
+    Eigen::ArrayXf e(S);  // (S,)
     gemm(Op::N, Op::T, Tq, S, D, scale, pq + b * Tq * ldq + h * D, ldq, pk + b * ks * ldk + g * D, ldk, 0.f, P,
          S);  // scores = q kᵀ / √D
     for (std::int64_t i = 0; i < Tq; ++i) {
       float* row = P + i * S;
-      float mx = kNegInf;
-      for (std::int64_t j = 0; j < S; ++j) {
-        const bool masked = (s.causal && j > past + i) || (valid && !valid[b * S + j]);
-        if (masked) row[j] = kNegInf;
-        mx = row[j] > mx ? row[j] : mx;
-      }
+      // A causal query sees keys 0 … past + i: the rest of its row is 0. The exponentiated prefix is rounded up to
+      // whole SIMD packets (those keys masked to −∞) so that Eigen's vector exp covers it, not a scalar tail loop.
+      const std::int64_t seen = s.causal ? std::min(S, past + i + 1) : S;
+      const std::int64_t n = std::min(S, (seen + kLanes - 1) / kLanes * kLanes);
+      std::fill(row + seen, row + n, kNegInf);
+      std::fill(row + n, row + S, 0.f);
+      if (valid)
+        for (std::int64_t j = 0; j < seen; ++j)
+          if (!valid[b * S + j]) row[j] = kNegInf;
+      Eigen::Map<Eigen::ArrayXf> r(row, n);  // (n,)
+      const float mx = n > 0 ? r.maxCoeff() : kNegInf;
       if (mx == kNegInf) {  // nothing to attend to (a padding query): output 0
-        std::fill(row, row + S, 0.f);
+        r.setZero();
         continue;
       }
-      double sum = 0;
-      for (std::int64_t j = 0; j < S; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = float(1.0 / sum);
-      for (std::int64_t j = 0; j < S; ++j) row[j] *= inv;
+      auto ex = e.head(n);
+      ex = (r - mx).exp();  // Eigen's packet exp: exp(−∞) = 0 for the masked keys
+      r = ex * (1.f / ex.sum());
     }
     gemm(Op::N, Op::N, Tq, D, S, 1.f, P, S, pv + b * ks * ldk + g * D, ldk, 0.f, pc + b * Tq * ldq + h * D,
          ldq);  // out = P v
@@ -89,10 +96,9 @@ inline void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v
       gemm(Op::N, Op::T, Tq, S, D, 1.f, dc, ldq, vb, ldk, 0.f, dP.data(), S);                      // dP = dout vᵀ
       gemm(Op::T, Op::N, S, D, Tq, 1.f, P, S, dc, ldq, 1.f, pdv + b * ks * ldk + g * D, ldk);      // dv += Pᵀ dout
       for (std::int64_t i = 0; i < Tq; ++i) {  // dS = P ⊙ (dP − Σ_j dP P)
-        double sum = 0;
-        for (std::int64_t j = 0; j < S; ++j) sum += double(dP[std::size_t(i * S + j)]) * P[i * S + j];
-        for (std::int64_t j = 0; j < S; ++j)
-          dP[std::size_t(i * S + j)] = P[i * S + j] * (dP[std::size_t(i * S + j)] - float(sum));
+        Eigen::Map<Eigen::ArrayXf> d(dP.data() + i * S, S);  // (S,)
+        const Eigen::Map<const Eigen::ArrayXf> p(P + i * S, S);
+        d = p * (d - (d * p).sum());
       }
       gemm(Op::N, Op::N, Tq, D, S, scale, dP.data(), S, kb, ldk, 0.f, pdq + b * Tq * ldq + h * D, ldq);  // dq = dS k
       gemm(Op::T, Op::N, S, D, Tq, scale, dP.data(), S, pq + b * Tq * ldq + h * D, ldq, 1.f,

@@ -1,13 +1,21 @@
 #pragma once
-// CPU GEMMs on row-major fp32 buffers through Eigen::Map (no copies). Eigen parallelises a large product with
-// OpenMP when the caller is not already inside a parallel region; define CUMO_CPU_BLAS (and link a BLAS) to hand
-// every product to cblas_sgemm instead — with OpenBLAS that is ~1.5x Eigen 3.4's own kernel on AVX2 machines.
+// CPU GEMMs on row-major fp32 buffers. Three engines, chosen at compile time:
+//   CUMO_CPU_DNNL (link cumo::dnnl, which defines it): oneDNN's dnnl_sgemm, JIT-generated kernels for the ISA it
+//     runs on. At the demo's shapes (K 64-384, a few thousand rows) Eigen 3.4 spends a third of each product packing
+//     its operands; with oneDNN the CPU training step is 1.2x (1 thread) and 1.3x (2 threads) faster
+//     (docs/benchmarks.md). It threads with OpenMP outside a parallel region and runs serially inside one; for a
+//     given thread count its results are deterministic.
+//   CUMO_CPU_BLAS (link a BLAS): cblas_sgemm.
+//   otherwise Eigen's own kernel through Eigen::Map (no copies), threaded with OpenMP outside a parallel region.
 #include <cstdint>
 
 #include <Eigen/Core>
 
 #include "cumo/core/tensor.hpp"
 
+#if defined(CUMO_CPU_DNNL)
+#include <dnnl.h>
+#endif
 #if defined(CUMO_CPU_BLAS)
 extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -26,6 +34,14 @@ enum class Op : bool { N = false, T = true };
 inline void gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
+#if defined(CUMO_CPU_DNNL)
+  if (k > 0) {  // (k = 0 is C = beta·C, below; oneDNN would return an error status for it)
+    const dnnl_status_t st = dnnl_sgemm(op_a == Op::T ? 'T' : 'N', op_b == Op::T ? 'T' : 'N', m, n, k, alpha, a, lda,
+                                        b, ldb, beta, c, ldc);
+    CUMO_CHECK(st == dnnl_success, "cpu::gemm: dnnl_sgemm(", m, ", ", n, ", ", k, ") failed with status ", int(st));
+    return;
+  }
+#endif
 #if defined(CUMO_CPU_BLAS)
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
   if (k == 0) {

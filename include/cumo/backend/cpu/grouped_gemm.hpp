@@ -46,15 +46,15 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
     const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
     if (n == 0) return;
+    MatrixMap Ce(C + r0 * N, n, N, Eigen::OuterStride<>(N));  // (n, N)
+    // As cpu::linear: the bias first, then the product accumulated onto it (no zeroing pass, no second pass).
+    if (bias) Ce.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>() + e * N, N);
+    const float beta = bias ? 1.f : 0.f;
     if (wide)
-      gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, 0.f, C + r0 * N, N);
+      gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, beta, C + r0 * N, N);
     else
-      widened_product(A + r0 * K, K, n, K, Wn + std::size_t(e * N * K) * size_of(w.dtype()), w.dtype(), N, K, 0.f,
+      widened_product(A + r0 * K, K, n, K, Wn + std::size_t(e * N * K) * size_of(w.dtype()), w.dtype(), N, K, beta,
                       C + r0 * N, N);
-    if (bias) {
-      MatrixMap Ce(C + r0 * N, n, N, Eigen::OuterStride<>(N));
-      Ce.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>() + e * N, N);
-    }
   });
 }
 

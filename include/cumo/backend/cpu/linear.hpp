@@ -128,13 +128,21 @@ inline void widened_product(const float* x, std::int64_t ldx, std::int64_t m, st
 // y (m, n) = x (m, k) · w (n, k)ᵀ [+ bias (n)]; w fp32, or bf16/f16 (inference, widened_product).
 inline void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, float beta = 0.f) {
   const std::int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const Eigen::Map<const Eigen::RowVectorXf> b(bias ? bias->data<float>() : nullptr, bias ? n : 0);
+  // y = b, then y += x wᵀ: the GEMM accumulates into C anyway (Eigen zeroes it first for beta = 0), so writing the
+  // bias first saves a pass over y.
+  const bool bias_first = bias && beta == 0.f;
+  if (bias_first) {
+    as_matrix(y).rowwise() = b;
+    beta = 1.f;
+  }
   if (w.dtype() == DType::f32)
     gemm(Op::N, Op::T, m, n, k, 1.f, x.data<float>(), x.strides()[0], w.data<float>(), w.strides()[0], beta,
          y.data<float>(), y.strides()[0]);
   else
     widened_product(x.data<float>(), x.strides()[0], m, k, w.raw(), w.dtype(), n, w.strides()[0], beta,
                     y.data<float>(), y.strides()[0]);
-  if (bias) as_matrix(y).rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>(), n);
+  if (bias && !bias_first) as_matrix(y).rowwise() += b;
 }
 
 // dx (M, K) (+)= dy (M, N) · w (N, K)
@@ -156,8 +164,10 @@ inline void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, 
     const std::int64_t N = dy.size(0), out = dy.size(1), ld = dy.strides()[0];
     float* b = db->data<float>();
     const float* g = dy.data<float>();
-    for (std::int64_t r = 0; r < N; ++r)
-      for (std::int64_t j = 0; j < out; ++j) b[j] += g[r * ld + j];
+    for_column_blocks(out, N, [&](std::int64_t j0, std::int64_t j1) {
+      for (std::int64_t r = 0; r < N; ++r)
+        for (std::int64_t j = j0; j < j1; ++j) b[j] += g[r * ld + j];
+    });
   }
   linear_dinput(dy, w, dx, /*accumulate=*/false);  // (N, in)
 }

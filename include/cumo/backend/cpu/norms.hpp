@@ -1,8 +1,8 @@
 #pragma once
 // CPU LayerNorm and RMSNorm over the last dimension of (N, H) fp32 rows, forward and backward, the references of
-// backend/cuda/layers.cuh. Row statistics accumulate in double so long rows do not lose the mean in fp32
-// cancellation; each row is one work item, and the parameter gradients are summed over rows in row order, so the
-// results do not depend on the thread count.
+// backend/cuda/layers.cuh. Row statistics accumulate in double (cpu::sum8) so long rows do not lose the mean in fp32
+// cancellation; each row is one work item, and the parameter gradients are summed over rows in row order (threads
+// take blocks of columns), so the results do not depend on the thread count.
 //   LayerNorm  y = (x − μ) / √(σ² + ε) · γ + β   (biased variance, as PyTorch)
 //              dx = (1/σ)(ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)), ĝ = dy γ;  dγ += Σ dy x̂;  dβ += Σ dy
 //   RMSNorm    y = γ · x / √(mean(x²) + ε)            (Mistral / Qwen2 / Mixtral, fp32 as HF)
@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cumo/backend/cpu/parallel.hpp"
+#include "cumo/backend/cpu/reduce.hpp"
 #include "cumo/core/tensor.hpp"
 
 namespace cumo::cpu {
@@ -28,10 +29,9 @@ inline void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b,
   float* py = y.data<float>();
   double* st = stats.data<double>();
   parallel_for(N, [&](std::int64_t r) {
-    double mean = 0, var = 0;
-    for (std::int64_t j = 0; j < H; ++j) mean += px[r * H + j];
-    mean /= double(H);
-    for (std::int64_t j = 0; j < H; ++j) var += (px[r * H + j] - mean) * (px[r * H + j] - mean);
+    const float* xr = px + r * H;
+    const double mean = sum8(H, [&](std::int64_t j) { return double(xr[j]); }) / double(H);
+    const double var = sum8(H, [&](std::int64_t j) { return (xr[j] - mean) * (xr[j] - mean); });
     const double rstd = 1.0 / std::sqrt(var / double(H) + eps);
     st[2 * r] = mean;
     st[2 * r + 1] = rstd;
@@ -52,21 +52,18 @@ inline void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& 
   float* pdw = dw.data<float>();
   float* pdb = db.data<float>();
   auto xhat = [&](std::int64_t r, std::int64_t j) { return float((px[r * H + j] - st[2 * r]) * st[2 * r + 1]); };
-  for (std::int64_t r = 0; r < N; ++r)
-    for (std::int64_t j = 0; j < H; ++j) {
-      pdw[j] += pg[r * H + j] * xhat(r, j);
-      pdb[j] += pg[r * H + j];
-    }
+  for_column_blocks(H, N, [&](std::int64_t j0, std::int64_t j1) {
+    for (std::int64_t r = 0; r < N; ++r)
+      for (std::int64_t j = j0; j < j1; ++j) {
+        pdw[j] += pg[r * H + j] * xhat(r, j);
+        pdb[j] += pg[r * H + j];
+      }
+  });
   float* pdx = dx.data<float>();
   parallel_for(N, [&](std::int64_t r) {
-    double m1 = 0, m2 = 0;
-    for (std::int64_t j = 0; j < H; ++j) {
-      const double gh = double(pg[r * H + j]) * pw[j];
-      m1 += gh;
-      m2 += gh * xhat(r, j);
-    }
-    m1 /= double(H);
-    m2 /= double(H);
+    const float* gr = pg + r * H;
+    const double m1 = sum8(H, [&](std::int64_t j) { return double(gr[j]) * pw[j]; }) / double(H);
+    const double m2 = sum8(H, [&](std::int64_t j) { return double(gr[j]) * pw[j] * xhat(r, j); }) / double(H);
     const double rstd = double(float(st[2 * r + 1]));  // 1/σ at fp32 precision, as the fused kernel keeps it
     for (std::int64_t j = 0; j < H; ++j)
       pdx[r * H + j] = float(rstd * (double(pg[r * H + j]) * pw[j] - m1 - xhat(r, j) * m2));
@@ -81,8 +78,8 @@ inline void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor
   float* py = y.data<float>();
   float* rr = stats.data<float>();
   parallel_for(N, [&](std::int64_t r) {
-    double ss = 0;
-    for (std::int64_t j = 0; j < H; ++j) ss += double(px[r * H + j]) * px[r * H + j];
+    const float* xr = px + r * H;
+    const double ss = sum8(H, [&](std::int64_t j) { return double(xr[j]) * xr[j]; });
     rr[r] = float(1.0 / std::sqrt(ss / double(H) + eps));
     for (std::int64_t j = 0; j < H; ++j) py[r * H + j] = pw[j] * (px[r * H + j] * rr[r]);
   }, 8 * H);
@@ -96,13 +93,15 @@ inline void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   const float* pw = w.data<float>();
   const float* rr = stats.data<float>();
   float* pdw = dw.data<float>();
-  for (std::int64_t r = 0; r < N; ++r)
-    for (std::int64_t j = 0; j < H; ++j) pdw[j] += pg[r * H + j] * px[r * H + j] * rr[r];
+  for_column_blocks(H, N, [&](std::int64_t j0, std::int64_t j1) {
+    for (std::int64_t r = 0; r < N; ++r)
+      for (std::int64_t j = j0; j < j1; ++j) pdw[j] += pg[r * H + j] * px[r * H + j] * rr[r];
+  });
   float* pdx = dx.data<float>();
   parallel_for(N, [&](std::int64_t r) {
-    double m = 0;
-    for (std::int64_t j = 0; j < H; ++j) m += double(pg[r * H + j]) * pw[j] * px[r * H + j];
-    m /= double(H);
+    const float* gr = pg + r * H;
+    const float* xr = px + r * H;
+    const double m = sum8(H, [&](std::int64_t j) { return double(gr[j]) * pw[j] * xr[j]; }) / double(H);
     const double rs = rr[r];
     for (std::int64_t j = 0; j < H; ++j)
       pdx[r * H + j] = float(rs * double(pg[r * H + j]) * pw[j] - double(px[r * H + j]) * rs * rs * rs * m);

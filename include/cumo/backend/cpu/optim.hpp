@@ -6,7 +6,10 @@
 #include <cstdint>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "cumo/backend/cpu/parallel.hpp"
+#include "cumo/backend/cpu/reduce.hpp"
 #include "cumo/backend/ops.hpp"
 #include "cumo/core/tensor.hpp"
 
@@ -14,57 +17,75 @@ namespace cumo::cpu {
 
 inline constexpr std::int64_t kNormChunk = 1 << 16;
 
-// One AdamW update of every slot: p, m, v in place (f32, contiguous, same numel).
-inline void adamw_step(const std::vector<backend::AdamWSlot>& slots, const backend::AdamWHyper& hyper) {
-  for (const backend::AdamWSlot& sl : slots) {
-    const backend::AdamWScalars k = backend::adamw_scalars(sl, hyper);
-    const bool decay = k.decay, lerp_small = k.lerp_small;
-    const float decay_f = k.decay_f, w1 = k.w1, beta2_f = k.beta2_f, w2 = k.w2, bc2_sqrt_f = k.bc2_sqrt_f;
-    const float eps_f = k.eps_f, neg_step_f = k.neg_step_f, one_minus_w1 = k.one_minus_w1;
-
-    float* pv = sl.param.data<float>();
-    const float* gv = sl.grad.data<float>();
-    float* m = sl.exp_avg.data<float>();
-    float* v = sl.exp_avg_sq.data<float>();
-    // Elementwise and independent: the result does not depend on the thread count.
-    parallel_for(sl.param.numel(), [&](std::int64_t i) {
-      float pi = pv[i];
-      const float gi = gv[i];
-      if (decay) pi = pi * decay_f;
+namespace detail {
+// One AdamW update of n elements of one slot. The square root goes through Eigen's packet sqrt (correctly rounded,
+// like std::sqrt) because std::sqrt's errno path keeps GCC from vectorising the loop.
+inline void adamw_chunk(const backend::AdamWScalars& k, float* p, const float* g, float* m, float* v,
+                        std::int64_t n) {
+  constexpr std::int64_t kLanes = 256;
+  alignas(64) float denom[kLanes];
+  for (std::int64_t o = 0; o < n; o += kLanes) {
+    const std::int64_t c = n - o < kLanes ? n - o : kLanes;
+    for (std::int64_t i = o; i < o + c; ++i) {
+      const float gi = g[i];
       // ATen's lerp picks the formula by |weight| so that both ends are exact.
-      m[i] = lerp_small ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * one_minus_w1;
-      float vi = v[i] * beta2_f;
-      vi = vi + w2 * gi * gi;
-      v[i] = vi;
-      const float denom = std::sqrt(vi) / bc2_sqrt_f + eps_f;
-      pv[i] = pi + neg_step_f * m[i] / denom;
-    }, 1 << 14);
+      m[i] = k.lerp_small ? m[i] + k.w1 * (gi - m[i]) : gi - (gi - m[i]) * k.one_minus_w1;
+      v[i] = v[i] * k.beta2_f + k.w2 * gi * gi;
+    }
+    Eigen::Map<Eigen::ArrayXf> d(denom, c);
+    d = Eigen::Map<const Eigen::ArrayXf>(v + o, c).sqrt() / k.bc2_sqrt_f + k.eps_f;
+    for (std::int64_t i = o; i < o + c; ++i) {
+      const float pi = k.decay ? p[i] * k.decay_f : p[i];
+      p[i] = pi + k.neg_step_f * m[i] / denom[i - o];
+    }
+  }
+}
+}  // namespace detail
+
+// One AdamW update of every slot: p, m, v in place (f32, contiguous, same numel). One parallel loop over chunks of
+// every slot (a region per slot cost more than the update of the many small ones); elementwise, so the result does
+// not depend on the thread count.
+inline void adamw_step(const std::vector<backend::AdamWSlot>& slots, const backend::AdamWHyper& hyper) {
+  std::vector<backend::AdamWScalars> scalars;
+  scalars.reserve(slots.size());
+  for (const backend::AdamWSlot& sl : slots) scalars.push_back(backend::adamw_scalars(sl, hyper));
+  const std::vector<Piece> pieces =
+      pieces_of(slots.size(), [&](std::size_t s) { return slots[s].param.numel(); }, std::int64_t(1) << 14);
+  // dynamic: the pieces range from a 4-element bias to a full chunk
+  parallel_for_dynamic(std::int64_t(pieces.size()), [&](std::int64_t i) {
+    const Piece& pc = pieces[std::size_t(i)];
+    const backend::AdamWSlot& sl = slots[pc.tensor];
+    detail::adamw_chunk(scalars[pc.tensor], sl.param.data<float>() + pc.begin, sl.grad.data<float>() + pc.begin,
+                        sl.exp_avg.data<float>() + pc.begin, sl.exp_avg_sq.data<float>() + pc.begin,
+                        pc.end - pc.begin);
+  }, 8 * numel_of(pieces));
+  for (const backend::AdamWSlot& sl : slots)
     if (sl.param_bf16.defined()) {  // the bf16 compute copy of the fp32 master
       Tensor out = sl.param_bf16;
       out.copy_from(sl.param.to(DType::bf16));
     }
-  }
 }
 
-// Σ g² in double, chunked so the result is independent of the thread count.
-inline double sum_of_squares(const float* g, std::int64_t n) {
-  const std::int64_t chunks = (n + kNormChunk - 1) / kNormChunk;
-  std::vector<double> partial(std::size_t(chunks), 0.0);
-  parallel_for(chunks, [&](std::int64_t c) {
-    const std::int64_t b = c * kNormChunk, e = b + kNormChunk < n ? b + kNormChunk : n;
-    double s = 0;
-    for (std::int64_t i = b; i < e; ++i) s += double(g[i]) * double(g[i]);
-    partial[std::size_t(c)] = s;
-  }, kNormChunk);
-  double s = 0;
-  for (double x : partial) s += x;
-  return s;
-}
-
-// ‖(g_1, …, g_n)‖₂ as a (1,) f32 tensor.
+// ‖(g_1, …, g_n)‖₂ as a (1,) f32 tensor: Σ g² in double over kNormChunk-element chunks of each gradient (all chunks
+// of all gradients in one parallel loop), the chunk sums added in order per gradient, then over the gradients in
+// order — the same sums for any thread count (backend/cuda/optim.cuh chunks alike).
 inline Tensor grad_norm(const std::vector<Tensor>& grads) {
-  double ss = 0;
-  for (const Tensor& g : grads) ss += sum_of_squares(g.data<float>(), g.numel());
+  const std::vector<Piece> pieces =
+      pieces_of(grads.size(), [&](std::size_t t) { return grads[t].numel(); }, kNormChunk);
+  std::vector<double> partial(pieces.size(), 0.0);
+  parallel_for_dynamic(std::int64_t(pieces.size()), [&](std::int64_t i) {
+    const Piece& pc = pieces[std::size_t(i)];
+    const float* g = grads[pc.tensor].data<float>() + pc.begin;
+    partial[std::size_t(i)] = sum8(pc.end - pc.begin, [&](std::int64_t j) { return double(g[j]) * double(g[j]); });
+  }, 2 * numel_of(pieces));
+  double ss = 0, tensor_sum = 0;
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    tensor_sum += partial[i];
+    if (i + 1 == pieces.size() || pieces[i + 1].tensor != pieces[i].tensor) {
+      ss += tensor_sum;
+      tensor_sum = 0;
+    }
+  }
   Tensor out = Tensor::empty({1});
   out.data<float>()[0] = float(std::sqrt(ss));
   return out;
@@ -87,10 +108,13 @@ inline Tensor clip_grad_norm(const std::vector<Tensor>& grads, double max_norm) 
   const float coef = clip_coefficient(total, max_norm);
   out.data<float>()[1] = coef;
   if (coef == 1.f) return out;  // g * 1.0f == g bit for bit: skip the pass
-  for (const Tensor& g : grads) {
-    float* p = g.data<float>();
-    parallel_for(g.numel(), [&](std::int64_t i) { p[i] *= coef; });
-  }
+  const std::vector<Piece> pieces =
+      pieces_of(grads.size(), [&](std::size_t t) { return grads[t].numel(); }, kNormChunk);
+  parallel_for_dynamic(std::int64_t(pieces.size()), [&](std::int64_t i) {
+    const Piece& pc = pieces[std::size_t(i)];
+    float* p = grads[pc.tensor].data<float>();
+    for (std::int64_t j = pc.begin; j < pc.end; ++j) p[j] *= coef;
+  }, numel_of(pieces));
   return out;
 }
 

@@ -4,7 +4,9 @@
 // thread count. `cost` is a rough count of scalar operations per item: a parallel region costs microseconds
 // (far more on a loaded machine, where a descheduled thread stalls the barrier), so loops under ~2^17
 // operations stay serial.
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace cumo::cpu {
 
@@ -34,6 +36,38 @@ inline void parallel_for_dynamic(std::int64_t n, F&& f, std::int64_t total_cost)
   }
 #endif
   for (std::int64_t i = 0; i < n; ++i) f(i);
+}
+
+// f(j0, j1) over blocks of 16 columns of [0, cols), in parallel: column sums over `rows` rows (a parameter gradient
+// summed over tokens) keep their row order per column whatever the thread count.
+template <class F>
+inline void for_column_blocks(std::int64_t cols, std::int64_t rows, F&& f) {
+  constexpr std::int64_t kBlock = 16;
+  const std::int64_t blocks = (cols + kBlock - 1) / kBlock;
+  parallel_for(blocks, [&](std::int64_t b) { f(b * kBlock, b * kBlock + kBlock < cols ? b * kBlock + kBlock : cols); },
+               2 * kBlock * rows);
+}
+
+// Pieces of many tensors for one parallel loop: [begin, end) ranges of at most `chunk` elements of tensor 0, then
+// tensor 1, … (numel(t) gives the sizes). One region over all of them, where a region per tensor cost more than
+// the work of most (a model's biases and norms); the boundaries depend on the sizes alone, never on the threads.
+struct Piece {
+  std::size_t tensor;
+  std::int64_t begin, end;
+};
+template <class Numel>
+std::vector<Piece> pieces_of(std::size_t tensors, Numel&& numel, std::int64_t chunk) {
+  std::vector<Piece> out;
+  for (std::size_t t = 0; t < tensors; ++t) {
+    const std::int64_t n = numel(t);
+    for (std::int64_t b = 0; b < n; b += chunk) out.push_back({t, b, b + chunk < n ? b + chunk : n});
+  }
+  return out;
+}
+inline std::int64_t numel_of(const std::vector<Piece>& pieces) {
+  std::int64_t n = 0;
+  for (const Piece& p : pieces) n += p.end - p.begin;
+  return n;
 }
 
 }  // namespace cumo::cpu
