@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The CuMo paper's ablations in miniature, on the built-in shapes world: the same data and the same budget (steps,
-# batch, lr) for every variant, several seeds, mean ± spread.
+# The CuMo paper's ablations (its Tables 3-5) in miniature, on the built-in shapes world at the demo's scale: the same
+# data and the same budget (steps, batch, lr) for every variant, several seeds, mean ± sample std.
 #
-#   dense        stages 1-2, then a dense stage 3                     (the baseline)
-#   moe          co-upcycled CLIP-MoE + MLP-MoE, bzloss                (CuMo)
+#   dense        stages 1-2, then a dense stage 3                            (the baseline)
+#   moe          co-upcycled CLIP-MoE + MLP-MoE (top-2 of 4), bzloss          (CuMo; the demo itself)
 #   moe_nobz     co-upcycled, without the balance / z losses
-#   moe_scratch  MoE blocks whose experts start from random weights    (upcycling ablated)
+#   moe_scratch  MoE blocks whose experts start from random weights           (upcycling ablated)
+#   moe_mlponly  only the connector upcycled (MLP-MoE; the CLIP MLPs stay dense)
+#   moe_conn8    as moe, with the connector top-2 of 8 experts
 #
 # Stages 1-2 do not depend on the variant, so each seed trains them once and every variant's stage 3 starts from
 # that seed's stage-2 checkpoint. Writes ABL/seed<s>/<variant>/{metrics.csv,eval_results.json,expert_load.csv} and
 # the markdown table ABL/ablations.md (accuracy per question type, expert load max/mean per layer).
 #
-#   scripts/ablations.sh                                  # configs/ablation.json, seeds 0 1 2, all four variants
-#   CONFIG=configs/demo.json SEEDS="0 1 2 3 4" VARIANTS="dense moe" ABL=runs/ablations JOBS=1 scripts/ablations.sh
+#   scripts/ablations.sh                                  # configs/demo.json, seeds 0 1 2, all six variants
+#   CONFIG=configs/ablation.json SEEDS="0 1 2 3 4" VARIANTS="dense moe" ABL=runs/ablations JOBS=1 scripts/ablations.sh
 #
+# With the demo's config, seed 0's `moe` run is the demo itself, trained stage by stage: its eval.log is what
+# scripts/check_results.sh compares (LOG=ABL/seed0/moe/eval.log).
 # JOBS > 1 runs that many trainings side by side (each with OMP_NUM_THREADS threads); wall times then stretch but
-# nothing else changes: every run is deterministic.
+# nothing else changes: every run is deterministic for its thread count.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-CONFIG=${CONFIG:-configs/ablation.json}
+CONFIG=${CONFIG:-configs/demo.json}
 ABL=${ABL:-runs/ablations}
 BUILD=${BUILD:-build}
 SEEDS=${SEEDS:-"0 1 2"}
-VARIANTS=${VARIANTS:-"dense moe moe_nobz moe_scratch"}
+VARIANTS=${VARIANTS:-"dense moe moe_nobz moe_scratch moe_mlponly moe_conn8"}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
@@ -150,8 +154,8 @@ if moe:
             for n in r.get("expert_load", {}):
                 if n not in layers:
                     layers.append(n)
-    lines.append("Expert load on the eval set, max/mean tokens per expert (1 = balanced; 2 = every token on the same "
-                 "2 of 4 experts):\n")
+    lines.append("Expert load on the eval set, max/mean tokens per expert (1 = balanced; E/k = every token on the "
+                 "same k experts: 2 for top-2 of 4, 4 for the connector's top-2 of 8):\n")
     lines.append("| variant | " + " | ".join(layers) + " |")
     lines.append("|" + " --- |" * (len(layers) + 1))
     for v in moe:

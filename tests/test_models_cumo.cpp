@@ -356,6 +356,45 @@ TEST_CASE("models cumo: save/load — a sparse checkpoint loads into a freshly b
   CHECK_THROWS_AS(sparse.load(dpath), Error);
 }
 
+TEST_CASE("models cumo: connector_experts — the connector top-k of its own E (8), counted, saved and loaded back") {
+  namespace fs = std::filesystem;
+  Rng rng(7);
+  Batch b(rng);
+  models::CuMoConfig c = tiny_config();
+  c.connector_experts = 8;
+  CHECK(c.connector_E() == 8);
+  // JSON: written only when set, read back; a count below top_k is refused with its value
+  CHECK(models::CuMoConfig::from_json(c.to_json()).connector_experts == 8);
+  CHECK_FALSE(tiny_config().to_json().contains("connector_experts"));
+  models::CuMoConfig bad = c;
+  bad.connector_experts = 1;
+  CHECK_THROWS_WITH_AS(bad.validate("t"), doctest::Contains("connector_experts (1)"), Error);
+
+  models::CuMo<> m(c);
+  randomize(m.parameters(), rng, 0.4f);
+  const auto dense = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  Rng up(3);
+  m.upcycle(up);
+  CHECK(m.llava().projector.mlp.sparse().num_experts() == 8);
+  CHECK(m.llava().vision_tower.layers[0].mlp.sparse().num_experts() == c.experts);
+  CHECK(c.parameter_count(true, true) == double(models::parameter_count(m.parameters())));
+  // exact copies: the upcycled model still computes the dense logits (8 copies as well as 4)
+  const auto want = m.forward(b.ids, b.B, b.T, b.px, &b.labels);
+  CHECK(rel_error(want.logits, dense.logits) < 1e-6);
+
+  // a checkpoint with E = 4 in the CLIP layers and 8 in the connector loads into a fresh model built from a config
+  // that says neither (the loader reads E from each router)
+  const fs::path dir = cumo::test::tmp_root() / "cumo_conn8";
+  fs::create_directories(dir);
+  const std::string path = (dir / "cumo.safetensors").string();
+  m.save(path);
+  models::CuMo<> back(tiny_config());
+  back.load(path);
+  CHECK(back.config().connector_E() == 8);
+  CHECK(back.config().experts == c.experts);
+  CHECK(bitwise_equal(back.forward(b.ids, b.B, b.T, b.px, &b.labels).logits, want.logits));
+}
+
 namespace {
 // Whether `a` and `b` hold the same dtype, shape and bytes.
 bool same_bytes(const io::SafeTensors& a, const std::string& an, const io::SafeTensors& b, const std::string& bn) {

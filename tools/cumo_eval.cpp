@@ -208,10 +208,13 @@ int evaluate(const Args& a) {
       csv << name << ',' << index << ',' << e << ',' << t[e] << ',' << (sum ? double(t[e]) / double(sum) : 0.0) << "\n";
   };
   if (!vload.empty() || !pload.empty()) {
+    const auto& mc = model.config();
     std::printf("expert load on the eval set, max/mean tokens per expert (1 = balanced; %.3g = every token on the "
-                "same %d of %d experts):\n",
-                double(model.config().experts) / double(model.config().top_k), model.config().top_k,
-                model.config().experts);
+                "same %d of %d experts",
+                double(mc.experts) / double(mc.top_k), mc.top_k, mc.experts);
+    if (mc.connector_E() != mc.experts)
+      std::printf("; %.3g for the connector's %d", double(mc.connector_E()) / double(mc.top_k), mc.connector_E());
+    std::printf("):\n");
     for (std::size_t l = 0; l < vload.size(); ++l) {
       const double mm = max_mean(vload[l]);
       std::printf("  clip.%zu %6.3f  [", l, mm);

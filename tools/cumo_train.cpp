@@ -1,7 +1,8 @@
 // cumo_train: trains the CuMo reference model with the paper's three-stage recipe from a JSON config.
 //
 //   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]
-//              [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N] [--log-every N] [--quiet]
+//              [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]
+//              [--log-every N] [--quiet]
 //              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1]
 //
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains

@@ -35,7 +35,7 @@ inline void on_signal(int) { g_stop.store(true); }
 
 inline void usage(std::ostream& os) {
   os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]\n"
-        "                  [--variant dense|moe|moe_nobz|moe_scratch] [--seed S] [--max-steps N]\n"
+        "                  [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]\n"
         "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
         "                  [--precision fp32|tf32|bf16] [--zero1]\n"
         "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
@@ -222,7 +222,8 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     if (s == 3 && !resuming && cfg.variant != app::Variant::dense) {
       // Co-upcycling: every CLIP MLP and the connector become top-k-of-E MoE blocks (routers from their own seed).
       Rng up_rng(cfg.seed * 0x9E3779B97F4A7C15ull + 3);
-      model.upcycle(up_rng, true, true, cfg.variant == app::Variant::moe_scratch);
+      model.upcycle(up_rng, /*vision=*/cfg.variant != app::Variant::moe_mlponly, /*connector=*/true,
+                    cfg.variant == app::Variant::moe_scratch);
     }
     // The replicas start the same (same seeds, same checkpoint files), or the ranks would train different models.
     if (comm.size() > 1)

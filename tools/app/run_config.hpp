@@ -20,12 +20,15 @@
 
 namespace cumo::app {
 
-// Ablation variants (the paper's Table 5 in miniature) change stage 3 only:
+// Ablation variants (the paper's Tables 3-5 in miniature) change stage 3 only:
 //   dense        no upcycling: stage 3 trains the dense model
 //   moe          co-upcycled CLIP-MoE + MLP-MoE with bzloss (CuMo)
 //   moe_nobz     co-upcycled, aux losses off (balance_coef = z_coef = 0)
 //   moe_scratch  MoE blocks whose experts are freshly initialised instead of copied from the dense MLP
-enum class Variant { dense, moe, moe_nobz, moe_scratch };
+//   moe_mlponly  only the connector upcycled (MLP-MoE; the CLIP MLPs stay dense, CuMo's clip_smoe = false)
+//   moe_conn8    as moe, with the connector top-k of 8 experts (kConnector8) instead of `experts`
+enum class Variant { dense, moe, moe_nobz, moe_scratch, moe_mlponly, moe_conn8 };
+inline constexpr int kConnector8 = 8;
 
 inline const char* variant_name(Variant v) {
   switch (v) {
@@ -33,13 +36,16 @@ inline const char* variant_name(Variant v) {
     case Variant::moe: return "moe";
     case Variant::moe_nobz: return "moe_nobz";
     case Variant::moe_scratch: return "moe_scratch";
+    case Variant::moe_mlponly: return "moe_mlponly";
+    case Variant::moe_conn8: return "moe_conn8";
   }
   return "?";
 }
 inline Variant parse_variant(const std::string& s) {
-  for (Variant v : {Variant::dense, Variant::moe, Variant::moe_nobz, Variant::moe_scratch})
+  for (Variant v : {Variant::dense, Variant::moe, Variant::moe_nobz, Variant::moe_scratch, Variant::moe_mlponly,
+                    Variant::moe_conn8})
     if (s == variant_name(v)) return v;
-  fail("unknown variant '", s, "' (known: dense, moe, moe_nobz, moe_scratch)");
+  fail("unknown variant '", s, "' (known: dense, moe, moe_nobz, moe_scratch, moe_mlponly, moe_conn8)");
 }
 
 struct StageConfig {
@@ -84,12 +90,14 @@ struct RunConfig {
     return stages[s - 1];
   }
 
-  // The model's configuration: the vocabulary and the image id come from the tokenizer; moe_nobz turns bzloss off.
+  // The model's configuration: the vocabulary and the image id come from the tokenizer; moe_nobz turns bzloss off,
+  // moe_conn8 gives the connector 8 experts.
   models::CuMoConfig model_config(const io::Tokenizer& tok) const {
     models::CuMoConfig c = model;
     c.llava.text.vocab = tok.vocab_size();
     c.llava.image_token_id = tok.image_id();
     if (variant == Variant::moe_nobz) c.balance_coef = c.z_coef = 0.f;
+    if (variant == Variant::moe_conn8) c.connector_experts = kConnector8;
     return c;
   }
 

@@ -47,9 +47,10 @@ struct CuMoInit {
 struct CuMoConfig {
   nn::LlavaConfig llava;  // vision + text + image_token_id
   int experts = 4, top_k = 2;
+  int connector_experts = 0;  // the connector's E when it differs from the CLIP MLPs' (0: `experts`)
   float balance_coef = 0.1f, z_coef = 0.01f;  // CuMo's bzloss
 
-  // Accepts {"llava": {HF LlavaConfig}, "s2", "experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity
+  // Accepts {"llava": {HF LlavaConfig}, "s2", "experts", "connector_experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity
   // fixture's config, and what to_json() writes) or a plain HF LlavaConfig (then s2/experts/top_k/coefficients keep
   // their defaults unless given at the top level). "s2": true turns on S² multi-scale vision features (nn/s2.hpp).
   static CuMoConfig from_json(const nlohmann::json& j) {
@@ -61,6 +62,7 @@ struct CuMoConfig {
     c.llava = nn::LlavaConfig::from_json(nested ? j.at("llava") : j);
     c.llava.vision.s2 = j.value("s2", false);  // not an HF LlavaConfig key: top level in either form
     c.experts = j.value("experts", c.experts);
+    c.connector_experts = j.value("connector_experts", c.connector_experts);
     c.top_k = j.value("top_k", c.top_k);
     if (j.contains("aux") && j["aux"].is_object()) {
       c.balance_coef = j["aux"].value("balance_coef", c.balance_coef);
@@ -72,18 +74,21 @@ struct CuMoConfig {
 
   // The nested form, readable by from_json() and by HF for the "llava" part.
   nlohmann::json to_json() const {
-    return {{"llava", llava.to_json()},
-            {"s2", llava.vision.s2},
-            {"experts", experts},
-            {"top_k", top_k},
-            {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
+    nlohmann::json j = {{"llava", llava.to_json()},
+                        {"s2", llava.vision.s2},
+                        {"experts", experts},
+                        {"top_k", top_k},
+                        {"aux", {{"balance_coef", balance_coef}, {"z_coef", z_coef}}}};
+    if (connector_experts > 0) j["connector_experts"] = connector_experts;
+    return j;
   }
+  int connector_E() const { return connector_experts > 0 ? connector_experts : experts; }
 
   // The parameters of the model with these sizes: dense, or with every CLIP MLP (`sparse_vision`) and the
-  // connector (`sparse_connector`) upcycled to `experts` experts plus a router. From the sizes alone, in double, so
+  // connector (`sparse_connector`) upcycled to `experts` (connector_E()) experts plus a router. From the sizes alone, in double, so
   // that absurd sizes are measured (and refused by the caller) instead of overflowing or being allocated.
   double parameter_count(bool sparse_vision = false, bool sparse_connector = false) const {
-    const double Fin = double(llava.vision.feature_width()), Ht = double(llava.text.hidden), E = double(experts);
+    const double Fin = double(llava.vision.feature_width()), Ht = double(llava.text.hidden), E = double(connector_E());
     const double connector_mlp = Fin * Ht + Ht + Ht * Ht + Ht;
     return llava.vision.parameter_count(sparse_vision ? experts : 0) +
            (sparse_connector ? E * connector_mlp + Fin * E : connector_mlp) + llava.text.parameter_count();
@@ -94,6 +99,8 @@ struct CuMoConfig {
     llava.validate(where);
     CUMO_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, where, ": need 1 <= top_k (", top_k,
                ") <= experts (", experts, ")");
+    CUMO_CHECK(connector_experts == 0 || connector_experts >= top_k, where, ": connector_experts (",
+               connector_experts, ") must be 0 (= experts) or >= top_k (", top_k, ")");
     CUMO_CHECK(std::isfinite(balance_coef) && balance_coef >= 0 && std::isfinite(z_coef) && z_coef >= 0, where,
                ": balance_coef (", balance_coef, ") and z_coef (", z_coef, ") must be finite and >= 0");
   }
@@ -148,7 +155,8 @@ class CuMo {
   }
 
   // ---- stage 3: co-upcycling ------------------------------------------------------------------------------
-  // Every CLIP MLP (vision) and the connector (connector) become a top-k-of-E SparseMoE whose experts are exact
+  // Every CLIP MLP (vision) and the connector (connector) become a top-k-of-E SparseMoE (the connector's E:
+  // connector_E()) whose experts are exact
   // copies of the dense MLP — the block then computes exactly the dense function for any router — and whose
   // router is fresh (PyTorch Linear init, from `rng`: CLIP layers 0…L−1, then the connector). from_scratch: the
   // experts get fresh PyTorch Linear init instead (the paper's failing ablation). Parts already sparse are skipped.
@@ -160,7 +168,7 @@ class CuMo {
         if (from_scratch) layer.mlp.sparse().experts().reset_parameters(rng);
       }
     if (connector && !m_.projector.mlp.is_sparse()) {
-      m_.projector.mlp.upcycle(cfg_.experts, cfg_.top_k, rng);
+      m_.projector.mlp.upcycle(cfg_.connector_E(), cfg_.top_k, rng);
       if (from_scratch) m_.projector.mlp.sparse().experts().reset_parameters(rng);
     }
   }
@@ -332,7 +340,7 @@ class CuMo {
     {
       const std::int64_t E = gate_rows(m_.projector.mlp.name() + ".gate.weight");
       if (E > 0 && !connector_is_sparse()) {
-        cfg_.experts = int(E);
+        cfg_.connector_experts = int(E) == cfg_.experts ? 0 : int(E);
         Rng dummy(0);
         upcycle(dummy, false, true);
       }
