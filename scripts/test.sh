@@ -24,10 +24,13 @@ if [[ ${SANITIZE:-1} != 0 ]]; then
   # benchmarks (timing, not correctness), the fuzzers (already ASan + UBSan builds), the installed-package check (it rebuilds the README example outside
   # this build) and the `heavy` label. -O1 keeps Eigen fast enough to fit the CI budget. Built without MPI
   # (-DCUMO_MPI=OFF): the distributed suite runs in the pass above, and this one proves a build without MPI works.
+  # Built without oneDNN (-DCUMO_DNNL=OFF): the pass above runs the GEMMs through oneDNN, this one through Eigen's
+  # own kernel, so both engines of backend/cpu/gemm.hpp run the whole suite (and oneDNN's JIT code, which ASan
+  # cannot instrument, stays out of the sanitised run).
   SAN=${SANITIZE_BUILD:-build-asan}
   flags="-O1 -g1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
   cmake -S . -B "$SAN" -DCMAKE_BUILD_TYPE=None -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \
-        -DCUMO_BUILD_EXAMPLES=ON -DCUMO_BUILD_BENCHMARKS=OFF -DCUMO_BUILD_FUZZERS=OFF -DCUMO_APP_NATIVE=ON -DCUMO_MPI=OFF \
+        -DCUMO_BUILD_EXAMPLES=ON -DCUMO_BUILD_BENCHMARKS=OFF -DCUMO_BUILD_FUZZERS=OFF -DCUMO_APP_NATIVE=ON -DCUMO_MPI=OFF -DCUMO_DNNL=OFF \
         "-DCMAKE_CXX_FLAGS=$flags" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined"
   cmake --build "$SAN" -j2
   # detect_leaks=0: LeakSanitizer needs ptrace, which containers often deny; leaks are not this pass's target
