@@ -13,11 +13,20 @@ PY=/usr/bin/python3  # Debian's python3-torch lives in the system interpreter, n
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
       -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
 cmake --build "$BUILD" -j2 --target bench_cpu_cumo_step
+# The same step with Eigen's own GEMM kernel (built when the build has oneDNN, whose GEMMs the step then runs).
+EIGEN_TWIN=""
+if cmake --build "$BUILD" -j2 --target bench_cpu_cumo_step_eigen >/dev/null 2>&1; then
+  EIGEN_TWIN="$BUILD/benchmarks/bench_cpu_cumo_step_eigen"
+fi
 for threads in 1 2; do
   for round in $(seq "$ROUNDS"); do
     echo "== threads $threads round $round"
     OMP_NUM_THREADS=$threads "$BUILD/benchmarks/bench_cpu_cumo_step" --config "$CONFIG" \
       --benchmark_min_time=3 2>/dev/null | grep -E "^cumo step"
+    if [[ -n $EIGEN_TWIN ]]; then
+      OMP_NUM_THREADS=$threads "$EIGEN_TWIN" --config "$CONFIG" --benchmark_min_time=3 2>/dev/null |
+        grep -E "^cumo step" | sed "s/^/[Eigen GEMM] /"
+    fi
     # Debian's PyTorch runs its GEMMs in OpenBLAS (pthread build, BLAS_INFO=generic), whose own thread count
     # (OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else every core) is not torch.set_num_threads: pin both.
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
