@@ -400,7 +400,10 @@ TEST_CASE("s2: CuMo with s2 — connector input 2·Hv, loss terms, load over 1 +
     if (connector || vision_probe) targets.push_back({n, p->value, p->grad});
   }
   CHECK(targets.size() == 10);  // the connector's 5 (router + fused experts), 4 vision probes and the LM's q_proj
-  gradcheck(targets, objective, 6, 2e-3, 1e-2);
+  // h = 5e-3, the suite's step (nn_test_util.hpp's budget): with 2e-3 the fp32 rounding of the objective was ~1 % of
+  // CLIP layer 0's small router gradient (its error fell as 1/h: 1.6 % at 1e-3, 1.1 % at 2e-3, 0.2 % at 4e-3 and
+  // 5e-3), and no routing flips at 5e-3 (checked below).
+  gradcheck(targets, objective, 6, 5e-3, 1e-2);
   CHECK(flips == 0);
 
   // generation runs the same S² features (up to the feature layer)
