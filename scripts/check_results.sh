@@ -4,7 +4,7 @@
 # `demo-eval:begin` / `demo-eval:end` markers, line for line (per-type correct counts and accuracies, overall, eval
 # CE, expert loads). A run with the same thread count must reproduce them exactly: training is deterministic for a
 # seed and a thread count. Another thread count sums in another order and may differ in the last digits or more.
-# About 7 minutes on an idle 2-core machine (the build excluded). On demand, not part of CI's default set:
+# About 9 minutes on an idle 2-core machine (the build excluded). On demand, not part of CI's default set:
 #   bash scripts/check_results.sh [RUN_DIR]            (default: a new directory under /tmp)
 #   LOG=runs/demo.log bash scripts/check_results.sh    compare a demo log you already have instead of training
 set -euo pipefail
