@@ -50,9 +50,9 @@ struct CuMoConfig {
   int connector_experts = 0;  // the connector's E when it differs from the CLIP MLPs' (0: `experts`)
   float balance_coef = 0.1f, z_coef = 0.01f;  // CuMo's bzloss
 
-  // Accepts {"llava": {HF LlavaConfig}, "s2", "experts", "connector_experts", "top_k", "aux": {"balance_coef", "z_coef"}} (the parity
-  // fixture's config, and what to_json() writes) or a plain HF LlavaConfig (then s2/experts/top_k/coefficients keep
-  // their defaults unless given at the top level). "s2": true turns on S² multi-scale vision features (nn/s2.hpp).
+  // Accepts {"llava": {HF LlavaConfig}, "s2", "experts", "connector_experts", "top_k", "aux": {"balance_coef",
+  // "z_coef"}} (the parity fixture's config, and what to_json() writes) or a plain HF LlavaConfig (then
+  // s2/experts/top_k/coefficients keep their defaults unless given at the top level). "s2": true turns on S² multi-scale vision features (nn/s2.hpp).
   static CuMoConfig from_json(const nlohmann::json& j) {
     CuMoConfig c;
     CUMO_CHECK(j.is_object(), "CuMoConfig::from_json: expected a JSON object");
@@ -85,8 +85,8 @@ struct CuMoConfig {
   int connector_E() const { return connector_experts > 0 ? connector_experts : experts; }
 
   // The parameters of the model with these sizes: dense, or with every CLIP MLP (`sparse_vision`) and the
-  // connector (`sparse_connector`) upcycled to `experts` (connector_E()) experts plus a router. From the sizes alone, in double, so
-  // that absurd sizes are measured (and refused by the caller) instead of overflowing or being allocated.
+  // connector (`sparse_connector`) upcycled to `experts` (connector_E()) experts plus a router. From the sizes alone,
+  // in double, so that absurd sizes are measured (and refused by the caller) instead of overflowing or being allocated.
   double parameter_count(bool sparse_vision = false, bool sparse_connector = false) const {
     const double Fin = double(llava.vision.feature_width()), Ht = double(llava.text.hidden), E = double(connector_E());
     const double connector_mlp = Fin * Ht + Ht + Ht * Ht + Ht;
