@@ -268,3 +268,22 @@ TEST_CASE("cpu sum8 and grad_norm: eight-lane double sums match a long-double re
   CHECK(r.data<float>()[0] == norm);
   CHECK(cpu::grad_norm(grads).data<float>()[0] == doctest::Approx(0.5 * double(norm)).epsilon(1e-6));
 }
+
+TEST_CASE("cpu add_column_sums: register-blocked column sums equal the row-ordered fp32 sums bit for bit") {
+  Rng rng(17);
+  for (std::int64_t cols : {1, 16, 37, 128}) {  // a tail-only width, one block, two blocks + a 5-column tail, eight
+    for (std::int64_t rows : {0, 1, 50, 1857}) {
+      CAPTURE(cols);
+      CAPTURE(rows);
+      const Tensor x = randn({std::max<std::int64_t>(rows, 1), cols}, rng);
+      const Tensor start = randn({cols}, rng);  // the sums add onto what the gradient holds already
+      std::vector<float> ref(start.data<float>(), start.data<float>() + cols);
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < cols; ++j) ref[std::size_t(j)] += x.data<float>()[r * cols + j] * 0.5f;
+      std::vector<float> out(start.data<float>(), start.data<float>() + cols);
+      cpu::add_column_sums(cols, rows, out.data(),
+                           [&](std::int64_t r, std::int64_t j) { return x.data<float>()[r * cols + j] * 0.5f; });
+      CHECK(out == ref);
+    }
+  }
+}

@@ -164,10 +164,7 @@ inline void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, 
     const std::int64_t N = dy.size(0), out = dy.size(1), ld = dy.strides()[0];
     float* b = db->data<float>();
     const float* g = dy.data<float>();
-    for_column_blocks(out, N, [&](std::int64_t j0, std::int64_t j1) {
-      for (std::int64_t r = 0; r < N; ++r)
-        for (std::int64_t j = j0; j < j1; ++j) b[j] += g[r * ld + j];
-    });
+    add_column_sums(out, N, b, [&](std::int64_t r, std::int64_t j) { return g[r * ld + j]; });
   }
   linear_dinput(dy, w, dx, /*accumulate=*/false);  // (N, in)
 }

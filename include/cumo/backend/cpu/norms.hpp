@@ -52,13 +52,8 @@ inline void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& 
   float* pdw = dw.data<float>();
   float* pdb = db.data<float>();
   auto xhat = [&](std::int64_t r, std::int64_t j) { return float((px[r * H + j] - st[2 * r]) * st[2 * r + 1]); };
-  for_column_blocks(H, N, [&](std::int64_t j0, std::int64_t j1) {
-    for (std::int64_t r = 0; r < N; ++r)
-      for (std::int64_t j = j0; j < j1; ++j) {
-        pdw[j] += pg[r * H + j] * xhat(r, j);
-        pdb[j] += pg[r * H + j];
-      }
-  });
+  add_column_sums(H, N, pdw, [&](std::int64_t r, std::int64_t j) { return pg[r * H + j] * xhat(r, j); });
+  add_column_sums(H, N, pdb, [&](std::int64_t r, std::int64_t j) { return pg[r * H + j]; });
   float* pdx = dx.data<float>();
   parallel_for(N, [&](std::int64_t r) {
     const float* gr = pg + r * H;
@@ -93,10 +88,7 @@ inline void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   const float* pw = w.data<float>();
   const float* rr = stats.data<float>();
   float* pdw = dw.data<float>();
-  for_column_blocks(H, N, [&](std::int64_t j0, std::int64_t j1) {
-    for (std::int64_t r = 0; r < N; ++r)
-      for (std::int64_t j = j0; j < j1; ++j) pdw[j] += pg[r * H + j] * px[r * H + j] * rr[r];
-  });
+  add_column_sums(H, N, pdw, [&](std::int64_t r, std::int64_t j) { return pg[r * H + j] * px[r * H + j] * rr[r]; });
   float* pdx = dx.data<float>();
   parallel_for(N, [&](std::int64_t r) {
     const float* gr = pg + r * H;
