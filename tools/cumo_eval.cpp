@@ -69,8 +69,7 @@ int generate_one(const Args& a) {
   r.image = a.image;
   r.conversations = {{io::Role::user, "human", "<image>\n" + a.question}, {io::Role::assistant, "gpt", ""}};
   const auto p = io::tokenize_prompt(r, *tok, io::ChatTemplate::from_name(cfg.eval_template), cfg.image_tokens());
-  io::ClipPreprocess pre;
-  pre.size = int(cfg.image_size());
+  const io::ClipPreprocess pre = cfg.data_options(cfg.eval_template).preprocess;  // as the run trained
   const Tensor px = io::clip_preprocess_file(a.image, pre);  // (3, S, S)
   const Tensor pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
   std::cout << answer_of(model, *tok, p.ids, pixels, a.max_new > 0 ? a.max_new : cfg.eval_max_new_tokens) << "\n";

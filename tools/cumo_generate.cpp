@@ -111,7 +111,7 @@ Loaded load(const Args& a) {
     app::RunConfig cfg;
     l.model = std::make_unique<models::CuMo<>>(app::load_model_from_checkpoint(a.checkpoint, *l.tok, &cfg));
     l.chat = io::ChatTemplate::from_name(a.chat.empty() ? cfg.eval_template : a.chat);
-    l.pre.size = int(cfg.image_size());
+    l.pre = cfg.data_options(cfg.eval_template).preprocess;  // as the run trained (a pretrained start may pad)
     l.image_tokens = int(cfg.image_tokens());
   }
   return l;

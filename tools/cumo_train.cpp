@@ -1,6 +1,6 @@
 // cumo_train: trains the CuMo reference model with the paper's three-stage recipe from a JSON config.
 //
-//   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]
+//   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR [--vision-from DIR]] [--out DIR]
 //              [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]
 //              [--log-every N] [--quiet]
 //              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1]
@@ -53,6 +53,7 @@ int main(int argc, char** argv) {
     else if (f == "--stage") a.stage = v;
     else if (f == "--resume") a.resume = v;
     else if (f == "--from") a.from = v;
+    else if (f == "--vision-from") a.vision_from = v;
     else if (f == "--out") a.out = v;
     else if (f == "--variant") a.variant = v;
     else if (f == "--seed") a.seed = cli::to_int(kTool, f, v, 0);

@@ -34,7 +34,8 @@ inline std::atomic<bool> g_stop{false};
 inline void on_signal(int) { g_stop.store(true); }
 
 inline void usage(std::ostream& os) {
-  os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR] [--out DIR]\n"
+  os << "usage: cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR [--vision-from DIR]]\n"
+        "                  [--out DIR]\n"
         "                  [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]\n"
         "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
         "                  [--precision fp32|tf32|bf16] [--zero1]\n"
@@ -43,7 +44,9 @@ inline void usage(std::ostream& os) {
         "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage); the run\n"
         "               goes on in the directory holding it\n"
         "  --from       the finished checkpoint of stage s-1 a single stage s > 1 starts from (default\n"
-        "               <out>/stage<s-1>)\n"
+        "               <out>/stage<s-1>); or a Hugging Face checkpoint any stage starts from: llava-hf LLaVA-1.5,\n"
+        "               a CuMo release (llava_mistral / llava_mixtral), or a Mistral / Mixtral / Qwen2 / Llama LLM\n"
+        "  --vision-from  with an LLM --from: the CLIP checkpoint of the vision tower (the connector starts fresh)\n"
         "  --out        output directory (overrides the config's \"out\", or --resume's directory)\n"
         "  --overwrite  replace the checkpoints of the stages this run trains if <out> already has them (without it\n"
         "               an existing stage<s> or stage<s>-partial is an error)\n"
@@ -60,7 +63,7 @@ inline void usage(std::ostream& os) {
 }
 
 struct Args {
-  std::string config, resume, from, out, variant, stage = "all", device = "auto", precision = "fp32";
+  std::string config, resume, from, vision_from, out, variant, stage = "all", device = "auto", precision = "fp32";
   long long seed = -1, max_steps = -1, log_every = 0;
   bool quiet = false, overwrite = false, zero1 = false;
 };
@@ -132,13 +135,23 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     if (!a.out.empty()) raw["out"] = a.out;
     if (!a.variant.empty()) raw["variant"] = a.variant;
     if (a.seed >= 0) raw["seed"] = std::uint64_t(a.seed);
+    // A Hugging Face checkpoint to start from: its configuration replaces the model block, stored with the run.
+    if (!a.from.empty() && app::is_pretrained_dir(a.from)) {
+      const app::PretrainedStart p = app::pretrained_config(a.from, a.vision_from, cfg.model);
+      raw["pretrained"] = p.to_json();
+      if (rank0 && !a.quiet)
+        for (const std::string& n : p.notes) std::cerr << "cumo_train: " << n << "\n";
+    }
     cfg = app::RunConfig::from_json(raw, "'" + a.config + "'");
   }
+  CUMO_CHECK(a.vision_from.empty() || cfg.pretrained, "--vision-from goes with --from a language-model checkpoint");
+  const bool pretrained_start = a.resume.empty() && !a.from.empty() && cfg.pretrained;
   CUMO_CHECK(!a.zero1 || comm.size() > 1, "--zero1 shards the optimizer over data-parallel ranks: run it under "
              "mpirun -np N with N > 1");
   // Every rank must train the same thing: a rank started with other arguments or another config stops them all.
   dist::check_same(comm, "the run configuration and command line",
-                   cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + std::to_string(a.max_steps) +
+                   cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + a.vision_from + "|" +
+                       std::to_string(a.max_steps) +
                        "|" + (a.overwrite ? "overwrite" : ""));
   // ---- which stages ---------------------------------------------------------------------------------------------
   int first = 1, last = 3;
@@ -199,11 +212,15 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   std::string start_from;  // a finished checkpoint of stage first-1 (weights only)
   if (!a.resume.empty()) {
     if (!resume_partial) start_from = a.resume;
+  } else if (pretrained_start) {
+    app::load_pretrained(model, *cfg.pretrained);
+    if (!quiet) std::cerr << "stage " << first << " starts from " << a.from << "\n";
   } else if (first > 1) {
     start_from = a.from.empty() ? app::RunDir::stage_dir(cfg.out, first - 1) : a.from;
     check_start(start_from, first, a.from.empty() ? "the previous stage's checkpoint" : "--from");
   } else {
-    CUMO_CHECK(a.from.empty(), "--from is for a stage > 1 (stage 1 starts from fresh weights)");
+    CUMO_CHECK(a.from.empty(), "--from '", a.from, "' is a cumo_train checkpoint, for a stage > 1 (stage 1 starts "
+               "from fresh weights, or from a Hugging Face checkpoint)");
   }
   auto structure_of = [&](const std::string& dir) { app::match_structure(model, app::read_trainer_state(dir), dir); };
   if (!start_from.empty()) {
@@ -219,7 +236,12 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   for (int s = first; s <= last; ++s) {
     const app::StageConfig& sc = cfg.stage(s);
     const bool resuming = resume_partial && s == first;
-    if (s == 3 && !resuming && cfg.variant != app::Variant::dense) {
+    const bool already_sparse = model.vision_is_sparse() || model.connector_is_sparse();  // a sparse CuMo release
+    if (s == 3 && !resuming && cfg.variant != app::Variant::dense && already_sparse && !quiet)
+      std::cerr << "stage 3: the model is sparse already (" << (model.vision_is_sparse() ? "CLIP-MoE" : "")
+                << (model.vision_is_sparse() && model.connector_is_sparse() ? " + " : "")
+                << (model.connector_is_sparse() ? "MLP-MoE" : "") << "): no upcycling\n";
+    if (s == 3 && !resuming && cfg.variant != app::Variant::dense && !already_sparse) {
       // Co-upcycling: every CLIP MLP and the connector become top-k-of-E MoE blocks (routers from their own seed).
       Rng up_rng(cfg.seed * 0x9E3779B97F4A7C15ull + 3);
       model.upcycle(up_rng, /*vision=*/cfg.variant != app::Variant::moe_mlponly, /*connector=*/true,

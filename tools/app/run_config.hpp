@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "app/json_reader.hpp"
+#include "app/pretrained.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/data/shapes_world.hpp"
 #include "cumo/io/llava_data.hpp"
@@ -76,6 +78,9 @@ struct RunConfig {
   bool generate_data = false;         // data.generate present: the shapes world may be written into data_dir
   data::ShapesConfig shapes;          // what the generator writes
   models::CuMoConfig model;           // vocab and image_token_id are the tokenizer's (model_config())
+  // A run that started from an HF checkpoint (cumo_train --from a LLaVA / CuMo / LLM directory; app/pretrained.hpp):
+  // `model` is then that checkpoint's configuration, its vocabulary included.
+  std::optional<PretrainedStart> pretrained;
   models::CuMoInit init;              // model.vision.position_init ("normal" | "sincos"): from-scratch init only
   StageConfig stages[3];
   std::string eval_data = "eval.json";
@@ -94,7 +99,13 @@ struct RunConfig {
   // moe_conn8 gives the connector 8 experts.
   models::CuMoConfig model_config(const io::Tokenizer& tok) const {
     models::CuMoConfig c = model;
-    c.llava.text.vocab = tok.vocab_size();
+    if (pretrained) {  // the checkpoint's vocabulary: the tokenizer must fit in it
+      CUMO_CHECK(tok.vocab_size() <= c.llava.text.vocab, "the tokenizer '", tokenizer, "' has ", tok.vocab_size(),
+                 " tokens, more than the ", c.llava.text.vocab, " rows of the embedding of '", pretrained->from,
+                 "' (set data.tokenizer to the checkpoint's tokenizer.model)");
+    } else {
+      c.llava.text.vocab = tok.vocab_size();
+    }
     c.llava.image_token_id = tok.image_id();
     if (variant == Variant::moe_nobz) c.balance_coef = c.z_coef = 0.f;
     if (variant == Variant::moe_conn8) c.connector_experts = kConnector8;
@@ -111,6 +122,7 @@ struct RunConfig {
     o.max_length = max_length;
     o.chat = io::ChatTemplate::from_name(chat_template);
     o.preprocess.size = int(image_size());
+    if (pretrained && pretrained->pad_to_square) o.preprocess.aspect = io::AspectMode::pad;
     return o;
   }
   std::string data_path(const std::string& file) const {
@@ -223,6 +235,10 @@ inline RunConfig RunConfig::from_json(const nlohmann::json& j, const std::string
     rd.reject_unknown();
   }
   detail::read_model(r.object("model"), source, c.model, c.init);
+  if (const auto* pj = r.object("pretrained")) {  // written by cumo_train --from HF_DIR, not by hand
+    c.pretrained = PretrainedStart::from_json(*pj, source);
+    c.model = c.pretrained->model;
+  }
 
   // Stage defaults: the paper's recipe.
   for (int s = 1; s <= 3; ++s) {

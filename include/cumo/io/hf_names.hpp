@@ -161,14 +161,15 @@ inline std::string release_name(const std::string& name) {
   return r.starts_with("@") ? "model." + r.substr(1) : g->release_prefix + r;
 }
 
-// For a fused expert tensor: the release module ("….experts" dropped) and the per-expert suffixes stacked along
-// rows (gate_up_proj → w1, w3; the projector's fc1 → 0). False for any other tensor.
-inline bool release_expert_parts(const std::string& name, std::string& module, std::vector<std::string>& parts) {
+// For a fused expert tensor: its release module in `owner` ("….experts" dropped) and the per-expert suffixes
+// stacked along rows (gate_up_proj → w1, w3; the projector's fc1 → 0). False for any other tensor. (Not named
+// `module`: a line starting with that word reads to nvcc as a C++20 module declaration, warning #3189.)
+inline bool release_expert_parts(const std::string& name, std::string& owner, std::vector<std::string>& parts) {
   ExpertParts ep;
   if (!expert_parts(name, ep)) return false;
   const std::string m = release_name(ep.module + ".experts.x");
-  module = m.substr(0, m.size() - 10);  // drop ".experts.x"
-  const bool projector = module == "model.mm_projector";
+  owner = m.substr(0, m.size() - 10);  // drop ".experts.x"
+  const bool projector = owner == "model.mm_projector";
   const std::string what = name.substr(name.rfind(".experts.") + 9);
   if (what == "gate_up_proj") parts = {"w1.weight", "w3.weight"};
   else if (what == "down_proj") parts = {"w2.weight"};

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Stage starts from Hugging Face checkpoints (cumo_train --from HF_DIR; tools/app/pretrained.hpp), on the app smoke
+# run (run from its working directory, after app_smoke_train). $1 = cumo_train, $2 = cumo_export, $3 = cumo_eval,
+# $4 = which case:
+#   llava     run/stage2 exported as llava-hf LLaVA-1.5; stage 3 from it (upcycled) reproduces the smoke run's
+#             stage 3 loss for loss, and a stopped + resumed stage 3 from it ends bitwise where it ended
+#   release   run/stage3 exported in the CuMo release layout; stage 3 from it keeps its experts (no upcycling)
+#   parts     run/stage1's LLM and CLIP exported as two checkpoints; stage 1 from them (fresh connector)
+#             reproduces the smoke run's stage 1 loss for loss (stage 1 trains only the connector)
+#   errors    bad starts end with a message that names the problem
+set -u
+train=$1 export=$2 evaluate=$3 case=$4
+fail() { echo "FAIL [$case]: $*"; exit 1; }
+work=pretrained_$case
+rm -rf "$work"
+mkdir -p "$work"
+
+# Stage-s rows of a metrics.csv without the timing columns (tokens_per_s, elapsed_s).
+rows() { python3 - "$1" "$2" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["stage"] == sys.argv[2]]
+for r in rows:
+    print(",".join(v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")))
+PY
+}
+same_rows() {  # $1 $2 metrics files, $3 stage
+  local a b
+  a=$(rows "$1" "$3"); b=$(rows "$2" "$3")
+  [ -n "$a" ] || fail "no stage-$3 rows in $1"
+  [ "$a" = "$b" ] || fail "stage-$3 metrics differ: $1 vs $2:\n$a\n---\n$b"
+}
+
+case $case in
+llava)
+  "$export" --checkpoint run/stage2 --out "$work/llava" --layout llava-hf || fail "export failed"
+  python3 - "$work/llava/model.safetensors" <<'PY' || fail "the export's names are not llava-hf's"
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    names = [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+prefixes = ("vision_tower.vision_model.", "multi_modal_projector.linear_", "language_model.model.", "language_model.lm_head.")
+bad = [k for k in names if not k.startswith(prefixes)]
+assert not bad and any(k.startswith("language_model.lm_head.") for k in names), bad
+PY
+  grep -q '"model_type": "llava"' "$work/llava/config.json" || fail "config.json is not a LlavaConfig"
+  out=$("$train" --config tiny.json --stage 3 --from "$work/llava" --out "$work/run" --quiet 2>&1) ||
+    fail "stage 3 from the llava-hf export failed: $out"
+  echo "$out" | grep -q "stage 3: finished at step 5/5" || fail "stage 3 did not finish: $out"
+  same_rows run/metrics.csv "$work/run/metrics.csv" 3
+  "$evaluate" --checkpoint "$work/run/stage3" --quiet | grep -q "expert load" || fail "cumo_eval of the run failed"
+  # stopped after 2 steps and resumed: the stored model config rebuilds the model without the llava-hf directory
+  "$train" --config tiny.json --stage 3 --from "$work/llava" --out "$work/stopped" --max-steps 2 --quiet \
+    >/dev/null 2>&1 || fail "the stopped run failed"
+  mv "$work/llava" "$work/llava.moved"
+  "$train" --resume "$work/stopped/stage3-partial" --quiet >/dev/null 2>&1 || fail "the resume failed"
+  cmp -s "$work/run/stage3/model.safetensors" "$work/stopped/stage3/model.safetensors" ||
+    fail "the resumed run's weights differ from the uninterrupted run's"
+  ;;
+release)
+  "$export" --checkpoint run/stage3 --out "$work/release" --layout release || fail "export failed"
+  grep -q '"mm_projector_type": "smoe_mlp"' "$work/release/config.json" || fail "config.json is not a sparse release's"
+  out=$("$train" --config tiny.json --stage 3 --from "$work/release" --out "$work/run" 2>&1) ||
+    fail "stage 3 from the release export failed: $out"
+  echo "$out" | grep -q "sparse already" || fail "a sparse release was upcycled again: $out"
+  echo "$out" | grep -q "vision tower from .*clip_config.json" || fail "the CLIP config beside the release was not read: $out"
+  echo "$out" | grep -q "assumed" && fail "the vision tower was guessed, not read: $out"
+  echo "$out" | grep -q "stage 3: finished at step 5/5" || fail "stage 3 did not finish: $out"
+  "$evaluate" --checkpoint "$work/run/stage3" --quiet | grep -q "expert load" || fail "cumo_eval of the run failed"
+  ;;
+parts)
+  "$export" --checkpoint run/stage1 --out "$work/parts" --layout llm+clip || fail "export failed"
+  grep -q '"model_type": "mistral"' "$work/parts/language/config.json" || fail "language/config.json is not Mistral's"
+  out=$("$train" --config tiny.json --stage 1 --from "$work/parts/language" --vision-from "$work/parts/vision" \
+          --out "$work/run" --quiet 2>&1) || fail "stage 1 from the LLM + CLIP failed: $out"
+  same_rows run/metrics.csv "$work/run/metrics.csv" 1
+  ;;
+errors)
+  "$export" --checkpoint run/stage1 --out "$work/parts" --layout llm+clip >/dev/null || fail "export failed"
+  out=$("$train" --config tiny.json --stage 1 --from "$work/parts/language" --out "$work/r1" --quiet 2>&1) &&
+    fail "an LLM without --vision-from trained"
+  echo "$out" | grep -q "vision-from" || fail "no --vision-from hint: $out"
+  mkdir -p "$work/odd" && echo '{"model_type": "bert"}' > "$work/odd/config.json"
+  out=$("$train" --config tiny.json --stage 1 --from "$work/odd" --out "$work/r2" --quiet 2>&1) &&
+    fail "a BERT config was accepted"
+  echo "$out" | grep -q "model_type 'bert'.*accepted: llava" || fail "no list of accepted types: $out"
+  out=$("$export" --checkpoint run/stage3 --out "$work/x" --layout llava-hf 2>&1) && fail "a sparse llava-hf export"
+  echo "$out" | grep -q "use --layout release" || fail "no hint for the sparse export: $out"
+  # a checkpoint with a tensor missing and one misshapen: both named, with both shapes
+  "$export" --checkpoint run/stage2 --out "$work/llava" --layout llava-hf >/dev/null || fail "export failed"
+  python3 - "$work/llava/model.safetensors" <<'PY' || fail "could not edit the export"
+import json, struct, sys
+p = sys.argv[1]
+raw = open(p, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+head = json.loads(raw[8:8 + n]); data = raw[8 + n:]
+meta = head.pop("__metadata__", None)
+head.pop("language_model.model.norm.weight")
+norm = "vision_tower.vision_model.pre_layrnorm.weight"
+head[norm]["shape"] = [head[norm]["shape"][0] // 2, 2]  # same bytes, another shape
+out, off = {}, 0
+for k, v in head.items():
+    b, e = v["data_offsets"]
+    out[k] = dict(v, data_offsets=[off, off + e - b]); off += e - b
+chunks = b"".join(data[v["data_offsets"][0]:v["data_offsets"][1]] for v in head.values())
+if meta is not None: out["__metadata__"] = meta
+h = json.dumps(out).encode(); h += b" " * (-len(h) % 8)
+open(p, "wb").write(struct.pack("<Q", len(h)) + h + chunks)
+PY
+  out=$("$train" --config tiny.json --stage 3 --from "$work/llava" --out "$work/r3" --quiet 2>&1) &&
+    fail "a checkpoint with a missing tensor trained"
+  echo "$out" | grep -q "norm.weight" || fail "the missing tensor is not named: $out"
+  echo "$out" | grep -q "pre_layrnorm" || fail "the misshapen tensor is not named: $out"
+  [ ! -e "$work/r3/stage3" ] || fail "a failed start left a stage-3 checkpoint"
+  ;;
+*) fail "unknown case '$case'" ;;
+esac
+echo "PASS [$case]"
