@@ -36,12 +36,20 @@ TEST_CASE("half weights: cpu::linear widens bf16/f16 weights by blocks and equal
         const Tensor w = test::random_tensor({n, k}, rng, 0.05f);
         const Tensor wn = w.to(d);
         const Tensor b = test::random_tensor({n}, rng);
+        // A prefill-sized bf16 product runs on the CPU's bf16 dot products where it has them: x is rounded too.
+        const bool dot = d == DType::bf16 && m >= cpu::kBf16DotMinRows && cpu::bf16_gemm_available();
+        const Tensor xr = dot ? rounded(x, d) : x;
         Tensor got = Tensor::empty({m, n}), want = Tensor::empty({m, n}), exact = Tensor::empty({m, n});
         cpu::linear(x, wn, &b, got);
-        cpu::linear(x, rounded(w, d), &b, want);
+        cpu::linear(xr, rounded(w, d), &b, want);
         cpu::linear(x, w, &b, exact);
-        INFO(name_of(d), " m=", m, " k=", k);
+        INFO(name_of(d), " m=", m, " k=", k, dot ? " (bf16 dot products)" : " (widened)");
         CHECK(rel_error(got, want) < 1e-6);
+        if (dot) {  // the dot-product path really ran: the activations' rounding shows
+          Tensor fp32x = Tensor::empty({m, n});
+          cpu::linear(x, rounded(w, d), &b, fp32x);
+          CHECK(rel_error(got, fp32x) > 1e-5);
+        }
         // f16 has 11 significant bits: its rounding is 8x finer than bf16's.
         CHECK(rel_error(got, exact) < (d == DType::bf16 ? kBf16Unit : kBf16Unit / 8));
         CHECK(rel_error(got, exact) > 0);  // the weights really were rounded
@@ -49,7 +57,7 @@ TEST_CASE("half weights: cpu::linear widens bf16/f16 weights by blocks and equal
         Tensor acc = want.clone();
         cpu::linear(x, wn, nullptr, acc, 1.f);
         Tensor twice = Tensor::empty({m, n});
-        cpu::linear(x, rounded(w, d), nullptr, twice);
+        cpu::linear(xr, rounded(w, d), nullptr, twice);
         for (std::int64_t i = 0; i < m * n; ++i) twice.data<float>()[i] += want.data<float>()[i];
         CHECK(rel_error(acc, twice) < 1e-6);
       }

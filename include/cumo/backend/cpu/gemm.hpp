@@ -8,6 +8,8 @@
 //   CUMO_CPU_BLAS (link a BLAS): cblas_sgemm.
 //   otherwise Eigen's own kernel through Eigen::Map (no copies), threaded with OpenMP outside a parallel region.
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -15,6 +17,7 @@
 
 #if defined(CUMO_CPU_DNNL)
 #include <dnnl.h>
+#include <oneapi/dnnl/dnnl.hpp>
 #endif
 #if defined(CUMO_CPU_BLAS)
 extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a,
@@ -69,6 +72,64 @@ inline void gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t 
 }
 
 // Matrix views of 2-D fp32 CPU tensors with unit column stride.
+// y (m, n) = beta·y + bf16(x) (m, k) · w (n, k)ᵀ on the CPU's bf16 dot-product instructions (AVX512-BF16, AMX), for a
+// bf16 weight w (row stride ldw) and fp32 x (row stride ldx) rounded to bf16 (nearest even) as it is read; products
+// accumulate in fp32 (oneDNN's matmul, threaded by OpenMP outside a parallel region). Returns false — nothing
+// written — when the build has no oneDNN or the CPU has no bf16 dot product, where the caller widens w instead.
+// Rounding x as well is what bf16 inference does everywhere (PyTorch's autocast, the release's own bf16 runs): the
+// prefill then runs at the bf16 rate instead of widening every weight to fp32 first.
+inline bool bf16_gemm_available() {
+#if defined(CUMO_CPU_DNNL)
+  static const bool yes = [] {
+    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+    return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const float* x, std::int64_t ldx,
+                         const std::uint16_t* w, std::int64_t ldw, float beta, float* y, std::int64_t ldy) {
+#if defined(CUMO_CPU_DNNL)
+  if (!bf16_gemm_available() || m == 0 || n == 0 || k == 0) return false;
+  using dnnl::memory;
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  std::vector<std::uint16_t> xb(std::size_t(m * k));  // (m, k) bf16
+  for (std::int64_t r = 0; r < m; ++r)
+    for (std::int64_t c = 0; c < k; ++c) {
+      std::uint32_t u;
+      std::memcpy(&u, x + r * ldx + c, 4);
+      // round to nearest even; a NaN stays a (quiet) NaN
+      xb[std::size_t(r * k + c)] = (u & 0x7fffffffu) > 0x7f800000u ? std::uint16_t((u >> 16) | 0x40u)
+                                                                   : std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  const memory::desc src_md({m, k}, memory::data_type::bf16, memory::dims{k, 1});
+  const memory::desc wei_md({k, n}, memory::data_type::bf16, memory::dims{1, ldw});  // w (n, k) read as wᵀ (k, n)
+  const memory::desc dst_md({m, n}, memory::data_type::f32, memory::dims{ldy, 1});
+  dnnl::primitive_attr attr;
+  if (beta != 0.f) {
+    dnnl::post_ops po;
+    po.append_sum(beta);  // y = beta·y + product
+    attr.set_post_ops(po);
+  }
+  // oneDNN keeps the primitives it made in its own cache, keyed by these descriptors: a repeated shape is not
+  // compiled again.
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_md, dst_md), attr, engine);
+  memory src(src_md, engine, xb.data());
+  memory wei(wei_md, engine, const_cast<std::uint16_t*>(w));
+  memory dst(dst_md, engine, y);
+  dnnl::stream stream(engine);
+  dnnl::matmul(pd).execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+  stream.wait();
+  return true;
+#else
+  (void)m, (void)n, (void)k, (void)x, (void)ldx, (void)w, (void)ldw, (void)beta, (void)y, (void)ldy;
+  return false;
+#endif
+}
+
 inline MatrixMap as_matrix(const Tensor& t) {
   CUMO_CHECK(t.dim() == 2 && t.strides()[1] == 1, "as_matrix: need a 2-D row-major tensor, got shape ", t.shape());
   return MatrixMap(t.data<float>(), t.size(0), t.size(1), Eigen::OuterStride<>(t.strides()[0]));

@@ -96,10 +96,15 @@ inline void bf16_gemv(const float* x, std::int64_t k, const std::uint16_t* w, st
 }  // namespace detail
 
 // y (m, n) = beta·y + x (m, k) · w (n, k)ᵀ with w's elements of dtype `wt` (bf16 or f16) at `w`, row stride ldw.
-// The weight is widened to fp32 a block of rows at a time into a per-thread buffer and multiplied by the fp32 GEMM,
+// A bf16 product of at least kBf16DotMinRows rows runs on the CPU's bf16 dot products when it has them
+// (bf16_gemm_nt: x rounded to bf16 too). Otherwise the weight is widened to fp32 a block of rows at a time into a per-thread buffer and multiplied by the fp32 GEMM,
 // so products accumulate in fp32, as PyTorch's CPU bf16 matmul does; threads take blocks. A decode step (few rows of
 // x) is bound by reading the weight, so its block stays in L2 (256 KiB of fp32); a prefill is bound by the GEMM,
 // which wants wider blocks (2 MiB), over which the widening is spread.
+// Rows of x from which a bf16 product runs on bf16 dot products (bf16_gemm_nt) rather than widening the weight: a
+// few-row product is bound by reading the weight either way, and keeps fp32 activations.
+inline constexpr std::int64_t kBf16DotMinRows = 32;
+
 inline void widened_product(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, const void* w, DType wt,
                             std::int64_t n, std::int64_t ldw, float beta, float* y, std::int64_t ldy) {
   if (m == 0 || n == 0) return;
@@ -107,6 +112,11 @@ inline void widened_product(const float* x, std::int64_t ldx, std::int64_t m, st
     detail::bf16_gemv(x, k, static_cast<const std::uint16_t*>(w), n, ldw, beta, y);
     return;
   }
+  // A prefill-sized product on the CPU's bf16 dot products, where it has them — outside a parallel region: small
+  // experts (grouped_linear) call this one per thread, and widen.
+  if (wt == DType::bf16 && m >= kBf16DotMinRows && !in_parallel() &&
+      bf16_gemm_nt(m, n, k, x, ldx, static_cast<const std::uint16_t*>(w), ldw, beta, y, ldy))
+    return;
   const std::int64_t block_bytes = m <= 16 ? (std::int64_t(256) << 10) : (std::int64_t(2) << 20);
   const std::int64_t nb = std::max<std::int64_t>(16, block_bytes / (4 * std::max<std::int64_t>(k, 1)) / 16 * 16);
   const std::int64_t blocks = (n + nb - 1) / nb;

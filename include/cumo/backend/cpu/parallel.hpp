@@ -8,9 +8,24 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace cumo::cpu {
 
 inline constexpr std::int64_t kParallelMinWork = std::int64_t(1) << 17;
+
+// Whether the caller runs inside one of our parallel regions (a library that threads itself would run serially
+// there). omp_get_level counts regions whatever their team size, so the answer does not depend on the thread count
+// (omp_in_parallel is false inside a one-thread team).
+inline bool in_parallel() {
+#if defined(_OPENMP)
+  return omp_get_level() > 0;
+#else
+  return false;
+#endif
+}
 
 template <class F>
 inline void parallel_for(std::int64_t n, F&& f, std::int64_t cost = 1) {
