@@ -17,7 +17,6 @@
 
 #if defined(CUMO_CPU_DNNL)
 #include <dnnl.h>
-#include <oneapi/dnnl/dnnl.hpp>
 #endif
 #if defined(CUMO_CPU_BLAS)
 extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a,
@@ -81,8 +80,8 @@ inline void gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t 
 inline bool bf16_gemm_available() {
 #if defined(CUMO_CPU_DNNL)
   static const bool yes = [] {
-    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
-    return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+    const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return isa == dnnl_cpu_isa_avx512_core_bf16 || isa == dnnl_cpu_isa_avx512_core_amx;
   }();
   return yes;
 #else
@@ -90,12 +89,17 @@ inline bool bf16_gemm_available() {
 #endif
 }
 
+// (oneDNN's C API: its C++ header crashes nvcc's front end, and nvcc compiles translation units that hold the CPU
+// backend too.)
 inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const float* x, std::int64_t ldx,
                          const std::uint16_t* w, std::int64_t ldw, float beta, float* y, std::int64_t ldy) {
 #if defined(CUMO_CPU_DNNL)
   if (!bf16_gemm_available() || m == 0 || n == 0 || k == 0) return false;
-  using dnnl::memory;
-  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  static dnnl_engine_t engine = [] {
+    dnnl_engine_t e = nullptr;
+    return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
+  }();
+  if (engine == nullptr) return false;
   std::vector<std::uint16_t> xb(std::size_t(m * k));  // (m, k) bf16
   for (std::int64_t r = 0; r < m; ++r)
     for (std::int64_t c = 0; c < k; ++c) {
@@ -105,25 +109,52 @@ inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const f
       xb[std::size_t(r * k + c)] = (u & 0x7fffffffu) > 0x7f800000u ? std::uint16_t((u >> 16) | 0x40u)
                                                                    : std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
-  const memory::desc src_md({m, k}, memory::data_type::bf16, memory::dims{k, 1});
-  const memory::desc wei_md({k, n}, memory::data_type::bf16, memory::dims{1, ldw});  // w (n, k) read as wᵀ (k, n)
-  const memory::desc dst_md({m, n}, memory::data_type::f32, memory::dims{ldy, 1});
-  dnnl::primitive_attr attr;
-  if (beta != 0.f) {
-    dnnl::post_ops po;
-    po.append_sum(beta);  // y = beta·y + product
-    attr.set_post_ops(po);
-  }
+  dnnl_memory_desc_t src_md, wei_md, dst_md;
+  const dnnl_dims_t src_dims{m, k}, src_strides{k, 1};
+  const dnnl_dims_t wei_dims{k, n}, wei_strides{1, ldw};  // w (n, k) read as wᵀ (k, n)
+  const dnnl_dims_t dst_dims{m, n}, dst_strides{ldy, 1};
+  dnnl_matmul_desc_t desc;
+  bool ok = dnnl_memory_desc_init_by_strides(&src_md, 2, src_dims, dnnl_bf16, src_strides) == dnnl_success &&
+            dnnl_memory_desc_init_by_strides(&wei_md, 2, wei_dims, dnnl_bf16, wei_strides) == dnnl_success &&
+            dnnl_memory_desc_init_by_strides(&dst_md, 2, dst_dims, dnnl_f32, dst_strides) == dnnl_success &&
+            dnnl_matmul_desc_init(&desc, &src_md, &wei_md, nullptr, &dst_md) == dnnl_success;
+  // Every handle made below is released on every path (the oneDNN objects are plain C handles).
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_post_ops_t post_ops = nullptr;
+  dnnl_primitive_desc_t pd = nullptr;
+  dnnl_primitive_t prim = nullptr;
+  dnnl_memory_t src = nullptr, wei = nullptr, dst = nullptr;
+  dnnl_stream_t stream = nullptr;
+  ok = ok && dnnl_primitive_attr_create(&attr) == dnnl_success;
+  if (ok && beta != 0.f)  // y = beta·y + product
+    ok = dnnl_post_ops_create(&post_ops) == dnnl_success &&
+         dnnl_post_ops_append_sum(post_ops, beta) == dnnl_success &&
+         dnnl_primitive_attr_set_post_ops(attr, post_ops) == dnnl_success;
   // oneDNN keeps the primitives it made in its own cache, keyed by these descriptors: a repeated shape is not
   // compiled again.
-  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_md, dst_md), attr, engine);
-  memory src(src_md, engine, xb.data());
-  memory wei(wei_md, engine, const_cast<std::uint16_t*>(w));
-  memory dst(dst_md, engine, y);
-  dnnl::stream stream(engine);
-  dnnl::matmul(pd).execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
-  stream.wait();
-  return true;
+  ok = ok && dnnl_primitive_desc_create(&pd, &desc, attr, engine, nullptr) == dnnl_success &&
+       dnnl_primitive_create(&prim, pd) == dnnl_success &&
+       dnnl_memory_create(&src, &src_md, engine, xb.data()) == dnnl_success &&
+       dnnl_memory_create(&wei, &wei_md, engine, const_cast<std::uint16_t*>(w)) == dnnl_success &&
+       dnnl_memory_create(&dst, &dst_md, engine, y) == dnnl_success &&
+       dnnl_stream_create(&stream, engine, dnnl_stream_default_flags) == dnnl_success;
+  dnnl_status_t run_status = dnnl_success;
+  if (ok) {
+    const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+    run_status = dnnl_primitive_execute(prim, stream, 3, args);
+    if (run_status == dnnl_success) run_status = dnnl_stream_wait(stream);
+  }
+  if (stream) dnnl_stream_destroy(stream);
+  for (dnnl_memory_t mem : {src, wei, dst})
+    if (mem) dnnl_memory_destroy(mem);
+  if (prim) dnnl_primitive_destroy(prim);
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  if (post_ops) dnnl_post_ops_destroy(post_ops);
+  if (attr) dnnl_primitive_attr_destroy(attr);
+  // y may be partly written once the matmul has started: a failure there is an error, not a fallback.
+  CUMO_CHECK(run_status == dnnl_success, "cpu::bf16_gemm_nt: oneDNN's matmul (", m, ", ", n, ", ", k,
+             ") failed with status ", int(run_status));
+  return ok;  // false: a shape or layout oneDNN declined before anything ran (the caller widens instead)
 #else
   (void)m, (void)n, (void)k, (void)x, (void)ldx, (void)w, (void)ldw, (void)beta, (void)y, (void)ldy;
   return false;
