@@ -8,7 +8,6 @@
 //   CUMO_CPU_BLAS (link a BLAS): cblas_sgemm.
 //   otherwise Eigen's own kernel through Eigen::Map (no copies), threaded with OpenMP outside a parallel region.
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include <Eigen/Core>
@@ -100,15 +99,9 @@ inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const f
     return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
   }();
   if (engine == nullptr) return false;
-  std::vector<std::uint16_t> xb(std::size_t(m * k));  // (m, k) bf16
+  std::vector<std::uint16_t> xb(std::size_t(m * k));  // (m, k) bf16, rounded as Tensor::to(bf16) rounds
   for (std::int64_t r = 0; r < m; ++r)
-    for (std::int64_t c = 0; c < k; ++c) {
-      std::uint32_t u;
-      std::memcpy(&u, x + r * ldx + c, 4);
-      // round to nearest even; a NaN stays a (quiet) NaN
-      xb[std::size_t(r * k + c)] = (u & 0x7fffffffu) > 0x7f800000u ? std::uint16_t((u >> 16) | 0x40u)
-                                                                   : std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+    cumo::detail::convert_n(x + r * ldx, DType::f32, xb.data() + r * k, DType::bf16, k);
   dnnl_memory_desc_t src_md, wei_md, dst_md;
   const dnnl_dims_t src_dims{m, k}, src_strides{k, 1};
   const dnnl_dims_t wei_dims{k, n}, wei_strides{1, ldw};  // w (n, k) read as wᵀ (k, n)
