@@ -3,13 +3,14 @@
 //   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR [--vision-from DIR]] [--out DIR]
 //              [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]
 //              [--log-every N] [--quiet]
-//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1]
+//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1] [--expert-parallel K]
 //
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains
 // models::CuMo<backend::Cuda> when a GPU is present (--device auto, the default) or asked for (--device cuda); its
 // checkpoints are the CPU run's format, so cumo_eval and a CPU --resume read them. The run itself is train_run.hpp.
 // Under `mpirun -np N` (a build with MPI) the N processes train data parallel on CPU ranks: each its share of every
-// global batch, the gradients summed deterministically, rank 0 writing (docs/distributed.md).
+// global batch, the gradients summed deterministically, rank 0 writing; --expert-parallel K splits the MoE blocks'
+// experts over groups of K ranks (docs/distributed.md).
 // Stage s > 1 starts from the previous stage's final checkpoint (<out>/stage<s-1>, or --from DIR). --resume DIR
 // continues from a checkpoint this tool wrote: a stopped stage (<out>/stage<s>-partial) continues where it stopped,
 // bitwise; a finished stage (<out>/stage<s>) goes on with the next one. See docs/training_app.md.
@@ -61,6 +62,7 @@ int main(int argc, char** argv) {
     else if (f == "--log-every") a.log_every = cli::to_int(kTool, f, v, 1);
     else if (f == "--device") a.device = v;
     else if (f == "--precision") a.precision = v;
+    else if (f == "--expert-parallel") a.expert_parallel = cli::to_int(kTool, f, v, 1);
     else return false;
     return true;
   };

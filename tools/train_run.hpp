@@ -38,7 +38,7 @@ inline void usage(std::ostream& os) {
         "                  [--out DIR]\n"
         "                  [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]\n"
         "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
-        "                  [--precision fp32|tf32|bf16] [--zero1]\n"
+        "                  [--precision fp32|tf32|bf16] [--zero1] [--expert-parallel K]\n"
         "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
         "  --stage      which stage(s) to run (default all)\n"
         "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage); the run\n"
@@ -59,12 +59,15 @@ inline void usage(std::ostream& os) {
         "               takes the GPU when there is one\n"
         "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n"
         "  --zero1      under mpirun: shard the AdamW moments over the ranks (ZeRO-1; the same weights)\n"
+        "  --expert-parallel K  under mpirun -np N (N a multiple of K): the MoE blocks' experts split over groups of\n"
+        "               K ranks, tokens sent to their experts' ranks (the same step; checkpoints stay whole)\n"
         "Under mpirun -np N (a build with MPI) the N ranks train data parallel: docs/distributed.md\n";
 }
 
 struct Args {
   std::string config, resume, from, vision_from, out, variant, stage = "all", device = "auto", precision = "fp32";
   long long seed = -1, max_steps = -1, log_every = 0;
+  long long expert_parallel = 1;
   bool quiet = false, overwrite = false, zero1 = false;
 };
 
@@ -151,8 +154,8 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   // Every rank must train the same thing: a rank started with other arguments or another config stops them all.
   dist::check_same(comm, "the run configuration and command line",
                    cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + a.vision_from + "|" +
-                       std::to_string(a.max_steps) +
-                       "|" + (a.overwrite ? "overwrite" : ""));
+                       std::to_string(a.max_steps) + "|" + std::to_string(a.expert_parallel) +
+                       "|" + (a.overwrite ? "overwrite" : "") + (a.zero1 ? "|zero1" : ""));
   // ---- which stages ---------------------------------------------------------------------------------------------
   int first = 1, last = 3;
   bool resume_partial = false;
@@ -193,6 +196,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   const auto tok = io::load_tokenizer(cfg.tokenizer);
   const models::CuMoConfig model_cfg = cfg.model_config(*tok);
   app::check_model_fits(model_cfg, last == 3 && cfg.variant != app::Variant::dense, true, "model");
+  dist::agree_on(comm, [&] { app::check_expert_parallel(model_cfg, int(a.expert_parallel), comm.size(), a.zero1); });
   dist::agree_on(comm, [&] {
     if (rank0) app::ensure_data(cfg, app::run_files(cfg));  // may write the built-in data: one writer
   });
@@ -201,7 +205,11 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   if (!quiet)
     std::cerr << "cumo_train: training on " << Backend::name
               << (comm.size() > 1 ? " x " + std::to_string(comm.size()) + " data-parallel ranks (" +
-                                        std::string(comm.engine()) + (a.zero1 ? ", ZeRO-1" : "") + ")"
+                                        std::string(comm.engine()) + (a.zero1 ? ", ZeRO-1" : "") +
+                                        (a.expert_parallel > 1 ? ", experts over groups of " +
+                                                                     std::to_string(a.expert_parallel) + " ranks"
+                                                               : std::string()) +
+                                        ")"
                                   : std::string())
               << "\n";
   Rng init_rng(cfg.seed);
@@ -268,6 +276,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     ro.csv_path = rank0 ? (fs::path(cfg.out) / "metrics.csv").string() : "";
     ro.comm = &comm;
     ro.zero1 = a.zero1;
+    ro.expert_parallel = int(a.expert_parallel);
     ro.csv_fresh = a.overwrite && s == 1 && !resuming;  // an overwritten run from stage 1 starts its log anew
     ro.resume_dir = resuming ? a.resume : "";
     ro.max_steps = a.max_steps;

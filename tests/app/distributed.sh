@@ -8,6 +8,14 @@
 #   resume      2 ranks stopped after 3 steps and resumed on 2 ranks end bitwise where the uninterrupted 2-rank run
 #               ended; resumed on 1 process instead, it finishes
 #   zero1       2 ranks with --zero1 (AdamW moments sharded) end bitwise where 2 replicated ranks end
+#   expert      --expert-parallel: 2 ranks as one group of 2, 4 ranks as groups of 2 and as one group of 4, every
+#               step's loss within 1e-5 relative of one process (4 ranks: one rank without rows in each epoch's
+#               short batch); the checkpoint holds whole experts and one process starts from it; 8 connector
+#               experts over 4; a K that does not divide the ranks and a K that does not divide the experts are
+#               one clear error, no hang
+#   expert_resume  2 ranks with --expert-parallel 2 stopped after 3 steps and resumed with it end bitwise where the
+#               uninterrupted run ended; the stop resumed on 4 ranks with --expert-parallel 4, and on one process,
+#               finishes
 #   mismatch    two ranks started with different configs stop with the same clear error, no hang
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
@@ -31,15 +39,9 @@ json.dump(c, open("dp_other.json", "w"))
 EOF
 stage3() { "$@" --config dp.json --stage 3 --from run/stage2 --quiet --overwrite; }
 losses() { grep -E '^[0-9]+,3,' "$1/metrics.csv" | cut -d, -f1,4; }
-
-case $case in
-matches)
-  rm -rf dp1 dp2 dp4
-  stage3 "$train" --out dp1 >/dev/null || fail "the single-process run failed"
-  for np in 2 4; do
-    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dp$np 2>&1) || fail "$np ranks failed: $out"
-    [ -f dp$np/stage3/model.safetensors ] || fail "$np ranks wrote no checkpoint"
-    python3 - dp1 dp$np <<'EOF' || fail "$np ranks: the losses differ from one process"
+# same_losses A B: every stage-3 step's loss of run B within 1e-5 relative of run A's
+same_losses() {
+  python3 - "$1" "$2" <<'EOF'
 import sys
 def rows(d):
     return [tuple(map(float, l.split(",")[:4:3])) for l in open(d + "/metrics.csv") if l.split(",")[1:2] == ["3"]]
@@ -49,6 +51,16 @@ worst = max(abs(x[1] - y[1]) / abs(x[1]) for x, y in zip(a, b))
 print(f"{sys.argv[2]}: 12 steps, worst loss rel diff {worst:.2e}")
 sys.exit(0 if worst <= 1e-5 else 1)
 EOF
+}
+
+case $case in
+matches)
+  rm -rf dp1 dp2 dp4
+  stage3 "$train" --out dp1 >/dev/null || fail "the single-process run failed"
+  for np in 2 4; do
+    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dp$np 2>&1) || fail "$np ranks failed: $out"
+    [ -f dp$np/stage3/model.safetensors ] || fail "$np ranks wrote no checkpoint"
+    same_losses dp1 dp$np || fail "$np ranks: the losses differ from one process"
   done
   echo "PASS [matches]"
   ;;
@@ -79,6 +91,68 @@ zero1)
     cmp -s dpr/stage3/$f dpz/stage3/$f || fail "stage3/$f with --zero1 differs from the replicated run's"
   done
   echo "PASS [zero1]"
+  ;;
+expert)
+  rm -rf dp1 dpe22 dpe42 dpe44 dpeb
+  stage3 "$train" --out dp1 >/dev/null || fail "the single-process run failed"
+  for run in "2 2" "4 2" "4 4"; do
+    read -r np k <<<"$run"
+    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dpe$np$k --expert-parallel $k 2>&1) ||
+      fail "$np ranks, --expert-parallel $k failed: $out"
+    same_losses dp1 dpe$np$k || fail "$np ranks, --expert-parallel $k: the losses differ from one process"
+  done
+  # the checkpoint holds every expert (the single-process format; expert_resume resumes one on one process)
+  python3 - dpe22/stage3 <<'EOF' || fail "the expert-parallel checkpoint does not hold whole experts"
+import json, struct, sys
+raw = open(sys.argv[1] + "/model.safetensors", "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+h = json.loads(raw[8:8 + n])
+shapes = {k: v["shape"] for k, v in h.items() if ".experts." in k}
+assert shapes and all(s[0] == 4 for s in shapes.values()), shapes
+print(f"{len(shapes)} expert tensors, all with 4 experts")
+EOF
+  # 8 connector experts (moe_conn8) over groups of 4
+  out=$(stage3 "${mpirun[@]}" -np 4 "$train" --out dpeb --expert-parallel 4 --variant moe_conn8 2>&1) ||
+    fail "4 ranks, --expert-parallel 4 with 8 connector experts failed: $out"
+  # errors: K that does not divide the ranks, K that does not divide the experts
+  out=$(stage3 "${mpirun[@]}" -np 2 "$train" --out dpeb --expert-parallel 3 2>&1)
+  [ $? -ne 0 ] || fail "--expert-parallel 3 with 2 ranks trained"
+  echo "$out" | grep -q "must form whole expert-parallel groups" || fail "no clear error for K = 3 over 2 ranks: $out"
+  python3 - <<'EOF'
+import json
+c = json.load(open("dp.json"))
+c["model"]["experts"] = 6
+json.dump(c, open("dp6.json", "w"))
+EOF
+  out=$("${mpirun[@]}" -np 4 "$train" --config dp6.json --stage 3 --from run/stage2 --out dpeb --quiet --overwrite \
+        --expert-parallel 4 2>&1)
+  [ $? -ne 0 ] || fail "6 experts over groups of 4 trained"
+  echo "$out" | grep -q "do not split evenly over groups of 4" || fail "no clear error for 6 experts over 4: $out"
+  [ "$(echo "$out" | grep -c "do not split evenly")" -eq 1 ] || fail "the error was not reported once: $out"
+  rm -rf dpeb
+  echo "PASS [expert]"
+  ;;
+expert_resume)
+  rm -rf dpea dpeb dpec dped
+  "${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpea --quiet --expert-parallel 2 \
+    >/dev/null 2>&1 || fail "the uninterrupted run failed"
+  "${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpeb --quiet --expert-parallel 2 \
+    --max-steps 3 >/dev/null 2>&1 || fail "the stopped run failed"
+  [ -f dpeb/stage3-partial/trainer_state.json ] || fail "no partial checkpoint"
+  cp -r dpeb dpec
+  cp -r dpeb dped
+  out=$("${mpirun[@]}" -np 2 "$train" --resume dpeb/stage3-partial --quiet --expert-parallel 2 2>&1) ||
+    fail "the resume failed: $out"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp -s dpea/stage3/$f dpeb/stage3/$f || fail "stage3/$f after the resume differs from the uninterrupted run"
+  done
+  out=$("${mpirun[@]}" -np 4 "$train" --resume dpec/stage3-partial --quiet --expert-parallel 4 2>&1) ||
+    fail "resuming on 4 ranks with --expert-parallel 4: $out"
+  [ -f dpec/stage3/model.safetensors ] || fail "the 4-rank resume wrote no final checkpoint"
+  out=$("$train" --resume dped/stage3-partial --quiet 2>&1) || fail "resuming on one process: $out"
+  [ -f dped/stage3/model.safetensors ] || fail "the 1-process resume wrote no final checkpoint"
+  rm -rf dpec dped
+  echo "PASS [expert_resume]"
   ;;
 mismatch)
   rm -rf dpm

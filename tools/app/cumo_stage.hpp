@@ -23,6 +23,7 @@
 #include "app/run_config.hpp"
 #include "cumo/core/error.hpp"
 #include "cumo/dist/data_parallel.hpp"
+#include "cumo/dist/expert_data_parallel.hpp"
 #include "cumo/dist/zero.hpp"
 #include "cumo/io/llava_data.hpp"
 #include "cumo/io/prefetch.hpp"
@@ -113,6 +114,9 @@ struct StageRunOptions {
   // alone writes the checkpoints (the others pass empty csv_path and quiet). nullptr = one process.
   dist::Communicator* comm = nullptr;
   bool zero1 = false;  // data parallel: the AdamW moments sharded over the ranks (dist/zero.hpp); same weights
+  // Data parallel: > 1 splits the sparse blocks' experts over groups of this many ranks for the stage
+  // (dist/expert_data_parallel.hpp); the model is whole again when run_stage returns, and so are its checkpoints.
+  int expert_parallel = 1;
 };
 
 struct StageResult {
@@ -166,6 +170,20 @@ struct LoadSum {
   }
 };
 }  // namespace detail
+
+// Whether a run can split its experts over groups of K of its `ranks` ranks (cumo_train --expert-parallel K).
+inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks, bool zero1) {
+  CUMO_CHECK(K >= 1, "--expert-parallel must be >= 1, got ", K);
+  if (K == 1) return;
+  CUMO_CHECK(ranks % K == 0, "--expert-parallel ", K, " with ", ranks, " ranks: the ranks must form whole "
+             "expert-parallel groups (run mpirun -np N with N a multiple of ", K, ")");
+  CUMO_CHECK(c.experts % K == 0 && c.connector_E() % K == 0, "--expert-parallel ", K, ": the ", c.experts,
+             " experts", c.connector_E() != c.experts ? " (" + std::to_string(c.connector_E()) + " in the connector)"
+                                                         : std::string(),
+             " do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
+  CUMO_CHECK(!zero1, "--zero1 with --expert-parallel is not supported (use one or the other)");
+  CUMO_CHECK(!c.llava.vision.s2, "--expert-parallel with S² (two tower passes per batch) is not supported");
+}
 
 // The stage's parameter groups: vision tower, connector, language model; a frozen group gets no update and no state.
 template <class Model>
@@ -226,6 +244,19 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                " != trainer step ", st.step);
     order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
+  // Expert parallelism after any resume too (whole weights and moments → this rank's slices of the experts)
+  std::optional<dist::ExpertDataParallel> ep;
+  if (ro.expert_parallel > 1) {
+    if constexpr (Model::backend_type::device == Device::cpu) {
+      // the same checks on every rank's same configuration: one error everywhere, before any exchange
+      dist::agree_on(comm, [&] { check_expert_parallel(model.config(), ro.expert_parallel, comm.size(), ro.zero1); });
+      ep.emplace(comm, ro.expert_parallel);
+      ep->set_sharded(model.shard_experts(ep->experts()));
+      ep->shard_state(opt);
+    } else {
+      fail(tag, ": --expert-parallel runs on CPU ranks");
+    }
+  }
   // ZeRO-1 after any resume (the checkpoint's moments are whole; this rank keeps its own)
   std::optional<dist::Zero1<backend::Cpu>> zero;
   if (parallel && ro.zero1) {
@@ -279,7 +310,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     if (model.connector_is_sparse()) load.projector.assign(experts, 0);
     for (int mb = 0; mb < M; ++mb) {
       const io::Batch b = it.next();
-      if (b.B == 0) continue;  // a short last batch left this rank nothing; its gradient share is zero
+      if (b.B == 0) {  // a short last batch left this rank nothing; its gradient share is zero
+        if (ep) model.serve_experts();  // but its experts serve the group's other ranks
+        continue;
+      }
       const auto out = model.forward(b.input_ids, b.B, b.T, b.pixels, &b.labels, &b.key_valid, true);
       if (!std::isfinite(out.total))
         fail("training stopped at ", tag, " step ", step + 1, " (micro-batch ", mb, "): the loss is ", out.total,
@@ -310,7 +344,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     if (parallel) {
       // the gradient sum (deterministic: every rank the same bits), then the metrics and the loads over the ranks
       const auto t_comm = clock::now();
-      dist::allreduce_gradients(comm, opt.trainable_parameters());
+      if (ep)
+        ep->reduce_gradients(opt.trainable_parameters());
+      else
+        dist::allreduce_gradients(comm, opt.trainable_parameters());
       std::vector<double> sums{m.loss, m.ce, m.vision_balance, m.vision_z, m.projector_balance, m.projector_z};
       sums.insert(sums.end(), m.vision_balance_l.begin(), m.vision_balance_l.end());
       sums.insert(sums.end(), m.vision_z_l.begin(), m.vision_z_l.end());
@@ -360,8 +397,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                    format_duration(eta).c_str());
     }
   };
-  train_steps(opt, sched, StepLoop{st.step, stop_at, sc.max_grad_norm, ro.stop, parallel ? &comm : nullptr},
-              forward_backward, log);
+  StepLoop loop{st.step, stop_at, sc.max_grad_norm, ro.stop, parallel ? &comm : nullptr, {}};
+  if constexpr (Model::backend_type::device == Device::cpu)
+    if (ep) loop.clip = [&](std::int64_t step) { return ep->clip_gradients(opt, sc.max_grad_norm, step); };
+  train_steps(opt, sched, loop, forward_backward, log);
   bar.finish();
 
   res.step = st.step;
@@ -370,6 +409,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   res.checkpoint = res.finished ? ro.final_dir : ro.partial_dir;
   // Rank 0 writes (every rank holds the same weights and optimizer state); the others learn whether it could.
   if (zero) zero->gather_state();  // a checkpoint holds every moment
+  if (ep) {  // and every expert: the model leaves the stage whole, its checkpoint the single-process one
+    model.unshard_experts();
+    if constexpr (Model::backend_type::device == Device::cpu) ep->gather_state(opt);
+  }
   dist::agree_on(comm, [&] {
     if (comm.rank() == 0 && !res.checkpoint.empty() &&
         (st.step > first_step || ro.resume_dir.empty() || res.checkpoint != ro.resume_dir))

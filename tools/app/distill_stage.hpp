@@ -482,7 +482,7 @@ inline DistillStageResult run_distill_stage(DistillRun& run, const DistillStage&
                         : "",
                    train_s > 0 ? double(tokens) / train_s : 0.0);
   };
-  train_steps(opt, sched, StepLoop{0, st.steps, st.max_grad_norm, nullptr}, forward_backward, log);
+  train_steps(opt, sched, StepLoop{0, st.steps, st.max_grad_norm, nullptr, nullptr, {}}, forward_backward, log);
 
   train::TrainerState ts;
   ts.step = st.steps;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 
 #include "cumo/dist/communicator.hpp"
 #include "cumo/train/optimizer.hpp"
@@ -18,6 +19,9 @@ struct StepLoop {
   double max_grad_norm = 1.0;
   const std::atomic<bool>* stop = nullptr;  // raised asynchronously: finish the step in flight and return
   dist::Communicator* comm = nullptr;       // data parallel: the ranks stop together, when any saw the flag
+  // Replaces train::clip_gradients(opt, max_grad_norm, step) when set (expert parallelism: the norm over every
+  // rank's expert slices, dist::ExpertDataParallel::clip_gradients). Returns the norm before clipping.
+  std::function<float(std::int64_t step)> clip;
 };
 
 // Metrics: the trainer's per-step record, with at least `step`, `lr`, `grad_norm` and `seconds`.
@@ -33,7 +37,8 @@ std::int64_t train_steps(Optimizer& opt, const train::CosineWithWarmup& schedule
     const auto t0 = std::chrono::steady_clock::now();
     opt.zero_grad();
     auto m = forward_backward(step);
-    m.grad_norm = train::clip_gradients(opt, loop.max_grad_norm, step + 1);  // a NaN/Inf gradient stops here
+    // a NaN/Inf gradient stops here
+    m.grad_norm = loop.clip ? loop.clip(step + 1) : train::clip_gradients(opt, loop.max_grad_norm, step + 1);
     m.lr = schedule.lr(step);
     opt.step(m.lr);
     m.step = ++step;

@@ -25,6 +25,24 @@
 
 namespace cumo::dist {
 
+// whole (E, …) ← the group's local (E/K, …) slices in rank order: rank q's slice becomes rows [q·E/K, (q+1)·E/K)
+// (shard_experts' split). Every rank of the group calls it with its own slice; host tensors of one dtype.
+inline void allgather_rows(Communicator& group, const Tensor& local, Tensor& whole) {
+  constexpr const char* where = "dist::allgather_rows";
+  check_device(where, "local", local, Device::cpu);
+  check_device(where, "whole", whole, Device::cpu);
+  check_dtype(where, "whole", whole, local.dtype());
+  CUMO_CHECK(whole.is_contiguous(), where, ": whole (shape ", whole.shape(), ") is not contiguous");
+  Shape want = local.shape();
+  CUMO_CHECK(local.dim() >= 1, where, ": local has shape ", local.shape(), " (expected a leading expert dimension)");
+  want[0] *= group.size();
+  CUMO_CHECK(whole.shape() == want, where, ": whole has shape ", whole.shape(), " but ", group.size(),
+             " slices of shape ", local.shape(), " make ", want);
+  const Tensor mine = local.contiguous();
+  const std::vector<std::int64_t> bytes(std::size_t(group.size()), std::int64_t(mine.nbytes()));
+  group.allgatherv(mine.raw(), std::int64_t(mine.nbytes()), whole.raw(), bytes);
+}
+
 class ExpertExchange {
  public:
   // What one forward's exchange keeps for the backward.

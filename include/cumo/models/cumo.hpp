@@ -255,6 +255,23 @@ class CuMo {
     m_.backward(float(s.lm), vision, projector);
   }
 
+  // ---- expert parallelism (docs/distributed.md) -----------------------------------------------------------
+  // The sparse CLIP layers' and the connector's experts split over `group` (rank r of K keeps experts
+  // [r·E/K, (r+1)·E/K) of each block); returns the sharded parameters, now the local slices. Every rank of the group
+  // calls it, on the same weights. unshard_experts() gathers them back: the whole model on every rank.
+  ParameterList shard_experts(dist::Communicator& group) { return m_.shard_experts(group); }
+  void unshard_experts() { m_.unshard_experts(); }
+  bool experts_sharded() const { return m_.experts_sharded(); }
+  // A data-parallel rank with no rows in a micro-batch: the forward and backward of its sharded blocks on zero
+  // tokens, which the ranks with rows exchange with (no loss, no gradient of its own). The halves apart: where the
+  // ranks with rows run a forward alone (inference), or check something between forward and backward.
+  void serve_experts() {
+    serve_experts_forward();
+    serve_experts_backward();
+  }
+  void serve_experts_forward() { m_.serve_experts_forward(true); }
+  void serve_experts_backward() { m_.serve_experts_backward(); }
+
   // ---- parameters -----------------------------------------------------------------------------------------
   ParameterList parameters() { return m_.parameters(); }
   ParameterList vision_parameters() { return m_.vision_tower.parameters(); }

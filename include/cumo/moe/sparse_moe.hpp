@@ -132,8 +132,19 @@ class SparseMoE {
     const ParameterList whole = experts_.parameters(), mine = local.parameters();
     for (std::size_t i = 0; i < whole.size(); ++i)
       mine[i]->value.copy_from(whole[i]->value.slice(0, ep.first_expert(), ep.first_expert() + ep.local_experts()));
-    experts_ = std::move(local);
+    replace_experts(std::move(local));
     ep_.emplace(std::move(ep));
+  }
+  // The reverse of shard_experts: every rank of the group gets every expert's current weights (an all-gather of
+  // the slices, in rank order) and the block runs alone again. Every rank of the group calls it. The gradients
+  // start over at zero.
+  void unshard_experts() {
+    CUMO_CHECK(ep_, "SparseMoE::unshard_experts: the experts are not sharded");
+    ExpertT whole(num_experts(), hidden(), experts_.ffn(), Backend::device, out_features());
+    const ParameterList mine = experts_.parameters(), all = whole.parameters();
+    for (std::size_t i = 0; i < mine.size(); ++i) dist::allgather_rows(ep_->group(), mine[i]->value, all[i]->value);
+    replace_experts(std::move(whole));
+    ep_.reset();
   }
   bool experts_sharded() const { return ep_.has_value(); }
   const dist::ExpertExchange* expert_exchange() const { return ep_ ? &*ep_ : nullptr; }
@@ -292,6 +303,16 @@ class SparseMoE {
 
  private:
   AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
+  // The experts' parameters are members: their addresses (which optimizers and parameter lists hold) stay, and so
+  // do the names and trainable flags an owner gave them (FeedForward prefixes its name).
+  void replace_experts(ExpertT other) {
+    const ParameterList before = experts_.parameters(), after = other.parameters();
+    for (std::size_t i = 0; i < before.size(); ++i) {
+      after[i]->name = before[i]->name;
+      after[i]->trainable = before[i]->trainable;
+    }
+    experts_ = std::move(other);
+  }
 
   struct Saved {
     bool valid = false;

@@ -180,6 +180,28 @@ class FeedForward {
     return dense().backward(dy);
   }
   const AuxLosses& last_aux() const { return aux_; }
+
+  // ---- expert parallelism of a sparse block (SparseMoE::shard_experts); a dense MLP has nothing to shard ------
+  // Shards the experts over `group` and appends their parameters (now the local slices) to `sharded`.
+  void shard_experts(dist::Communicator& group, ParameterList& sharded) {
+    if (!is_sparse()) return;
+    sparse().shard_experts(group);
+    for (Parameter* p : sparse().experts().parameters()) sharded.push_back(p);
+  }
+  void unshard_experts() {
+    if (experts_sharded()) sparse().unshard_experts();
+  }
+  bool experts_sharded() const { return is_sparse() && sparse().experts_sharded(); }
+  // A rank with no token for this block (no image in its rows) still serves its experts to the group's others: the
+  // block's forward and backward on zero rows, called where a rank with tokens calls forward and backward.
+  void serve_experts_forward(bool training = true) {
+    if (!experts_sharded()) return;
+    forward(sparse().backend().empty({0, sparse().hidden()}), ForwardArgs{1, training});
+  }
+  void serve_experts_backward(AuxLossWeights aux = {}) {
+    if (experts_sharded()) backward(sparse().backend().zeros({0, sparse().out_features()}), aux);
+  }
+
   // Drops what forward() saved for a backward (a sparse block keeps its routing plan, for load()).
   void release_activations() {
     if (is_sparse())

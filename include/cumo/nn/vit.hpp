@@ -6,6 +6,7 @@
 // LLaVA / CuMo take hidden_state_{L+feature_layer+1} (feature_layer −2: the second-to-last) without the CLS row;
 // post_layernorm is loaded and saved but only feeds CLIP's pooled output, which LLaVA never uses.
 // Every encoder MLP is a VisionFFN slot: dense, or a SparseMoE of CLIP MLPs after upcycle().
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -271,14 +272,7 @@ class ClipVision {
                B * N, ", ", H, ")");
     check_device(where, "dfeatures", dfeatures, Backend::device);
     const Tensor df = dfeatures.contiguous().view({B * N, H});
-    const std::int64_t fd = feature_depth();
-    const bool aux_on = aux.balance != 0.f || aux.z != 0.f;
-    std::int64_t top = fd;
-    for (std::int64_t l = ran_ - 1; l >= fd; --l)
-      if (aux_on && layers[std::size_t(l)].mlp.is_sparse()) {
-        top = l + 1;
-        break;
-      }
+    const std::int64_t fd = feature_depth(), top = backward_top(aux);
     Tensor dh = be_.zeros({B * T, H});  // d hidden_state_top
     for (std::int64_t l = top; l >= 0; --l) {
       if (l == fd) be_.add_blocks(df, 0, N * H, dh, H, T * H, N * H, B);  // the features' gradient, past each CLS row
@@ -306,6 +300,29 @@ class ClipVision {
     const float* pdc = host.data<float>();
     for_each_patch_pixel(B, [&](std::int64_t col, std::int64_t pix) { pd[pix] = pdc[col]; });
     return dpx;
+  }
+
+  // ---- expert parallelism (SparseMoE::shard_experts over `group`, every sparse layer) --------------------------
+  // Returns the sharded parameters (the local slices). Every rank of the group calls it.
+  ParameterList shard_experts(dist::Communicator& group) {
+    ParameterList sharded;
+    for (auto& layer : layers) layer.mlp.shard_experts(group, sharded);
+    return sharded;
+  }
+  void unshard_experts() {
+    for (auto& layer : layers) layer.mlp.unshard_experts();
+  }
+  bool experts_sharded() const {
+    return std::any_of(layers.begin(), layers.end(), [](const auto& l) { return l.mlp.experts_sharded(); });
+  }
+  // A rank without images in a batch: every sharded layer's block runs on zero tokens, in the order forward(…,
+  // all_layers) and then backward(…, aux) call them on a rank with images, so that the group's exchanges pair up.
+  void serve_experts_forward(bool all_layers = true) {
+    ran_ = all_layers ? cfg_.layers : feature_depth();
+    for (std::int64_t l = 0; l < ran_; ++l) layers[std::size_t(l)].mlp.serve_experts_forward();
+  }
+  void serve_experts_backward(AuxLossWeights aux = {}) {
+    for (std::int64_t l = backward_top(aux); l > 0; --l) layers[std::size_t(l - 1)].mlp.serve_experts_backward(aux);
   }
 
   // Aux losses of every sparse encoder layer in the last forward (empty when all are dense).
@@ -337,6 +354,17 @@ class ClipVision {
             for (std::int64_t i = 0; i < P; ++i)
               for (std::int64_t j = 0; j < P; ++j)
                 f((b * N + gy * G + gx) * K + (ch * P + i) * P + j, ((b * c.channels + ch) * S + gy * P + i) * S + gx * P + j);
+  }
+
+  // The backward runs layers [0, top): up to the feature layer, and on through the last sparse layer that ran when
+  // its aux losses carry weight. With sharded experts always through it: whether a rank's aux weights are zero
+  // depends on its images (a rank without any weights them 0), and every rank of the group must call the same blocks.
+  std::int64_t backward_top(AuxLossWeights aux) const {
+    const std::int64_t fd = feature_depth();
+    const bool aux_on = aux.balance != 0.f || aux.z != 0.f || experts_sharded();
+    for (std::int64_t l = ran_ - 1; l >= fd; --l)
+      if (aux_on && layers[std::size_t(l)].mlp.is_sparse()) return l + 1;
+    return fd;
   }
 
   VisionConfig cfg_;

@@ -66,10 +66,10 @@ inline void adamw_step(const std::vector<backend::AdamWSlot>& slots, const backe
     }
 }
 
-// ‖(g_1, …, g_n)‖₂ as a (1,) f32 tensor: Σ g² in double over kNormChunk-element chunks of each gradient (all chunks
-// of all gradients in one parallel loop), the chunk sums added in order per gradient, then over the gradients in
-// order — the same sums for any thread count (backend/cuda/optim.cuh chunks alike).
-inline Tensor grad_norm(const std::vector<Tensor>& grads) {
+// Σ g² over every element of (g_1, …, g_n), in double: kNormChunk-element chunks of each gradient (all chunks of all
+// gradients in one parallel loop), the chunk sums added in order per gradient, then over the gradients in order —
+// the same sums for any thread count (backend/cuda/optim.cuh chunks alike).
+inline double sum_of_squares(const std::vector<Tensor>& grads) {
   const std::vector<Piece> pieces =
       pieces_of(grads.size(), [&](std::size_t t) { return grads[t].numel(); }, kNormChunk);
   std::vector<double> partial(pieces.size(), 0.0);
@@ -86,8 +86,13 @@ inline Tensor grad_norm(const std::vector<Tensor>& grads) {
       tensor_sum = 0;
     }
   }
+  return ss;
+}
+
+// ‖(g_1, …, g_n)‖₂ as a (1,) f32 tensor (sum_of_squares' sum).
+inline Tensor grad_norm(const std::vector<Tensor>& grads) {
   Tensor out = Tensor::empty({1});
-  out.data<float>()[0] = float(std::sqrt(ss));
+  out.data<float>()[0] = float(std::sqrt(sum_of_squares(grads)));
   return out;
 }
 
@@ -95,6 +100,18 @@ inline Tensor grad_norm(const std::vector<Tensor>& grads) {
 inline float clip_coefficient(float total_norm, double max_norm) {
   const float coef = (1.f / (total_norm + float(1e-6))) * float(max_norm);
   return coef < 1.f ? coef : 1.f;
+}
+
+// g ← coef · g for every gradient (coef = 1 skips the pass: g * 1.0f == g bit for bit).
+inline void scale_gradients(const std::vector<Tensor>& grads, float coef) {
+  if (coef == 1.f) return;
+  const std::vector<Piece> pieces =
+      pieces_of(grads.size(), [&](std::size_t t) { return grads[t].numel(); }, kNormChunk);
+  parallel_for_dynamic(std::int64_t(pieces.size()), [&](std::int64_t i) {
+    const Piece& pc = pieces[std::size_t(i)];
+    float* p = grads[pc.tensor].data<float>();
+    for (std::int64_t j = pc.begin; j < pc.end; ++j) p[j] *= coef;
+  }, numel_of(pieces));
 }
 
 // Scales `grads` so that their global norm is at most max_norm; returns {norm before clipping, coefficient} (2,)
@@ -107,14 +124,7 @@ inline Tensor clip_grad_norm(const std::vector<Tensor>& grads, double max_norm) 
   if (!std::isfinite(total)) return out;
   const float coef = clip_coefficient(total, max_norm);
   out.data<float>()[1] = coef;
-  if (coef == 1.f) return out;  // g * 1.0f == g bit for bit: skip the pass
-  const std::vector<Piece> pieces =
-      pieces_of(grads.size(), [&](std::size_t t) { return grads[t].numel(); }, kNormChunk);
-  parallel_for_dynamic(std::int64_t(pieces.size()), [&](std::int64_t i) {
-    const Piece& pc = pieces[std::size_t(i)];
-    float* p = grads[pc.tensor].data<float>();
-    for (std::int64_t j = pc.begin; j < pc.end; ++j) p[j] *= coef;
-  }, numel_of(pieces));
+  scale_gradients(grads, coef);
   return out;
 }
 
