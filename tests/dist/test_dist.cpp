@@ -187,6 +187,57 @@ TEST_CASE("dist: allreduce_sum is the left fold over ranks in rank order, bitwis
   CHECK(ints[1] == -N);
 }
 
+TEST_CASE("dist: alltoallv_pieces moves scattered pieces in order, the engine's and the staged default alike") {
+  // rank r sends to q the values r·1000 + q·100 + i, i < 3 + r + q, as pieces of 1, 2, 1, … values scattered over
+  // its send buffer (in reverse order of q) and receives them into pieces scattered over its receive buffer
+  const int N = comm().size(), r = comm().rank();
+  auto count = [](int from, int to) { return 3 + from + to; };
+  auto split = [](int n) {  // piece lengths 1, 2, 1, 2, … (and an empty piece first: engines must accept it)
+    std::vector<int> len{0};
+    for (int left = n, k = 0; left > 0; ++k) {
+      len.push_back(std::min(left, 1 + k % 2));
+      left -= len.back();
+    }
+    return len;
+  };
+  std::vector<std::vector<dist::Segment>> send_pieces(static_cast<std::size_t>(N)), recv_pieces(static_cast<std::size_t>(N));
+  std::vector<float> send, recv;
+  std::int64_t gap = 0;
+  for (int q = N - 1; q >= 0; --q) {  // the send buffer holds q's values last-to-first ranks, with gaps
+    int i = 0;
+    for (int len : split(count(r, q))) {
+      send.push_back(-1.f);  // a gap nobody sends
+      send_pieces[std::size_t(q)].push_back({std::int64_t(send.size()) * 4, std::int64_t(len) * 4});
+      for (int j = 0; j < len; ++j) send.push_back(float(r * 1000 + q * 100 + i++));
+    }
+  }
+  for (int q = 0; q < N; ++q)
+    for (int len : split(count(q, r))) {
+      recv_pieces[std::size_t(q)].push_back({(std::int64_t(recv.size()) + 1) * 4, std::int64_t(len) * 4});
+      recv.insert(recv.end(), std::size_t(len) + 1, -2.f);
+      gap += 1;
+    }
+  for (const bool staged : {false, true}) {
+    CAPTURE(staged);
+    std::vector<float> got(recv.size(), -2.f);
+    if (staged)
+      comm().Communicator::alltoallv_pieces(send.data(), send_pieces, got.data(), recv_pieces);
+    else
+      comm().alltoallv_pieces(send.data(), send_pieces, got.data(), recv_pieces);
+    std::int64_t untouched = 0, wrong = 0;
+    std::size_t at = 0;
+    for (int q = 0; q < N; ++q) {
+      int i = 0;
+      for (int len : split(count(q, r))) {
+        untouched += got[at++] == -2.f;  // the gap before each piece stays as it was
+        for (int j = 0; j < len; ++j) wrong += got[at++] != float(q * 1000 + r * 100 + i++);
+      }
+    }
+    CHECK(wrong == 0);
+    CHECK(untouched == gap);
+  }
+}
+
 TEST_CASE("dist: agree turns one rank's failure into the same error on every rank, check_same names the ranks") {
   const int last = comm().size() - 1;
   CHECK_NOTHROW(dist::agree(comm(), ""));

@@ -45,6 +45,11 @@ class AgreedError : public Error {
 
 enum class ReduceOp { sum, min, max };
 
+// `bytes` bytes at byte `offset` of a buffer: one piece of a scattered send or receive (alltoallv_pieces).
+struct Segment {
+  std::int64_t offset = 0, bytes = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -57,6 +62,39 @@ class Communicator {
   // recv[roff_q, …) (offsets: prefix sums of the counts). Zero counts are allowed.
   virtual void alltoallv(const void* send, std::span<const std::int64_t> send_bytes, void* recv,
                          std::span<const std::int64_t> recv_bytes) = 0;
+  // alltoallv over scattered buffers: what this rank sends to q is the concatenation of send_pieces[q] (pieces of
+  // `send`, in order), and what it receives from q fills recv_pieces[q] (pieces of `recv`, in order); the bytes q
+  // sends here must equal the bytes of recv_pieces[q]. The expert-parallel exchange receives rows straight into
+  // expert-major order this way. This default stages through contiguous buffers around alltoallv; an engine that
+  // can move the pieces in place overrides it (MPI: indexed datatypes, no staging copies).
+  virtual void alltoallv_pieces(const void* send, std::span<const std::vector<Segment>> send_pieces, void* recv,
+                                std::span<const std::vector<Segment>> recv_pieces) {
+    const auto ranks = std::size_t(size());
+    CUMO_CHECK(send_pieces.size() == ranks && recv_pieces.size() == ranks, "Communicator::alltoallv_pieces: ",
+               send_pieces.size(), " send and ", recv_pieces.size(), " receive lists for ", ranks, " ranks");
+    std::vector<std::int64_t> send_bytes(ranks, 0), recv_bytes(ranks, 0);
+    std::int64_t sent = 0, received = 0;
+    for (std::size_t q = 0; q < ranks; ++q) {
+      for (const Segment& p : send_pieces[q]) send_bytes[q] += p.bytes;
+      for (const Segment& p : recv_pieces[q]) recv_bytes[q] += p.bytes;
+      sent += send_bytes[q];
+      received += recv_bytes[q];
+    }
+    std::vector<char> packed(static_cast<std::size_t>(sent)), unpacked(static_cast<std::size_t>(received));
+    std::int64_t at = 0;
+    for (std::size_t q = 0; q < ranks; ++q)
+      for (const Segment& p : send_pieces[q]) {
+        if (p.bytes > 0) std::memcpy(packed.data() + at, static_cast<const char*>(send) + p.offset, std::size_t(p.bytes));
+        at += p.bytes;
+      }
+    alltoallv(packed.data(), send_bytes, unpacked.data(), recv_bytes);
+    at = 0;
+    for (std::size_t q = 0; q < ranks; ++q)
+      for (const Segment& p : recv_pieces[q]) {
+        if (p.bytes > 0) std::memcpy(static_cast<char*>(recv) + p.offset, unpacked.data() + at, std::size_t(p.bytes));
+        at += p.bytes;
+      }
+  }
   // Every rank contributes `bytes`; recv holds rank q's contribution at the prefix sum of recv_bytes[0..q).
   virtual void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) = 0;
   virtual void broadcast(void* data, std::int64_t bytes, int root) = 0;

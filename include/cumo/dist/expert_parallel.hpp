@@ -4,10 +4,11 @@
 // and each permuted row travels to the rank that holds its expert and back (SparseMoE::shard_experts):
 //
 //   xs (rows, H), expert-sorted over all E ─ counts per expert → their owners (all-to-all of E/K counts each)
-//            ─ rows → their owners (all-to-all-v; rank q's rows are contiguous: its experts are)   source-major
-//            ─ permute to expert-major                                      → xs_local (rows_local, H)
+//            ─ rows → their owners, received straight into expert-major order: source q's rows for local
+//              expert e land after every earlier source's rows for e (Communicator::alltoallv_pieces; rank q's
+//              rows are contiguous on the sender: its experts are)        → xs_local (rows_local, H)
 //   local experts as in one process                                         → out_local (rows_local, O)
-//   the reverse permutation and all-to-all-v                                → out (rows, O), in xs's order
+//   the same pieces back                                                    → out (rows, O), in xs's order
 //
 // The backward sends d out the same way and d xs back. Dropless, host (CPU) memory; the order of every row is a
 // function of the routing alone, so the exchange is deterministic. A rank that receives no row runs its experts on
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "cumo/core/error.hpp"
@@ -48,9 +50,12 @@ class ExpertExchange {
   // What one forward's exchange keeps for the backward.
   struct Saved {
     std::vector<std::int64_t> send_rows, recv_rows;  // (K) rows to / from each rank
-    std::vector<std::int64_t> order;                 // expert-major position i ← source-major row order[i]
-    DispatchPlan local;                              // the local experts' plan (host offsets over E/K experts)
-    Tensor xs_local;                                 // (rows_local, H)
+    // (K sources × E/K local experts): rows from source q for local expert e, and where they start in the
+    // expert-major local order
+    std::vector<std::int64_t> block_rows, block_at;
+    std::int64_t rows_local = 0;
+    DispatchPlan local;  // the local experts' plan (host offsets over E/K experts)
+    Tensor xs_local;     // (rows_local, H)
   };
 
   ExpertExchange(Communicator& group, int experts) : group_(&group), experts_(experts) {
@@ -82,34 +87,27 @@ class ExpertExchange {
 
     s.send_rows.assign(ranks, 0);
     s.recv_rows.assign(ranks, 0);
+    s.block_rows.assign(theirs.begin(), theirs.end());
     for (int q = 0; q < K; ++q)
       for (int e = 0; e < El; ++e) {
         s.send_rows[std::size_t(q)] += mine[std::size_t(q * El + e)];
         s.recv_rows[std::size_t(q)] += theirs[std::size_t(q * El + e)];
       }
-    // expert-major order of the received (source-major) rows, and the local plan
-    std::vector<std::int64_t> src_start(ranks + 1, 0);
-    for (int q = 0; q < K; ++q) src_start[std::size_t(q + 1)] = src_start[std::size_t(q)] + s.recv_rows[std::size_t(q)];
-    std::vector<std::int64_t> block(std::size_t(K * El));  // where (source q, expert e)'s rows start, source-major
-    for (int q = 0; q < K; ++q) {
-      std::int64_t at = src_start[std::size_t(q)];
-      for (int e = 0; e < El; ++e) {
-        block[std::size_t(q * El + e)] = at;
-        at += theirs[std::size_t(q * El + e)];
-      }
-    }
-    s.order.clear();
-    s.order.reserve(std::size_t(src_start[ranks]));
+    // expert-major order: local expert e's rows are source 0's, then source 1's, …; the local plan over them
+    s.block_at.assign(std::size_t(K * El), 0);
     s.local = {};
     s.local.experts = El;
     s.local.host_offsets.assign(std::size_t(El + 1), 0);
+    std::int64_t at = 0;
     for (int e = 0; e < El; ++e) {
-      for (int q = 0; q < K; ++q)
-        for (std::int64_t j = 0; j < theirs[std::size_t(q * El + e)]; ++j)
-          s.order.push_back(block[std::size_t(q * El + e)] + j);
-      s.local.host_offsets[std::size_t(e + 1)] = std::int64_t(s.order.size());
+      for (int q = 0; q < K; ++q) {
+        s.block_at[std::size_t(q * El + e)] = at;
+        at += theirs[std::size_t(q * El + e)];
+      }
+      s.local.host_offsets[std::size_t(e + 1)] = at;
     }
-    s.local.tokens = std::int64_t(s.order.size());
+    s.rows_local = at;
+    s.local.tokens = at;
     s.local.top_k = 1;  // rows() = host_offsets.back(); the local plan's rows are the received ones
     s.xs_local = to_local(xs, s);
   }
@@ -117,57 +115,49 @@ class ExpertExchange {
   // Rows in the sending order (rows, W) → the owners' expert-major order (rows_local, W): xs, and d out.
   Tensor to_local(const Tensor& rows, const Saved& s) const {
     const std::int64_t W = rows.size(1);
-    Tensor& received = workspace(std::int64_t(s.order.size()), W);  // (rows_local, W) source-major
-    group_->alltoallv(rows.contiguous().data<float>(), bytes(s.send_rows, W), received.data<float>(),
-                      bytes(s.recv_rows, W));
-    Tensor local = Tensor::empty({std::int64_t(s.order.size()), W});  // (rows_local, W) expert-major
-    permute(received, s.order, local, false);
+    const Tensor sent = rows.contiguous();
+    Tensor local = Tensor::empty({s.rows_local, W});  // (rows_local, W) expert-major
+    const auto [contiguous, blocks] = pieces(s, W);
+    group_->alltoallv_pieces(sent.data<float>(), contiguous, local.data<float>(), blocks);
     return local;
   }
 
   // The owners' rows (rows_local, W) → back to the senders, in the sending order (rows, W): out, and d xs.
   Tensor to_senders(const Tensor& local, const Saved& s) const {
     const std::int64_t W = local.size(1);
-    CUMO_CHECK(local.dim() == 2 && local.size(0) == std::int64_t(s.order.size()), "ExpertExchange::to_senders: ",
-               "local rows have shape ", local.shape(), " but ", s.order.size(), " rows were received");
-    Tensor& source_major = workspace(std::int64_t(s.order.size()), W);  // (rows_local, W)
-    permute(local.contiguous(), s.order, source_major, true);
+    CUMO_CHECK(local.dim() == 2 && local.size(0) == s.rows_local, "ExpertExchange::to_senders: local rows have "
+               "shape ", local.shape(), " but ", s.rows_local, " rows were received");
     std::int64_t rows = 0;
     for (std::int64_t r : s.send_rows) rows += r;
+    const Tensor held = local.contiguous();
     Tensor back = Tensor::empty({rows, W});  // (rows, W)
-    group_->alltoallv(source_major.data<float>(), bytes(s.recv_rows, W), back.data<float>(), bytes(s.send_rows, W));
+    const auto [contiguous, blocks] = pieces(s, W);
+    group_->alltoallv_pieces(held.data<float>(), blocks, back.data<float>(), contiguous);
     return back;
   }
 
  private:
-  static std::vector<std::int64_t> bytes(const std::vector<std::int64_t>& rows, std::int64_t width) {
-    std::vector<std::int64_t> b;
-    for (std::int64_t r : rows) b.push_back(r * width * std::int64_t(sizeof(float)));
-    return b;
-  }
-  // inverse = false: dst[i] = src[order[i]]; true: dst[order[i]] = src[i].
-  static void permute(const Tensor& src, const std::vector<std::int64_t>& order, Tensor& dst, bool inverse) {
-    const std::int64_t W = src.size(1);
-    const float* a = src.data<float>();
-    float* b = dst.data<float>();
-    for (std::size_t i = 0; i < order.size(); ++i) {
-      const std::int64_t from = inverse ? std::int64_t(i) : order[i], to = inverse ? order[i] : std::int64_t(i);
-      std::memcpy(b + to * W, a + from * W, std::size_t(W) * sizeof(float));
+  // The two sides of an exchange of W-wide fp32 rows, per rank q: the contiguous run of the sending order that
+  // goes to (or comes from) q, and q's blocks in the expert-major local order (one per local expert).
+  std::pair<std::vector<std::vector<Segment>>, std::vector<std::vector<Segment>>> pieces(const Saved& s,
+                                                                                         std::int64_t W) const {
+    const int K = group_->size(), El = local_experts();
+    const std::int64_t row = W * std::int64_t(sizeof(float));
+    std::vector<std::vector<Segment>> contiguous(static_cast<std::size_t>(K)), blocks(static_cast<std::size_t>(K));
+    std::int64_t at = 0;
+    for (int q = 0; q < K; ++q) {
+      contiguous[std::size_t(q)].push_back({at * row, s.send_rows[std::size_t(q)] * row});
+      at += s.send_rows[std::size_t(q)];
+      for (int e = 0; e < El; ++e) {
+        const auto i = std::size_t(q * El + e);
+        blocks[std::size_t(q)].push_back({s.block_at[i] * row, s.block_rows[i] * row});
+      }
     }
-  }
-
-  // The exchange's scratch rows, kept across calls: a fresh buffer of this size each call costs more in page
-  // faults than the copy into it (measured: bench_ep_dispatch).
-  Tensor& workspace(std::int64_t rows, std::int64_t width) const {
-    if (!scratch_.defined() || scratch_.numel() < std::max<std::int64_t>(rows * width, 1))
-      scratch_ = Tensor::empty({std::max<std::int64_t>(rows * width, 1)});
-    view_ = scratch_.slice(0, 0, rows * width).view({rows, width});
-    return view_;
+    return {std::move(contiguous), std::move(blocks)};
   }
 
   Communicator* group_;
   int experts_;
-  mutable Tensor scratch_, view_;  // (capacity,) and its (rows, width) view of the current call
 };
 
 }  // namespace cumo::dist

@@ -89,6 +89,60 @@ class MpiCommunicator final : public Communicator {
                                      comm_, &r));
     wait(r, "alltoallv");
   }
+  // The pieces move in place: one hindexed datatype per peer and side, one MPI_Ialltoallw (MPI copies this rank's
+  // own pieces directly, piece to piece).
+  void alltoallv_pieces(const void* send, std::span<const std::vector<Segment>> send_pieces, void* recv,
+                        std::span<const std::vector<Segment>> recv_pieces) override {
+    constexpr const char* what = "alltoallv_pieces";
+    CUMO_CHECK(std::int64_t(send_pieces.size()) == size_ && std::int64_t(recv_pieces.size()) == size_,
+               "MpiCommunicator::", what, ": ", send_pieces.size(), " send and ", recv_pieces.size(),
+               " receive lists for ", size_, " ranks");
+    check_usable(what);
+    const auto n = std::size_t(size_);
+    std::vector<MPI_Datatype> types;  // freed on every path
+    auto release = [&] {
+      for (MPI_Datatype& t : types) MPI_Type_free(&t);
+      types.clear();
+    };
+    auto make_type = [&](const std::vector<Segment>& pieces, int& count) {
+      std::vector<int> lengths;
+      std::vector<MPI_Aint> offsets;
+      std::int64_t total = 0;
+      for (const Segment& p : pieces)
+        if (p.bytes > 0) {
+          lengths.push_back(to_int(what, p.bytes));
+          offsets.push_back(MPI_Aint(p.offset));
+          total += p.bytes;
+        }
+      to_int(what, total);
+      count = lengths.empty() ? 0 : 1;
+      MPI_Datatype t = MPI_BYTE;
+      if (lengths.empty()) return t;
+      if (MPI_Type_create_hindexed(int(lengths.size()), lengths.data(), offsets.data(), MPI_BYTE, &t) != MPI_SUCCESS ||
+          MPI_Type_commit(&t) != MPI_SUCCESS) {
+        release();
+        fail("MpiCommunicator::", what, ": could not build an indexed datatype of ", lengths.size(), " pieces");
+      }
+      types.push_back(t);
+      return t;
+    };
+    std::vector<int> sc(n), rc(n), zero(n, 0);
+    std::vector<MPI_Datatype> st(n), rt(n);
+    try {
+      for (std::size_t q = 0; q < n; ++q) {
+        st[q] = make_type(send_pieces[q], sc[q]);
+        rt[q] = make_type(recv_pieces[q], rc[q]);
+      }
+      MPI_Request r;
+      call(what, MPI_Ialltoallw(send, sc.data(), zero.data(), st.data(), recv, rc.data(), zero.data(), rt.data(),
+                                comm_, &r));
+      wait(r, what);
+    } catch (...) {
+      release();
+      throw;
+    }
+    release();
+  }
   void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) override {
     const auto rc = counts("allgatherv", recv_bytes);
     const auto rd = displacements("allgatherv", rc);
