@@ -20,6 +20,7 @@
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
 #               job ends with the timeout's message
+#   expert_dead, expert_hang  the same two faults with --expert-parallel 2
 set -uo pipefail
 train=$1
 read -r -a mpirun <<<"$2"
@@ -166,7 +167,11 @@ mismatch)
   ((SECONDS - start < 60)) || fail "took $((SECONDS - start)) s"
   echo "PASS [mismatch]"
   ;;
-dead | hang)
+dead | hang | expert_dead | expert_hang)
+  # expert_*: the same faults with the experts split over the two ranks (the survivor waits in a row exchange or
+  # in the gradient sum)
+  extra=()
+  [[ $case == expert_* ]] && extra=(--expert-parallel 2)
   rm -rf dpk dpk.log
   python3 - <<'EOF'
 import json
@@ -177,14 +182,14 @@ EOF
   export CUMO_COMM_TIMEOUT=5
   start=$SECONDS
   "${mpirun[@]}" -np 2 "$train" --config dp_long.json --stage 3 --from run/stage2 --out dpk --log-every 1 \
-    >dpk.log 2>&1 &
+    "${extra[@]}" >dpk.log 2>&1 &
   job=$!
   # wait until both ranks train (rank 0 logs steps), then pick the rank that is not the first child
   for _ in $(seq 200); do grep -q "stage 3 step 2/" dpk.log 2>/dev/null && break; sleep 0.1; done
   ranks=($(pgrep -f "dp_long.json" | while read -r p; do [ "$(cat /proc/$p/comm)" = cumo_train ] && echo $p; done))
   ((${#ranks[@]} == 2)) || { kill -9 $job; fail "expected 2 training ranks, found ${#ranks[@]}: $(cat dpk.log)"; }
   victim=${ranks[1]}
-  if [ "$case" = dead ]; then kill -9 "$victim"; else kill -STOP "$victim"; fi
+  if [[ $case == *dead ]]; then kill -9 "$victim"; else kill -STOP "$victim"; fi
   t0=$SECONDS
   while kill -0 $job 2>/dev/null && ((SECONDS - t0 < 60)); do sleep 0.2; done
   kill -0 $job 2>/dev/null && { kill -9 $job "$victim"; fail "the job did not end within 60 s of the fault"; }
@@ -193,7 +198,7 @@ EOF
   kill -9 "$victim" 2>/dev/null
   tail -5 dpk.log
   [ $status -ne 0 ] || fail "the job ended with status 0"
-  if [ "$case" = hang ]; then
+  if [[ $case == *hang ]]; then
     grep -q "did not complete within 5 s" dpk.log || fail "no timeout message"
   fi
   echo "PASS [$case] (ended $((SECONDS - t0)) s after the fault, status $status)"
