@@ -181,6 +181,8 @@ inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks,
              " experts", c.connector_E() != c.experts ? " (" + std::to_string(c.connector_E()) + " in the connector)"
                                                          : std::string(),
              " do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
+  CUMO_CHECK(c.llava.text.experts % K == 0, "--expert-parallel ", K, ": the language model's ", c.llava.text.experts,
+             " experts do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
   CUMO_CHECK(!zero1, "--zero1 with --expert-parallel is not supported (use one or the other)");
   CUMO_CHECK(!c.llava.vision.s2, "--expert-parallel with S² (two tower passes per batch) is not supported");
 }

@@ -19,8 +19,8 @@ namespace cumo::parity {
 using Runner = std::function<void(const io::SafeTensors&, const nlohmann::json&, Report&)>;
 
 // `expert_parallel`: the group the sparse blocks' experts are sharded over (cumo_parity --expert-parallel K); the
-// block kinds and the CuMo model run sharded; the other model kinds are skipped, visibly (the dense ones have no
-// experts; the Mixtral decoder's and LLaVA-MoD's sparse blocks are not sharded inside their models).
+// block kinds, the CuMo model and the Mixtral decoder run sharded; the other model kinds are skipped, visibly (the
+// dense ones have no experts; LLaVA-MoD's distillation run does not shard its student's blocks).
 template <class B>
 std::map<std::string, Runner> runners(dist::Communicator* expert_parallel = nullptr) {
   std::map<std::string, Runner> t{
@@ -29,7 +29,7 @@ std::map<std::string, Runner> runners(dist::Communicator* expert_parallel = null
       {"clip_vision", run_clip_vision<B>},
       {"mistral", run_mistral<B>},
       {"qwen2", run_qwen2<B>},
-      {"mixtral", run_mixtral<B>},
+      {"mixtral", [=](const io::SafeTensors& f, const nlohmann::json& c, Report& r) { run_mixtral<B>(f, c, r, expert_parallel); }},
       {"llava", run_llava<B>},
       {"cumo", [=](const io::SafeTensors& f, const nlohmann::json& c, Report& r) { run_cumo<B>(f, c, r, expert_parallel); }},
       // on a device the LLaVA-MoD losses run on host copies of the logits, the models on the device
@@ -37,11 +37,11 @@ std::map<std::string, Runner> runners(dist::Communicator* expert_parallel = null
   };
   if (expert_parallel)
     for (auto& [kind, run] : t)
-      if (kind != "moe_mlp" && kind != "moe_swiglu" && kind != "cumo")
+      if (kind != "moe_mlp" && kind != "moe_swiglu" && kind != "cumo" && kind != "mixtral")
         run = [](const io::SafeTensors&, const nlohmann::json&, Report& r) {
           if (r.prefix.empty())  // rank 0 says it once
-            std::printf("  SKIPPED: --expert-parallel runs the sparse block kinds (moe_mlp, moe_swiglu) and the CuMo "
-                        "model; this model does not shard its blocks\n");
+            std::printf("  SKIPPED: --expert-parallel runs the sparse block kinds (moe_mlp, moe_swiglu), the CuMo "
+                        "model and the Mixtral decoder; this kind does not shard its blocks\n");
           ++r.skipped;
         };
   return t;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -47,24 +48,54 @@ inline double abs_error(const Tensor& a, const Tensor& b) {
 // error means nothing there. Such a tensor (the fixture's norm below 1e-6) is checked in absolute terms instead.
 inline constexpr double kNoiseNorm = 1e-6, kNoiseAbsTol = 1e-5;
 
-inline void check_grads(const ParameterList& params, const io::SafeTensors& f, Report& r) {
+// `want(p, whole)`: the part of the fixture's whole gradient this rank's parameter holds (its slice when its experts
+// are sharded: cumo_parity --expert-parallel), by default all of it.
+inline Tensor whole_gradient(const Parameter&, const Tensor& whole) { return whole; }
+
+template <class Want = decltype(&whole_gradient)>
+void check_grads(const ParameterList& params, const io::SafeTensors& f, Report& r, Want want = &whole_gradient) {
   for (Parameter* p : params) {
     const std::string name = "grad." + p->name;
-    if (f.contains(name) && norm(f.get_f32(name)) < kNoiseNorm)
-      r.record(name + " (zero in exact math)", abs_error(p->grad, f.get_f32(name)), kNoiseAbsTol, "abs");
-    else if (f.contains(name))
-      r.check(name, p->grad, f.get_f32(name), kGradTol);
+    const Tensor w = f.contains(name) ? want(*p, f.get_f32(name)) : Tensor();
+    if (w.defined() && norm(w) < kNoiseNorm)
+      r.record(name + " (zero in exact math)", abs_error(p->grad, w), kNoiseAbsTol, "abs");
+    else if (w.defined())
+      r.check(name, p->grad, w, kGradTol);
     else
       r.check(name + " (none in PyTorch: must be 0)", p->grad, Tensor::zeros(p->grad.shape()), 0.0);
   }
 }
 
+// `ep` (cumo_parity --expert-parallel K, a Mixtral fixture): the sparse layers' experts sharded over the group.
+// Rank 0 holds the fixture's batch and checks the outputs and the replicated gradients; the other ranks serve their
+// experts through its forward and backward; every rank checks its slice of the expert gradients.
 template <class Backend>
-void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report& r, dist::Communicator* ep = nullptr) {
   const nn::DecoderConfig c = nn::DecoderConfig::from_json(config);
   ParameterStorageScope storage(r.storage());
   nn::DecoderLM<Backend> m(c);
   load(m.parameters(), f);
+  std::unordered_set<const Parameter*> sharded;
+  if (ep) {
+    if constexpr (Backend::device == Device::cpu) {
+      for (const Parameter* p : m.shard_experts(*ep)) sharded.insert(p);
+    } else {
+      fail("--expert-parallel runs on the CPU backend");
+    }
+  }
+  if (ep && ep->rank() != 0) {  // serve rank 0's batch; check this rank's slices
+    m.serve_experts_forward();
+    if (r.inference()) return r.no_gradients();
+    m.serve_experts_backward();
+    ParameterList mine;
+    for (Parameter* p : m.parameters())
+      if (sharded.count(p)) mine.push_back(p);
+    check_grads(mine, f, r, [&](const Parameter& p, const Tensor& whole) {
+      const std::int64_t n = p.value.size(0), first = ep->rank() * n;
+      return whole.slice(0, first, first + n).contiguous();
+    });
+    return;
+  }
   const int depth = int(4 * c.layers + 2);  // embedding, (q|k|v → o, up|gate → down) per layer, head
   const Tensor ids_t = f.get("input.input_ids");
   const std::int64_t B = ids_t.size(0), T = ids_t.size(1);
@@ -81,7 +112,11 @@ void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report&
   }
   if (r.inference()) return r.no_gradients();
   m.backward_all();
-  check_grads(m.parameters(), f, r);
+  check_grads(m.parameters(), f, r, [&](const Parameter& p, const Tensor& whole) {
+    if (!sharded.count(&p)) return whole;
+    const std::int64_t n = p.value.size(0);  // rank 0's slice: the first n experts
+    return whole.slice(0, 0, n).contiguous();
+  });
 }
 
 }  // namespace detail
@@ -123,8 +158,8 @@ void run_qwen2(const io::SafeTensors& f, const nlohmann::json& config, Report& r
   detail::run_decoder<Backend>(f, config, r);
 }
 template <class Backend = backend::Cpu>
-void run_mixtral(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
-  detail::run_decoder<Backend>(f, config, r);
+void run_mixtral(const io::SafeTensors& f, const nlohmann::json& config, Report& r, dist::Communicator* ep = nullptr) {
+  detail::run_decoder<Backend>(f, config, r, ep);
 }
 
 template <class Backend = backend::Cpu>

@@ -256,9 +256,10 @@ class CuMo {
   }
 
   // ---- expert parallelism (docs/distributed.md) -----------------------------------------------------------
-  // The sparse CLIP layers' and the connector's experts split over `group` (rank r of K keeps experts
-  // [r·E/K, (r+1)·E/K) of each block); returns the sharded parameters, now the local slices. Every rank of the group
-  // calls it, on the same weights. unshard_experts() gathers them back: the whole model on every rank.
+  // The experts of every sparse block — CLIP layers, connector, a Mixtral language model's layers — split over
+  // `group` (rank r of K keeps experts [r·E/K, (r+1)·E/K) of each block); returns the sharded parameters, now the
+  // local slices. Every rank of the group calls it, on the same weights. unshard_experts() gathers them back: the
+  // whole model on every rank.
   ParameterList shard_experts(dist::Communicator& group) { return m_.shard_experts(group); }
   void unshard_experts() { m_.unshard_experts(); }
   bool experts_sharded() const { return m_.experts_sharded(); }

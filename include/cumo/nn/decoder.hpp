@@ -233,6 +233,30 @@ class DecoderLM {
     return p;
   }
 
+  // ---- expert parallelism: every sparse layer's experts over `group` (SparseMoE::shard_experts) -------------
+  // Returns the sharded parameters (the local slices). Every rank of the group calls it, on the same weights.
+  ParameterList shard_experts(dist::Communicator& group) {
+    ParameterList sharded;
+    for (auto& l : layers) l.mlp.shard_experts(group, sharded);
+    return sharded;
+  }
+  void unshard_experts() {
+    for (auto& l : layers) l.mlp.unshard_experts();
+  }
+  bool experts_sharded() const {
+    for (const auto& l : layers)
+      if (l.mlp.experts_sharded()) return true;
+    return false;
+  }
+  // A rank with no rows: every sharded layer's block on zero tokens, in the order a forward (layers 0 … L−1) and
+  // a backward (L−1 … 0) run them on a rank with rows, so that the group's exchanges pair up.
+  void serve_experts_forward() {
+    for (auto& l : layers) l.mlp.serve_experts_forward();
+  }
+  void serve_experts_backward() {
+    for (auto l = layers.rbegin(); l != layers.rend(); ++l) l->mlp.serve_experts_backward();
+  }
+
   struct Output {
     Tensor logits;       // (B*T, V)
     double loss = 0;     // ce + aux_coef · aux (what backward() differentiates)

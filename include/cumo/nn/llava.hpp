@@ -127,7 +127,7 @@ class Llava {
     has_images_ = pixels.defined() && pixels.numel() > 0;
     if (!has_images_) {
       CUMO_CHECK(n_img == 0, where, ": the prompt has ", n_img, " image tokens but no pixel_values were given");
-      serve_experts_forward(training);  // sharded experts: the group's other ranks may have images
+      serve_image_experts_forward(training);  // sharded experts: the group's other ranks may have images
       return emb;
     }
     const Tensor features = encode_images(pixels, /*all_layers=*/training, /*keep_activations=*/training);  // (images*N, Hv or 2·Hv)
@@ -155,7 +155,7 @@ class Llava {
   void backward(float dloss = 1.f, AuxLossWeights vision_aux = {}, AuxLossWeights projector_aux = {}) {
     const Tensor demb = language_model.backward(dloss);  // (B*T, Ht)
     language_model.backward_embeddings(demb, &is_image_);
-    if (!has_images_) return serve_experts_backward(vision_aux, projector_aux);
+    if (!has_images_) return serve_image_experts_backward(vision_aux, projector_aux);
     const std::int64_t H = cfg_.text.hidden;
     std::int64_t n = 0;
     for (bool b : is_image_) n += b;
@@ -165,32 +165,37 @@ class Llava {
     });
     encode_images_backward(projector.backward(dproj, projector_aux), vision_aux);
   }
-  // ---- expert parallelism: the CLIP and connector MoE blocks' experts over an expert-parallel group ------------
+  // ---- expert parallelism: the MoE blocks' experts (CLIP, connector, a Mixtral LM) over an expert-parallel group
   // Every sparse block keeps its share of the experts (SparseMoE::shard_experts); returns their parameters (the
-  // local slices). Every rank of `group` calls it, on the same weights. The language model's blocks stay whole.
+  // local slices). Every rank of `group` calls it, on the same weights.
   ParameterList shard_experts(dist::Communicator& group) {
     CUMO_CHECK(!experts_sharded(), "Llava::shard_experts: the experts are sharded already");
     CUMO_CHECK(!cfg_.vision.s2, "Llava::shard_experts: expert parallelism with S² (two tower passes per batch) is not "
                "supported");
     ParameterList sharded = vision_tower.shard_experts(group);
     projector.mlp.shard_experts(group, sharded);
+    for (Parameter* p : language_model.shard_experts(group)) sharded.push_back(p);
     return sharded;
   }
   // Every rank of the group gets every expert back (SparseMoE::unshard_experts): the whole model on every rank.
   void unshard_experts() {
     vision_tower.unshard_experts();
     projector.mlp.unshard_experts();
+    language_model.unshard_experts();
   }
-  bool experts_sharded() const { return vision_tower.experts_sharded() || projector.mlp.experts_sharded(); }
-  // A rank with no image in its rows (or no rows): its sharded blocks run on zero tokens, where a rank with images
-  // runs them, so that the group's exchanges pair up. No-ops when nothing is sharded.
+  bool experts_sharded() const {
+    return vision_tower.experts_sharded() || projector.mlp.experts_sharded() || language_model.experts_sharded();
+  }
+  // A rank with no rows: its sharded blocks run on zero tokens, where a rank with rows runs them (the image part,
+  // then the language model; backward the other way), so that the group's exchanges pair up. No-ops when nothing
+  // is sharded.
   void serve_experts_forward(bool training = true) {
-    vision_tower.serve_experts_forward(/*all_layers=*/training);
-    projector.mlp.serve_experts_forward(training);
+    serve_image_experts_forward(training);
+    language_model.serve_experts_forward();
   }
   void serve_experts_backward(AuxLossWeights vision_aux = {}, AuxLossWeights projector_aux = {}) {
-    projector.mlp.serve_experts_backward(projector_aux);
-    vision_tower.serve_experts_backward(vision_aux);
+    language_model.serve_experts_backward();
+    serve_image_experts_backward(vision_aux, projector_aux);
   }
 
   // d pixel_values (images, C, S, S) on the host for the last backward (computed on demand; see
@@ -216,6 +221,16 @@ class Llava {
       k += std::int64_t(j - i);
       i = j;
     }
+  }
+
+  // Rows without an image (or no rows): the vision tower's and the connector's sharded blocks on zero tokens.
+  void serve_image_experts_forward(bool training) {
+    vision_tower.serve_experts_forward(/*all_layers=*/training);
+    projector.mlp.serve_experts_forward(training);
+  }
+  void serve_image_experts_backward(AuxLossWeights vision_aux, AuxLossWeights projector_aux) {
+    projector.mlp.serve_experts_backward(projector_aux);
+    vision_tower.serve_experts_backward(vision_aux);
   }
 
   LlavaConfig cfg_;
