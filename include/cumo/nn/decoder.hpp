@@ -235,19 +235,9 @@ class DecoderLM {
 
   // ---- expert parallelism: every sparse layer's experts over `group` (SparseMoE::shard_experts) -------------
   // Returns the sharded parameters (the local slices). Every rank of the group calls it, on the same weights.
-  ParameterList shard_experts(dist::Communicator& group) {
-    ParameterList sharded;
-    for (auto& l : layers) l.mlp.shard_experts(group, sharded);
-    return sharded;
-  }
-  void unshard_experts() {
-    for (auto& l : layers) l.mlp.unshard_experts();
-  }
-  bool experts_sharded() const {
-    for (const auto& l : layers)
-      if (l.mlp.experts_sharded()) return true;
-    return false;
-  }
+  ParameterList shard_experts(dist::Communicator& group) { return shard_layer_experts(layers, group); }
+  void unshard_experts() { unshard_layer_experts(layers); }
+  bool experts_sharded() const { return layer_experts_sharded(layers); }
   // A rank with no rows: every sharded layer's block on zero tokens, in the order a forward (layers 0 … L−1) and
   // a backward (L−1 … 0) run them on a rank with rows, so that the group's exchanges pair up.
   void serve_experts_forward() {

@@ -231,4 +231,23 @@ class FeedForward {
   AuxLosses aux_;
 };
 
+// Expert parallelism over a stack of layers that each hold a FeedForward `mlp` (ClipVision, DecoderLM): every
+// sparse layer's experts over `group`; returns the sharded parameters (the local slices).
+template <class Layers>
+ParameterList shard_layer_experts(Layers& layers, dist::Communicator& group) {
+  ParameterList sharded;
+  for (auto& l : layers) l.mlp.shard_experts(group, sharded);
+  return sharded;
+}
+template <class Layers>
+void unshard_layer_experts(Layers& layers) {
+  for (auto& l : layers) l.mlp.unshard_experts();
+}
+template <class Layers>
+bool layer_experts_sharded(const Layers& layers) {
+  for (const auto& l : layers)
+    if (l.mlp.experts_sharded()) return true;
+  return false;
+}
+
 }  // namespace cumo::nn

@@ -304,17 +304,9 @@ class ClipVision {
 
   // ---- expert parallelism (SparseMoE::shard_experts over `group`, every sparse layer) --------------------------
   // Returns the sharded parameters (the local slices). Every rank of the group calls it.
-  ParameterList shard_experts(dist::Communicator& group) {
-    ParameterList sharded;
-    for (auto& layer : layers) layer.mlp.shard_experts(group, sharded);
-    return sharded;
-  }
-  void unshard_experts() {
-    for (auto& layer : layers) layer.mlp.unshard_experts();
-  }
-  bool experts_sharded() const {
-    return std::any_of(layers.begin(), layers.end(), [](const auto& l) { return l.mlp.experts_sharded(); });
-  }
+  ParameterList shard_experts(dist::Communicator& group) { return shard_layer_experts(layers, group); }
+  void unshard_experts() { unshard_layer_experts(layers); }
+  bool experts_sharded() const { return layer_experts_sharded(layers); }
   // A rank without images in a batch: every sharded layer's block runs on zero tokens, in the order forward(…,
   // all_layers) and then backward(…, aux) call them on a rank with images, so that the group's exchanges pair up.
   void serve_experts_forward(bool all_layers = true) {
