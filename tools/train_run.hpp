@@ -196,7 +196,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   const auto tok = io::load_tokenizer(cfg.tokenizer);
   const models::CuMoConfig model_cfg = cfg.model_config(*tok);
   app::check_model_fits(model_cfg, last == 3 && cfg.variant != app::Variant::dense, true, "model");
-  dist::agree_on(comm, [&] { app::check_expert_parallel(model_cfg, int(a.expert_parallel), comm.size(), a.zero1); });
+  dist::agree_on(comm, [&] { app::check_expert_parallel(model_cfg, int(a.expert_parallel), comm.size()); });
   dist::agree_on(comm, [&] {
     if (rank0) app::ensure_data(cfg, app::run_files(cfg));  // may write the built-in data: one writer
   });

@@ -16,6 +16,9 @@
 #   expert_resume  2 ranks with --expert-parallel 2 stopped after 3 steps and resumed with it end bitwise where the
 #               uninterrupted run ended; the stop resumed on 4 ranks with --expert-parallel 4, and on one process,
 #               finishes
+#   expert_zero1  --expert-parallel with --zero1 (the replicated moments sharded over the world, each expert slice's
+#               over its replica group) ends bitwise where the same run without --zero1 ends: 2 ranks K = 2 and 4
+#               ranks K = 2
 #   mismatch    two ranks started with different configs stop with the same clear error, no hang
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
@@ -154,6 +157,22 @@ expert_resume)
   [ -f dped/stage3/model.safetensors ] || fail "the 1-process resume wrote no final checkpoint"
   rm -rf dpec dped
   echo "PASS [expert_resume]"
+  ;;
+expert_zero1)
+  for run in "2 2" "4 2"; do
+    read -r np k <<<"$run"
+    rm -rf dpez dper
+    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dper --expert-parallel $k 2>&1) ||
+      fail "$np ranks, --expert-parallel $k failed: $out"
+    out=$(stage3 "${mpirun[@]}" -np $np "$train" --out dpez --expert-parallel $k --zero1 2>&1) ||
+      fail "$np ranks, --expert-parallel $k --zero1 failed: $out"
+    for f in model.safetensors optimizer.safetensors; do
+      cmp -s dper/stage3/$f dpez/stage3/$f || fail "$np ranks, K = $k: stage3/$f with --zero1 differs"
+    done
+    echo "$np ranks, --expert-parallel $k: --zero1 bitwise the same"
+  done
+  rm -rf dpez dper
+  echo "PASS [expert_zero1]"
   ;;
 mismatch)
   rm -rf dpm

@@ -700,6 +700,52 @@ TEST_CASE("dist: a Mixtral decoder with sharded experts: rank 0's forward and ba
   }
 }
 
+TEST_CASE("dist: ZeRO-1 with expert parallelism (moments sharded per partition) takes bitwise the replicated steps") {
+  const auto samples = make_samples(7, 15);
+  for (int K : expert_group_sizes()) {
+    CAPTURE(K);
+    models::CuMo<> a = make_model(9), b = make_model(9);
+    const train::AdamWOptions o{2e-3, 0.9, 0.999, 1e-8, 0.01};
+    train::AdamW<> oa(a.parameters(), o), ob(b.parameters(), o);
+    dist::ExpertDataParallel ea(comm(), K), eb(comm(), K);
+    ea.set_sharded(a.shard_experts(ea.experts()));
+    eb.set_sharded(b.shard_experts(eb.experts()));
+    ParameterList replicated, sharded;
+    for (Parameter* p : ob.trainable_parameters()) (eb.is_sharded(*p) ? sharded : replicated).push_back(p);
+    dist::Zero1<> zero(ob, {{&comm(), replicated}, {&eb.replicas(), sharded}});
+    for (int step = 1; step <= 3; ++step) {
+      data_parallel_step(a, samples, comm(), kMicroEp, &ea);
+      ea.clip_gradients(oa, 1.0, step);
+      oa.step(2e-3);
+      data_parallel_step(b, samples, comm(), kMicroEp, &eb);
+      eb.clip_gradients(ob, 1.0, step);
+      ob.step(2e-3);
+      zero.share_parameters();
+    }
+    const ParameterList pa = a.parameters(), pb = b.parameters();
+    int differ = 0, held = 0;
+    for (std::size_t k = 0; k < pa.size(); ++k) {
+      differ += !bitwise_equal(pa[k]->value, pb[k]->value);
+      held += ob.state(*pb[k]) != nullptr;
+    }
+    CHECK(differ == 0);
+    CHECK(held == zero.owned_parameters());
+    CHECK(held < std::int64_t(pa.size()));  // the world of >= 2 ranks shares the replicated moments at least
+    // gathered over each partition, the moments are the replicated optimizer's, bit for bit
+    zero.gather_state();
+    int bad = 0;
+    for (std::size_t k = 0; k < pa.size(); ++k) {
+      const auto *sa = oa.state(*pa[k]), *sb = ob.state(*pb[k]);
+      REQUIRE((sa != nullptr) == (sb != nullptr));
+      if (sa) bad += !bitwise_equal(sa->exp_avg, sb->exp_avg) || !bitwise_equal(sa->exp_avg_sq, sb->exp_avg_sq);
+    }
+    CHECK(bad == 0);
+    zero.release();
+    a.unshard_experts();
+    b.unshard_experts();
+  }
+}
+
 TEST_CASE("dist: expert parallel groups that do not divide the world are one clear error on every rank") {
   if (comm().size() < 2) return;
   const int K = comm().size() + 1;

@@ -172,7 +172,7 @@ struct LoadSum {
 }  // namespace detail
 
 // Whether a run can split its experts over groups of K of its `ranks` ranks (cumo_train --expert-parallel K).
-inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks, bool zero1) {
+inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks) {
   CUMO_CHECK(K >= 1, "--expert-parallel must be >= 1, got ", K);
   if (K == 1) return;
   CUMO_CHECK(ranks % K == 0, "--expert-parallel ", K, " with ", ranks, " ranks: the ranks must form whole "
@@ -183,7 +183,6 @@ inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks,
              " do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
   CUMO_CHECK(c.llava.text.experts % K == 0, "--expert-parallel ", K, ": the language model's ", c.llava.text.experts,
              " experts do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
-  CUMO_CHECK(!zero1, "--zero1 with --expert-parallel is not supported (use one or the other)");
   CUMO_CHECK(!c.llava.vision.s2, "--expert-parallel with S² (two tower passes per batch) is not supported");
 }
 
@@ -251,7 +250,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   if (ro.expert_parallel > 1) {
     if constexpr (Model::backend_type::device == Device::cpu) {
       // the same checks on every rank's same configuration: one error everywhere, before any exchange
-      dist::agree_on(comm, [&] { check_expert_parallel(model.config(), ro.expert_parallel, comm.size(), ro.zero1); });
+      dist::agree_on(comm, [&] { check_expert_parallel(model.config(), ro.expert_parallel, comm.size()); });
       ep.emplace(comm, ro.expert_parallel);
       ep->set_sharded(model.shard_experts(ep->experts()));
       ep->shard_state(opt);
@@ -262,10 +261,18 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   // ZeRO-1 after any resume (the checkpoint's moments are whole; this rank keeps its own)
   std::optional<dist::Zero1<backend::Cpu>> zero;
   if (parallel && ro.zero1) {
-    if constexpr (Model::backend_type::device == Device::cpu)
-      zero.emplace(comm, opt);
-    else
+    if constexpr (Model::backend_type::device == Device::cpu) {
+      if (ep) {  // replicated parameters over the world, each expert slice over the ranks that hold it
+        ParameterList replicated, sharded;
+        for (Parameter* p : opt.trainable_parameters()) (ep->is_sharded(*p) ? sharded : replicated).push_back(p);
+        zero.emplace(opt, std::vector<dist::Zero1<backend::Cpu>::Partition>{{&comm, replicated},
+                                                                            {&ep->replicas(), sharded}});
+      } else {
+        zero.emplace(comm, opt);
+      }
+    } else {
       fail(tag, ": --zero1 runs on CPU ranks");
+    }
   }
   // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches
   // and positions are the iterator's exactly.

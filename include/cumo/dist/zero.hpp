@@ -8,6 +8,9 @@
 // Checkpoints stay whole: gather_state() brings every moment to every rank before rank 0 writes, and release()
 // drops the ones this rank does not own. A checkpoint from a ZeRO-1 run therefore resumes with or without ZeRO-1
 // and on any world size. Host (CPU) parameters.
+//
+// With expert parallelism the parameters come in partitions, each sharded over the ranks that hold it: the
+// replicated ones over the world, each expert slice over its replica group (the ranks holding the same slice).
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -25,88 +28,131 @@ class Zero1 {
   static_assert(B::device == Device::cpu, "dist::Zero1: host parameters (the GPU path needs NCCL, not written yet)");
 
  public:
+  // One part of the parameters and the ranks that share them: with expert parallelism the replicated parameters
+  // over the world and the expert slices over their replica group (dist/expert_data_parallel.hpp).
+  struct Partition {
+    Communicator* comm;
+    ParameterList params;
+  };
+
   // Every rank passes its replica of the same optimizer (same parameters, same order); construct it after any
-  // checkpoint is loaded, so that the moments this rank does not own are dropped.
-  Zero1(Communicator& comm, train::AdamW<B>& opt) : comm_(&comm), opt_(&opt), params_(opt.trainable_parameters()) {
-    std::int64_t total = 0;
-    for (const Parameter* p : params_) total += p->value.numel();
-    // contiguous runs: parameter i goes to the rank whose share of the running element count it starts in
-    const int N = comm.size();
-    begin_.assign(std::size_t(N) + 1, std::int64_t(params_.size()));
-    begin_[0] = 0;
-    std::int64_t seen = 0;
-    int r = 0;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      while (r + 1 < N && seen * N >= total * (r + 1)) begin_[std::size_t(++r)] = std::int64_t(i);
-      owner_[params_[i]] = r;
-      seen += params_[i]->value.numel();
+  // checkpoint is loaded, so that the moments this rank does not own are dropped. All trainable parameters over
+  // `comm`.
+  Zero1(Communicator& comm, train::AdamW<B>& opt) : Zero1(opt, {Partition{&comm, opt.trainable_parameters()}}) {}
+  // Each partition's parameters sharded over its own communicator; together they must be the trainable ones.
+  Zero1(train::AdamW<B>& opt, std::vector<Partition> partitions) : opt_(&opt) {
+    std::size_t covered = 0;
+    for (Partition& pt : partitions) {
+      Part part{pt.comm, pt.params, {}};
+      covered += pt.params.size();
+      std::int64_t total = 0;
+      for (const Parameter* p : part.params) total += p->value.numel();
+      // contiguous runs: parameter i goes to the rank whose share of the running element count it starts in
+      const int N = part.comm->size();
+      part.begin.assign(std::size_t(N) + 1, std::int64_t(part.params.size()));
+      part.begin[0] = 0;
+      std::int64_t seen = 0;
+      int r = 0;
+      for (std::size_t i = 0; i < part.params.size(); ++i) {
+        while (r + 1 < N && seen * N >= total * (r + 1)) part.begin[std::size_t(++r)] = std::int64_t(i);
+        owner_[part.params[i]] = {parts_.size(), r};
+        seen += part.params[i]->value.numel();
+      }
+      parts_.push_back(std::move(part));
     }
-    opt.set_owned([this](const Parameter& p) { return owner(p) == comm_->rank(); });
+    CUMO_CHECK(covered == opt.trainable_parameters().size() && owner_.size() == covered, "dist::Zero1: the partitions "
+               "hold ", covered, " parameters (", owner_.size(), " distinct) but the optimizer trains ",
+               opt.trainable_parameters().size());
+    opt.set_owned([this](const Parameter& p) { return owns(p); });
   }
   Zero1(const Zero1&) = delete;
   Zero1& operator=(const Zero1&) = delete;
   ~Zero1() { opt_->set_owned({}); }
 
-  // The rank that updates p (-1: not a trainable parameter of this optimizer).
+  // The rank (of p's partition's communicator) that updates p (-1: not a trainable parameter of this optimizer).
   int owner(const Parameter& p) const {
     const auto it = owner_.find(&p);
-    return it == owner_.end() ? -1 : it->second;
+    return it == owner_.end() ? -1 : it->second.rank;
+  }
+  bool owns(const Parameter& p) const {
+    const auto it = owner_.find(&p);
+    return it != owner_.end() && it->second.rank == parts_[it->second.part].comm->rank();
   }
   // How many trainable parameters / moments this rank holds.
-  std::int64_t owned_parameters() const { return begin_[std::size_t(comm_->rank() + 1)] - begin_[std::size_t(comm_->rank())]; }
-
-  // After opt.step(lr): every rank's updated parameters to every rank (one all-gather, in parameter order).
-  void share_parameters() {
-    if (comm_->size() == 1) return;
-    std::vector<std::int64_t> bytes(std::size_t(comm_->size()), 0);
-    for (int q = 0; q < comm_->size(); ++q)
-      for (std::int64_t i = begin_[std::size_t(q)]; i < begin_[std::size_t(q + 1)]; ++i)
-        bytes[std::size_t(q)] += params_[std::size_t(i)]->value.numel() * std::int64_t(sizeof(float));
-    std::vector<float> mine, all;
-    for (std::int64_t i = begin_[std::size_t(comm_->rank())]; i < begin_[std::size_t(comm_->rank() + 1)]; ++i) {
-      const Tensor& v = params_[std::size_t(i)]->value;
-      mine.insert(mine.end(), v.data<float>(), v.data<float>() + v.numel());
-    }
+  std::int64_t owned_parameters() const {
     std::int64_t n = 0;
-    for (std::int64_t b : bytes) n += b / std::int64_t(sizeof(float));
-    all.resize(std::size_t(n));
-    comm_->allgatherv(mine.data(), std::int64_t(mine.size() * sizeof(float)), all.data(), bytes);
-    std::int64_t off = 0;
-    for (Parameter* p : params_) {
-      std::memcpy(p->value.data<float>(), all.data() + off, std::size_t(p->value.numel()) * sizeof(float));
-      off += p->value.numel();
+    for (const Part& part : parts_) n += part.begin[std::size_t(part.comm->rank() + 1)] - part.begin[std::size_t(part.comm->rank())];
+    return n;
+  }
+
+  // After opt.step(lr): every rank's updated parameters to every rank of its partition (one all-gather each, in
+  // parameter order).
+  void share_parameters() {
+    for (const Part& part : parts_) {
+      Communicator& c = *part.comm;
+      if (c.size() == 1) continue;
+      std::vector<std::int64_t> bytes(std::size_t(c.size()), 0);
+      for (int q = 0; q < c.size(); ++q)
+        for (std::int64_t i = part.begin[std::size_t(q)]; i < part.begin[std::size_t(q + 1)]; ++i)
+          bytes[std::size_t(q)] += part.params[std::size_t(i)]->value.numel() * std::int64_t(sizeof(float));
+      std::vector<float> mine, all;
+      for (std::int64_t i = part.begin[std::size_t(c.rank())]; i < part.begin[std::size_t(c.rank() + 1)]; ++i) {
+        const Tensor& v = part.params[std::size_t(i)]->value;
+        mine.insert(mine.end(), v.data<float>(), v.data<float>() + v.numel());
+      }
+      std::int64_t n = 0;
+      for (std::int64_t b : bytes) n += b / std::int64_t(sizeof(float));
+      all.resize(std::size_t(n));
+      c.allgatherv(mine.data(), std::int64_t(mine.size() * sizeof(float)), all.data(), bytes);
+      std::int64_t off = 0;
+      for (Parameter* p : part.params) {
+        std::memcpy(p->value.data<float>(), all.data() + off, std::size_t(p->value.numel()) * sizeof(float));
+        off += p->value.numel();
+      }
     }
   }
 
-  // Every parameter's moments on every rank (before rank 0 writes a checkpoint); release() undoes it.
+  // Every parameter's moments on every rank of its partition (before rank 0 writes a checkpoint); release() undoes
+  // it.
   void gather_state() {
-    if (comm_->size() == 1) return;
-    for (Parameter* p : params_) {
-      const int from = owner(*p);
-      const auto* s = opt_->state(*p);
-      std::int64_t step = comm_->rank() == from && s ? s->step : 0;
-      comm_->broadcast(&step, sizeof step, from);
-      if (step == 0) continue;  // never stepped: no state anywhere
-      typename train::AdamW<B>::State got;
-      got.step = step;
-      got.exp_avg = comm_->rank() == from ? s->exp_avg : Tensor::empty(p->value.shape());
-      got.exp_avg_sq = comm_->rank() == from ? s->exp_avg_sq : Tensor::empty(p->value.shape());
-      comm_->broadcast(got.exp_avg.raw(), std::int64_t(got.exp_avg.nbytes()), from);
-      comm_->broadcast(got.exp_avg_sq.raw(), std::int64_t(got.exp_avg_sq.nbytes()), from);
-      if (comm_->rank() != from) opt_->set_state(*p, std::move(got));
+    for (const Part& part : parts_) {
+      Communicator& c = *part.comm;
+      if (c.size() == 1) continue;
+      for (Parameter* p : part.params) {
+        const int from = owner(*p);
+        const auto* s = opt_->state(*p);
+        std::int64_t step = c.rank() == from && s ? s->step : 0;
+        c.broadcast(&step, sizeof step, from);
+        if (step == 0) continue;  // never stepped: no state anywhere
+        typename train::AdamW<B>::State got;
+        got.step = step;
+        got.exp_avg = c.rank() == from ? s->exp_avg : Tensor::empty(p->value.shape());
+        got.exp_avg_sq = c.rank() == from ? s->exp_avg_sq : Tensor::empty(p->value.shape());
+        c.broadcast(got.exp_avg.raw(), std::int64_t(got.exp_avg.nbytes()), from);
+        c.broadcast(got.exp_avg_sq.raw(), std::int64_t(got.exp_avg_sq.nbytes()), from);
+        if (c.rank() != from) opt_->set_state(*p, std::move(got));
+      }
     }
   }
   void release() {
-    for (Parameter* p : params_)
-      if (owner(*p) != comm_->rank()) opt_->drop_state(*p);
+    for (const Part& part : parts_)
+      for (Parameter* p : part.params)
+        if (!owns(*p)) opt_->drop_state(*p);
   }
 
  private:
-  Communicator* comm_;
+  struct Part {
+    Communicator* comm;
+    ParameterList params;
+    std::vector<std::int64_t> begin;  // (N + 1) rank r owns params[begin[r], begin[r+1])
+  };
+  struct Owner {
+    std::size_t part;
+    int rank;
+  };
   train::AdamW<B>* opt_;
-  ParameterList params_;
-  std::vector<std::int64_t> begin_;  // (N + 1) rank r owns params_[begin_[r], begin_[r+1])
-  std::unordered_map<const Parameter*, int> owner_;
+  std::vector<Part> parts_;
+  std::unordered_map<const Parameter*, Owner> owner_;
 };
 
 }  // namespace cumo::dist
