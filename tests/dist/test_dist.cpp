@@ -122,6 +122,18 @@ models::CuMo<> make_model(std::uint64_t seed, int text_experts = 0) {
 // are checked for being negligible instead (PyTorch's k_proj.bias behaves the same way).
 bool zero_by_math(const std::string& name) { return name.ends_with("k_proj.bias"); }
 
+// How many of b's parameters differ from a's (bitwise), and how many b's optimizer holds moments for (ZeRO-1).
+std::pair<int, std::int64_t> differ_and_held(const ParameterList& pa, const ParameterList& pb,
+                                             const train::AdamW<>& ob) {
+  int differ = 0;
+  std::int64_t held = 0;
+  for (std::size_t k = 0; k < pa.size(); ++k) {
+    differ += !bitwise_equal(pa[k]->value, pb[k]->value);
+    held += ob.state(*pb[k]) != nullptr;
+  }
+  return {differ, held};
+}
+
 // The micro-batches of one step: [0, 4) and [4, 7) of the samples (a world of 4 leaves rank 3 nothing in the second).
 using Micro = std::vector<std::pair<std::int64_t, std::int64_t>>;
 const Micro kMicro{{0, 4}, {4, 7}};
@@ -343,11 +355,7 @@ TEST_CASE("dist: ZeRO-1 (AdamW moments sharded over the ranks) takes bitwise the
     zero.share_parameters();
   }
   const ParameterList pa = a.parameters(), pb = b.parameters();
-  int differ = 0, held = 0;
-  for (std::size_t k = 0; k < pa.size(); ++k) {
-    differ += !bitwise_equal(pa[k]->value, pb[k]->value);
-    held += ob.state(*pb[k]) != nullptr;
-  }
+  auto [differ, held] = differ_and_held(pa, pb, ob);
   CHECK(differ == 0);
   CHECK(held == zero.owned_parameters());  // this rank keeps only its own parameters' moments
   if (comm().size() > 1) CHECK(held < std::int64_t(pa.size()));
@@ -723,11 +731,7 @@ TEST_CASE("dist: ZeRO-1 with expert parallelism (moments sharded per partition) 
       zero.share_parameters();
     }
     const ParameterList pa = a.parameters(), pb = b.parameters();
-    int differ = 0, held = 0;
-    for (std::size_t k = 0; k < pa.size(); ++k) {
-      differ += !bitwise_equal(pa[k]->value, pb[k]->value);
-      held += ob.state(*pb[k]) != nullptr;
-    }
+    const auto [differ, held] = differ_and_held(pa, pb, ob);
     CHECK(differ == 0);
     CHECK(held == zero.owned_parameters());
     CHECK(held < std::int64_t(pa.size()));  // the world of >= 2 ranks shares the replicated moments at least
