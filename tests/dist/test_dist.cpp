@@ -496,9 +496,17 @@ const Micro kMicroEp{{0, 4}, {4, 7}, {1, 3}};
 
 // The whole-model gradient (or moment) `whole` restricted to what this rank holds of parameter p.
 Tensor held_part(const dist::ExpertDataParallel& ep, const Parameter& p, const Tensor& whole) {
-  if (!ep.is_sharded(p)) return whole;
-  const std::int64_t n = p.value.size(0), first = ep.experts().rank() * n;
-  return whole.slice(0, first, first + n).contiguous();
+  return ep.is_sharded(p) ? dist::rows_of_rank(ep.experts(), whole) : whole;
+}
+
+// After unshard_experts: the same names and the same bits as a model that was never sharded.
+void check_same_weights(const ParameterList& got, const ParameterList& want) {
+  REQUIRE(got.size() == want.size());
+  for (std::size_t k = 0; k < want.size(); ++k) {
+    CAPTURE(want[k]->name);
+    CHECK(got[k]->name == want[k]->name);
+    CHECK(bitwise_equal(got[k]->value, want[k]->value));
+  }
 }
 
 // The largest relative error of the gradients against the single-process ones (the key biases' noise aside), over
@@ -553,12 +561,7 @@ TEST_CASE("dist: CuMo shard_experts / unshard_experts is a bitwise round trip th
     }
     b.unshard_experts();
     CHECK_FALSE(b.experts_sharded());
-    const ParameterList pa = a.parameters(), pb = b.parameters();
-    for (std::size_t k = 0; k < pa.size(); ++k) {
-      CAPTURE(pa[k]->name);
-      CHECK(pb[k]->name == pa[k]->name);
-      CHECK(bitwise_equal(pb[k]->value, pa[k]->value));
-    }
+    check_same_weights(b.parameters(), a.parameters());
   }
 }
 
@@ -690,22 +693,17 @@ TEST_CASE("dist: a Mixtral decoder with sharded experts: rank 0's forward and ba
     ep.serve_experts_backward();
   }
   const ParameterList pw = whole.parameters(), pe = ep.parameters();
-  const std::int64_t n = 4 / comm().size(), first = comm().rank() * n;
   for (std::size_t i = 0; i < pw.size(); ++i) {
     CAPTURE(pw[i]->name);
     const bool mine = std::find(sharded.begin(), sharded.end(), pe[i]) != sharded.end();
     if (mine)
-      CHECK(rel_error(pe[i]->grad, pw[i]->grad.slice(0, first, first + n).contiguous()) <= 1e-6);
+      CHECK(rel_error(pe[i]->grad, dist::rows_of_rank(comm(), pw[i]->grad)) <= 1e-6);
     else if (comm().rank() == 0)
       CHECK(rel_error(pe[i]->grad, pw[i]->grad) <= 1e-6);
   }
   ep.unshard_experts();
   CHECK_FALSE(ep.experts_sharded());
-  for (std::size_t i = 0; i < pw.size(); ++i) {
-    CAPTURE(pw[i]->name);
-    CHECK(pe[i]->name == pw[i]->name);
-    CHECK(bitwise_equal(pe[i]->value, pw[i]->value));
-  }
+  check_same_weights(pe, pw);
 }
 
 TEST_CASE("dist: ZeRO-1 with expert parallelism (moments sharded per partition) takes bitwise the replicated steps") {
@@ -718,9 +716,8 @@ TEST_CASE("dist: ZeRO-1 with expert parallelism (moments sharded per partition) 
     dist::ExpertDataParallel ea(comm(), K), eb(comm(), K);
     ea.set_sharded(a.shard_experts(ea.experts()));
     eb.set_sharded(b.shard_experts(eb.experts()));
-    ParameterList replicated, sharded;
-    for (Parameter* p : ob.trainable_parameters()) (eb.is_sharded(*p) ? sharded : replicated).push_back(p);
-    dist::Zero1<> zero(ob, {{&comm(), replicated}, {&eb.replicas(), sharded}});
+    const auto parts = eb.split(ob.trainable_parameters());
+    dist::Zero1<> zero(ob, {{&comm(), parts.replicated}, {&eb.replicas(), parts.sharded}});
     for (int step = 1; step <= 3; ++step) {
       data_parallel_step(a, samples, comm(), kMicroEp, &ea);
       ea.clip_gradients(oa, 1.0, step);

@@ -263,10 +263,9 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   if (parallel && ro.zero1) {
     if constexpr (Model::backend_type::device == Device::cpu) {
       if (ep) {  // replicated parameters over the world, each expert slice over the ranks that hold it
-        ParameterList replicated, sharded;
-        for (Parameter* p : opt.trainable_parameters()) (ep->is_sharded(*p) ? sharded : replicated).push_back(p);
-        zero.emplace(opt, std::vector<dist::Zero1<backend::Cpu>::Partition>{{&comm, replicated},
-                                                                            {&ep->replicas(), sharded}});
+        const auto parts = ep->split(opt.trainable_parameters());
+        zero.emplace(opt, std::vector<dist::Zero1<backend::Cpu>::Partition>{{&comm, parts.replicated},
+                                                                            {&ep->replicas(), parts.sharded}});
       } else {
         zero.emplace(comm, opt);
       }

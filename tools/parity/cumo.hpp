@@ -111,9 +111,7 @@ void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r,
   if (ep) shard(m);
   // this rank's part of a whole tensor of the fixture (its slice of a sharded parameter's)
   auto held = [&](const Parameter& p, const Tensor& whole) {
-    if (!edp || !edp->is_sharded(p)) return whole;
-    const std::int64_t n = p.value.size(0), first = edp->experts().rank() * n;
-    return whole.slice(0, first, first + n).contiguous();
+    return edp && edp->is_sharded(p) ? dist::rows_of_rank(edp->experts(), whole) : whole;
   };
   // the step's gradient norm and clipping, over every rank's experts under expert parallelism
   auto clip_step = [&](Optimizer& opt, std::int64_t step) -> double {

@@ -90,10 +90,7 @@ void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report&
     ParameterList mine;
     for (Parameter* p : m.parameters())
       if (sharded.count(p)) mine.push_back(p);
-    check_grads(mine, f, r, [&](const Parameter& p, const Tensor& whole) {
-      const std::int64_t n = p.value.size(0), first = ep->rank() * n;
-      return whole.slice(0, first, first + n).contiguous();
-    });
+    check_grads(mine, f, r, [&](const Parameter&, const Tensor& whole) { return dist::rows_of_rank(*ep, whole); });
     return;
   }
   const int depth = int(4 * c.layers + 2);  // embedding, (q|k|v → o, up|gate → down) per layer, head
@@ -113,9 +110,7 @@ void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report&
   if (r.inference()) return r.no_gradients();
   m.backward_all();
   check_grads(m.parameters(), f, r, [&](const Parameter& p, const Tensor& whole) {
-    if (!sharded.count(&p)) return whole;
-    const std::int64_t n = p.value.size(0);  // rank 0's slice: the first n experts
-    return whole.slice(0, 0, n).contiguous();
+    return sharded.count(&p) ? dist::rows_of_rank(*ep, whole) : whole;
   });
 }
 

@@ -55,13 +55,22 @@ class ExpertDataParallel {
   void set_sharded(const ParameterList& sharded) { sharded_ = {sharded.begin(), sharded.end()}; }
   bool is_sharded(const Parameter& p) const { return sharded_.count(&p) > 0; }
 
+  // `params` in order, split into {replicated, sharded}.
+  struct Split {
+    ParameterList replicated, sharded;
+  };
+  Split split(const ParameterList& params) const {
+    Split s;
+    for (Parameter* p : params) (is_sharded(*p) ? s.sharded : s.replicated).push_back(p);
+    return s;
+  }
+
   // After every micro-batch's backward: the replicated gradients summed over the world, the sharded ones over
   // their replica group; every rank holding a parameter ends with the same bits.
   void reduce_gradients(const ParameterList& trainable, std::int64_t bucket_bytes = std::int64_t(16) << 20) const {
-    ParameterList replicated, sharded;
-    for (Parameter* p : trainable) (is_sharded(*p) ? sharded : replicated).push_back(p);
-    allreduce_gradients(*world_, replicated, bucket_bytes);
-    allreduce_gradients(*replicas_, sharded, bucket_bytes);
+    const Split s = split(trainable);
+    allreduce_gradients(*world_, s.replicated, bucket_bytes);
+    allreduce_gradients(*replicas_, s.sharded, bucket_bytes);
   }
 
   // Global-norm clipping of the optimizer's trainable gradients over the whole model (train::clip_gradients for a
@@ -72,17 +81,15 @@ class ExpertDataParallel {
     static_assert(B::device == Device::cpu, "ExpertDataParallel: host parameters");
     CUMO_CHECK(max_norm > 0 && std::isfinite(max_norm), "clip_gradients: max_norm must be finite and > 0, got ",
                max_norm);
+    constexpr const char* where = "ExpertDataParallel::clip_gradients";
     const ParameterList params = opt.trainable_parameters();
-    std::vector<Tensor> replicated, sharded, all;
-    for (const Parameter* p : params) {
-      (is_sharded(*p) ? sharded : replicated).push_back(p->grad);
-      all.push_back(p->grad);
-    }
-    double slices = cpu::sum_of_squares(sharded);
+    const Split s = split(params);
+    double slices = cpu::sum_of_squares(train::detail::host_grads(s.sharded, where));
     allreduce_sum(*experts_, std::span<double>(&slices, 1));
-    const float total = float(std::sqrt(cpu::sum_of_squares(replicated) + slices));
+    const float total =
+        float(std::sqrt(cpu::sum_of_squares(train::detail::host_grads(s.replicated, where)) + slices));
     if (!std::isfinite(total)) train::detail::fail_nonfinite(params, total, step, [](const Tensor& g) { return g; });
-    cpu::scale_gradients(all, cpu::clip_coefficient(total, max_norm));
+    cpu::scale_gradients(train::detail::host_grads(params, where), cpu::clip_coefficient(total, max_norm));
     return total;
   }
 
@@ -92,14 +99,13 @@ class ExpertDataParallel {
     for (Parameter* p : opt.trainable_parameters()) {
       const auto* s = is_sharded(*p) ? opt.state(*p) : nullptr;
       if (!s) continue;
-      const std::int64_t local = p->value.size(0), first = experts_->rank() * local;
-      CUMO_CHECK(s->exp_avg.size(0) == local * K_, "ExpertDataParallel::shard_state: the moments of '", p->name,
-                 "' have shape ", s->exp_avg.shape(), " but the parameter's slice has shape ", p->value.shape(),
-                 " (", K_, " slices)");
+      CUMO_CHECK(s->exp_avg.size(0) == p->value.size(0) * K_, "ExpertDataParallel::shard_state: the moments of '",
+                 p->name, "' have shape ", s->exp_avg.shape(), " but the parameter's slice has shape ",
+                 p->value.shape(), " (", K_, " slices)");
       typename train::AdamW<B>::State mine;
       mine.step = s->step;
-      mine.exp_avg = s->exp_avg.slice(0, first, first + local).contiguous().clone();
-      mine.exp_avg_sq = s->exp_avg_sq.slice(0, first, first + local).contiguous().clone();
+      mine.exp_avg = rows_of_rank(*experts_, s->exp_avg).clone();
+      mine.exp_avg_sq = rows_of_rank(*experts_, s->exp_avg_sq).clone();
       opt.set_state(*p, std::move(mine));
     }
   }

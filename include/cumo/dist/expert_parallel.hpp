@@ -45,6 +45,15 @@ inline void allgather_rows(Communicator& group, const Tensor& local, Tensor& who
   group.allgatherv(mine.raw(), std::int64_t(mine.nbytes()), whole.raw(), bytes);
 }
 
+// The inverse of allgather_rows: this rank's rows [r·E/K, (r+1)·E/K) of a whole (E, …) tensor, a view (a slice
+// along dim 0 of a contiguous tensor is contiguous).
+inline Tensor rows_of_rank(const Communicator& group, const Tensor& whole) {
+  CUMO_CHECK(whole.dim() >= 1 && whole.size(0) % group.size() == 0, "dist::rows_of_rank: ", whole.shape(),
+             " does not split into ", group.size(), " equal slices along dim 0");
+  const std::int64_t n = whole.size(0) / group.size();
+  return whole.slice(0, group.rank() * n, (group.rank() + 1) * n).contiguous();
+}
+
 class ExpertExchange {
  public:
   // What one forward's exchange keeps for the backward.
