@@ -8,7 +8,8 @@
 #
 # Steps:
 #   build     configure build-cuda (Release, CUMO_CUDA=ON, benchmarks on, examples off) and build the CUDA targets
-#   test      ctest -L cuda: cuda_backend(+_host), cuda_backend_ops, cuda_model, parity_cuda_fixtures, app_cuda_train
+#   test      ctest -L cuda: cuda_backend(+_host), cuda_backend_ops, cuda_model, parity_cuda_fixtures, app_cuda_train,
+#             and with NCCL: nccl, app_nccl_one_rank (nccl_np2 and app_nccl_np2 skip on one GPU)
 #   parity    cumo_parity --device cuda on every shipped fixture (every kind)
 #   sanitize  compute-sanitizer memcheck + racecheck on the three CUDA test binaries (fixed seed)
 #   bench     bench_cuda_cumo_step in fp32, tf32, bf16 (the CuMo training step, equal-FLOP dense GEMM beside it)
@@ -113,8 +114,11 @@ build() {
   [ $QUICK = 1 ] || targets+=(bench_cuda_moe)
   # every option spelled out: a build-cuda first configured by run_demo.sh has tests and benchmarks off
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \
-    -DCUMO_BUILD_BENCHMARKS=ON -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" "${CMAKE_EXTRA[@]}" &&
-    cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
+    -DCUMO_BUILD_BENCHMARKS=ON -DCUMO_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" "${CMAKE_EXTRA[@]}" ||
+    return 1
+  # the NCCL suite when the configure found NCCL (GPU ranks: nccl, nccl_np2, app_nccl_one_rank, app_nccl_np2)
+  if [ -f "$BUILD/tests/cuda/CMakeFiles/cumo_nccl_tests.dir/build.make" ]; then targets+=(cumo_nccl_tests); fi
+  cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
 }
 cuda_tests() { ctest --test-dir "$BUILD" -L cuda --output-on-failure; }
 parity() { "$BUILD/tools/cumo_parity" --device cuda tests/fixtures/*.safetensors; }

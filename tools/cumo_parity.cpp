@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
             " ranks: run it as mpirun -np " + std::to_string(expert_parallel) + (cumo::dist::kHaveMpi ? "" :
             " in a build with MPI (this one has none)");
     else if (device != "cpu")
-      why = "--expert-parallel runs on the CPU (the GPU path needs the NCCL communicator, not written yet)";
+      why = "--expert-parallel runs on the CPU (the expert exchange between GPU ranks is not written; NCCL carries "
+                  "plain data parallelism only)";
     if (!why.empty()) {
       if (rank0) std::fprintf(stderr, "cumo_parity: %s\n", why.c_str());
       return 2;

@@ -8,9 +8,10 @@
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains
 // models::CuMo<backend::Cuda> when a GPU is present (--device auto, the default) or asked for (--device cuda); its
 // checkpoints are the CPU run's format, so cumo_eval and a CPU --resume read them. The run itself is train_run.hpp.
-// Under `mpirun -np N` (a build with MPI) the N processes train data parallel on CPU ranks: each its share of every
-// global batch, the gradients summed deterministically, rank 0 writing; --expert-parallel K splits the MoE blocks'
-// experts over groups of K ranks (docs/distributed.md).
+// Under `mpirun -np N` (a build with MPI) the N processes train data parallel: each its share of every global batch,
+// the gradients summed deterministically, rank 0 writing; on CPU ranks, or on GPU ranks (one GPU each, over NCCL,
+// when every rank has one or --device cuda); --expert-parallel K splits the MoE blocks' experts over groups of K
+// CPU ranks (docs/distributed.md).
 // Stage s > 1 starts from the previous stage's final checkpoint (<out>/stage<s-1>, or --from DIR). --resume DIR
 // continues from a checkpoint this tool wrote: a stopped stage (<out>/stage<s>-partial) continues where it stopped,
 // bitwise; a finished stage (<out>/stage<s>) goes on with the next one. See docs/training_app.md.
@@ -74,12 +75,8 @@ int main(int argc, char** argv) {
     CUMO_CHECK(a.precision == "fp32" || a.precision == "tf32" || a.precision == "bf16",
                "--precision must be fp32, tf32 or bf16, got '", a.precision, "'");
 #if defined(CUMO_TRAIN_CUDA)
-    if (a.device != "cpu" && comm.size() > 1)
-      CUMO_CHECK(a.device == "auto", "--device cuda with ", comm.size(), " ranks: data parallelism across GPUs needs "
-                 "the NCCL communicator, which is not written yet (docs/distributed.md); train on CPU ranks with "
-                 "--device cpu");
-    if (a.device != "cpu" && comm.size() == 1)
-      if (const auto status = run_on_gpu(a)) return *status;
+    if (a.device != "cpu")
+      if (const auto status = run_on_gpu(a, comm)) return *status;
 #else
     CUMO_CHECK(a.device != "cuda", "--device cuda, but this build has no CUDA backend "
                "(configure with -DCUMO_CUDA=ON on a machine with the CUDA toolkit)");

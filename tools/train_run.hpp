@@ -315,8 +315,9 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
 
 #if defined(CUMO_TRAIN_CUDA)
 // cumo_train_cuda.cu: runs on the GPU when there is one (or throws when --device cuda and there is none);
-// nullopt when --device auto finds no GPU.
-std::optional<int> run_on_gpu(const Args& a);
+// nullopt when --device auto finds no GPU (with several ranks: not one for every rank). `world`: the job's ranks;
+// several train data parallel over NCCL, one GPU each.
+std::optional<int> run_on_gpu(const Args& a, dist::Communicator& world);
 #endif
 
 }  // namespace cumo_train_app

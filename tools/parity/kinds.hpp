@@ -19,8 +19,8 @@ namespace cumo::parity {
 using Runner = std::function<void(const io::SafeTensors&, const nlohmann::json&, Report&)>;
 
 // `expert_parallel`: the group the sparse blocks' experts are sharded over (cumo_parity --expert-parallel K); the
-// block kinds, the CuMo model and the Mixtral decoder run sharded; the other model kinds are skipped, visibly (the
-// dense ones have no experts; LLaVA-MoD's distillation run does not shard its student's blocks).
+// block kinds, the CuMo model, the Mixtral decoder and LLaVA-MoD's sparse student run sharded; the dense model kinds
+// (no experts) are skipped, visibly.
 template <class B>
 std::map<std::string, Runner> runners(dist::Communicator* expert_parallel = nullptr) {
   std::map<std::string, Runner> t{
@@ -33,15 +33,16 @@ std::map<std::string, Runner> runners(dist::Communicator* expert_parallel = null
       {"llava", run_llava<B>},
       {"cumo", [=](const io::SafeTensors& f, const nlohmann::json& c, Report& r) { run_cumo<B>(f, c, r, expert_parallel); }},
       // on a device the LLaVA-MoD losses run on host copies of the logits, the models on the device
-      {"llava_mod_distill", run_llava_mod_distill<B>},
+      {"llava_mod_distill",
+       [=](const io::SafeTensors& f, const nlohmann::json& c, Report& r) { run_llava_mod_distill<B>(f, c, r, expert_parallel); }},
   };
   if (expert_parallel)
     for (auto& [kind, run] : t)
-      if (kind != "moe_mlp" && kind != "moe_swiglu" && kind != "cumo" && kind != "mixtral")
+      if (kind != "moe_mlp" && kind != "moe_swiglu" && kind != "cumo" && kind != "mixtral" && kind != "llava_mod_distill")
         run = [](const io::SafeTensors&, const nlohmann::json&, Report& r) {
           if (r.prefix.empty())  // rank 0 says it once
-            std::printf("  SKIPPED: --expert-parallel runs the sparse block kinds (moe_mlp, moe_swiglu), the CuMo "
-                        "model and the Mixtral decoder; this kind does not shard its blocks\n");
+            std::printf("  SKIPPED: --expert-parallel runs the kinds with experts (moe_mlp, moe_swiglu, cumo, mixtral, "
+                        "llava_mod_distill); this dense kind has none to shard\n");
           ++r.skipped;
         };
   return t;

@@ -62,9 +62,10 @@ inline void check_grad(const std::string& name, const Tensor& got, const io::Saf
 }
 
 // Our fused experts (E, 2F, H) gate_up_proj / (E, H, F) down_proj are compared expert by expert with the fixture's
-// "<module>.experts.{e}.{gate,up,down}_proj.weight".
+// "<module>.experts.{e}.{gate,up,down}_proj.weight". expert_offset: the global index of a sharded slice's first
+// expert (expert parallelism: this rank holds experts expert_offset … expert_offset + E − 1).
 inline void check_student_grads(const ParameterList& params, const io::SafeTensors& f, const std::string& set,
-                                Report& r) {
+                                Report& r, std::int64_t expert_offset = 0) {
   const std::string gu = ".experts.gate_up_proj", dn = ".experts.down_proj";
   for (Parameter* p : params) {
     const std::string& n = p->name;
@@ -74,7 +75,7 @@ inline void check_student_grads(const ParameterList& params, const io::SafeTenso
       const Tensor grad = p->grad.to(Device::cpu);  // the per-expert views are taken on the host
       const std::int64_t E = grad.size(0), F = is_gu ? grad.size(1) / 2 : 0;
       for (std::int64_t e = 0; e < E; ++e) {
-        const std::string base = "grad." + set + "." + module + ".experts." + std::to_string(e) + ".";
+        const std::string base = "grad." + set + "." + module + ".experts." + std::to_string(expert_offset + e) + ".";
         const Tensor g = grad.select(0, e);
         if (is_gu) {
           check_grad(base + "gate_proj.weight", g.slice(0, 0, F), f, r);
@@ -97,8 +98,13 @@ inline Tensor labels_tensor(const std::vector<std::int64_t>& v, std::int64_t B, 
 
 }  // namespace mod_detail
 
+// `ep` (cumo_parity --expert-parallel K): the student's sparse layers' experts sharded over the group. Rank 0 runs
+// every check on the fixture's batch with its slice of the experts; the other ranks serve their experts through
+// rank 0's three student forwards and backwards (mimic, DPO, KTO-pair), in that order, and check their slices of the
+// expert gradients.
 template <class Backend>
-void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& config, Report& r) {
+void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& config, Report& r,
+                           dist::Communicator* ep = nullptr) {
   using detail::kOutputTol;
   const nn::DecoderConfig tc = nn::DecoderConfig::from_json(config.at("teacher"));
   const nn::DecoderConfig sc = nn::DecoderConfig::from_json(config.at("student"));
@@ -117,6 +123,27 @@ void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& confi
   Rng rng(0);  // the router is overwritten by the fixture's
   models::make_sparse_student(student, E, K, rng, moe_layers);
   mod_detail::load_prefixed(student.parameters(), f, "param.student.");
+  ParameterList sharded;  // this rank's slices of the student's experts (expert parallelism)
+  std::int64_t expert_offset = 0;
+  if (ep) {
+    if constexpr (Backend::device == Device::cpu) {
+      sharded = student.shard_experts(*ep);
+      expert_offset = std::int64_t(ep->rank()) * (E / ep->size());
+    } else {
+      fail("--expert-parallel runs on the CPU backend");
+    }
+  }
+  if (ep && ep->rank() != 0) {  // rank 0's student passes, served in its order; this rank's expert slices checked
+    student.serve_experts_forward();
+    if (r.inference()) return r.no_gradients();
+    for (const char* set : {"kd", "dpo", "kto_pair"}) {
+      if (std::string(set) != "kd") student.serve_experts_forward();
+      zero_grad(sharded);
+      student.serve_experts_backward();
+      mod_detail::check_student_grads(sharded, f, set, r, expert_offset);
+    }
+    return;
+  }
 
   const Tensor ids_t = f.get("input.input_ids");
   const std::int64_t B = ids_t.size(0), T = ids_t.size(1);
@@ -156,7 +183,7 @@ void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& confi
   if (r.inference()) return r.no_gradients();  // (the preference losses below are compared with their gradients)
   zero_grad(student.parameters());
   pass.backward_all(dl.to(Backend::device), aux_w);
-  mod_detail::check_student_grads(student.parameters(), f, "kd", r);
+  mod_detail::check_student_grads(student.parameters(), f, "kd", r, expert_offset);
 
   // ---- preference distillation, the teacher as reference
   const auto ref_w = train::sequence_logps(zt, lab_t);
@@ -190,7 +217,7 @@ void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& confi
     r.check(c.output, mod_detail::scalar(pb.pref.loss), f.get_f32(c.output), kOutputTol);
     zero_grad(student.parameters());
     pass.backward_all(dp.to(Backend::device), aux_w);
-    mod_detail::check_student_grads(student.parameters(), f, c.set, r);
+    mod_detail::check_student_grads(student.parameters(), f, c.set, r, expert_offset);
   }
 }
 

@@ -10,6 +10,9 @@
 //   check_same         every rank holds the same value (a config, a world-size fit), or all throw naming the ranks
 //   any                one flag over the ranks (a stop request seen by some of them)
 //
+// The primitives move host memory; an engine for GPU ranks (NCCL) accepts device memory too and adds
+// allreduce_sum_device, the gradient sum on the GPU.
+//
 // A collective that does not complete within the communicator's timeout throws dist::CommError (another rank died
 // or hangs); after that the communicator is unusable and the caller aborts the job (abort()). SelfCommunicator is
 // the world of one process: every collective is the identity, so single-process code runs the same wiring.
@@ -44,6 +47,12 @@ class AgreedError : public Error {
 };
 
 enum class ReduceOp { sum, min, max };
+
+// n floats of device (GPU) memory: a piece of a gradient for allreduce_sum_device.
+struct DeviceFloats {
+  float* data = nullptr;
+  std::int64_t n = 0;
+};
 
 // `bytes` bytes at byte `offset` of a buffer: one piece of a scattered send or receive (alltoallv_pieces).
 struct Segment {
@@ -106,6 +115,15 @@ class Communicator {
   virtual std::unique_ptr<Communicator> split(int colour, int key) const = 0;
   // Ends every rank of the job now (a collective that cannot complete, an error on one rank). Never returns.
   [[noreturn]] virtual void abort(int code) = 0;
+
+  // ---- device memory (engines with GPU collectives: NCCL) ---------------------------------------------------
+  // Each piece ← its sum over the ranks, in place, bitwise the same on every rank (the fold of allreduce_sum),
+  // packed into buckets of `bucket_bytes` on the device. Host engines have no device collectives.
+  virtual void allreduce_sum_device(std::span<const DeviceFloats> pieces, std::int64_t bucket_bytes) {
+    (void)bucket_bytes;
+    CUMO_CHECK(size() == 1 || pieces.empty(), "Communicator (", engine(), "): gradients in GPU memory need a "
+               "communicator with device collectives (NCCL: dist/nccl.cuh); this one moves host memory only");
+  }
 };
 
 // The world of one process.

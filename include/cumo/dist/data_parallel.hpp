@@ -39,11 +39,32 @@ inline LossShare loss_share(std::int64_t local_targets, std::int64_t global_targ
 // Σ over ranks of every trainable parameter's gradient, in place: the gradients are streamed in parameter order
 // through buckets of `bucket_bytes`, each reduced by the deterministic allreduce_sum, so every rank ends with the
 // same bits. The list must name the same parameters, in the same order and shapes, on every rank (the caller
-// checks the weights with check_same and weights_digest first). Host (CPU) gradients.
+// checks the weights with check_same and weights_digest first). Host (CPU) gradients go through host buckets;
+// device (GPU) gradients through the engine's device buckets (allreduce_sum_device: NCCL), the same fold.
 inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
                                 std::int64_t bucket_bytes = std::int64_t(16) << 20) {
   if (comm.size() == 1) return;
   CUMO_CHECK(bucket_bytes >= std::int64_t(sizeof(float)), "allreduce_gradients: bucket of ", bucket_bytes, " bytes");
+  std::vector<Parameter*> trainable;
+  for (Parameter* p : params) {
+    if (!p->trainable) continue;
+    const std::string name = p->name + ".grad";
+    CUMO_CHECK(p->grad.defined(), "allreduce_gradients: ", name, " is undefined");
+    check_dtype("allreduce_gradients", name, p->grad, DType::f32);
+    CUMO_CHECK(p->grad.is_contiguous(), "allreduce_gradients: ", name, " is not contiguous");
+    if (!trainable.empty())
+      CUMO_CHECK(p->grad.device() == trainable.front()->grad.device(), "allreduce_gradients: ", name, " is on ",
+                 name_of(p->grad.device()), " but ", trainable.front()->name, ".grad on ",
+                 name_of(trainable.front()->grad.device()));
+    trainable.push_back(p);
+  }
+  if (trainable.empty()) return;
+  if (trainable.front()->grad.device() != Device::cpu) {
+    std::vector<DeviceFloats> pieces;
+    for (Parameter* p : trainable) pieces.push_back({p->grad.data<float>(), p->grad.numel()});
+    comm.allreduce_sum_device(pieces, bucket_bytes);
+    return;
+  }
   const std::int64_t cap = bucket_bytes / std::int64_t(sizeof(float));
   std::vector<float> bucket;
   bucket.reserve(std::size_t(cap));
@@ -63,13 +84,7 @@ inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
     bucket.clear();
     pieces.clear();
   };
-  for (Parameter* p : params) {
-    if (!p->trainable) continue;
-    const std::string name = p->name + ".grad";
-    CUMO_CHECK(p->grad.defined(), "allreduce_gradients: ", name, " is undefined");
-    check_device("allreduce_gradients", name, p->grad, Device::cpu);
-    check_dtype("allreduce_gradients", name, p->grad, DType::f32);
-    CUMO_CHECK(p->grad.is_contiguous(), "allreduce_gradients: ", name, " is not contiguous");
+  for (Parameter* p : trainable) {
     float* g = p->grad.data<float>();
     for (std::int64_t done = 0, n = p->grad.numel(); done < n;) {
       const std::int64_t take = std::min(n - done, cap - std::int64_t(bucket.size()));
@@ -82,12 +97,12 @@ inline void allreduce_gradients(Communicator& comm, const ParameterList& params,
   flush();
 }
 
-// A digest of every parameter's bytes (host tensors): the ranks' replicas must start identical.
+// A digest of every parameter's bytes (device tensors are copied to the host first): the ranks' replicas must
+// start identical.
 inline std::string weights_digest(const ParameterList& params) {
   std::uint64_t h = 1469598103934665603ull;
   for (const Parameter* p : params) {
-    CUMO_CHECK(p->value.device() == Device::cpu, "weights_digest: ", p->name, " is not on the host");
-    const Tensor v = p->value.contiguous();
+    const Tensor v = p->value.device() == Device::cpu ? p->value.contiguous() : p->value.to(Device::cpu);
     h ^= fingerprint(std::string_view(static_cast<const char*>(v.raw()), v.nbytes()));
     h *= 1099511628211ull;
   }

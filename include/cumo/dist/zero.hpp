@@ -25,7 +25,7 @@ namespace cumo::dist {
 
 template <class B = backend::Cpu>
 class Zero1 {
-  static_assert(B::device == Device::cpu, "dist::Zero1: host parameters (the GPU path needs NCCL, not written yet)");
+  static_assert(B::device == Device::cpu, "dist::Zero1: host parameters (the device form of its all-gather is not written)");
 
  public:
   // One part of the parameters and the ranks that share them: with expert parallelism the replicated parameters

@@ -123,7 +123,7 @@ class SparseMoE {
   // experts' parameters are the local slice: their gradients are this rank's experts' over the whole group's tokens.
   void shard_experts(dist::Communicator& group) {
     CUMO_CHECK(Backend::device == Device::cpu, "SparseMoE::shard_experts: expert parallelism runs on the CPU "
-               "backend (host buffers over MPI); a GPU group needs the NCCL communicator, not written yet");
+               "backend (host buffers over MPI); the exchange between GPU ranks (NCCL) is not written");
     CUMO_CHECK(options_.capacity_factor <= 0.f, "SparseMoE::shard_experts: expert parallelism is dropless; this "
                "block has capacity_factor ", options_.capacity_factor);
     CUMO_CHECK(!ep_, "SparseMoE::shard_experts: the experts are sharded already");
