@@ -13,6 +13,8 @@
 #               short batch); the checkpoint holds whole experts and one process starts from it; 8 connector
 #               experts over 4; a K that does not divide the ranks and a K that does not divide the experts are
 #               one clear error, no hang
+#   expert_s2   S² vision features, all three stages, stage 3 with --expert-parallel 2 on 2 ranks: every stage-3
+#               step's loss within 1e-5 relative of one process
 #   expert_resume  2 ranks with --expert-parallel 2 stopped after 3 steps and resumed with it end bitwise where the
 #               uninterrupted run ended; the stop resumed on 4 ranks with --expert-parallel 4, and on one process,
 #               finishes
@@ -135,6 +137,22 @@ EOF
   [ "$(echo "$out" | grep -c "do not split evenly")" -eq 1 ] || fail "the error was not reported once: $out"
   rm -rf dpeb
   echo "PASS [expert]"
+  ;;
+expert_s2)
+  # S² vision features (two tower passes per batch): all three stages from scratch, stage 3 expert parallel
+  rm -rf dps1 dps2
+  python3 - <<'EOF'
+import json
+c = json.load(open("dp.json"))
+c["model"]["vision"]["s2"] = True
+json.dump(c, open("dps2.json", "w"))
+EOF
+  "$train" --config dps2.json --out dps1 --quiet --overwrite >/dev/null 2>&1 || fail "the single-process S² run failed"
+  out=$("${mpirun[@]}" -np 2 "$train" --config dps2.json --out dps2 --quiet --overwrite --expert-parallel 2 2>&1) ||
+    fail "2 ranks, --expert-parallel 2 with S² failed: $out"
+  same_losses dps1 dps2 || fail "S² with --expert-parallel 2: the losses differ from one process"
+  rm -rf dps1 dps2
+  echo "PASS [expert_s2]"
   ;;
 expert_resume)
   rm -rf dpea dpeb dpec dped

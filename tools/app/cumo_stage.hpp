@@ -183,7 +183,6 @@ inline void check_expert_parallel(const models::CuMoConfig& c, int K, int ranks)
              " do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
   CUMO_CHECK(c.llava.text.experts % K == 0, "--expert-parallel ", K, ": the language model's ", c.llava.text.experts,
              " experts do not split evenly over groups of ", K, " ranks (K must divide the number of experts)");
-  CUMO_CHECK(!c.llava.vision.s2, "--expert-parallel with S² (two tower passes per batch) is not supported");
 }
 
 // The stage's parameter groups: vision tower, connector, language model; a frozen group gets no update and no state.

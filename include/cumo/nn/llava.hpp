@@ -170,8 +170,6 @@ class Llava {
   // local slices). Every rank of `group` calls it, on the same weights.
   ParameterList shard_experts(dist::Communicator& group) {
     CUMO_CHECK(!experts_sharded(), "Llava::shard_experts: the experts are sharded already");
-    CUMO_CHECK(!cfg_.vision.s2, "Llava::shard_experts: expert parallelism with S² (two tower passes per batch) is not "
-               "supported");
     ParameterList sharded = vision_tower.shard_experts(group);
     projector.mlp.shard_experts(group, sharded);
     for (Parameter* p : language_model.shard_experts(group)) sharded.push_back(p);
@@ -224,13 +222,20 @@ class Llava {
   }
 
   // Rows without an image (or no rows): the vision tower's and the connector's sharded blocks on zero tokens.
+  // With S² the tower serves both of its passes (S2Vision::serve_experts_*).
   void serve_image_experts_forward(bool training) {
-    vision_tower.serve_experts_forward(/*all_layers=*/training);
+    if (cfg_.vision.s2)
+      s2_.serve_experts_forward(vision_tower, /*all_layers=*/training);
+    else
+      vision_tower.serve_experts_forward(/*all_layers=*/training);
     projector.mlp.serve_experts_forward(training);
   }
   void serve_image_experts_backward(AuxLossWeights vision_aux, AuxLossWeights projector_aux) {
     projector.mlp.serve_experts_backward(projector_aux);
-    vision_tower.serve_experts_backward(vision_aux);
+    if (cfg_.vision.s2)
+      s2_.serve_experts_backward(vision_tower, vision_aux);
+    else
+      vision_tower.serve_experts_backward(vision_aux);
   }
 
   LlavaConfig cfg_;

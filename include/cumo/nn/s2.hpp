@@ -251,6 +251,24 @@ class S2Vision {
     return dpx;
   }
 
+  // Expert parallelism (the tower's experts sharded over a group), on a rank without images: the tower's sharded
+  // blocks run on zero tokens in forward()'s order — the 1× pass in `tower`, the n× pass in a fresh copy — and
+  // backward the way backward() runs them (1×, then n×, each with half the aux weights), so that the group's
+  // exchanges pair up with those of the ranks that have images. Each pass keeps its own exchange state for its
+  // backward, as on those ranks.
+  void serve_experts_forward(ClipVision<Backend>& tower, bool all_layers = true) {
+    tower.serve_experts_forward(all_layers);
+    tiles_.reset();
+    tiles_.emplace(tower);
+    tiles_->serve_experts_forward(all_layers);
+  }
+  void serve_experts_backward(ClipVision<Backend>& tower, AuxLossWeights aux = {}) {
+    CUMO_CHECK(tiles_.has_value(), "S2Vision::serve_experts_backward: no forward to serve");
+    const AuxLossWeights half{0.5f * aux.balance, 0.5f * aux.z};
+    tower.serve_experts_backward(half);
+    tiles_->serve_experts_backward(half);
+  }
+
   // The copy that ran the n× pass of the last forward (null before one), e.g. to read its routing.
   const ClipVision<Backend>* tile_tower() const { return tiles_ ? &*tiles_ : nullptr; }
 
