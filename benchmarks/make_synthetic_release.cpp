@@ -1,6 +1,7 @@
 // make_synthetic_release: writes a CuMo release directory of random weights at a released model's sizes, for
 // measuring what loading and generating cost (peak memory, decode tokens/s) without downloading a checkpoint; and,
-// with --bandwidth, measures this machine's memory bandwidth with a copy loop, the bound a decode step runs against.
+// with --bandwidth, measures this machine's memory bandwidth with a copy loop and with a read loop (the bound a
+// decode step, which only reads its weights, runs against).
 //
 //   make_synthetic_release --preset 7b|1b|tiny --out DIR [--dtype bf16|f16|f32] [--seed S]
 //   make_synthetic_release --bandwidth [--bytes N]
@@ -73,23 +74,51 @@ DType parse_dtype(const std::string& s) {
 }
 
 // The best of five copies of `bytes` with every thread copying its share (STREAM's convention: a copy moves
-// 2 · bytes, read and written).
+// 2 · bytes, read and written); then the best of five reads of the same buffer (every thread folds its share's
+// 64-bit words with XOR in four streams, which the compiler vectorises into plain loads). A decode step only reads its
+// weights, and on this machine reading alone is much slower than the copy figure suggests (a large memcpy writes
+// with non-temporal stores, which do not occupy the load path): the read figure is the bound a decode can reach.
 void bandwidth(std::size_t bytes) {
   std::vector<char> a(bytes, 1), b(bytes, 2);
+  using clock = std::chrono::steady_clock;
   double best = 1e30;
   for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
+    const auto t0 = clock::now();
 #pragma omp parallel
     {
       const std::size_t n = std::size_t(omp_get_num_threads()), i = std::size_t(omp_get_thread_num());
       const std::size_t lo = bytes * i / n, hi = bytes * (i + 1) / n;
       std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
     }
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best, std::chrono::duration<double>(clock::now() - t0).count());
   }
   std::printf("copy bandwidth: %.2f GB/s (best of 5 copies of %.2f GB on %d threads, read + write counted)\n",
               2.0 * double(bytes) / best / 1e9, double(bytes) / 1e9, omp_get_max_threads());
   if (a[bytes / 2] != b[bytes / 2]) std::printf("?\n");  // keeps the copies observable
+  const std::size_t words = bytes / sizeof(std::uint64_t);
+  const auto* w = reinterpret_cast<const std::uint64_t*>(b.data());
+  std::uint64_t fold = 0;
+  double best_read = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = clock::now();
+    std::uint64_t x = 0;
+#pragma omp parallel reduction(^ : x)
+    {
+      // four streams per thread (one alone leaves the load path idle: ~0.75 of this figure)
+      const std::size_t n = std::size_t(omp_get_num_threads()), t = std::size_t(omp_get_thread_num());
+      const std::size_t lo = words * t / n, hi = words * (t + 1) / n, q = (hi - lo) / 4;
+      const std::uint64_t *p0 = w + lo, *p1 = p0 + q, *p2 = p1 + q, *p3 = p2 + q;
+      std::uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (std::size_t i = 0; i < q; ++i) a0 ^= p0[i], a1 ^= p1[i], a2 ^= p2[i], a3 ^= p3[i];
+      for (std::size_t i = lo + 4 * q; i < hi; ++i) a0 ^= w[i];
+      x ^= a0 ^ a1 ^ a2 ^ a3;
+    }
+    best_read = std::min(best_read, std::chrono::duration<double>(clock::now() - t0).count());
+    fold ^= x;
+  }
+  std::printf("read bandwidth: %.2f GB/s (best of 5 reads of %.2f GB on %d threads)\n",
+              double(words * sizeof(std::uint64_t)) / best_read / 1e9, double(bytes) / 1e9, omp_get_max_threads());
+  if (fold == 0x5eed) std::printf("?\n");  // keeps the reads observable
 }
 
 int make(const std::string& preset_name, const std::string& out, DType dtype, std::uint64_t seed) {

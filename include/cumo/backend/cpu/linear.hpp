@@ -20,8 +20,8 @@ namespace cumo::cpu {
 
 namespace detail {
 // y[j] = beta·y[j] + Σ_k x[k] · w[j, k] for a bf16 w, the product of one decode step: bound by reading w, so each
-// element is widened in a register and fused into the dot product (no fp32 copy of w), four rows sharing each load
-// of x. fp32 accumulation in 16 (AVX-512) or 8 (AVX2) lanes, then summed across lanes.
+// element is widened in a register and fused into the dot product (no fp32 copy of w), eight rows sharing each
+// load of x. fp32 accumulation in 16 (AVX-512) or 8 (AVX2) lanes, then summed across lanes.
 inline void bf16_gemv(const float* x, std::int64_t k, const std::uint16_t* w, std::int64_t n, std::int64_t ldw,
                       float beta, float* y) {
   auto finish = [&](std::int64_t j, float dot) { y[j] = beta == 0.f ? dot : beta * y[j] + dot; };
@@ -62,28 +62,31 @@ inline void bf16_gemv(const float* x, std::int64_t k, const std::uint16_t* w, st
   auto loadx = [](const float* p) { return _mm256_loadu_ps(p); };
 #endif
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // Eight rows per work item, each prefetched 512 bytes ahead: a row is a short stream (8 KiB at k = 4096) that the
+  // hardware prefetcher picks up late, and eight of them keep enough loads in flight. Measured on one 14336 × 4096
+  // product (2 threads, AVX-512): 22 GB/s with four rows and no prefetch, 27 GB/s like this; each row's dot product
+  // is summed in the same order either way (bitwise the same y).
+  constexpr std::int64_t R = 8, kAhead = 256;  // rows per item; prefetch distance in elements (512 bytes)
   const std::int64_t kv = k / L * L;
-  const std::int64_t quads = n / 4;
+  const std::int64_t groups = n / R;
   parallel_for(
-      quads,
-      [&](std::int64_t q) {
-        const std::int64_t j = 4 * q;
-        const std::uint16_t *r0 = w + j * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
-        auto a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+      groups,
+      [&](std::int64_t g) {
+        const std::int64_t j = R * g;
+        const std::uint16_t* r[R];
+        decltype(zero()) a[R];
+        for (std::int64_t t = 0; t < R; ++t) r[t] = w + (j + t) * ldw, a[t] = zero();
         for (std::int64_t i = 0; i < kv; i += L) {
+          if (i % 32 == 0)  // once per 64-byte line of each row
+            for (std::int64_t t = 0; t < R; ++t)
+              _mm_prefetch(reinterpret_cast<const char*>(r[t] + i + kAhead), _MM_HINT_T0);
           const auto xv = loadx(x + i);
-          a0 = fma(xv, widen(r0 + i), a0);
-          a1 = fma(xv, widen(r1 + i), a1);
-          a2 = fma(xv, widen(r2 + i), a2);
-          a3 = fma(xv, widen(r3 + i), a3);
+          for (std::int64_t t = 0; t < R; ++t) a[t] = fma(xv, widen(r[t] + i), a[t]);
         }
-        finish(j, sum(a0) + tail(r0, kv));
-        finish(j + 1, sum(a1) + tail(r1, kv));
-        finish(j + 2, sum(a2) + tail(r2, kv));
-        finish(j + 3, sum(a3) + tail(r3, kv));
+        for (std::int64_t t = 0; t < R; ++t) finish(j + t, sum(a[t]) + tail(r[t], kv));
       },
-      8 * k);
-  for (std::int64_t j = 4 * quads; j < n; ++j) {
+      2 * R * k);
+  for (std::int64_t j = R * groups; j < n; ++j) {
     const std::uint16_t* r = w + j * ldw;
     auto a = zero();
     for (std::int64_t i = 0; i < kv; i += L) a = fma(loadx(x + i), widen(r + i), a);
