@@ -544,6 +544,33 @@ std::vector<int> expert_group_sizes() {
     if (comm().size() % K == 0 && 4 % K == 0) ks.push_back(K);
   return ks;
 }
+
+// A step's loss and a copy of every gradient (the step every expert-parallel step is held to).
+struct StepResult {
+  double loss = 0;
+  std::vector<Tensor> grads;
+};
+StepResult result_of(double loss, models::CuMo<>& m) {
+  StepResult r{loss, {}};
+  for (Parameter* p : m.parameters()) r.grads.push_back(p->grad.clone());
+  return r;
+}
+
+// Shards m's experts over ep's groups, takes the expert-parallel step inside data parallelism on kMicroEp, and checks
+// its loss and every gradient (a sharded one gathered whole) against `want` within rel 1e-6. Returns the sharded
+// parameters; m stays sharded (and keeps pointing at ep's group communicator: ep must outlive it being sharded).
+ParameterList check_expert_parallel_step(models::CuMo<>& m, dist::ExpertDataParallel& ep,
+                                         const std::vector<Sample>& samples, const StepResult& want) {
+  const ParameterList sharded = m.shard_experts(ep.experts());
+  ep.set_sharded(sharded);
+  const double loss = data_parallel_step(m, samples, comm(), kMicroEp, &ep);
+  CHECK(std::abs(loss - want.loss) <= 1e-6 * std::abs(want.loss));
+  std::string worst_name;
+  const double worst = worst_grad_error(ep, m.parameters(), want.grads, worst_name);
+  CAPTURE(worst_name);
+  CHECK(worst <= 1e-6);
+  return sharded;
+}
 }  // namespace
 
 TEST_CASE("dist: CuMo shard_experts / unshard_experts is a bitwise round trip that keeps names and addresses") {
@@ -572,17 +599,9 @@ TEST_CASE("dist: an expert-parallel CuMo step inside data parallelism equals the
   for (int K : expert_group_sizes()) {
     CAPTURE(K);
     models::CuMo<> ref = make_model(5), m = make_model(5);
-    const double ref_loss = reference_step(ref, samples, kMicroEp);
-    std::vector<Tensor> ref_grads;
-    for (Parameter* p : ref.parameters()) ref_grads.push_back(p->grad.clone());
+    const StepResult want = result_of(reference_step(ref, samples, kMicroEp), ref);
     dist::ExpertDataParallel ep(comm(), K);
-    ep.set_sharded(m.shard_experts(ep.experts()));
-    const double loss = data_parallel_step(m, samples, comm(), kMicroEp, &ep);
-    CHECK(std::abs(loss - ref_loss) <= 1e-6 * std::abs(ref_loss));
-    std::string worst_name;
-    const double worst = worst_grad_error(ep, m.parameters(), ref_grads, worst_name);
-    CAPTURE(worst_name);
-    CHECK(worst <= 1e-6);
+    check_expert_parallel_step(m, ep, samples, want);
   }
 }
 
@@ -596,17 +615,9 @@ TEST_CASE("dist: an expert-parallel CuMo step with S² equals the data-parallel 
   for (int K : expert_group_sizes()) {
     CAPTURE(K);
     models::CuMo<> dp = make_model(5, 0, true), m = make_model(5, 0, true);
-    const double dp_loss = data_parallel_step(dp, samples, comm(), kMicroEp);
-    std::vector<Tensor> dp_grads;
-    for (Parameter* p : dp.parameters()) dp_grads.push_back(p->grad.clone());
+    const StepResult want = result_of(data_parallel_step(dp, samples, comm(), kMicroEp), dp);
     dist::ExpertDataParallel ep(comm(), K);
-    ep.set_sharded(m.shard_experts(ep.experts()));
-    const double loss = data_parallel_step(m, samples, comm(), kMicroEp, &ep);
-    CHECK(std::abs(loss - dp_loss) <= 1e-6 * std::abs(dp_loss));
-    std::string worst_name;
-    const double worst = worst_grad_error(ep, m.parameters(), dp_grads, worst_name);
-    CAPTURE(worst_name);
-    CHECK(worst <= 1e-6);
+    check_expert_parallel_step(m, ep, samples, want);
     m.unshard_experts();
     CHECK_FALSE(m.experts_sharded());
   }
@@ -620,21 +631,12 @@ TEST_CASE("dist: with a Mixtral LM, the expert-parallel step equals the data-par
   for (int K : expert_group_sizes()) {
     CAPTURE(K);
     models::CuMo<> dp = make_model(5, 4), m = make_model(5, 4);
-    const double dp_loss = data_parallel_step(dp, samples, comm(), kMicroEp);
-    std::vector<Tensor> dp_grads;
-    for (Parameter* p : dp.parameters()) dp_grads.push_back(p->grad.clone());
+    const StepResult want = result_of(data_parallel_step(dp, samples, comm(), kMicroEp), dp);
     dist::ExpertDataParallel ep(comm(), K);
-    const ParameterList sharded = m.shard_experts(ep.experts());
+    const ParameterList sharded = check_expert_parallel_step(m, ep, samples, want);
     std::int64_t lm_sharded = 0;
     for (const Parameter* p : sharded) lm_sharded += p->name.find("language_model") != std::string::npos;
     CHECK(lm_sharded == 2);  // gate_up_proj and down_proj of the one LM layer
-    ep.set_sharded(sharded);
-    const double loss = data_parallel_step(m, samples, comm(), kMicroEp, &ep);
-    CHECK(std::abs(loss - dp_loss) <= 1e-6 * std::abs(dp_loss));
-    std::string worst_name;
-    const double worst = worst_grad_error(ep, m.parameters(), dp_grads, worst_name);
-    CAPTURE(worst_name);
-    CHECK(worst <= 1e-6);
     m.unshard_experts();
     CHECK_FALSE(m.experts_sharded());
   }
