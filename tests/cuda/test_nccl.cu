@@ -133,6 +133,26 @@ TEST_CASE("primitives on host memory") {
   CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(double)) == 0);
 }
 
+TEST_CASE("scattered pieces on host memory (the staged default), refused on device memory") {
+  dist::NcclCommunicator& c = *g_nccl;
+  const int R = c.rank(), N = c.size();
+  // rank r sends q its bytes 2q + 1 and 2q, in that order; q receives them at 2r, 2r + 1
+  std::vector<std::uint8_t> send(2 * std::size_t(N)), got(2 * std::size_t(N), 0), want(2 * std::size_t(N));
+  for (int i = 0; i < 2 * N; ++i) send[std::size_t(i)] = std::uint8_t(R * 16 + i);
+  std::vector<std::vector<dist::Segment>> sp(static_cast<std::size_t>(N)), rp(static_cast<std::size_t>(N));
+  for (int q = 0; q < N; ++q) {
+    sp[std::size_t(q)] = {{2 * q + 1, 1}, {2 * q, 1}};
+    rp[std::size_t(q)] = {{2 * q, 2}};
+    want[std::size_t(2 * q)] = std::uint8_t(q * 16 + 2 * R + 1);
+    want[std::size_t(2 * q + 1)] = std::uint8_t(q * 16 + 2 * R);
+  }
+  c.alltoallv_pieces(send.data(), sp, got.data(), rp);
+  CHECK(got == want);
+  std::uint8_t* d = device_copy(send);
+  CHECK_THROWS_WITH_AS(c.alltoallv_pieces(d, sp, d, rp), doctest::Contains("device memory"), Error);
+  cudaFree(d);
+}
+
 TEST_CASE("primitives on device memory") {
   check_alltoallv(true);
   check_allgatherv(true);

@@ -137,7 +137,17 @@ class NcclCommunicator final : public Communicator {
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
   ~NcclCommunicator() override {
-    if (comm_ && !broken_) ncclCommDestroy(comm_);  // (after a failure the handle was aborted already)
+    // A non-blocking communicator finalizes asynchronously: poll it (bounded) before freeing it. After a failure the
+    // handle was aborted already.
+    if (comm_ && !broken_ && ncclCommFinalize(comm_) == ncclInProgress) {
+      const auto deadline = clock::now() + std::chrono::duration<double>(timeout_s_);
+      ncclResult_t st = ncclInProgress;
+      while (st == ncclInProgress && clock::now() < deadline) {
+        std::this_thread::yield();
+        if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess) break;
+      }
+    }
+    if (comm_ && !broken_) ncclCommDestroy(comm_);
     for (void* p : {scratch_[0], scratch_[1], scratch_[2]})
       if (p) cudaFree(p);
   }
@@ -160,6 +170,14 @@ class NcclCommunicator final : public Communicator {
     void* drecv = device_target(recv, received, 1);
     device_alltoallv(static_cast<const char*>(dsend), send_bytes, static_cast<char*>(drecv), recv_bytes);
     from_device(recv, drecv, received);
+  }
+  // Scattered pieces of host memory (the base class stages them); on device memory the two sides' pieces need not
+  // line up, which NCCL's pairwise send/recv cannot express: not written (the GPU expert exchange would need it).
+  void alltoallv_pieces(const void* send, std::span<const std::vector<Segment>> send_pieces, void* recv,
+                        std::span<const std::vector<Segment>> recv_pieces) override {
+    CUMO_CHECK(!detail::is_device_pointer(send) && !detail::is_device_pointer(recv), "NcclCommunicator::"
+               "alltoallv_pieces: device memory is not supported (expert parallelism runs on CPU ranks)");
+    Communicator::alltoallv_pieces(send, send_pieces, recv, recv_pieces);
   }
   void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) override {
     check_counts("allgatherv", recv_bytes);
