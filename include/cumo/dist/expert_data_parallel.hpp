@@ -18,6 +18,10 @@
 //
 // The step is the data-parallel step, which is the single-process step up to fp32 summation order (tests/dist).
 // Host (CPU) parameters.
+//
+// Lifetime: a model sharded over experts() keeps a pointer to that group communicator (its blocks exchange rows
+// through it, and unshard_experts() gathers through it), so this object must outlive the sharding: unshard before
+// it goes away.
 #include <cmath>
 #include <cstdint>
 #include <memory>
