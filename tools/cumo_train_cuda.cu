@@ -23,6 +23,12 @@ int env_int(const char* name) {
   return int(x);
 }
 
+// GPU ranks train plain data parallel: the options that shard over ranks have no device form yet.
+void check_gpu_rank_options(const Args& a) {
+  CUMO_CHECK(!a.zero1 && a.expert_parallel <= 1, "--zero1 and --expert-parallel run on CPU ranks (--device cpu); "
+             "GPU ranks train plain data parallel");
+}
+
 }  // namespace
 
 std::optional<int> run_on_gpu(const Args& a, dist::Communicator& world) {
@@ -51,10 +57,7 @@ std::optional<int> run_on_gpu(const Args& a, dist::Communicator& world) {
     } else {
       cumo::dist::agree(world, mine.empty() ? "" : "--device cuda: " + mine);
     }
-    cumo::dist::agree_on(world, [&] {
-      CUMO_CHECK(!a.zero1 && a.expert_parallel <= 1, "--zero1 and --expert-parallel run on CPU ranks (--device "
-                 "cpu); GPU ranks train plain data parallel");
-    });
+    cumo::dist::agree_on(world, [&] { check_gpu_rank_options(a); });
     cumo::dist::NcclCommunicator nccl(world);
     return run(a, nccl, cumo::backend::Cuda(o));
   }
@@ -62,10 +65,8 @@ std::optional<int> run_on_gpu(const Args& a, dist::Communicator& world) {
   const int rank = env_int("CUMO_RANK"), size = env_int("CUMO_WORLD_SIZE");
   CUMO_CHECK(have_gpu, "rank ", rank, ": --device ", a.device, " with CUMO_NCCL_RENDEZVOUS, but no CUDA device is "
              "available (", why, ")");
-  CUMO_CHECK(!a.zero1 && a.expert_parallel <= 1, "--zero1 and --expert-parallel need MPI ranks");
-  int devices = 0;
-  cudaGetDeviceCount(&devices);
-  CUMO_CUDA_CHECK(cudaSetDevice(cumo::dist::local_device_for(rank, devices)));
+  check_gpu_rank_options(a);
+  cumo::dist::use_local_gpu(rank);
   auto nccl = cumo::dist::NcclCommunicator::rendezvous_file(rendezvous, rank, size);
   return run(a, *nccl, cumo::backend::Cuda(o));
 #else

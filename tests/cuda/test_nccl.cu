@@ -45,6 +45,18 @@ std::vector<T> host_copy(const T* d, std::size_t n) {
   return h;
 }
 
+// Runs f(send, recv) on the host vectors themselves or on device copies of them; `got` then holds what was received.
+template <class F>
+void on_memory(bool on_device, const std::vector<std::uint8_t>& send, std::vector<std::uint8_t>& got, F&& f) {
+  if (!on_device) return f(send.data(), got.data());
+  std::uint8_t* ds = device_copy(send);
+  std::uint8_t* dr = device_copy(got);
+  f(ds, dr);
+  got = host_copy(dr, got.size());
+  cudaFree(ds);
+  cudaFree(dr);
+}
+
 // What rank r sends rank q in the alltoallv case: r + q + 1 bytes, each (r * 16 + q + i) mod 251.
 std::int64_t piece_bytes(int r, int q) { return r + q + 1; }
 std::uint8_t piece_byte(int r, int q, std::int64_t i) { return std::uint8_t((r * 16 + q + i) % 251); }
@@ -61,16 +73,7 @@ void check_alltoallv(bool on_device) {
     for (std::int64_t i = 0; i < piece_bytes(q, R); ++i) want.push_back(piece_byte(q, R, i));
   }
   std::vector<std::uint8_t> got(want.size(), 0);
-  if (on_device) {
-    std::uint8_t* ds = device_copy(send);
-    std::uint8_t* dr = device_copy(got);
-    c.alltoallv(ds, sb, dr, rb);
-    got = host_copy(dr, got.size());
-    cudaFree(ds);
-    cudaFree(dr);
-  } else {
-    c.alltoallv(send.data(), sb, got.data(), rb);
-  }
+  on_memory(on_device, send, got, [&](const std::uint8_t* from, std::uint8_t* to) { c.alltoallv(from, sb, to, rb); });
   CHECK(got == want);
 }
 
@@ -85,16 +88,9 @@ void check_allgatherv(bool on_device) {
   }
   for (std::int64_t i = 0; i < piece_bytes(R, R); ++i) mine.push_back(piece_byte(R, R, i));
   std::vector<std::uint8_t> got(want.size(), 0);
-  if (on_device) {
-    std::uint8_t* ds = device_copy(mine);
-    std::uint8_t* dr = device_copy(got);
-    c.allgatherv(ds, std::int64_t(mine.size()), dr, rb);
-    got = host_copy(dr, got.size());
-    cudaFree(ds);
-    cudaFree(dr);
-  } else {
-    c.allgatherv(mine.data(), std::int64_t(mine.size()), got.data(), rb);
-  }
+  on_memory(on_device, mine, got, [&](const std::uint8_t* from, std::uint8_t* to) {
+    c.allgatherv(from, std::int64_t(mine.size()), to, rb);
+  });
   CHECK(got == want);
 }
 

@@ -153,6 +153,24 @@ class SelfCommunicator final : public Communicator {
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 
+// The byte counts of the deterministic sum's two exchanges for n elements of `elem` bytes over N ranks: rank q
+// reduces chunk q (shard_of(n, q, N)); `send` is what this rank sends each rank (its chunk q) and is also what the
+// all-gather brings back from each; `recv` what it receives from each (N copies of its own chunk, in rank order).
+// Every engine's sum (allreduce_sum here, the device buckets of dist/nccl.cuh) uses these.
+struct FoldCounts {
+  Shard mine;                       // this rank's chunk
+  std::vector<std::int64_t> send;  // (N,) bytes of chunk q, to rank q (and from rank q in the all-gather)
+  std::vector<std::int64_t> recv;  // (N,) bytes of this rank's chunk, from every rank
+};
+inline FoldCounts fold_counts(std::int64_t n, int rank, int N, std::int64_t elem) {
+  FoldCounts c{shard_of(n, rank, N), std::vector<std::int64_t>(std::size_t(N)), std::vector<std::int64_t>(std::size_t(N))};
+  for (int q = 0; q < N; ++q) {
+    c.send[std::size_t(q)] = shard_of(n, q, N).size() * elem;
+    c.recv[std::size_t(q)] = c.mine.size() * elem;
+  }
+  return c;
+}
+
 // In place: x ← Σ_ranks x, bitwise the same on every rank and in a fixed order (the left fold over ranks),
 // whatever the engine. float, double or int64.
 template <class T>
@@ -160,22 +178,15 @@ void allreduce_sum(Communicator& comm, std::span<T> x) {
   static_assert(std::is_arithmetic_v<T>, "allreduce_sum: T must be an arithmetic type");
   const int N = comm.size();
   if (N == 1 || x.empty()) return;
-  const auto n = std::int64_t(x.size());
   // chunk q (rank q's to reduce) of every rank → rank q: N copies of one chunk, in rank order
-  const auto ranks = std::size_t(N);
-  std::vector<std::int64_t> send(ranks), recv(ranks), gathered(ranks);
-  const Shard mine = shard_of(n, comm.rank(), N);
-  for (int q = 0; q < N; ++q) {
-    send[std::size_t(q)] = shard_of(n, q, N).size() * std::int64_t(sizeof(T));
-    recv[std::size_t(q)] = mine.size() * std::int64_t(sizeof(T));
-    gathered[std::size_t(q)] = send[std::size_t(q)];
-  }
-  std::vector<T> copies(std::size_t(mine.size() * N));  // (N, chunk)
-  comm.alltoallv(x.data(), send, copies.data(), recv);
-  std::vector<T> sum(copies.begin(), copies.begin() + mine.size());  // rank 0's, then + rank 1's, …
+  const FoldCounts c = fold_counts(std::int64_t(x.size()), comm.rank(), N, std::int64_t(sizeof(T)));
+  const std::int64_t m = c.mine.size();
+  std::vector<T> copies(std::size_t(m * N));  // (N, chunk)
+  comm.alltoallv(x.data(), c.send, copies.data(), c.recv);
+  std::vector<T> sum(copies.begin(), copies.begin() + m);  // rank 0's, then + rank 1's, …
   for (int q = 1; q < N; ++q)
-    for (std::int64_t i = 0; i < mine.size(); ++i) sum[std::size_t(i)] += copies[std::size_t(q * mine.size() + i)];
-  comm.allgatherv(sum.data(), mine.size() * std::int64_t(sizeof(T)), x.data(), gathered);
+    for (std::int64_t i = 0; i < m; ++i) sum[std::size_t(i)] += copies[std::size_t(q * m + i)];
+  comm.allgatherv(sum.data(), m * std::int64_t(sizeof(T)), x.data(), c.send);
 }
 
 inline std::int64_t allreduce_one(Communicator& comm, std::int64_t v, ReduceOp op) {

@@ -385,24 +385,19 @@ class NcclCommunicator final : public Communicator {
   }
   // x (n floats, device) ← Σ over ranks: chunk q of every rank to rank q, the fold in rank order, an all-gather.
   void sum_in_place(float* x, std::int64_t n) {
-    const auto N = std::size_t(size_);
-    const Shard mine = shard_of(n, rank_, size_);
-    std::vector<std::int64_t> send(N), recv(N);
-    for (int q = 0; q < size_; ++q) {
-      send[std::size_t(q)] = shard_of(n, q, size_).size() * std::int64_t(sizeof(float));
-      recv[std::size_t(q)] = mine.size() * std::int64_t(sizeof(float));
-    }
-    auto* copies = static_cast<float*>(scratch(0, mine.size() * size_ * std::int64_t(sizeof(float))));  // (N, chunk)
-    auto* sum = static_cast<float*>(scratch(1, mine.size() * std::int64_t(sizeof(float))));            // (chunk,)
-    device_alltoallv(reinterpret_cast<const char*>(x), send, reinterpret_cast<char*>(copies), recv);
-    if (mine.size() > 0) {
+    const FoldCounts c = fold_counts(n, rank_, size_, std::int64_t(sizeof(float)));
+    const std::int64_t m = c.mine.size();
+    auto* copies = static_cast<float*>(scratch(0, m * size_ * std::int64_t(sizeof(float))));  // (N, chunk)
+    auto* sum = static_cast<float*>(scratch(1, m * std::int64_t(sizeof(float))));            // (chunk,)
+    device_alltoallv(reinterpret_cast<const char*>(x), c.send, reinterpret_cast<char*>(copies), c.recv);
+    if (m > 0) {
       const int threads = 256;
-      const auto blocks = unsigned(std::min<std::int64_t>((mine.size() + threads - 1) / threads, 4096));
-      detail::fold_over_ranks<float><<<blocks, threads, 0, stream()>>>(copies, mine.size(), size_, sum);
+      const auto blocks = unsigned(std::min<std::int64_t>((m + threads - 1) / threads, 4096));
+      detail::fold_over_ranks<float><<<blocks, threads, 0, stream()>>>(copies, m, size_, sum);
       CUMO_CUDA_CHECK(cudaGetLastError());
     }
-    device_allgatherv(reinterpret_cast<const char*>(sum), mine.size() * std::int64_t(sizeof(float)),
-                      reinterpret_cast<char*>(x), send);
+    device_allgatherv(reinterpret_cast<const char*>(sum), m * std::int64_t(sizeof(float)), reinterpret_cast<char*>(x),
+                      c.send);
   }
 
   // ---- staging: host pointers go through device scratch buffers -------------------------------------------
@@ -470,6 +465,15 @@ inline int local_device_for(int rank, int devices) {
   return rank % std::max(devices, 1);
 }
 
+// Makes this process's GPU (local_device_for(rank, visible devices)) current and returns its index; an error names it.
+inline int use_local_gpu(int rank) {
+  int devices = 0;
+  CUMO_CUDA_CHECK(cudaGetDeviceCount(&devices));
+  const int device = local_device_for(rank, devices);
+  CUMO_CUDA_CHECK(cudaSetDevice(device));
+  return device;
+}
+
 // Every rank of `world` calls it: picks this rank's GPU (local_device_for) and makes it current, then checks over
 // the ranks that no two of them picked the same physical GPU (by UUID; NCCL cannot run two ranks on one GPU).
 // Returns "" when this rank has a GPU of its own, else why not (no device, or the ranks it would share one with);
@@ -481,13 +485,14 @@ inline std::string claim_gpu(Communicator& world) {
   if (!gpu::device_available(&why)) {
     why = "no CUDA device is available (" + why + ")";
   } else {
-    cudaGetDeviceCount(&devices);
-    const int device = local_device_for(world.rank(), devices);
-    cudaDeviceProp prop{};
-    if (cudaSetDevice(device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-      why = "cannot use CUDA device " + std::to_string(device) + ": " + cudaGetErrorString(cudaGetLastError());
-    } else {
+    try {
+      const int device = use_local_gpu(world.rank());
+      cudaGetDeviceCount(&devices);
+      cudaDeviceProp prop{};
+      CUMO_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
       std::memcpy(uuid.data(), &prop.uuid, uuid.size());
+    } catch (const std::exception& e) {
+      why = e.what();
     }
   }
   const auto N = std::size_t(world.size());
