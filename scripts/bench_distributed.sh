@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Data parallel on this machine: cumo_train's stage 3 at the demo's model and batch (configs/demo.json, stage 3
 # shortened to STEPS steps; stages 1-2 one step each, they only make the start) as
-#   1 process x 1 thread,  1 process x 2 threads,  mpirun -np 2 x 1 thread each (data parallel, and with
-#   --expert-parallel 2: each rank holding half of every MoE block's experts)
+#   1 process x 1 thread,  1 process x 2 threads,  mpirun -np 2 x 1 thread each (data parallel; with
+#   --overlap-grad-sum: the gradient sum on a second thread during the backward; and with --expert-parallel 2: each
+#   rank holding half of every MoE block's experts)
 # and the share of the step the 2-rank run spends in its gradient all-reduce (printed by cumo_train).
 #   BUILD=build-cpu STEPS=60 bash scripts/bench_distributed.sh
 set -euo pipefail
@@ -30,13 +31,14 @@ OMP_NUM_THREADS=2 "$train" --config "$work/bench.json" --stage 2 --quiet --overw
 s3() { "$@" --config "$work/bench.json" --stage 3 --from "$work/run/stage2" --out "$work/$name" --quiet --overwrite $extra; }
 printf "| run | stage 3 wall s (with load + save) | training tokens/s | vs 1 x 1 |\n| --- | ---: | ---: | ---: |\n"
 base=""
-for how in "1x1" "1x2" "mpi2x1" "mpi2x1-ep2"; do
+for how in "1x1" "1x2" "mpi2x1" "mpi2x1-overlap" "mpi2x1-ep2"; do
   name=s3_$how
   extra=""
   case $how in
   1x1) out=$(OMP_NUM_THREADS=1 s3 "$train") ;;
   1x2) out=$(OMP_NUM_THREADS=2 s3 "$train") ;;
   mpi2x1) out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
+  mpi2x1-overlap) extra="--overlap-grad-sum"; out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
   mpi2x1-ep2) extra="--expert-parallel 2"; out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
   esac
   line=$(echo "$out" | grep "^stage 3: finished")

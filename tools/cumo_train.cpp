@@ -3,7 +3,8 @@
 //   cumo_train --config CONFIG.json [--stage 1|2|3|all] [--resume DIR] [--from DIR [--vision-from DIR]] [--out DIR]
 //              [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]
 //              [--log-every N] [--quiet]
-//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1] [--expert-parallel K]
+//              [--device auto|cpu|cuda] [--precision fp32|tf32|bf16] [--zero1] [--overlap-grad-sum]
+//              [--expert-parallel K]
 //
 // Built with the CUDA backend (tools/cumo_train_cuda.cu joins the target), the same tool trains
 // models::CuMo<backend::Cuda> when a GPU is present (--device auto, the default) or asked for (--device cuda); its
@@ -48,6 +49,7 @@ int main(int argc, char** argv) {
     if (f == "--quiet" || f == "-q") return a.quiet = true;
     if (f == "--overwrite") return a.overwrite = true;
     if (f == "--zero1") return a.zero1 = true;
+    if (f == "--overlap-grad-sum") return a.overlap_grad_sum = true;
     return false;
   };
   auto on_value = [&](std::string_view f, const char* v) {

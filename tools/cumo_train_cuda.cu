@@ -25,8 +25,8 @@ int env_int(const char* name) {
 
 // GPU ranks train plain data parallel: the options that shard over ranks have no device form yet.
 void check_gpu_rank_options(const Args& a) {
-  CUMO_CHECK(!a.zero1 && a.expert_parallel <= 1, "--zero1 and --expert-parallel run on CPU ranks (--device cpu); "
-             "GPU ranks train plain data parallel");
+  CUMO_CHECK(!a.zero1 && a.expert_parallel <= 1 && !a.overlap_grad_sum, "--zero1, --overlap-grad-sum and "
+             "--expert-parallel run on CPU ranks (--device cpu); GPU ranks train plain data parallel");
 }
 
 }  // namespace

@@ -38,7 +38,7 @@ inline void usage(std::ostream& os) {
         "                  [--out DIR]\n"
         "                  [--variant dense|moe|moe_nobz|moe_scratch|moe_mlponly|moe_conn8] [--seed S] [--max-steps N]\n"
         "                  [--log-every N] [--quiet] [--overwrite] [--device auto|cpu|cuda]\n"
-        "                  [--precision fp32|tf32|bf16] [--zero1] [--expert-parallel K]\n"
+        "                  [--precision fp32|tf32|bf16] [--zero1] [--overlap-grad-sum] [--expert-parallel K]\n"
         "  --config     run configuration (docs/training_app.md); not needed with --resume\n"
         "  --stage      which stage(s) to run (default all)\n"
         "  --resume     continue from a checkpoint written by cumo_train (a stopped or a finished stage); the run\n"
@@ -60,6 +60,8 @@ inline void usage(std::ostream& os) {
         "               has its own; unverified, docs/distributed.md)\n"
         "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n"
         "  --zero1      under mpirun: shard the AdamW moments over the ranks (ZeRO-1; the same weights)\n"
+        "  --overlap-grad-sum  under mpirun: sum the gradients on a second thread while the backward goes on (the\n"
+        "               same weights; CPU ranks, not with --expert-parallel)\n"
         "  --expert-parallel K  under mpirun -np N (N a multiple of K): the MoE blocks' experts split over groups of\n"
         "               K ranks, tokens sent to their experts' ranks (the same step; checkpoints stay whole)\n"
         "Under mpirun -np N (a build with MPI) the N ranks train data parallel: docs/distributed.md\n";
@@ -69,7 +71,7 @@ struct Args {
   std::string config, resume, from, vision_from, out, variant, stage = "all", device = "auto", precision = "fp32";
   long long seed = -1, max_steps = -1, log_every = 0;
   long long expert_parallel = 1;
-  bool quiet = false, overwrite = false, zero1 = false;
+  bool quiet = false, overwrite = false, zero1 = false, overlap_grad_sum = false;
 };
 
 inline void write_summary(const std::string& out_dir, int stage, const app::StageResult& r, const app::StageConfig& sc) {
@@ -152,11 +154,14 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
   const bool pretrained_start = a.resume.empty() && !a.from.empty() && cfg.pretrained;
   CUMO_CHECK(!a.zero1 || comm.size() > 1, "--zero1 shards the optimizer over data-parallel ranks: run it under "
              "mpirun -np N with N > 1");
+  CUMO_CHECK(!a.overlap_grad_sum || comm.size() > 1, "--overlap-grad-sum overlaps the data-parallel gradient sum: "
+             "run it under mpirun -np N with N > 1");
   // Every rank must train the same thing: a rank started with other arguments or another config stops them all.
   dist::check_same(comm, "the run configuration and command line",
                    cfg.raw.dump() + "|" + a.stage + "|" + a.resume + "|" + a.from + "|" + a.vision_from + "|" +
                        std::to_string(a.max_steps) + "|" + std::to_string(a.expert_parallel) +
-                       "|" + (a.overwrite ? "overwrite" : "") + (a.zero1 ? "|zero1" : ""));
+                       "|" + (a.overwrite ? "overwrite" : "") + (a.zero1 ? "|zero1" : "") +
+                       (a.overlap_grad_sum ? "|overlap" : ""));
   // ---- which stages ---------------------------------------------------------------------------------------------
   int first = 1, last = 3;
   bool resume_partial = false;
@@ -207,6 +212,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     std::cerr << "cumo_train: training on " << Backend::name
               << (comm.size() > 1 ? " x " + std::to_string(comm.size()) + " data-parallel ranks (" +
                                         std::string(comm.engine()) + (a.zero1 ? ", ZeRO-1" : "") +
+                                        (a.overlap_grad_sum ? ", gradient sum overlapped" : "") +
                                         (a.expert_parallel > 1 ? ", experts over groups of " +
                                                                      std::to_string(a.expert_parallel) + " ranks"
                                                                : std::string()) +
@@ -277,6 +283,7 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
     ro.csv_path = rank0 ? (fs::path(cfg.out) / "metrics.csv").string() : "";
     ro.comm = &comm;
     ro.zero1 = a.zero1;
+    ro.overlap_grad_sum = a.overlap_grad_sum;
     ro.expert_parallel = int(a.expert_parallel);
     ro.csv_fresh = a.overwrite && s == 1 && !resuming;  // an overwritten run from stage 1 starts its log anew
     ro.resume_dir = resuming ? a.resume : "";

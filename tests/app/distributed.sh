@@ -21,11 +21,16 @@
 #   expert_zero1  --expert-parallel with --zero1 (the replicated moments sharded over the world, each expert slice's
 #               over its replica group) ends bitwise where the same run without --zero1 ends: 2 ranks K = 2 and 4
 #               ranks K = 2
+#   overlap     --overlap-grad-sum (the gradient sum on a second thread during the backward) ends bitwise where the
+#               same run without it ends: 2 ranks, and 4 (one rank without rows in each epoch's short batch); with
+#               --expert-parallel it is one clear error, no hang
 #   mismatch    two ranks started with different configs stop with the same clear error, no hang
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
 #               job ends with the timeout's message
 #   expert_dead, expert_hang  the same two faults with --expert-parallel 2
+#   overlap_dead, overlap_hang  the same two faults with --overlap-grad-sum (the survivor may wait on its second
+#               thread)
 set -uo pipefail
 train=$1
 read -r -a mpirun <<<"$2"
@@ -192,6 +197,26 @@ expert_zero1)
   rm -rf dpez dper
   echo "PASS [expert_zero1]"
   ;;
+overlap)
+  for np in 2 4; do
+    rm -rf dpr$np dpo$np
+    out=$("${mpirun[@]}" -np $np "$train" --config dp.json --stage 3 --from run/stage2 --out dpr$np --quiet 2>&1) ||
+      fail "$np ranks failed: $out"
+    out=$("${mpirun[@]}" -np $np "$train" --config dp.json --stage 3 --from run/stage2 --out dpo$np --quiet \
+          --overlap-grad-sum 2>&1) || fail "$np ranks with --overlap-grad-sum failed: $out"
+    for f in model.safetensors optimizer.safetensors; do
+      cmp -s dpr$np/stage3/$f dpo$np/stage3/$f || fail "stage3/$f with --overlap-grad-sum ($np ranks) differs"
+    done
+    cmp -s <(losses dpr$np) <(losses dpo$np) || fail "the losses with --overlap-grad-sum ($np ranks) differ"
+  done
+  rm -rf dpoe
+  start=$SECONDS
+  out=$("${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpoe --quiet \
+        --overlap-grad-sum --expert-parallel 2 2>&1) && fail "--overlap-grad-sum with --expert-parallel trained"
+  echo "$out" | grep -q "does not combine with --expert-parallel" || fail "no clear error: $out"
+  ((SECONDS - start < 60)) || fail "took $((SECONDS - start)) s"
+  echo "PASS [overlap]"
+  ;;
 mismatch)
   rm -rf dpm
   start=$SECONDS
@@ -204,11 +229,12 @@ mismatch)
   ((SECONDS - start < 60)) || fail "took $((SECONDS - start)) s"
   echo "PASS [mismatch]"
   ;;
-dead | hang | expert_dead | expert_hang)
+dead | hang | expert_dead | expert_hang | overlap_dead | overlap_hang)
   # expert_*: the same faults with the experts split over the two ranks (the survivor waits in a row exchange or
-  # in the gradient sum)
+  # in the gradient sum); overlap_*: with the gradient sum on the ranks' second threads
   extra=()
   [[ $case == expert_* ]] && extra=(--expert-parallel 2)
+  [[ $case == overlap_* ]] && extra=(--overlap-grad-sum)
   rm -rf dpk dpk.log
   python3 - <<'EOF'
 import json

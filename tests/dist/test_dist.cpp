@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -18,6 +20,7 @@
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/expert_data_parallel.hpp"
 #include "cumo/dist/expert_parallel.hpp"
+#include "cumo/dist/overlap.hpp"
 #include "cumo/moe/sparse_moe.hpp"
 #include "cumo/dist/world.hpp"
 #include "cumo/dist/zero.hpp"
@@ -154,12 +157,20 @@ double reference_step(models::CuMo<>& m, const std::vector<Sample>& s, const Mic
 }
 
 // The data-parallel step: this rank's rows of every micro-batch, weighted by its share, then the gradient sum.
-// With `ep` the model's experts are sharded (expert parallel inside data parallel, as cumo_train runs it).
+// With `ep` the model's experts are sharded (expert parallel inside data parallel, as cumo_train runs it). With
+// `overlap` (a background communicator) the sum runs on a second thread as the last micro-batch's backward finishes
+// the language model and the connector (dist/overlap.hpp), as cumo_train --overlap-grad-sum runs it; `reported`
+// counts the parts the backward handed over.
 double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist::Communicator& c,
-                          const Micro& micro = kMicro, const dist::ExpertDataParallel* ep = nullptr) {
+                          const Micro& micro = kMicro, const dist::ExpertDataParallel* ep = nullptr,
+                          dist::Communicator* overlap = nullptr, int* reported = nullptr) {
   zero_grad(m.parameters());
   double loss = 0;
   const double M = double(micro.size());
+  std::optional<dist::OverlappedGradientSum> overlapped;
+  if (overlap)  // small buckets: many of them, parameters split across two
+    overlapped.emplace(*overlap, m.parameters(), std::vector<ParameterList>{m.language_parameters(), m.connector_parameters()},
+                       256);
   for (auto [b, e] : micro) {
     const Rows whole = collate(s, b, e);
     const dist::Shard mine = dist::shard_of(e - b, c.rank(), c.size());
@@ -170,12 +181,20 @@ double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist:
     const Rows r = collate(s, b + mine.begin, b + mine.end);
     const auto out = m.forward(r.ids, r.B, r.T, r.pixels, &r.labels, &r.key_valid);
     const dist::LossShare share = dist::loss_share(out.targets, whole.targets, r.images, whole.images);
+    if (overlapped && b == micro.back().first)
+      m.llava().on_gradients_done = [&](const ParameterList& l) {
+        if (reported) ++*reported;
+        overlapped->ready(l);
+      };
     m.backward(models::CuMo<>::LossScales{share.ce / M, share.aux / M});
+    m.llava().on_gradients_done = nullptr;
     loss += (out.ce * share.ce + (out.total - out.ce) * share.aux) / M;
   }
   // small buckets: many of them, parameters split across two
   if (ep)
     ep->reduce_gradients(m.parameters(), 256);
+  else if (overlapped)
+    overlapped->finish();
   else
     dist::allreduce_gradients(c, m.parameters(), 256);
   dist::allreduce_sum(c, std::span<double>(&loss, 1));
@@ -312,6 +331,36 @@ TEST_CASE("dist: a data-parallel CuMo step equals the single-process step — lo
   // a gradient that is zero by construction stays exactly zero (the last CLIP layer's unused experts)
   for (std::size_t k = 0; k < params.size(); ++k)
     if (params[k]->name.find("layers.1.mlp.experts") != std::string::npos) CHECK(test::dot(params[k]->grad, params[k]->grad) == 0.0);
+}
+
+TEST_CASE("dist: the gradient sum overlapped with the backward (a second thread, part by part) gives the sum's bits") {
+  REQUIRE(comm().allows_background_thread());
+  const std::unique_ptr<Communicator> bg = comm().background();
+  const auto samples = make_samples(7, 13);
+  models::CuMo<> a = make_model(5), b = make_model(5);
+  const double loss_a = data_parallel_step(a, samples, comm());
+  int reported = 0;
+  const double loss_b = data_parallel_step(b, samples, comm(), kMicro, nullptr, bg.get(), &reported);
+  CHECK(loss_a == loss_b);
+  const ParameterList pa = a.parameters(), pb = b.parameters();
+  int differ = 0;
+  for (std::size_t k = 0; k < pa.size(); ++k) differ += !bitwise_equal(pa[k]->grad, pb[k]->grad);
+  CHECK(differ == 0);
+  // the backward handed over the language model and the connector; the language model alone where this rank's
+  // rows of the last micro-batch hold no image, nothing where it has no rows (4 ranks: rank 3) — finish() let the
+  // rest go, in the same order on every rank
+  const auto [first, end] = kMicro.back();
+  const dist::Shard last = dist::shard_of(end - first, comm().rank(), comm().size());
+  const int expected = last.size() == 0 ? 0 : collate(samples, first + last.begin, first + last.end).images > 0 ? 2 : 1;
+  CHECK(reported == expected);
+  // the parts: the language model, the connector, the vision tower (every parameter trainable here)
+  dist::OverlappedGradientSum sum(*bg, pb, {b.language_parameters(), b.connector_parameters()});
+  REQUIRE(sum.parts().size() == 3);
+  CHECK(sum.parts()[0] == b.language_parameters());
+  CHECK(sum.parts()[1] == b.connector_parameters());
+  CHECK(sum.parts()[2] == b.vision_parameters());
+  CHECK_THROWS_WITH(sum.ready(b.vision_parameters()), doctest::Contains("not one of the 2 early parts"));
+  // left unfinished (an exception unwinding a step): the destructor drops the parts not started, no collective
 }
 
 TEST_CASE("dist: five data-parallel AdamW steps with clipping equal five single-process steps (rel <= 1e-6)") {

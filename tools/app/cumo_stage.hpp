@@ -24,6 +24,7 @@
 #include "cumo/core/error.hpp"
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/expert_data_parallel.hpp"
+#include "cumo/dist/overlap.hpp"
 #include "cumo/dist/zero.hpp"
 #include "cumo/io/llava_data.hpp"
 #include "cumo/io/prefetch.hpp"
@@ -114,6 +115,9 @@ struct StageRunOptions {
   // alone writes the checkpoints (the others pass empty csv_path and quiet). nullptr = one process.
   dist::Communicator* comm = nullptr;
   bool zero1 = false;  // data parallel: the AdamW moments sharded over the ranks (dist/zero.hpp); same weights
+  // Data parallel: sum the gradients on a background thread while the backward goes on (dist/overlap.hpp); the same
+  // bits as the sum after the backward.
+  bool overlap_grad_sum = false;
   // Data parallel: > 1 splits the sparse blocks' experts over groups of this many ranks for the stage
   // (dist/expert_data_parallel.hpp); the model is whole again when run_stage returns, and so are its checkpoints.
   int expert_parallel = 1;
@@ -272,6 +276,22 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       fail(tag, ": --zero1 runs on CPU ranks");
     }
   }
+  // The gradient sum overlapped with the backward: plain data parallelism on an engine that lets a second thread
+  // run collectives (expert parallelism's exchanges are collectives of the backward itself). One answer on every
+  // rank.
+  std::unique_ptr<dist::Communicator> overlap_comm;
+  if (parallel && ro.overlap_grad_sum) {
+    if constexpr (Model::backend_type::device == Device::cpu) {
+      if (ep) fail(tag, ": --overlap-grad-sum does not combine with --expert-parallel (the backward's expert "
+                   "exchanges are collectives of their own)");
+      if (dist::any(comm, !comm.allows_background_thread()))
+        fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
+             "(MPI_THREAD_SERIALIZED); this one does not on some rank");
+      overlap_comm = comm.background();
+    } else {
+      fail(tag, ": --overlap-grad-sum runs on CPU ranks");
+    }
+  }
   // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches
   // and positions are the iterator's exactly.
   io::PrefetchedBatches it(std::move(order));
@@ -315,6 +335,12 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     m.vision_z_l.assign(n_sparse, 0.0);
     load.vision.assign(n_sparse, std::vector<std::int64_t>(experts, 0));
     if (model.connector_is_sparse()) load.projector.assign(experts, 0);
+    // Overlapped: the last micro-batch's backward hands over the language model's, then the connector's finished
+    // gradients, and the background thread sums them while the vision tower's backward runs.
+    std::optional<dist::OverlappedGradientSum> overlapped;
+    if (overlap_comm)
+      overlapped.emplace(*overlap_comm, opt.trainable_parameters(),
+                         std::vector<ParameterList>{model.language_parameters(), model.connector_parameters()});
     for (int mb = 0; mb < M; ++mb) {
       const io::Batch b = it.next();
       if (b.B == 0) {  // a short last batch left this rank nothing; its gradient share is zero
@@ -327,6 +353,11 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
              "; first non-finite term: ", detail::nonfinite_term(model, out));
       const dist::LossShare share =
           parallel ? dist::loss_share(out.targets, b.global_targets, b.images(), b.global_images) : dist::LossShare{};
+      struct Hook {  // the hook is set for the last micro-batch's backward only, and cleared on every path
+        decltype(model.llava())& llava;
+        ~Hook() { llava.on_gradients_done = nullptr; }
+      } hook{model.llava()};
+      if (overlapped && mb == M - 1) hook.llava.on_gradients_done = [&](const ParameterList& l) { overlapped->ready(l); };
       if (parallel)
         model.backward(typename Model::LossScales{share.ce / double(M), share.aux / double(M)});
       else
@@ -353,6 +384,8 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       const auto t_comm = clock::now();
       if (ep)
         ep->reduce_gradients(opt.trainable_parameters());
+      else if (overlapped)
+        overlapped->finish();  // the parts not summed during the backward (the vision tower's), and a wait
       else
         dist::allreduce_gradients(comm, opt.trainable_parameters());
       std::vector<double> sums{m.loss, m.ce, m.vision_balance, m.vision_z, m.projector_balance, m.projector_z};

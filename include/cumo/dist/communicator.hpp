@@ -116,6 +116,14 @@ class Communicator {
   // Ends every rank of the job now (a collective that cannot complete, an error on one rank). Never returns.
   [[noreturn]] virtual void abort(int code) = 0;
 
+  // ---- a background thread (dist::OverlappedGradientSum) ---------------------------------------------------
+  // Whether a second thread may run collectives while the thread that made the communicator computes, one thread
+  // in the engine at a time (MPI: MPI_THREAD_SERIALIZED or more).
+  virtual bool allows_background_thread() const { return false; }
+  // The communicator such a thread uses: a private duplicate (every rank calls it, as split) whose waits leave the
+  // core to the computing thread instead of spinning.
+  virtual std::unique_ptr<Communicator> background() const { return split(0, rank()); }
+
   // ---- device memory (engines with GPU collectives: NCCL) ---------------------------------------------------
   // Each piece ← its sum over the ranks, in place, bitwise the same on every rank (the fold of allreduce_sum),
   // packed into buckets of `bucket_bytes` on the device. Host engines have no device collectives.
@@ -150,6 +158,7 @@ class SelfCommunicator final : public Communicator {
   void allreduce(std::span<std::int64_t>, ReduceOp) override {}
   void barrier() override {}
   std::unique_ptr<Communicator> split(int, int) const override { return std::make_unique<SelfCommunicator>(); }
+  bool allows_background_thread() const override { return true; }
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 

@@ -32,8 +32,10 @@ class MpiSession {
     MPI_Initialized(&up);
     if (up) return;
     int provided = 0;
-    // FUNNELED: only the main thread calls MPI (the data prefetch thread and OpenMP workers never do).
-    CUMO_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) == MPI_SUCCESS,
+    // SERIALIZED: one thread in MPI at a time — the main thread, or the background gradient sum while the main
+    // thread computes the backward (dist/overlap.hpp); the data prefetch thread and OpenMP workers never call MPI.
+    // An MPI that provides less makes allows_background_thread() false, and the sum runs after the backward.
+    CUMO_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided) == MPI_SUCCESS,
                "MPI_Init_thread failed");
     owned_ = true;
   }
@@ -175,6 +177,17 @@ class MpiCommunicator final : public Communicator {
     std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
   }
 
+  bool allows_background_thread() const override {
+    int level = MPI_THREAD_SINGLE;
+    MPI_Query_thread(&level);
+    return level >= MPI_THREAD_SERIALIZED;
+  }
+  std::unique_ptr<Communicator> background() const override {
+    auto out = std::make_unique<MpiCommunicator>(comm_, timeout_s_);
+    out->background_ = true;
+    return out;
+  }
+
   std::unique_ptr<Communicator> split(int colour, int key) const override {
     MPI_Comm c;
     CUMO_CHECK(MPI_Comm_split(comm_, colour, key, &c) == MPI_SUCCESS, "MpiCommunicator::split failed");
@@ -201,7 +214,8 @@ class MpiCommunicator final : public Communicator {
   // Polls the request until it completes or the deadline passes. OpenMPI moves a non-blocking collective's data
   // only inside MPI calls, so the first second spins on MPI_Test as a blocking call would (sleeping between tests
   // made a 5 ms all-to-all-v take 30 ms); after that a rank that waits for a slow or stuck one sleeps 1 ms between
-  // tests and leaves the core to it.
+  // tests and leaves the core to it. A background communicator (background()) sleeps 50 µs between tests from the
+  // start: its thread shares the core with the backward it overlaps.
   void wait(MPI_Request& r, const char* what) {
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
@@ -211,6 +225,7 @@ class MpiCommunicator final : public Communicator {
       const int rc = MPI_Test(&r, &done, MPI_STATUS_IGNORE);
       if (rc != MPI_SUCCESS) call(what, rc);
       if (done) return;
+      if (background_ && !patient) std::this_thread::sleep_for(std::chrono::microseconds(50));
       if (patient) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       if ((polls & 255) != 0 && !patient) continue;
       const double waited = std::chrono::duration<double>(clock::now() - t0).count();
@@ -250,6 +265,7 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0, size_ = 1;
   double timeout_s_ = 600;
   bool broken_ = false;
+  bool background_ = false;  // a background thread's communicator: sleep between polls
 };
 
 }  // namespace cumo::dist

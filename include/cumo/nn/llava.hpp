@@ -6,6 +6,7 @@
 // With vision.s2 the features are S² multi-scale ones (nn/s2.hpp: [1× | pooled 3× tiles], 2·Hv wide) and the
 // connector maps 2·Hv → Ht, as CuMo's `mm_hidden_size * len(scales)`.
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -151,10 +152,14 @@ class Llava {
     return language_model.forward_embeds(emb, B, T, labels, key_valid);
   }
 
-  // Back-propagates the last forward's loss (scaled by dloss) through all three parts.
+  // Back-propagates the last forward's loss (scaled by dloss) through all three parts. As each of the first two is
+  // done, on_gradients_done (when set) gets its parameters — language_model.parameters(), then
+  // projector.parameters() — whose gradients this backward no longer touches: a data-parallel trainer starts
+  // summing them over the ranks while the rest computes (dist::OverlappedGradientSum).
   void backward(float dloss = 1.f, AuxLossWeights vision_aux = {}, AuxLossWeights projector_aux = {}) {
     const Tensor demb = language_model.backward(dloss);  // (B*T, Ht)
     language_model.backward_embeddings(demb, &is_image_);
+    if (on_gradients_done) on_gradients_done(language_model.parameters());
     if (!has_images_) return serve_image_experts_backward(vision_aux, projector_aux);
     const std::int64_t H = cfg_.text.hidden;
     std::int64_t n = 0;
@@ -163,8 +168,11 @@ class Llava {
     for_each_image_run([&](std::int64_t pos, std::int64_t k, std::int64_t len) {
       be_.copy_blocks(demb, pos * H, 0, dproj, k * H, 0, len * H, 1);
     });
-    encode_images_backward(projector.backward(dproj, projector_aux), vision_aux);
+    const Tensor dfeatures = projector.backward(dproj, projector_aux);
+    if (on_gradients_done) on_gradients_done(projector.parameters());
+    encode_images_backward(dfeatures, vision_aux);
   }
+  std::function<void(const ParameterList&)> on_gradients_done;
   // ---- expert parallelism: the MoE blocks' experts (CLIP, connector, a Mixtral LM) over an expert-parallel group
   // Every sparse block keeps its share of the experts (SparseMoE::shard_experts); returns their parameters (the
   // local slices). Every rank of `group` calls it, on the same weights.

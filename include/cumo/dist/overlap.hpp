@@ -1,0 +1,127 @@
+#pragma once
+// dist::OverlappedGradientSum: the data-parallel gradient sum (allreduce_gradients) on a background thread, part by
+// part as the backward finishes them, so that the language model's gradients are summed while the connector's and
+// the vision tower's backward still compute.
+//
+//   early:  the parameter lists the backward finishes first, in the order it finishes them (nn::Llava reports the
+//           language model's, then the connector's, through its on_gradients_done hook);
+//   ready(list) says the backward is done with one of them; finish() adds every trainable parameter no early list
+//   holds as a last part, lets every part go, and waits.
+//
+// Every rank sums the same parts in the same order and through the same buckets whatever its own backward did (a
+// rank whose share of the last micro-batch is empty runs no backward and reports nothing: its finish() lets every
+// part go), so the ranks' collectives pair up. Each element is still folded over the ranks in rank order by
+// allreduce_sum, whatever bucket it lands in, so the gradients are bitwise those of one allreduce_gradients call
+// after the backward (tests/dist).
+//
+// The thread uses a communicator of its own (Communicator::background(): a duplicate that sleeps between polls) on
+// an engine that allows it (allows_background_thread(): MPI at MPI_THREAD_SERIALIZED). One thread in MPI at a time:
+// between the first ready() and finish() the calling thread makes no collective call of its own (the plain data
+// parallel backward makes none; expert parallelism's exchanges do, so the trainer keeps them apart). Host gradients.
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "cumo/core/error.hpp"
+#include "cumo/core/parameter.hpp"
+#include "cumo/dist/communicator.hpp"
+#include "cumo/dist/data_parallel.hpp"
+
+namespace cumo::dist {
+
+class OverlappedGradientSum {
+ public:
+  // `comm`: the background communicator (outlives this); `trainable`: what the synchronous sum would sum.
+  OverlappedGradientSum(Communicator& comm, const ParameterList& trainable, std::vector<ParameterList> early,
+                        std::int64_t bucket_bytes = std::int64_t(16) << 20)
+      : comm_(comm), bucket_bytes_(bucket_bytes), early_(std::move(early)) {
+    CUMO_CHECK(comm.allows_background_thread(), "OverlappedGradientSum: the ", comm.engine(),
+               " communicator does not allow collectives on a background thread");
+    std::unordered_set<const Parameter*> wanted(trainable.begin(), trainable.end()), taken;
+    for (const ParameterList& list : early_) {
+      ParameterList part;
+      for (Parameter* p : list)
+        if (wanted.count(p) && taken.insert(p).second) part.push_back(p);
+      parts_.push_back(std::move(part));
+    }
+    ParameterList rest;
+    for (Parameter* p : trainable)
+      if (!taken.count(p)) rest.push_back(p);
+    parts_.push_back(std::move(rest));
+    released_.assign(parts_.size(), false);
+    worker_ = std::thread([this] { run(); });
+  }
+  OverlappedGradientSum(const OverlappedGradientSum&) = delete;
+  OverlappedGradientSum& operator=(const OverlappedGradientSum&) = delete;
+  // Unfinished (an exception unwinds the step): the parts not started are dropped; one under way completes or
+  // times out with the communicator's timeout. The job is being aborted then.
+  ~OverlappedGradientSum() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+    }
+    cv_.notify_all();
+    if (worker_.joinable()) worker_.join();
+  }
+
+  // The backward is done with `list` (one of the early lists, the same object's contents): its part may be summed.
+  void ready(const ParameterList& list) {
+    std::size_t k = 0;
+    while (k < early_.size() && early_[k] != list) ++k;
+    CUMO_CHECK(k < early_.size(), "OverlappedGradientSum::ready: a parameter list (", list.size(),
+               " parameters) that is not one of the ", early_.size(), " early parts");
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_[k] = true;
+    }
+    cv_.notify_all();
+  }
+
+  // Every part summed (the ones never reported too, then the rest); rethrows the thread's error.
+  void finish() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_.assign(parts_.size(), true);
+    }
+    cv_.notify_all();
+    if (worker_.joinable()) worker_.join();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  // The parts in the order they are summed (the early ones, then the rest): for tests and logs.
+  const std::vector<ParameterList>& parts() const { return parts_; }
+
+ private:
+  void run() {
+    try {
+      for (std::size_t k = 0; k < parts_.size(); ++k) {
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return cancelled_ || released_[k]; });
+          if (cancelled_) return;
+        }
+        allreduce_gradients(comm_, parts_[k], bucket_bytes_);
+      }
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  }
+
+  Communicator& comm_;
+  std::int64_t bucket_bytes_;
+  std::vector<ParameterList> early_;  // as given: ready() names one of these
+  std::vector<ParameterList> parts_;  // their trainable members (each parameter once), then the rest
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<bool> released_;
+  bool cancelled_ = false;
+  std::exception_ptr error_;
+  std::thread worker_;  // last: started once everything above is set
+};
+
+}  // namespace cumo::dist
