@@ -22,8 +22,8 @@
 #               over its replica group) ends bitwise where the same run without --zero1 ends: 2 ranks K = 2 and 4
 #               ranks K = 2
 #   overlap     --overlap-grad-sum (the gradient sum on a second thread during the backward) ends bitwise where the
-#               same run without it ends: 2 ranks, and 4 (one rank without rows in each epoch's short batch); with
-#               --expert-parallel it is one clear error, no hang
+#               same run without it ends: 2 ranks, and 4 (one rank without rows in each epoch's short batch), and 2
+#               with --zero1 too; with --expert-parallel it is one clear error, no hang
 #   mismatch    two ranks started with different configs stop with the same clear error, no hang
 #   dead        a rank killed (SIGKILL) mid-stage ends the job with an error within a bound
 #   hang        a rank stopped (SIGSTOP) mid-stage: the other's collective times out (CUMO_COMM_TIMEOUT=5) and the
@@ -208,6 +208,12 @@ overlap)
       cmp -s dpr$np/stage3/$f dpo$np/stage3/$f || fail "stage3/$f with --overlap-grad-sum ($np ranks) differs"
     done
     cmp -s <(losses dpr$np) <(losses dpo$np) || fail "the losses with --overlap-grad-sum ($np ranks) differ"
+  done
+  rm -rf dpoz
+  out=$("${mpirun[@]}" -np 2 "$train" --config dp.json --stage 3 --from run/stage2 --out dpoz --quiet \
+        --overlap-grad-sum --zero1 2>&1) || fail "2 ranks with --overlap-grad-sum --zero1 failed: $out"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp -s dpr2/stage3/$f dpoz/stage3/$f || fail "stage3/$f with --overlap-grad-sum --zero1 differs"
   done
   rm -rf dpoe
   start=$SECONDS
