@@ -311,8 +311,9 @@ int run(const Args& a, dist::Communicator& comm, Backend backend = {}) {
                 r.finished ? "finished" : "stopped", (long long)r.step, (long long)sc.steps, r.seconds,
                 r.tokens_per_s, r.last_loss, r.last_ce, r.checkpoint.c_str());
     if (comm.size() > 1 && r.train_seconds > 0)
-      std::printf("stage %d: %d data-parallel ranks; the gradient all-reduce took %.1f%% of the step time (%.2f s)\n",
-                  s, comm.size(), 100.0 * r.comm_seconds / r.train_seconds, r.comm_seconds);
+      std::printf("stage %d: %d data-parallel ranks; the gradient all-reduce took %.1f%% of the step time (%.2f s%s)\n",
+                  s, comm.size(), 100.0 * r.comm_seconds / r.train_seconds, r.comm_seconds,
+                  a.overlap_grad_sum ? "; what the backward did not hide" : "");
     std::fflush(stdout);
     if (!r.finished) return g_stop.load() ? 130 : 0;
     std::error_code ec;
