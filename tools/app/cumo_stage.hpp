@@ -248,6 +248,23 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                " != trainer step ", st.step);
     order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
+  // The gradient sum overlapped with the backward: plain data parallelism on an engine that lets a second thread
+  // run collectives (expert parallelism's exchanges are collectives of the backward itself). One answer on every
+  // rank, before any expert sharding.
+  std::unique_ptr<dist::Communicator> overlap_comm;
+  if (parallel && ro.overlap_grad_sum) {
+    if constexpr (Model::backend_type::device == Device::cpu) {
+      if (ro.expert_parallel > 1)
+        fail(tag, ": --overlap-grad-sum does not combine with --expert-parallel (the backward's expert exchanges "
+             "are collectives of their own)");
+      if (dist::any(comm, !comm.allows_background_thread()))
+        fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
+             "(MPI_THREAD_SERIALIZED); this one does not on some rank");
+      overlap_comm = comm.background();
+    } else {
+      fail(tag, ": --overlap-grad-sum runs on CPU ranks");
+    }
+  }
   // Expert parallelism after any resume too (whole weights and moments → this rank's slices of the experts)
   std::optional<dist::ExpertDataParallel> ep;
   if (ro.expert_parallel > 1) {
@@ -274,22 +291,6 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       }
     } else {
       fail(tag, ": --zero1 runs on CPU ranks");
-    }
-  }
-  // The gradient sum overlapped with the backward: plain data parallelism on an engine that lets a second thread
-  // run collectives (expert parallelism's exchanges are collectives of the backward itself). One answer on every
-  // rank.
-  std::unique_ptr<dist::Communicator> overlap_comm;
-  if (parallel && ro.overlap_grad_sum) {
-    if constexpr (Model::backend_type::device == Device::cpu) {
-      if (ep) fail(tag, ": --overlap-grad-sum does not combine with --expert-parallel (the backward's expert "
-                   "exchanges are collectives of their own)");
-      if (dist::any(comm, !comm.allows_background_thread()))
-        fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
-             "(MPI_THREAD_SERIALIZED); this one does not on some rank");
-      overlap_comm = comm.background();
-    } else {
-      fail(tag, ": --overlap-grad-sum runs on CPU ranks");
     }
   }
   // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches

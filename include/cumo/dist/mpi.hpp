@@ -225,8 +225,8 @@ class MpiCommunicator final : public Communicator {
       const int rc = MPI_Test(&r, &done, MPI_STATUS_IGNORE);
       if (rc != MPI_SUCCESS) call(what, rc);
       if (done) return;
-      if (background_ && !patient) std::this_thread::sleep_for(std::chrono::microseconds(50));
-      if (patient) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (patient || background_)
+        std::this_thread::sleep_for(patient ? std::chrono::microseconds(1000) : std::chrono::microseconds(50));
       if ((polls & 255) != 0 && !patient) continue;
       const double waited = std::chrono::duration<double>(clock::now() - t0).count();
       patient = waited > 1.0;

@@ -465,10 +465,12 @@ inline int local_device_for(int rank, int devices) {
   return rank % std::max(devices, 1);
 }
 
-// Makes this process's GPU (local_device_for(rank, visible devices)) current and returns its index; an error names it.
-inline int use_local_gpu(int rank) {
+// Makes this process's GPU (local_device_for(rank, visible devices)) current and returns its index (and, when asked,
+// how many are visible); an error names it.
+inline int use_local_gpu(int rank, int* visible = nullptr) {
   int devices = 0;
   CUMO_CUDA_CHECK(cudaGetDeviceCount(&devices));
+  if (visible) *visible = devices;
   const int device = local_device_for(rank, devices);
   CUMO_CUDA_CHECK(cudaSetDevice(device));
   return device;
@@ -486,8 +488,7 @@ inline std::string claim_gpu(Communicator& world) {
     why = "no CUDA device is available (" + why + ")";
   } else {
     try {
-      const int device = use_local_gpu(world.rank());
-      cudaGetDeviceCount(&devices);
+      const int device = use_local_gpu(world.rank(), &devices);
       cudaDeviceProp prop{};
       CUMO_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
       std::memcpy(uuid.data(), &prop.uuid, uuid.size());
