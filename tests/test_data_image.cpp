@@ -253,3 +253,79 @@ TEST_CASE("data/image: preprocessing rejects non-RGB input and impossible crops 
   p.crop = 12;
   CHECK_THROWS_WITH_AS(cumo::io::clip_preprocess(Image(16, 8, 3), p), doctest::Contains("crop 12"), cumo::Error);
 }
+
+namespace {
+// What clip_resize_crop computed before it stopped building the canvas and the whole resized image: the plain
+// pipeline pad → resize → crop, each step as HF/LLaVA spell it.
+Image reference_resize_crop(const Image& img, const cumo::io::ClipPreprocess& p) {
+  const Image src = p.aspect == cumo::io::AspectMode::pad ? cumo::io::pad_to_square(img, p.pad_colour()) : img;
+  const auto [rw, rh] = cumo::io::shortest_edge_size(src.width, src.height, p.size);
+  const Image r = cumo::io::resize(src, rw, rh, p.resample);
+  const int S = p.crop_size();
+  return cumo::io::crop(r, (r.width - S) / 2, (r.height - S) / 2, S, S);
+}
+}  // namespace
+
+TEST_CASE("data/image: the windowed CLIP resize equals pad, full resize and crop bit for bit, every shape and mode") {
+  struct Case {
+    int w, h, size, crop;
+  };
+  // Wide, tall, square, one-pixel lines, up- and downsampling, a pass skipped (a side already at `size`), a crop
+  // smaller than the short side, and thin images whose padded canvas is mostly fill.
+  const std::vector<Case> cases = {
+      {7, 5, 4, 0},    {5, 7, 4, 0},   {9, 9, 4, 0},   {1, 13, 6, 0},  {13, 1, 6, 0},  {40, 30, 16, 0},
+      {30, 40, 16, 12}, {16, 9, 16, 0}, {9, 16, 16, 0}, {16, 16, 16, 0}, {6, 3, 11, 0},  {3, 6, 11, 7},
+      {2, 300, 8, 0},  {300, 2, 8, 0}, {301, 3, 24, 20}, {3, 3000, 8, 0}, {3000, 2, 8, 0}, {37, 53, 32, 0},
+  };
+  std::uint64_t seed = 1;
+  for (const auto& c : cases)
+    for (auto aspect : {cumo::io::AspectMode::center_crop, cumo::io::AspectMode::pad})
+      for (auto rs : {cumo::io::Resample::bicubic, cumo::io::Resample::bilinear}) {
+        const Image im = random_image(c.w, c.h, 3, seed++);
+        cumo::io::ClipPreprocess p;
+        p.size = c.size;
+        p.crop = c.crop;
+        p.aspect = aspect;
+        p.resample = rs;
+        INFO(c.w, "x", c.h, " size ", c.size, " crop ", c.crop, aspect == cumo::io::AspectMode::pad ? " pad" : " crop",
+             rs == cumo::io::Resample::bicubic ? " bicubic" : " bilinear");
+        const Image got = cumo::io::clip_resize_crop(im, p);
+        const Image want = reference_resize_crop(im, p);
+        REQUIRE(got.width == want.width);
+        REQUIRE(got.height == want.height);
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < got.pixels.size(); ++i) differ += got.pixels[i] != want.pixels[i];
+        CHECK(differ == 0);
+      }
+}
+
+TEST_CASE("data/image: a 60000 x 1 image pads and preprocesses without building its 60000^2 canvas") {
+  // The padded canvas would be 10.8 GB; the windowed resize reads the one image row and folds the fill.
+  Image line = random_image(60000, 1, 3, 77);
+  cumo::io::ClipPreprocess p;
+  p.size = 8;
+  p.aspect = cumo::io::AspectMode::pad;
+  const Image out = cumo::io::clip_resize_crop(line, p);  // (8, 8, 3)
+  REQUIRE(out.width == 8);
+  REQUIRE(out.height == 8);
+  // Rows far from the image line are the pad colour: a constant canvas resizes to itself.
+  const auto fill = p.pad_colour();
+  for (int x = 0; x < 8; ++x)
+    for (int c = 0; c < 3; ++c) {
+      CHECK(int(out.at(0, x, c)) == int(fill[std::size_t(c)]));
+      CHECK(int(out.at(7, x, c)) == int(fill[std::size_t(c)]));
+    }
+  // And the same for a tall one, through the other pass.
+  const Image tall = random_image(1, 60000, 3, 78);
+  const Image out_t = cumo::io::clip_resize_crop(tall, p);
+  for (int y = 0; y < 8; ++y)
+    for (int c = 0; c < 3; ++c) CHECK(int(out_t.at(y, 0, c)) == int(fill[std::size_t(c)]));
+}
+
+TEST_CASE("data/image: a long side that cannot be an image's is refused with the sizes, not overflowed") {
+  // 1 x 2^23 resized to short side 336: the long side would be 336 * 2^23 ~ 2.8e9 pixels.
+  const Image im(1, 1 << 23, 3);
+  cumo::io::ClipPreprocess p;
+  p.size = 336;
+  CHECK_THROWS_WITH_AS(cumo::io::clip_resize_crop(im, p), doctest::Contains("1x8388608"), cumo::Error);
+}

@@ -185,8 +185,12 @@ struct ResampleCoeffs {
   std::vector<std::int32_t> kk;  // (out, ksize)
 };
 
-inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r) {
+// Output positions [first, first + count) of an in_size → out_size resize (all of them by default): row i of the
+// result is output position first + i. Each position's coefficients depend on that position alone, so a window's
+// are the same numbers the whole resize computes.
+inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r, int first = 0, int count = -1) {
   // precompute_coeffs + normalize_coeffs_8bpc with box = [0, in_size).
+  if (count < 0) count = out_size - first;
   const double in0 = 0.0, in1 = double(float(in_size));
   double filterscale, scale;
   filterscale = scale = (in1 - in0) / out_size;
@@ -194,10 +198,11 @@ inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r) {
   const double support = pil_support(r) * filterscale;
   ResampleCoeffs c;
   c.ksize = int(std::ceil(support)) * 2 + 1;
-  c.bounds.assign(std::size_t(out_size) * 2, 0);
-  c.kk.assign(std::size_t(out_size) * c.ksize, 0);
+  c.bounds.assign(std::size_t(count) * 2, 0);
+  c.kk.assign(std::size_t(count) * c.ksize, 0);
   std::vector<double> k(c.ksize);
-  for (int xx = 0; xx < out_size; ++xx) {
+  for (int i = 0; i < count; ++i) {
+    const int xx = first + i;
     const double center = in0 + (xx + 0.5) * scale;
     const double ss = 1.0 / filterscale;
     int xmin = int(center - support + 0.5);
@@ -213,11 +218,11 @@ inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r) {
     }
     for (int x = 0; x < c.ksize; ++x) {
       double v = x < xmax ? (ww != 0.0 ? k[x] / ww : k[x]) : 0.0;
-      c.kk[std::size_t(xx) * c.ksize + x] =
+      c.kk[std::size_t(i) * c.ksize + x] =
           v < 0 ? int(-0.5 + v * (1 << kPrecisionBits)) : int(0.5 + v * (1 << kPrecisionBits));
     }
-    c.bounds[2 * xx] = xmin;
-    c.bounds[2 * xx + 1] = xmax;
+    c.bounds[2 * i] = xmin;
+    c.bounds[2 * i + 1] = xmax;
   }
   return c;
 }
@@ -299,6 +304,114 @@ inline Image pad_to_square(const Image& in, std::array<std::uint8_t, 3> fill) {
   return out;
 }
 
+namespace detail {
+// `img` pasted at (left, top) on a width × height canvas filled with `fill` (pad_to_square's canvas); with
+// left = top = 0 and the image's own size, the canvas is the image.
+struct Canvas {
+  const Image& img;
+  int width = 0, height = 0, left = 0, top = 0;
+  std::array<std::uint8_t, 3> fill{};
+  std::int64_t fill_at(int c) const { return fill[std::size_t(std::min(c, 2))]; }
+};
+
+// Columns [x0, x0 + w) and rows [y0, y0 + h) of resize(canvas, out_w, out_h, r): bit for bit crop(resize(canvas)),
+// in time and memory for the image and the window only. Building the canvas first is what a hostile 80-byte BMP
+// that claims 11267 × 2 pixels turns into a 380 MB canvas and half a minute of resizing. Pillow's sums are exact
+// integer sums, so the taps that land on the constant fill fold into one weight per output position, and each
+// vertical sum can be accumulated row by row as the horizontal pass produces the rows; the rounding to 8 bits
+// between the passes stays where PIL has it.
+inline Image resize_window(const Canvas& cv, int out_w, int out_h, int x0, int y0, int w, int h, Resample r) {
+  const Image& img = cv.img;
+  const int C = img.channels;
+  const std::int64_t half = std::int64_t(1) << (kPrecisionBits - 1);
+  const bool hpass = out_w != cv.width, vpass = out_h != cv.height;  // PIL skips a pass whose size is unchanged
+  const int img_x0 = cv.left, img_x1 = cv.left + img.width;        // canvas columns holding the image
+  const int img_y0 = cv.top, img_y1 = cv.top + img.height;         // canvas rows holding the image
+
+  // Horizontal pass: per window column, its taps and the summed weight of those on fill columns.
+  ResampleCoeffs hc;
+  std::vector<std::int64_t> hfill(std::size_t(w), 0);
+  std::vector<std::uint8_t> fill_row(std::size_t(w) * C);  // (w, C): a canvas row of fill after this pass
+  if (hpass) {
+    hc = pil_coeffs(cv.width, out_w, r, x0, w);
+    for (int i = 0; i < w; ++i) {
+      const int xmin = hc.bounds[2 * i], n = hc.bounds[2 * i + 1];
+      const std::int32_t* k = &hc.kk[std::size_t(i) * hc.ksize];
+      std::int64_t all = 0;
+      for (int x = 0; x < n; ++x) {
+        all += k[x];
+        if (xmin + x < img_x0 || xmin + x >= img_x1) hfill[std::size_t(i)] += k[x];
+      }
+      for (int c = 0; c < C; ++c) fill_row[std::size_t(i) * C + c] = pil_clip8(half + cv.fill_at(c) * all);
+    }
+  } else {
+    for (int i = 0; i < w; ++i)
+      for (int c = 0; c < C; ++c) fill_row[std::size_t(i) * C + c] = std::uint8_t(cv.fill_at(c));
+  }
+  auto image_row = [&](int y, std::uint8_t* out) {  // image row y after the horizontal pass → (w, C)
+    for (int i = 0; i < w; ++i) {
+      std::uint8_t* o = out + std::size_t(i) * C;
+      if (!hpass) {
+        const int col = x0 + i;
+        for (int c = 0; c < C; ++c)
+          o[c] = col >= img_x0 && col < img_x1 ? img.at(y, col - img_x0, c) : std::uint8_t(cv.fill_at(c));
+        continue;
+      }
+      const int xmin = hc.bounds[2 * i], n = hc.bounds[2 * i + 1];
+      const std::int32_t* k = &hc.kk[std::size_t(i) * hc.ksize];
+      const int a = std::max(xmin, img_x0), b = std::min(xmin + n, img_x1);  // taps on image columns
+      for (int c = 0; c < C; ++c) {
+        std::int64_t ss = half + cv.fill_at(c) * hfill[std::size_t(i)];
+        for (int col = a; col < b; ++col) ss += std::int64_t(img.at(y, col - img_x0, c)) * k[col - xmin];
+        o[c] = pil_clip8(ss);
+      }
+    }
+  };
+
+  Image out(w, h, C);
+  const std::size_t row_bytes = std::size_t(w) * C;
+  if (!vpass) {
+    for (int j = 0; j < h; ++j) {
+      const int Y = y0 + j;
+      if (Y >= img_y0 && Y < img_y1)
+        image_row(Y - img_y0, &out.at(j, 0, 0));
+      else
+        std::memcpy(&out.at(j, 0, 0), fill_row.data(), row_bytes);
+    }
+    return out;
+  }
+  // Vertical pass, accumulated: acc(j) = half + Σ_Y k_j(Y) · row(Y), the fill rows' taps folded into one weight.
+  const ResampleCoeffs vc = pil_coeffs(cv.height, out_h, r, y0, h);
+  std::vector<std::int64_t> acc(std::size_t(h) * row_bytes, half);  // (h, w, C)
+  for (int j = 0; j < h; ++j) {
+    const int ymin = vc.bounds[2 * j], n = vc.bounds[2 * j + 1];
+    std::int64_t kfill = 0;
+    for (int y = 0; y < n; ++y)
+      if (ymin + y < img_y0 || ymin + y >= img_y1) kfill += vc.kk[std::size_t(j) * vc.ksize + y];
+    for (std::size_t e = 0; e < row_bytes; ++e) acc[std::size_t(j) * row_bytes + e] += kfill * fill_row[e];
+  }
+  // Image rows some window row reads; both tap bounds only grow with the output row, so the window rows that read
+  // canvas row Y are one range [lo, hi) that moves forward with Y.
+  const int need0 = std::max(vc.bounds[0], img_y0);
+  const int need1 = std::min(vc.bounds[2 * (h - 1)] + vc.bounds[2 * (h - 1) + 1], img_y1);
+  std::vector<std::uint8_t> row(row_bytes);  // (w, C)
+  int lo = 0, hi = 0;
+  for (int Y = need0; Y < need1; ++Y) {
+    while (lo < h && vc.bounds[2 * lo] + vc.bounds[2 * lo + 1] <= Y) ++lo;
+    while (hi < h && vc.bounds[2 * hi] <= Y) ++hi;
+    if (lo >= hi) continue;
+    image_row(Y - img_y0, row.data());
+    for (int j = lo; j < hi; ++j) {
+      const std::int64_t k = vc.kk[std::size_t(j) * vc.ksize + (Y - vc.bounds[2 * j])];
+      std::int64_t* a = &acc[std::size_t(j) * row_bytes];
+      for (std::size_t e = 0; e < row_bytes; ++e) a[e] += k * row[e];
+    }
+  }
+  for (std::size_t e = 0; e < acc.size(); ++e) out.pixels[e] = pil_clip8(acc[e]);
+  return out;
+}
+}  // namespace detail
+
 // ================================================================================================================
 // CLIP preprocessing (HF CLIPImageProcessor with openai/clip-vit-* defaults)
 // ================================================================================================================
@@ -327,11 +440,16 @@ struct ClipPreprocess {
 
 // HF's get_resize_output_image_size(default_to_square=False): the short side becomes `size`, the long side
 // int(size * long / short) (truncated, as Python's int() does). Returns {width, height}.
+// A long side that does not fit an int (a 1 × 2^26 image resized to 336) is an error, where PIL would run out of
+// memory.
 inline std::array<int, 2> shortest_edge_size(int width, int height, int size) {
   const bool w_short = width <= height;
   const int short_side = w_short ? width : height, long_side = w_short ? height : width;
-  const int new_long = int(double(std::int64_t(size) * long_side) / double(short_side));
-  return w_short ? std::array<int, 2>{size, new_long} : std::array<int, 2>{new_long, size};
+  const double new_long = std::floor(double(std::int64_t(size) * long_side) / double(short_side));
+  CUMO_CHECK(new_long <= double(INT_MAX), "clip_preprocess: resizing the ", width, "x", height,
+             " image's short side to ", size, " makes its long side ", new_long, " pixels, more than the ", INT_MAX,
+             " an image can have");
+  return w_short ? std::array<int, 2>{size, int(new_long)} : std::array<int, 2>{int(new_long), size};
 }
 
 // The uint8 image that the processor normalises: (pad) → resize shortest side → centre crop.
@@ -340,14 +458,20 @@ inline Image clip_resize_crop(const Image& img, const ClipPreprocess& p = {}) {
   CUMO_CHECK(!img.empty(), where, ": image is empty");
   CUMO_CHECK(img.channels == 3, where, ": expected an RGB image (3 channels), got ", img.channels);
   CUMO_CHECK(p.size > 0 && p.crop_size() > 0, where, ": size ", p.size, " / crop ", p.crop_size(), " must be > 0");
-  const Image src = p.aspect == AspectMode::pad ? pad_to_square(img, p.pad_colour()) : img;
-  const auto [rw, rh] = shortest_edge_size(src.width, src.height, p.size);
-  const Image r = resize(src, rw, rh, p.resample);
+  // The pad's canvas (pad_to_square) and the resized image are never built: only the crop's pixels are computed.
+  detail::Canvas canvas{img, img.width, img.height, 0, 0, p.pad_colour()};
+  if (p.aspect == AspectMode::pad) {
+    const int side = std::max(img.width, img.height);
+    canvas.width = canvas.height = side;
+    canvas.left = (side - img.width) / 2;
+    canvas.top = (side - img.height) / 2;
+  }
+  const auto [rw, rh] = shortest_edge_size(canvas.width, canvas.height, p.size);
   const int S = p.crop_size();
-  CUMO_CHECK(S <= r.width && S <= r.height, where, ": crop ", S, " is larger than the resized ", r.width, "x",
-             r.height, " image (size ", p.size, ")");
+  CUMO_CHECK(S <= rw && S <= rh, where, ": crop ", S, " is larger than the resized ", rw, "x", rh, " image (size ",
+             p.size, ")");
   // HF center_crop: top = (h - crop_h) // 2, left = (w - crop_w) // 2.
-  return crop(r, (r.width - S) / 2, (r.height - S) / 2, S, S);
+  return detail::resize_window(canvas, rw, rh, (rw - S) / 2, (rh - S) / 2, S, S, p.resample);
 }
 
 // Full preprocessing → (3, S, S) f32, CHW, with HF's arithmetic: x = float32(double(u8) * rescale), then
