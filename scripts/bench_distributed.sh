@@ -3,7 +3,7 @@
 # shortened to STEPS steps; stages 1-2 one step each, they only make the start) as
 #   1 process x 1 thread,  1 process x 2 threads,  mpirun -np 2 x 1 thread each (data parallel; with
 #   --overlap-grad-sum: the gradient sum on a second thread during the backward; and with --expert-parallel 2: each
-#   rank holding half of every MoE block's experts)
+#   rank holding half of every MoE block's experts, also with the overlapped sum)
 # and the share of the step the 2-rank run spends in its gradient all-reduce (printed by cumo_train).
 #   BUILD=build-cpu STEPS=60 bash scripts/bench_distributed.sh
 set -euo pipefail
@@ -31,7 +31,7 @@ OMP_NUM_THREADS=2 "$train" --config "$work/bench.json" --stage 2 --quiet --overw
 s3() { "$@" --config "$work/bench.json" --stage 3 --from "$work/run/stage2" --out "$work/$name" --quiet --overwrite $extra; }
 printf "| run | stage 3 wall s (with load + save) | training tokens/s | vs 1 x 1 |\n| --- | ---: | ---: | ---: |\n"
 base=""
-for how in "1x1" "1x2" "mpi2x1" "mpi2x1-overlap" "mpi2x1-ep2"; do
+for how in "1x1" "1x2" "mpi2x1" "mpi2x1-overlap" "mpi2x1-ep2" "mpi2x1-ep2-overlap"; do
   name=s3_$how
   extra=""
   case $how in
@@ -40,6 +40,9 @@ for how in "1x1" "1x2" "mpi2x1" "mpi2x1-overlap" "mpi2x1-ep2"; do
   mpi2x1) out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
   mpi2x1-overlap) extra="--overlap-grad-sum"; out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
   mpi2x1-ep2) extra="--expert-parallel 2"; out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
+  mpi2x1-ep2-overlap)
+    extra="--expert-parallel 2 --overlap-grad-sum"
+    out=$(OMP_NUM_THREADS=1 s3 mpirun -np 2 --bind-to core "$train") ;;
   esac
   line=$(echo "$out" | grep "^stage 3: finished")
   secs=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')

@@ -168,9 +168,16 @@ double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist:
   double loss = 0;
   const double M = double(micro.size());
   std::optional<dist::OverlappedGradientSum> overlapped;
-  if (overlap)  // small buckets: many of them, parameters split across two
-    overlapped.emplace(*overlap, m.parameters(), std::vector<ParameterList>{m.language_parameters(), m.connector_parameters()},
-                       256);
+  std::unique_ptr<dist::Communicator> overlap_replicas;  // with ep: the background sum's replica group
+  const std::vector<ParameterList> early{m.language_parameters(), m.connector_parameters()};
+  if (overlap && ep) {  // the expert-parallel sum, part by part, while the backward exchanges rows
+    overlap_replicas = ep->replicas().background();
+    overlapped.emplace(m.parameters(), early, [&](const ParameterList& part) {
+      ep->reduce_gradients(part, *overlap, *overlap_replicas, 256);
+    });
+  } else if (overlap) {  // small buckets: many of them, parameters split across two
+    overlapped.emplace(*overlap, m.parameters(), early, 256);
+  }
   for (auto [b, e] : micro) {
     const Rows whole = collate(s, b, e);
     const dist::Shard mine = dist::shard_of(e - b, c.rank(), c.size());
@@ -191,10 +198,10 @@ double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist:
     loss += (out.ce * share.ce + (out.total - out.ce) * share.aux) / M;
   }
   // small buckets: many of them, parameters split across two
-  if (ep)
-    ep->reduce_gradients(m.parameters(), 256);
-  else if (overlapped)
+  if (overlapped)
     overlapped->finish();
+  else if (ep)
+    ep->reduce_gradients(m.parameters(), 256);
   else
     dist::allreduce_gradients(c, m.parameters(), 256);
   dist::allreduce_sum(c, std::span<double>(&loss, 1));
@@ -688,6 +695,38 @@ TEST_CASE("dist: with a Mixtral LM, the expert-parallel step equals the data-par
     CHECK(lm_sharded == 2);  // gate_up_proj and down_proj of the one LM layer
     m.unshard_experts();
     CHECK_FALSE(m.experts_sharded());
+  }
+}
+
+// The backward's row exchanges (expert group) and the background sum (duplicates of the world and the replica group)
+// run at the same time: two threads in MPI (MPI_THREAD_MULTIPLE). Every gradient, expert slices included, must be
+// the synchronous expert-parallel sum's bits.
+TEST_CASE("dist: the gradient sum overlapped with an expert-parallel backward gives the synchronous sum's bits") {
+  REQUIRE(comm().allows_concurrent_threads());
+  const auto samples = make_samples(7, 13);
+  for (int K : expert_group_sizes()) {
+    for (int text_experts : {0, 4}) {  // the CLIP and connector experts; and a Mixtral LM's, in the first part
+      CAPTURE(K);
+      CAPTURE(text_experts);
+      models::CuMo<> a = make_model(5, text_experts), b = make_model(5, text_experts);
+      dist::ExpertDataParallel ea(comm(), K), eb(comm(), K);
+      ea.set_sharded(a.shard_experts(ea.experts()));
+      eb.set_sharded(b.shard_experts(eb.experts()));
+      const std::unique_ptr<Communicator> bg = comm().background();
+      const double loss_a = data_parallel_step(a, samples, comm(), kMicroEp, &ea);
+      int reported = 0;
+      const double loss_b = data_parallel_step(b, samples, comm(), kMicroEp, &eb, bg.get(), &reported);
+      CHECK(loss_a == loss_b);
+      const ParameterList pa = a.parameters(), pb = b.parameters();
+      int differ = 0, sharded = 0;
+      for (std::size_t k = 0; k < pa.size(); ++k) {
+        differ += !bitwise_equal(pa[k]->grad, pb[k]->grad);
+        sharded += eb.is_sharded(*pb[k]);
+      }
+      CHECK(sharded > 0);
+      CHECK(differ == 0);
+      CHECK(reported <= 2);
+    }
   }
 }
 

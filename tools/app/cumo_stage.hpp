@@ -248,15 +248,16 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
                " != trainer step ", st.step);
     order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
-  // The gradient sum overlapped with the backward: plain data parallelism on an engine that lets a second thread
-  // run collectives (expert parallelism's exchanges are collectives of the backward itself). One answer on every
+  // The gradient sum overlapped with the backward, on an engine that lets a second thread run collectives; with
+  // expert parallelism while the backward's own exchanges run (two threads in MPI at once). One answer on every
   // rank, before any expert sharding.
-  std::unique_ptr<dist::Communicator> overlap_comm;
+  std::unique_ptr<dist::Communicator> overlap_comm, overlap_replicas;
   if (parallel && ro.overlap_grad_sum) {
     if constexpr (Model::backend_type::device == Device::cpu) {
-      if (ro.expert_parallel > 1)
-        fail(tag, ": --overlap-grad-sum does not combine with --expert-parallel (the backward's expert exchanges "
-             "are collectives of their own)");
+      if (ro.expert_parallel > 1 && dist::any(comm, !comm.allows_concurrent_threads()))
+        fail(tag, ": --overlap-grad-sum with --expert-parallel needs an MPI that runs collectives on two threads at "
+             "once (MPI_THREAD_MULTIPLE: the backward's expert exchanges and the sum); this one does not on some "
+             "rank");
       if (dist::any(comm, !comm.allows_background_thread()))
         fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
              "(MPI_THREAD_SERIALIZED); this one does not on some rank");
@@ -274,6 +275,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
       ep.emplace(comm, ro.expert_parallel);
       ep->set_sharded(model.shard_experts(ep->experts()));
       ep->shard_state(opt);
+      if (overlap_comm) overlap_replicas = ep->replicas().background();  // the sum's expert slices
     } else {
       fail(tag, ": --expert-parallel runs on CPU ranks");
     }
@@ -337,11 +339,19 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     load.vision.assign(n_sparse, std::vector<std::int64_t>(experts, 0));
     if (model.connector_is_sparse()) load.projector.assign(experts, 0);
     // Overlapped: the last micro-batch's backward hands over the language model's, then the connector's finished
-    // gradients, and the background thread sums them while the vision tower's backward runs.
+    // gradients, and the background thread sums them while the vision tower's backward runs (with expert
+    // parallelism: as ep->reduce_gradients sums them, through the thread's duplicates of the world and the replica
+    // group, while the backward exchanges rows on the expert group).
     std::optional<dist::OverlappedGradientSum> overlapped;
-    if (overlap_comm)
-      overlapped.emplace(*overlap_comm, opt.trainable_parameters(),
-                         std::vector<ParameterList>{model.language_parameters(), model.connector_parameters()});
+    if (overlap_comm) {
+      std::vector<ParameterList> early{model.language_parameters(), model.connector_parameters()};
+      if (ep)
+        overlapped.emplace(opt.trainable_parameters(), std::move(early), [&](const ParameterList& part) {
+          ep->reduce_gradients(part, *overlap_comm, *overlap_replicas);
+        });
+      else
+        overlapped.emplace(*overlap_comm, opt.trainable_parameters(), std::move(early));
+    }
     for (int mb = 0; mb < M; ++mb) {
       const io::Batch b = it.next();
       if (b.B == 0) {  // a short last batch left this rank nothing; its gradient share is zero
@@ -383,10 +393,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     if (parallel) {
       // the gradient sum (deterministic: every rank the same bits), then the metrics and the loads over the ranks
       const auto t_comm = clock::now();
-      if (ep)
-        ep->reduce_gradients(opt.trainable_parameters());
-      else if (overlapped)
+      if (overlapped)
         overlapped->finish();  // the parts not summed during the backward (the vision tower's), and a wait
+      else if (ep)
+        ep->reduce_gradients(opt.trainable_parameters());
       else
         dist::allreduce_gradients(comm, opt.trainable_parameters());
       std::vector<double> sums{m.loss, m.ce, m.vision_balance, m.vision_z, m.projector_balance, m.projector_z};

@@ -120,6 +120,9 @@ class Communicator {
   // Whether a second thread may run collectives while the thread that made the communicator computes, one thread
   // in the engine at a time (MPI: MPI_THREAD_SERIALIZED or more).
   virtual bool allows_background_thread() const { return false; }
+  // Whether that thread may run its collectives while the computing thread runs collectives of its own on another
+  // communicator (expert parallelism's exchanges during the backward; MPI: MPI_THREAD_MULTIPLE).
+  virtual bool allows_concurrent_threads() const { return false; }
   // The communicator such a thread uses: a private duplicate (every rank calls it, as split) whose waits leave the
   // core to the computing thread instead of spinning.
   virtual std::unique_ptr<Communicator> background() const { return split(0, rank()); }
@@ -159,6 +162,7 @@ class SelfCommunicator final : public Communicator {
   void barrier() override {}
   std::unique_ptr<Communicator> split(int, int) const override { return std::make_unique<SelfCommunicator>(); }
   bool allows_background_thread() const override { return true; }
+  bool allows_concurrent_threads() const override { return true; }
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 

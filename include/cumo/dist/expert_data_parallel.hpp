@@ -72,9 +72,21 @@ class ExpertDataParallel {
   // After every micro-batch's backward: the replicated gradients summed over the world, the sharded ones over
   // their replica group; every rank holding a parameter ends with the same bits.
   void reduce_gradients(const ParameterList& trainable, std::int64_t bucket_bytes = std::int64_t(16) << 20) const {
-    const Split s = split(trainable);
-    allreduce_gradients(*world_, s.replicated, bucket_bytes);
-    allreduce_gradients(*replicas_, s.sharded, bucket_bytes);
+    reduce_gradients(trainable, *world_, *replicas_, bucket_bytes);
+  }
+  // The same sum through other communicators of the same ranks: `world` of world()'s, `replicas` of replicas()'s
+  // (a background thread's duplicates, Communicator::background(); dist::OverlappedGradientSum runs it part by part
+  // while the backward exchanges rows on experts()). Each element is folded over the ranks in rank order whatever
+  // list it is summed in, so any split of the trainable parameters gives the same bits.
+  void reduce_gradients(const ParameterList& params, Communicator& world, Communicator& replicas,
+                        std::int64_t bucket_bytes = std::int64_t(16) << 20) const {
+    CUMO_CHECK(world.size() == world_->size() && world.rank() == world_->rank() &&
+                   replicas.size() == replicas_->size() && replicas.rank() == replicas_->rank(),
+               "ExpertDataParallel::reduce_gradients: the communicators given are not the world's (", world_->size(),
+               " ranks) and the replica group's (", replicas_->size(), ")");
+    const Split s = split(params);
+    allreduce_gradients(world, s.replicated, bucket_bytes);
+    allreduce_gradients(replicas, s.sharded, bucket_bytes);
   }
 
   // Global-norm clipping of the optimizer's trainable gradients over the whole model (train::clip_gradients for a

@@ -32,10 +32,11 @@ class MpiSession {
     MPI_Initialized(&up);
     if (up) return;
     int provided = 0;
-    // SERIALIZED: one thread in MPI at a time — the main thread, or the background gradient sum while the main
-    // thread computes the backward (dist/overlap.hpp); the data prefetch thread and OpenMP workers never call MPI.
-    // An MPI that provides less makes allows_background_thread() false, and the sum runs after the backward.
-    CUMO_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided) == MPI_SUCCESS,
+    // MULTIPLE: the background gradient sum (dist/overlap.hpp) runs its collectives while the main thread's
+    // backward runs expert parallelism's exchanges, each on its own communicator; the data prefetch thread and
+    // OpenMP workers never call MPI. An MPI that provides only SERIALIZED makes allows_concurrent_threads() false
+    // (the overlap then runs without expert parallelism only), less than that allows_background_thread() too.
+    CUMO_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided) == MPI_SUCCESS,
                "MPI_Init_thread failed");
     owned_ = true;
   }
@@ -177,11 +178,8 @@ class MpiCommunicator final : public Communicator {
     std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
   }
 
-  bool allows_background_thread() const override {
-    int level = MPI_THREAD_SINGLE;
-    MPI_Query_thread(&level);
-    return level >= MPI_THREAD_SERIALIZED;
-  }
+  bool allows_background_thread() const override { return thread_level() >= MPI_THREAD_SERIALIZED; }
+  bool allows_concurrent_threads() const override { return thread_level() >= MPI_THREAD_MULTIPLE; }
   std::unique_ptr<Communicator> background() const override {
     auto out = std::make_unique<MpiCommunicator>(comm_, timeout_s_);
     out->background_ = true;
@@ -197,6 +195,11 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  static int thread_level() {
+    int level = MPI_THREAD_SINGLE;
+    MPI_Query_thread(&level);
+    return level;
+  }
   void check_usable(const char* what) const {
     if (broken_)
       throw CommError(detail::concat("MpiCommunicator::", what, ": an earlier collective failed; the communicator "

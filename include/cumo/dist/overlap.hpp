@@ -14,13 +14,15 @@
 // allreduce_sum, whatever bucket it lands in, so the gradients are bitwise those of one allreduce_gradients call
 // after the backward (tests/dist).
 //
-// The thread uses a communicator of its own (Communicator::background(): a duplicate that sleeps between polls) on
-// an engine that allows it (allows_background_thread(): MPI at MPI_THREAD_SERIALIZED). One thread in MPI at a time:
-// between the first ready() and finish() the calling thread makes no collective call of its own (the plain data
-// parallel backward makes none; expert parallelism's exchanges do, so the trainer keeps them apart). Host gradients.
+// The thread uses communicators of its own (Communicator::background(): duplicates that sleep between polls) on an
+// engine that allows it. Plain data parallelism: allows_background_thread() (MPI at MPI_THREAD_SERIALIZED), since
+// the backward makes no collective call. Expert parallelism: the sum of ExpertDataParallel::reduce_gradients (the
+// replicated parameters over the world's duplicate, the expert slices over the replica group's) while the backward
+// exchanges rows on the expert group, which needs allows_concurrent_threads() (MPI_THREAD_MULTIPLE). Host gradients.
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <unordered_set>
@@ -36,12 +38,19 @@ namespace cumo::dist {
 
 class OverlappedGradientSum {
  public:
-  // `comm`: the background communicator (outlives this); `trainable`: what the synchronous sum would sum.
+  // What the thread does with one part: sums its gradients over the ranks through the thread's own communicators.
+  using Sum = std::function<void(const ParameterList&)>;
+
+  // Data parallel: `comm` is the background communicator (outlives this); `trainable` what the synchronous sum
+  // (allreduce_gradients) would sum.
   OverlappedGradientSum(Communicator& comm, const ParameterList& trainable, std::vector<ParameterList> early,
                         std::int64_t bucket_bytes = std::int64_t(16) << 20)
-      : comm_(comm), bucket_bytes_(bucket_bytes), early_(std::move(early)) {
-    CUMO_CHECK(comm.allows_background_thread(), "OverlappedGradientSum: the ", comm.engine(),
-               " communicator does not allow collectives on a background thread");
+      : OverlappedGradientSum(trainable, std::move(early), sum_over(comm, bucket_bytes)) {}
+
+  // Any sum that folds each element the same way whatever part it lands in (ExpertDataParallel::reduce_gradients
+  // through background communicators); `sum` must only use communicators no other thread uses meanwhile.
+  OverlappedGradientSum(const ParameterList& trainable, std::vector<ParameterList> early, Sum sum)
+      : sum_(std::move(sum)), early_(std::move(early)) {
     std::unordered_set<const Parameter*> wanted(trainable.begin(), trainable.end()), taken;
     for (const ParameterList& list : early_) {
       ParameterList part;
@@ -97,6 +106,11 @@ class OverlappedGradientSum {
   const std::vector<ParameterList>& parts() const { return parts_; }
 
  private:
+  static Sum sum_over(Communicator& comm, std::int64_t bucket_bytes) {
+    CUMO_CHECK(comm.allows_background_thread(), "OverlappedGradientSum: the ", comm.engine(),
+               " communicator does not allow collectives on a background thread");
+    return [&comm, bucket_bytes](const ParameterList& part) { allreduce_gradients(comm, part, bucket_bytes); };
+  }
   void run() {
     try {
       for (std::size_t k = 0; k < parts_.size(); ++k) {
@@ -105,15 +119,14 @@ class OverlappedGradientSum {
           cv_.wait(lock, [&] { return cancelled_ || released_[k]; });
           if (cancelled_) return;
         }
-        allreduce_gradients(comm_, parts_[k], bucket_bytes_);
+        sum_(parts_[k]);
       }
     } catch (...) {
       error_ = std::current_exception();
     }
   }
 
-  Communicator& comm_;
-  std::int64_t bucket_bytes_;
+  Sum sum_;
   std::vector<ParameterList> early_;  // as given: ready() names one of these
   std::vector<ParameterList> parts_;  // their trainable members (each parameter once), then the rest
   std::mutex mu_;
