@@ -188,13 +188,13 @@ double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist:
     const Rows r = collate(s, b + mine.begin, b + mine.end);
     const auto out = m.forward(r.ids, r.B, r.T, r.pixels, &r.labels, &r.key_valid);
     const dist::LossShare share = dist::loss_share(out.targets, whole.targets, r.images, whole.images);
+    std::optional<nn::GradientsDoneHook> hook;
     if (overlapped && b == micro.back().first)
-      m.llava().on_gradients_done = [&](const ParameterList& l) {
+      hook.emplace(m.llava().report_gradients_done([&](const ParameterList& l) {
         if (reported) ++*reported;
         overlapped->ready(l);
-      };
+      }));
     m.backward(models::CuMo<>::LossScales{share.ce / M, share.aux / M});
-    m.llava().on_gradients_done = nullptr;
     loss += (out.ce * share.ce + (out.total - out.ce) * share.aux) / M;
   }
   // small buckets: many of them, parameters split across two
@@ -367,6 +367,15 @@ TEST_CASE("dist: the gradient sum overlapped with the backward (a second thread,
   CHECK(sum.parts()[1] == b.connector_parameters());
   CHECK(sum.parts()[2] == b.vision_parameters());
   CHECK_THROWS_WITH(sum.ready(b.vision_parameters()), doctest::Contains("not one of the 2 early parts"));
+  // one hook at a time, cleared when its guard goes
+  {
+    const nn::GradientsDoneHook h = b.llava().report_gradients_done([](const ParameterList&) {});
+    CHECK_THROWS_WITH((void)b.llava().report_gradients_done([](const ParameterList&) {}),
+                      doctest::Contains("a hook is set already"));
+  }
+  {
+    const nn::GradientsDoneHook again = b.llava().report_gradients_done([](const ParameterList&) {});
+  }
   // left unfinished (an exception unwinding a step): the destructor drops the parts not started, no collective
 }
 

@@ -364,11 +364,9 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
              "; first non-finite term: ", detail::nonfinite_term(model, out));
       const dist::LossShare share =
           parallel ? dist::loss_share(out.targets, b.global_targets, b.images(), b.global_images) : dist::LossShare{};
-      struct Hook {  // the hook is set for the last micro-batch's backward only, and cleared on every path
-        decltype(model.llava())& llava;
-        ~Hook() { llava.on_gradients_done = nullptr; }
-      } hook{model.llava()};
-      if (overlapped && mb == M - 1) hook.llava.on_gradients_done = [&](const ParameterList& l) { overlapped->ready(l); };
+      std::optional<nn::GradientsDoneHook> hook;  // the last micro-batch's backward reports its finished parts
+      if (overlapped && mb == M - 1)
+        hook.emplace(model.llava().report_gradients_done([&](const ParameterList& l) { overlapped->ready(l); }));
       if (parallel)
         model.backward(typename Model::LossScales{share.ce / double(M), share.aux / double(M)});
       else

@@ -4,7 +4,7 @@
 // the vision tower's backward still compute.
 //
 //   early:  the parameter lists the backward finishes first, in the order it finishes them (nn::Llava reports the
-//           language model's, then the connector's, through its on_gradients_done hook);
+//           language model's, then the connector's, to a Llava::report_gradients_done hook);
 //   ready(list) says the backward is done with one of them; finish() adds every trainable parameter no early list
 //   holds as a last part, lets every part go, and waits.
 //

@@ -20,6 +20,24 @@
 
 namespace cumo::nn {
 
+// What Llava::backward reports as it finishes a part (below): that part's parameters.
+using GradientsDone = std::function<void(const ParameterList&)>;
+
+// Llava::report_gradients_done's guard: the hook is cleared when it goes, on every path out of the step. Move-only.
+class GradientsDoneHook {
+ public:
+  GradientsDoneHook() = default;
+  explicit GradientsDoneHook(GradientsDone* slot) : slot_(slot) {}
+  GradientsDoneHook(GradientsDoneHook&& o) noexcept : slot_(std::exchange(o.slot_, nullptr)) {}
+  GradientsDoneHook& operator=(GradientsDoneHook&&) = delete;
+  ~GradientsDoneHook() {
+    if (slot_) *slot_ = nullptr;
+  }
+
+ private:
+  GradientsDone* slot_ = nullptr;
+};
+
 struct LlavaConfig {
   VisionConfig vision;
   DecoderConfig text;
@@ -152,14 +170,23 @@ class Llava {
     return language_model.forward_embeds(emb, B, T, labels, key_valid);
   }
 
-  // Back-propagates the last forward's loss (scaled by dloss) through all three parts. As each of the first two is
-  // done, on_gradients_done (when set) gets its parameters — language_model.parameters(), then
-  // projector.parameters() — whose gradients this backward no longer touches: a data-parallel trainer starts
-  // summing them over the ranks while the rest computes (dist::OverlappedGradientSum).
+  // While the returned guard lives, backward() calls `done` as it finishes each of its first two parts, with that
+  // part's parameters — language_model.parameters(), then projector.parameters() — whose gradients it no longer
+  // touches: a data-parallel trainer starts summing them over the ranks while the rest computes
+  // (dist::OverlappedGradientSum). One hook at a time.
+  [[nodiscard]] GradientsDoneHook report_gradients_done(GradientsDone done) {
+    CUMO_CHECK(!gradients_done_, "Llava::report_gradients_done: a hook is set already (its guard still lives)");
+    CUMO_CHECK(bool(done), "Llava::report_gradients_done: the hook is empty");
+    gradients_done_ = std::move(done);
+    return GradientsDoneHook(&gradients_done_);
+  }
+
+  // Back-propagates the last forward's loss (scaled by dloss) through all three parts, reporting the first two as
+  // they are done where a hook is set (report_gradients_done).
   void backward(float dloss = 1.f, AuxLossWeights vision_aux = {}, AuxLossWeights projector_aux = {}) {
     const Tensor demb = language_model.backward(dloss);  // (B*T, Ht)
     language_model.backward_embeddings(demb, &is_image_);
-    if (on_gradients_done) on_gradients_done(language_model.parameters());
+    if (gradients_done_) gradients_done_(language_model.parameters());
     if (!has_images_) return serve_image_experts_backward(vision_aux, projector_aux);
     const std::int64_t H = cfg_.text.hidden;
     std::int64_t n = 0;
@@ -169,10 +196,9 @@ class Llava {
       be_.copy_blocks(demb, pos * H, 0, dproj, k * H, 0, len * H, 1);
     });
     const Tensor dfeatures = projector.backward(dproj, projector_aux);
-    if (on_gradients_done) on_gradients_done(projector.parameters());
+    if (gradients_done_) gradients_done_(projector.parameters());
     encode_images_backward(dfeatures, vision_aux);
   }
-  std::function<void(const ParameterList&)> on_gradients_done;
   // ---- expert parallelism: the MoE blocks' experts (CLIP, connector, a Mixtral LM) over an expert-parallel group
   // Every sparse block keeps its share of the experts (SparseMoE::shard_experts); returns their parameters (the
   // local slices). Every rank of `group` calls it, on the same weights.
@@ -211,6 +237,7 @@ class Llava {
   }
 
  private:
+  GradientsDone gradients_done_;  // set only while a report_gradients_done guard lives
   // f(position, feature index, length) for each maximal run of consecutive image positions: one copy per image
   // (the processor writes each image's tokens together) instead of one per row.
   template <class F>
