@@ -310,4 +310,46 @@ void compare_s2(Rng& rng, double tol) {
   expect_close("S2 d pixel_values", o.llava().last_dpixels(), c.llava().last_dpixels(), tol);
 }
 
+// Inference with the matrix weights held in bf16 or f16 (ParameterStorage, as cumo_generate --dtype loads them) on
+// B, against the CPU holding the same weights: an upcycled CuMo saved in fp32 and loaded into both (loading makes the
+// CLIP MLPs and the connector sparse and rounds each matrix once: the same bits on both sides); the multimodal
+// prefill's logits through the KV cache, three decode steps, and, at tolerance 0, CuMo::generate's tokens.
+template <class B>
+void compare_half_weights(Rng& rng, DType dt, double tol, const std::string& path) {
+  const models::CuMoConfig cfg = test::tiny_cumo_config();
+  {
+    models::CuMo<backend::Cpu> ref(cfg);
+    Rng init(9);
+    ref.reset_parameters(init);
+    ref.upcycle(init);
+    randomize(ref.parameters(), rng, 0.5f);
+    ref.save(path);
+  }
+  ParameterStorageScope storage({dt, /*grads=*/false});
+  models::CuMo<backend::Cpu> c(cfg);
+  models::CuMo<B> o(cfg);
+  c.load(path);
+  o.load(path);
+  REQUIRE(o.vision_is_sparse());
+  REQUIRE(o.connector_is_sparse());
+  int held = 0;
+  for (const Parameter* p : o.parameters()) held += p->value.dtype() == dt;
+  CHECK(held > 0);
+  const Tensor px = random_tensor({1, 3, 8, 8}, rng);
+  const std::vector<std::int64_t> ids{1, 12, 12, 12, 12, 4, 5, 6};  // 4 image tokens (id 12), then text
+  REQUIRE(cfg.llava.image_token_id == 12);
+  auto& lc = c.llava().language_model;
+  auto& lo = o.llava().language_model;
+  const std::int64_t P = std::int64_t(ids.size());
+  auto cc = lc.make_cache(1, P + 3);
+  auto co = lo.make_cache(1, P + 3);
+  expect_close("half-weight prefill logits",
+               lo.forward_cached_embeds(o.llava().embed_multimodal(ids, px, /*training=*/false), 1, P, co),
+               lc.forward_cached_embeds(c.llava().embed_multimodal(ids, px, /*training=*/false), 1, P, cc), tol);
+  for (std::int64_t s = 0; s < 3; ++s)
+    expect_close("half-weight decode step " + std::to_string(s), lo.forward_cached({3 + s}, 1, 1, co),
+                 lc.forward_cached({3 + s}, 1, 1, cc), tol);
+  if (tol == 0) CHECK(o.generate(ids, px, 6, -1) == c.generate(ids, px, 6, -1));
+}
+
 }  // namespace cumo::backend_test

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "backend_compare.hpp"
+#include "test_tmp.hpp"
 #include "cumo/models/llava_mod.hpp"
 
 using namespace cumo;
@@ -45,6 +46,13 @@ TEST_CASE("backend generic: KV-cache decoding and CuMo::generate are determinist
 TEST_CASE("backend generic: an upcycled CuMo with S² features is deterministic (losses, loads, every gradient)") {
   Rng rng(7);
   compare_s2<Cpu>(rng, 0.0);
+}
+TEST_CASE("backend generic: inference with bf16 and f16 weights (loaded from fp32) is deterministic, through the cache") {
+  for (DType dt : {DType::bf16, DType::f16}) {
+    CAPTURE(name_of(dt));
+    Rng rng(8);
+    compare_half_weights<Cpu>(rng, dt, 0.0, (test::tmp_root() / "backend_generic_half.safetensors").string());
+  }
 }
 
 // StudentPass pass(lm) takes lm's backend (a deduction guide: the constructor's parameter alone cannot deduce it).

@@ -397,6 +397,38 @@ TEST_CASE("linear family on instances with allow_tf32 and dense_bf16 matches the
   check_linear_family("dense_bf16 ", kReduced, bf16, rng);
 }
 
+// Weights held in bf16 / f16 for inference (ParameterStorage) with f32 activations: the GPU rounds x to the weight's
+// dtype for its tensor cores, the CPU widens the weight and keeps x in fp32 below 32 rows (and rounds x as the GPU
+// does from 32 rows): kReduced covers x's rounding. The embedding widens each element exactly on both: bitwise.
+TEST_CASE("bf16 / f16 weights with f32 activations (inference): linear matches Cpu (3e-2), embedding widens bitwise") {
+  Rng rng(g_seed + __LINE__);
+  for (DType dt : {DType::bf16, DType::f16}) {
+    CAPTURE(name_of(dt));
+    for (const GemmShape& g : kGemms) {
+      const std::int64_t M = g.M, K = g.K, N = g.N;
+      CAPTURE(M);
+      CAPTURE(K);
+      CAPTURE(N);
+      const Tensor x = randn({M, K}, rng), b = randn({N}, rng);
+      const Tensor w = randn({N, K}, rng, 1.f / std::sqrt(float(K))).to(dt);
+      check_op("half-weight linear", kReduced, [&](const auto& be) -> Outs {
+        const Tensor xb = in(be, x), wb = in(be, w), bb = in(be, b);
+        Tensor y = poison(be, {M, N}), yb = poison(be, {M, N});
+        be.linear(xb, wb, nullptr, y);
+        be.linear(xb, wb, &bb, yb);
+        return {{"y = x wᵀ", y}, {"y = x wᵀ + b", yb}};
+      });
+    }
+    const std::vector<std::int64_t> ids = {7, 0, 7, 36, 5, 12};
+    const Tensor table = randn({37, 24}, rng).to(dt);
+    check_op("half-weight embedding", kBitwise, [&](const auto& be) -> Outs {
+      Tensor y = poison(be, {std::int64_t(ids.size()), 24});  // f32 rows from the bf16 / f16 table
+      be.embedding_forward(in(be, table), ids, y);
+      return {{"y", y}};
+    });
+  }
+}
+
 TEST_CASE("two Cuda instances with different options in one process each keep their own precision") {
   Rng rng(g_seed + __LINE__);
   const std::int64_t M = 96, K = 256, N = 64;

@@ -478,7 +478,7 @@ TEST_CASE("cuda gather_rows, combine, combine_backward, scatter_add_rows match t
 // =================================================================================================================
 // experts
 // =================================================================================================================
-TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU for every GEMM path") {
+TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU for every GEMM path (and bf16 weights)") {
   Rng rng(g_seed + __LINE__);
   struct Case {
     std::int64_t T, N, K;
@@ -521,6 +521,18 @@ TEST_CASE("cuda grouped_linear (+bias), dinput, dweight (+dbias) match the CPU f
             Tensor bg = to_dev(bias);
             gpu::grouped_linear(to_dev(a), to_dev(w), with_bias ? &bg : nullptr, pg, cg, go);
             expect_close("grouped_linear", cg.slice(0, 0, rows), cc.slice(0, 0, rows), tol);
+          }
+
+          if (dt == DType::bf16) {
+            // bf16 expert weights held for inference, f32 rows, an f32 bias and an f32 output: the GPU rounds the
+            // rows and the bias to bf16 (the reference does the same, in fp32 arithmetic).
+            Tensor cc = Tensor::empty({cap, c.N});
+            const Tensor bref = ref(bias);
+            cpu::grouped_linear(ref(a), ref(w), &bref, pc.host_offsets, cc);
+            Tensor cg = poisoned({cap, c.N}, DType::f32);
+            const Tensor bg = on_gpu(bias);
+            gpu::grouped_linear(on_gpu(a), to_dev(w), &bg, pg, cg, go);
+            expect_close("grouped_linear, bf16 weights, f32 rows", cg.slice(0, 0, rows), cc.slice(0, 0, rows), tol);
           }
 
           Tensor da = Tensor::empty({cap, c.K});

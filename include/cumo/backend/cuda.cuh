@@ -65,8 +65,10 @@ class Cuda {
  public:
   static constexpr Device device = Device::cuda;
   static constexpr const char* name = "cuda";
-  static constexpr Capabilities capabilities{/*max_head_dim=*/8 * gpu::kWarp, /*bf16_weights=*/false,
-                                             /*f16_weights=*/false};
+  // bf16 / f16 weights (inference): nn::Linear, nn::Embedding and the expert stacks' forwards take them (activations
+  // rounded to the weight's dtype for the tensor cores, fp32 accumulation). Unverified: never run on a GPU yet.
+  static constexpr Capabilities capabilities{/*max_head_dim=*/8 * gpu::kWarp, /*bf16_weights=*/true,
+                                             /*f16_weights=*/true};
 
   Cuda() : state_(std::make_shared<State>()) {}
   explicit Cuda(gpu::Options options, gpu::Workspace* workspace = nullptr)
@@ -262,7 +264,7 @@ class Cuda {
   // ---- experts (the options' grouped-GEMM algorithm) ----------------------------------------------------------
   void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan,
                       Tensor& c) const {
-    gpu::grouped_linear(a, w, bias, plan, c, options());
+    gpu::grouped_linear(a, w, bias, plan, c, options(), ws());
   }
   void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const DispatchPlan& plan, Tensor& da) const {
     gpu::grouped_linear_dinput(dc, w, plan, da, options());

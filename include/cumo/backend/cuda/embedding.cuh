@@ -29,6 +29,17 @@ __global__ void embedding_gather(const W* __restrict__ table, std::int64_t row_w
   }
 }
 
+// y[r] = float(table[ids[r]]): a bf16 / f16 table (weights held for inference) read into f32 rows.
+template <class S>
+__global__ void embedding_gather_widen(const S* __restrict__ table, std::int64_t H, const std::int32_t* __restrict__ ids,
+                                       std::int64_t n, float* __restrict__ y) {
+  for (std::int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const S* src = table + std::int64_t(ids[r]) * H;
+    float* dst = y + r * H;
+    for (std::int64_t i = threadIdx.x; i < H; i += blockDim.x) dst[i] = to_f32(src[i]);
+  }
+}
+
 // One block per distinct id u: dtable[uid[u]] += dy[rows[start[u]]] + … + dy[rows[start[u+1] − 1]], in that order.
 template <class T>
 __global__ void embedding_scatter(const T* __restrict__ dy, std::int64_t H, const std::int32_t* __restrict__ uid,
@@ -66,19 +77,30 @@ inline void check_ids(const char* where, const std::vector<std::int64_t>& ids, s
 }
 }  // namespace detail
 
-// table (V, H) f32 / bf16 / f16 on the GPU; ids (N) on the host; y (N, H), same dtype as the table (overwritten).
+// table (V, H) f32 / bf16 / f16 on the GPU; ids (N) on the host; y (N, H) overwritten, the table's dtype, or f32
+// for a bf16 / f16 table (weights held for inference: each element widened exactly, as the CPU's).
 inline void embedding_forward(const Tensor& table, const std::vector<std::int64_t>& ids, Tensor& y,
                               Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::embedding_forward";
   const std::int64_t V = expect_matrix(where, "table", table), H = table.size(1), N = std::int64_t(ids.size());
   expect_matrix(where, "y", y);
   check_shape(where, "y", y, {N, H});
-  CUMO_CHECK(y.dtype() == table.dtype(), where, ": y has dtype ", name_of(y.dtype()), " but the table has dtype ",
-             name_of(table.dtype()));
+  const bool widen = y.dtype() == DType::f32 && (table.dtype() == DType::bf16 || table.dtype() == DType::f16);
+  CUMO_CHECK(y.dtype() == table.dtype() || widen, where, ": y has dtype ", name_of(y.dtype()),
+             " but the table has dtype ", name_of(table.dtype()), " (y takes the table's dtype, or f32)");
   detail::check_ids(where, ids, V);
   if (N == 0 || H == 0) return;
   Tensor owner;
   const std::int32_t* d_ids = detail::int32_on_device(std::vector<std::int32_t>(ids.begin(), ids.end()), owner, ws);
+  if (widen) {
+    dispatch_float(table.dtype(), where, [&](auto tag) {
+      using S = decltype(tag);
+      kernels::embedding_gather_widen<S><<<grid_for(N, 1), 128, 0, stream()>>>(ptr<S>(table), H, d_ids, N,
+                                                                               ptr<float>(y));
+    });
+    CUMO_CUDA_LAUNCH_CHECK("embedding_gather_widen");
+    return;
+  }
   const std::int64_t row_bytes = H * std::int64_t(size_of(table.dtype()));
   const auto addr = reinterpret_cast<std::uintptr_t>(table.raw()) | reinterpret_cast<std::uintptr_t>(y.raw());
   const unsigned grid = grid_for(N, 1);

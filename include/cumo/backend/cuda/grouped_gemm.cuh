@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
+#include "cumo/backend/cuda/elementwise.cuh"
 #include "cumo/backend/cuda/gemm.cuh"
 #include "cumo/backend/cuda/memory.cuh"
 #include "cumo/core/routing.hpp"
@@ -276,8 +277,11 @@ inline dim3 rows_tile_grid(const char* where, std::int64_t cap_rows, int E, std:
 
 // C (rows, N) = grouped A (rows, K) · W (E, N, K)ᵀ [+ bias (E, N)]. A, W and bias share a dtype; C is f32 or that
 // dtype. Rows past offsets[E] are left alone.
+// Expert weights held in bf16 / f16 for inference (ParameterStorage) with f32 rows, an f32 bias and an f32 C: the rows
+// and the bias are rounded to W's dtype in workspace copies, then as above (fp32 accumulation). The CPU keeps the
+// bias in fp32 and, below 32 rows, the rows too; the difference is within bf16's rounding.
 inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan, Tensor& c,
-                           const Options& options = {}) {
+                           const Options& options = {}, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::grouped_linear";
   detail::check_grouped(where, w, plan);
   expect_contiguous(where, "a", a);
@@ -287,6 +291,18 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   CUMO_CHECK(a.dim() == 2 && a.size(1) == K, where, ": a has shape ", a.shape(), " but w has shape ", w.shape());
   CUMO_CHECK(c.dim() == 2 && c.size(1) == N && c.size(0) >= plan.rows(), where, ": c has shape ", c.shape(),
              " but needs (", plan.rows(), ", ", N, ")");
+  if (a.dtype() == DType::f32 && (w.dtype() == DType::bf16 || w.dtype() == DType::f16)) {  // inference weights
+    check_dtype(where, "c", c, DType::f32);
+    Tensor ah = device_empty(ws, a.shape(), w.dtype());  // (rows, K)
+    cast(a, ah);
+    Tensor bh;
+    if (bias && bias->defined() && bias->dtype() != w.dtype()) {
+      expect_contiguous(where, "bias", *bias);
+      bh = device_empty(ws, bias->shape(), w.dtype());  // (E, N)
+      cast(*bias, bh);
+    }
+    return grouped_linear(ah, w, bh.defined() ? &bh : bias, plan, c, options, ws);
+  }
   CUMO_CHECK(a.dtype() == w.dtype(), where, ": a has dtype ", name_of(a.dtype()), " but w has ", name_of(w.dtype()));
   const bool has_bias = bias && bias->defined();
   if (has_bias) {

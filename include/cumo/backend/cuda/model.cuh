@@ -165,17 +165,30 @@ inline void expect_f32_matrix(const char* where, const char* name, const Tensor&
 }  // namespace detail
 
 // ---- nn::Linear -----------------------------------------------------------------------------------------------------
-// x (N, in), w (out, in), b (out,) or null → y (N, out), all f32.
+// x (N, in), w (out, in), b (out,) or null → y (N, out), all f32 — or w in bf16/f16, a weight held in its checkpoint
+// dtype for inference (ParameterStorage): then x is rounded to w's dtype in a workspace copy and the product runs on
+// the tensor cores with fp32 accumulation and an fp32 y, as the CPU's bf16 products do from 32 rows (below that the
+// CPU widens w and keeps x in fp32, so the two backends differ by x's rounding: within bf16's tolerance). Training
+// keeps fp32 weights: the backward refuses these.
 inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y, const Options& o = {},
                          Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::dense_linear";
   detail::expect_f32_matrix(where, "x", x);
-  detail::expect_f32_matrix(where, "w", w);
+  expect_matrix(where, "w", w);
   detail::expect_f32_matrix(where, "y", y);
   const std::int64_t N = x.size(0), in = x.size(1), out = w.size(0);
   CUMO_CHECK(w.size(1) == in && y.size(0) == N && y.size(1) == out, where, ": x ", x.shape(), ", w ", w.shape(),
              " and y ", y.shape(), " do not fit y = x wᵀ");
-  detail::dense_gemm(Op::N, Op::T, N, out, in, x, w, 0.f, y, o, ws);
+  if (w.dtype() == DType::f32) {
+    detail::dense_gemm(Op::N, Op::T, N, out, in, x, w, 0.f, y, o, ws);
+  } else {
+    CUMO_CHECK(w.dtype() == DType::bf16 || w.dtype() == DType::f16, where, ": w has dtype ", name_of(w.dtype()),
+               " (f32, or bf16 / f16 weights for inference)");
+    Tensor xh = device_empty(ws, x.shape(), w.dtype());  // (N, in) x rounded to w's dtype
+    cast(x, xh);
+    gemm({Op::N, Op::T, N, out, in, 1.f, xh.raw(), in, w.raw(), w.strides()[0], 0.f, y.raw(), y.strides()[0], false},
+         w.dtype(), DType::f32);
+  }
   if (b && N * out > 0) {
     expect_f32_vector(where, "b", *b, out);
     kernels::add_bias_rows<><<<grid_for(N * out, 256), 256, 0, stream()>>>(ptr<float>(y), ptr<float>(*b), N, out);
