@@ -9,6 +9,7 @@
 # Steps:
 #   build     configure build-cuda (Release, CUMO_CUDA=ON, benchmarks on, examples off) and build the CUDA targets
 #   test      ctest -L cuda: cuda_backend(+_host), cuda_backend_ops, cuda_model, parity_cuda_fixtures, app_cuda_train,
+#             app_cuda_generate (cumo_generate --device cuda, fp32 / bf16 / f16 weights),
 #             and with NCCL: nccl, app_nccl_one_rank (nccl_np2 and app_nccl_np2 skip on one GPU)
 #   parity    cumo_parity --device cuda on every shipped fixture (every kind)
 #   sanitize  compute-sanitizer memcheck + racecheck on the three CUDA test binaries (fixed seed)
@@ -110,7 +111,7 @@ use_deps() {
 build() {
   use_deps
   local targets=(cumo_cuda_tests cumo_cuda_backend_ops_tests cumo_cuda_model_tests cumo_parity cumo_train cumo_eval
-                 bench_cuda_cumo_step)
+                 cumo_generate bench_cuda_cumo_step)
   [ $QUICK = 1 ] || targets+=(bench_cuda_moe)
   # every option spelled out: a build-cuda first configured by run_demo.sh has tests and benchmarks off
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=ON -DCUMO_BUILD_TESTS=ON -DCUMO_BUILD_TOOLS=ON \

@@ -1,7 +1,7 @@
 // cumo_generate: answers a question about an image with a CuMo checkpoint, streaming the answer as it is generated.
 //
 //   cumo_generate --checkpoint DIR --image FILE --prompt "..." [--max-new-tokens N] [--temperature T] [--top-p P]
-//                 [--seed S] [--template NAME] [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32|bf16|f16]
+//                 [--seed S] [--template NAME] [--tokenizer SPEC] [--clip-config FILE] [--device cpu|cuda] [--dtype f32|bf16|f16]
 //   cumo_generate --checkpoint DIR --batch FILE.jsonl [same options]     one {"image", "prompt"} object per line;
 //                 writes one {"image", "prompt", "answer", "tokens", "seconds"} line per record to stdout
 //
@@ -10,222 +10,27 @@
 // prompt is rendered with the checkpoint's chat template (release: mistral_instruct_system, CuMo's eval template),
 // the image preprocessed as the model was trained (release: pad to square with the CLIP mean colour when
 // image_aspect_ratio is "pad", CLIP resize and crop). Temperature 0 (the default) is greedy. Tokens/s goes to stderr.
-#include <chrono>
 #include <climits>
-#include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <iostream>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
-#include <memory>
-#include <string>
 #include <string_view>
 
-#include "cli.hpp"
-#include "app/checkpoints.hpp"
-#include "app/run_config.hpp"
-#include "cumo/io/image.hpp"
-#include "cumo/models/cumo_release.hpp"
+#include "generate_run.hpp"
 
 namespace {
-constexpr const char* kTool = "cumo_generate";
-namespace fs = std::filesystem;
-using namespace cumo;
+using namespace cumo_generate_app;
 
 void usage(std::ostream& os) {
   os << "usage: cumo_generate --checkpoint DIR (--image FILE --prompt TEXT | --batch FILE.jsonl)\n"
         "                     [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--template NAME]\n"
-        "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu] [--dtype f32|bf16|f16] [--quiet]\n"
+        "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu|cuda] [--dtype f32|bf16|f16] [--quiet]\n"
         "  --checkpoint   a released CuMo directory (config.json + release-layout weights) or a cumo_train checkpoint\n"
         "  --temperature  0 (default): greedy; > 0: sampling, with --top-p (default 1) and --seed (default 0)\n"
         "  --tokenizer    default: DIR/tokenizer.model for a release, the run's tokenizer for a cumo_train checkpoint\n"
         "  --template     chat template (default: mistral_instruct_system for a release, the run's eval template)\n"
         "  --clip-config  the CLIP config.json of a release (default: beside it, else inferred from the tensors)\n"
         "  --dtype        the matrix weights in memory (default f32); bf16/f16 halve it, products accumulate in fp32\n"
+        "  --device       cpu (default) or cuda: the model on the GPU (a CUDA build; unverified: never run on a GPU)\n"
         "  --batch        JSON lines of {\"image\": FILE, \"prompt\": TEXT}; answers go to stdout as JSON lines\n";
-}
-
-struct Args {
-  std::string checkpoint, image, prompt, batch, chat, tokenizer, clip_config, device = "cpu", dtype = "f32";
-  long long max_new = 128, seed = 0;
-  float temperature = 0.f, top_p = 1.f;
-  bool quiet = false;
-};
-
-// The model and everything needed to prompt it.
-struct Loaded {
-  std::unique_ptr<models::CuMo<>> model;
-  std::unique_ptr<io::Tokenizer> tok;
-  io::ChatTemplate chat;
-  io::ClipPreprocess pre;
-  int image_tokens = 0;
-};
-
-// This process's resident memory in bytes: its peak so far (VmHWM) and now (VmRSS); 0 where /proc is absent.
-struct Memory {
-  double peak = 0, now = 0;
-};
-Memory memory() {
-  Memory m;
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) m.peak = std::atof(line.c_str() + 6) * 1024;
-    if (line.rfind("VmRSS:", 0) == 0) m.now = std::atof(line.c_str() + 6) * 1024;
-  }
-  return m;
-}
-
-DType parse_dtype(const std::string& s) {
-  if (s == "f32") return DType::f32;
-  if (s == "bf16") return DType::bf16;
-  if (s == "f16") return DType::f16;
-  fail("--dtype '", s, "' is not supported (accepted: f32, bf16, f16)");
-}
-
-Loaded load(const Args& a) {
-  Loaded l;
-  // Inference only: no gradients, and the matrix weights in --dtype (bf16: 2 bytes a parameter; the CPU products
-  // widen them a block at a time and accumulate in fp32). The scope covers loading, which may make parts sparse.
-  ParameterStorageScope storage({parse_dtype(a.dtype), /*grads=*/false});
-  const bool release = fs::exists(fs::path(a.checkpoint) / "config.json") &&
-                       !fs::exists(fs::path(a.checkpoint) / "trainer_state.json");
-  if (release) {
-    const models::ReleaseConfig rc = models::load_release_config(a.checkpoint, a.clip_config);
-    for (const auto& n : rc.notes)
-      if (!a.quiet) std::cerr << kTool << ": " << n << "\n";
-    l.tok = io::load_tokenizer(a.tokenizer.empty() ? (fs::path(a.checkpoint) / "tokenizer.model").string() : a.tokenizer);
-    CUMO_CHECK(l.tok->image_id() == rc.model.llava.image_token_id, "the tokenizer's <image> id ", l.tok->image_id(),
-               " differs from the model's ", rc.model.llava.image_token_id, " (one past the vocabulary)");
-    l.model = std::make_unique<models::CuMo<>>(rc.model);
-    l.model->load(a.checkpoint);
-    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? "mistral_instruct_system" : a.chat);
-    l.pre.size = int(rc.model.llava.vision.image_size);
-    if (rc.pad_to_square) l.pre.aspect = io::AspectMode::pad;
-    l.image_tokens = int(rc.model.llava.vision.patches());
-  } else {
-    l.tok = io::load_tokenizer(a.tokenizer.empty() ? app::run_config_of_checkpoint(a.checkpoint).tokenizer : a.tokenizer);
-    app::RunConfig cfg;
-    l.model = std::make_unique<models::CuMo<>>(app::load_model_from_checkpoint(a.checkpoint, *l.tok, &cfg));
-    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? cfg.eval_template : a.chat);
-    l.pre = cfg.data_options(cfg.eval_template).preprocess;  // as the run trained (a pretrained start may pad)
-    l.image_tokens = int(cfg.image_tokens());
-  }
-  return l;
-}
-
-struct Answer {
-  std::string text;
-  std::int64_t tokens = 0, prompt_tokens = 0;
-  double seconds = 0;
-  double prefill_seconds = 0;  // until the first new token: the image, the prompt's prefill and one sampling
-  // tokens after the first, per second of decoding (one cached step each): what the weights' bandwidth bounds
-  double decode_rate() const {
-    const double d = seconds - prefill_seconds;
-    return tokens > 1 && d > 0 ? double(tokens - 1) / d : 0.0;
-  }
-};
-
-// One image and one prompt; with `stream`, the answer's text is written to stdout as its tokens arrive.
-Answer answer(Loaded& l, const Args& a, const std::string& image, const std::string& prompt, bool stream) {
-  io::LlavaRecord r;
-  r.id = "prompt";
-  r.image = image;
-  r.conversations = {{io::Role::user, "human", "<image>\n" + prompt}, {io::Role::assistant, "gpt", ""}};
-  const auto p = io::tokenize_prompt(r, *l.tok, l.chat, l.image_tokens, "--prompt");
-  const Tensor px = io::clip_preprocess_file(image, l.pre);  // (3, S, S); an undecodable file names itself
-  const Tensor pixels = px.contiguous().view({1, px.size(0), px.size(1), px.size(2)});
-  models::CuMo<>::GenerateOptions o;
-  o.max_new = a.max_new;
-  o.eos_id = l.tok->eos_id();
-  o.sampling = nn::SamplingOptions{a.temperature, a.top_p, std::uint64_t(a.seed)};
-  std::vector<std::int64_t> so_far;
-  std::string shown;
-  const auto t0 = std::chrono::steady_clock::now();
-  double first = -1;
-  o.on_token = [&](std::int64_t t) {
-    if (first < 0) first = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    so_far.push_back(t);
-    if (stream) {  // decode the whole answer each time: a multi-byte character may span tokens
-      const std::string text = l.tok->decode(so_far, /*skip_special=*/true);
-      if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
-        std::cout << text.substr(shown.size()) << std::flush;
-        shown = text;
-      }
-    }
-  };
-  const std::vector<std::int64_t> ids(p.ids.begin(), p.ids.end());
-  const auto out = l.model->generate(ids, pixels, o);
-  Answer ans;
-  ans.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ans.prefill_seconds = first < 0 ? ans.seconds : first;
-  ans.prompt_tokens = std::int64_t(ids.size());
-  ans.tokens = std::int64_t(out.size());
-  ans.text = l.tok->decode(out, /*skip_special=*/true);
-  if (stream) std::cout << ans.text.substr(std::min(shown.size(), ans.text.size())) << "\n" << std::flush;
-  return ans;
-}
-
-int run(const Args& a) {
-#if defined(__GLIBC__)
-  // Every tensor of 1 MiB or more gets its own mapping, returned when freed. glibc's default threshold rises to the
-  // size of the largest block freed (up to 32 MiB), after which loading's freed temporaries stay in the heap and
-  // count against peak memory (measured: +18 % of a 1 B model's bf16 weights).
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
-#endif
-  CUMO_CHECK(a.device == "cpu", "--device ", a.device, " is not supported by cumo_generate yet (cpu only)");
-  Loaded l = load(a);
-  const Memory loaded = memory();
-  double weight_bytes = 0;
-  for (const Parameter* p : l.model->parameters()) weight_bytes += double(p->value.nbytes());
-  if (!a.quiet)
-    std::fprintf(stderr, "%s: weights %.3f GB (%s); resident after loading %.3f GB, peak %.3f GB\n", kTool,
-                 weight_bytes / 1e9, a.dtype.c_str(), loaded.now / 1e9, loaded.peak / 1e9);
-  if (a.batch.empty()) {
-    const Answer ans = answer(l, a, a.image, a.prompt, /*stream=*/true);
-    std::fprintf(stderr, "%s: %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included); prefill %.3f s "
-                 "(%lld prompt tokens), decode %.2f tokens/s; weights %s\n", kTool,
-                 static_cast<long long>(ans.tokens), ans.seconds, ans.seconds > 0 ? double(ans.tokens) / ans.seconds : 0.0,
-                 ans.prefill_seconds, static_cast<long long>(ans.prompt_tokens), ans.decode_rate(), a.dtype.c_str());
-    std::fprintf(stderr, "%s: peak resident memory %.3f GB = %.3f x the weights\n", kTool, memory().peak / 1e9,
-                 weight_bytes > 0 ? memory().peak / weight_bytes : 0.0);
-    return 0;
-  }
-  std::ifstream in(a.batch);
-  CUMO_CHECK(in, "cannot open --batch '", a.batch, "'");
-  std::string line;
-  std::int64_t n = 0, tokens = 0;
-  double seconds = 0;
-  for (std::int64_t lineno = 1; std::getline(in, line); ++lineno) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
-      fail("--batch '", a.batch, "' line ", lineno, " is not JSON: ", e.what());
-    }
-    CUMO_CHECK(j.is_object() && j.contains("image") && j["image"].is_string() && j.contains("prompt") &&
-                   j["prompt"].is_string(),
-               "--batch '", a.batch, "' line ", lineno, ": need {\"image\": FILE, \"prompt\": TEXT}");
-    fs::path image = j["image"].get<std::string>();
-    if (image.is_relative()) image = fs::path(a.batch).parent_path() / image;
-    const Answer ans = answer(l, a, image.string(), j["prompt"].get<std::string>(), /*stream=*/false);
-    std::cout << nlohmann::json{{"image", j["image"]}, {"prompt", j["prompt"]}, {"answer", ans.text},
-                                {"tokens", ans.tokens}, {"seconds", ans.seconds}}
-                     .dump()
-              << "\n"
-              << std::flush;
-    ++n;
-    tokens += ans.tokens;
-    seconds += ans.seconds;
-  }
-  CUMO_CHECK(n > 0, "--batch '", a.batch, "' has no records");
-  std::fprintf(stderr, "%s: %lld prompts, %lld tokens in %.3f s (%.2f tokens/s, prompt prefill included)\n", kTool,
-               static_cast<long long>(n), static_cast<long long>(tokens), seconds, seconds > 0 ? double(tokens) / seconds : 0.0);
-  return 0;
 }
 
 }  // namespace
@@ -260,7 +65,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run(a);
+    CUMO_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda, got '", a.device, "'");
+    if (a.device == "cuda") {
+#if defined(CUMO_GENERATE_CUDA)
+      return run_on_gpu(a);
+#else
+      fail("--device cuda, but this build has no CUDA backend (configure with -DCUMO_CUDA=ON on a machine with the "
+           "CUDA toolkit)");
+#endif
+    }
+    return run(a, backend::Cpu{});
   } catch (const std::bad_alloc&) {
     std::cerr << kTool << ": out of memory (std::bad_alloc): the model does not fit in this machine's memory\n";
     return 1;

@@ -42,4 +42,6 @@ done
 "$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --dtype f8 > /dev/null 2>err.txt && fail "--dtype f8 passed"
 grep -q "accepted: f32, bf16, f16" err.txt || fail "--dtype f8 not explained: $(cat err.txt)"
 "$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --top-p 0 > /dev/null 2>err.txt && fail "--top-p 0 passed"
+"$gen" --checkpoint run/stage3 --image "$img" --prompt "q" --device tpu > /dev/null 2>err.txt && fail "--device tpu passed"
+grep -q "must be cpu or cuda" err.txt || fail "--device tpu not explained: $(cat err.txt)"
 echo "ok"
