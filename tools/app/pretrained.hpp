@@ -133,8 +133,7 @@ void load_pretrained(Model& model, const PretrainedStart& p) {
   io::load_hf(model.language_parameters(), io::HFCheckpoint::open(p.from), lang);
   io::LoadOptions vis;
   vis.release_pages = true;
-  // CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads.
-  vis.optional_suffixes = {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"};
+  vis.optional_suffixes = Model::optional_tensors();
   io::load_hf(model.vision_parameters(), io::HFCheckpoint::open(p.vision_from), vis);
 }
 

@@ -365,11 +365,14 @@ class CuMo {
     }
     io::LoadOptions opt;
     opt.prefix = prefix;
-    // CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads; the released CuMo CLIP-MoE towers
-    // may not store it. Absent, it keeps its value (ones and zeros when freshly built).
-    opt.optional_suffixes = {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"};
+    opt.optional_suffixes = optional_tensors();
     opt.release_pages = release_pages;
     io::load_hf(parameters(), ck, opt);
+  }
+  // The tensors a checkpoint may lack: CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads,
+  // and the released CuMo CLIP-MoE towers may not store it. Absent, it keeps its value (ones and zeros when fresh).
+  static std::vector<std::string> optional_tensors() {
+    return {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"};
   }
   // From a file or directory, holding each tensor once: its mapped pages are dropped as soon as it is copied.
   void load(const std::string& path) { load(io::HFCheckpoint::open(path), "", /*release_pages=*/true); }
