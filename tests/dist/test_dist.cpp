@@ -188,12 +188,12 @@ double data_parallel_step(models::CuMo<>& m, const std::vector<Sample>& s, dist:
     const Rows r = collate(s, b + mine.begin, b + mine.end);
     const auto out = m.forward(r.ids, r.B, r.T, r.pixels, &r.labels, &r.key_valid);
     const dist::LossShare share = dist::loss_share(out.targets, whole.targets, r.images, whole.images);
-    std::optional<nn::GradientsDoneHook> hook;
-    if (overlapped && b == micro.back().first)
-      hook.emplace(m.llava().report_gradients_done([&](const ParameterList& l) {
-        if (reported) ++*reported;
-        overlapped->ready(l);
-      }));
+    const nn::GradientsDoneHook hook = overlapped && b == micro.back().first
+                                           ? m.llava().report_gradients_done([&](const ParameterList& l) {
+                                               if (reported) ++*reported;
+                                               overlapped->ready(l);
+                                             })
+                                           : nn::GradientsDoneHook{};
     m.backward(models::CuMo<>::LossScales{share.ce / M, share.aux / M});
     loss += (out.ce * share.ce + (out.total - out.ce) * share.aux) / M;
   }

@@ -364,9 +364,11 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
              "; first non-finite term: ", detail::nonfinite_term(model, out));
       const dist::LossShare share =
           parallel ? dist::loss_share(out.targets, b.global_targets, b.images(), b.global_images) : dist::LossShare{};
-      std::optional<nn::GradientsDoneHook> hook;  // the last micro-batch's backward reports its finished parts
-      if (overlapped && mb == M - 1)
-        hook.emplace(model.llava().report_gradients_done([&](const ParameterList& l) { overlapped->ready(l); }));
+      // the last micro-batch's backward reports its finished parts
+      const nn::GradientsDoneHook hook =
+          overlapped && mb == M - 1
+              ? model.llava().report_gradients_done([&](const ParameterList& l) { overlapped->ready(l); })
+              : nn::GradientsDoneHook{};
       if (parallel)
         model.backward(typename Model::LossScales{share.ce / double(M), share.aux / double(M)});
       else

@@ -185,12 +185,11 @@ struct ResampleCoeffs {
   std::vector<std::int32_t> kk;  // (out, ksize)
 };
 
-// Output positions [first, first + count) of an in_size → out_size resize (all of them by default): row i of the
-// result is output position first + i. Each position's coefficients depend on that position alone, so a window's
-// are the same numbers the whole resize computes.
-inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r, int first = 0, int count = -1) {
+// Output positions [first, first + count) of an in_size → out_size resize: row i of the result is output position
+// first + i. Each position's coefficients depend on that position alone, so a window's are the same numbers the
+// whole resize computes.
+inline ResampleCoeffs pil_coeffs(int in_size, int out_size, Resample r, int first, int count) {
   // precompute_coeffs + normalize_coeffs_8bpc with box = [0, in_size).
-  if (count < 0) count = out_size - first;
   const double in0 = 0.0, in1 = double(float(in_size));
   double filterscale, scale;
   filterscale = scale = (in1 - in0) / out_size;
@@ -233,48 +232,6 @@ inline std::uint8_t pil_clip8(std::int64_t in) {
   return std::uint8_t(in >> kPrecisionBits);
 }
 }  // namespace detail
-
-// Resizes to out_w × out_h exactly as PIL's Image.resize((out_w, out_h), BICUBIC | BILINEAR) does for 8-bit images
-// (reducing_gap=None, the default and what Hugging Face uses). A pass whose size does not change is skipped, as in
-// PIL, so a same-size resize returns the input unchanged.
-inline Image resize(const Image& in, int out_w, int out_h, Resample r = Resample::bicubic) {
-  constexpr const char* where = "resize";
-  CUMO_CHECK(!in.empty(), where, ": input image is empty");
-  CUMO_CHECK(out_w > 0 && out_h > 0, where, ": bad output size ", out_w, "x", out_h);
-  const int C = in.channels;
-  Image cur = in;
-  if (out_w != in.width) {  // horizontal pass
-    const auto co = detail::pil_coeffs(in.width, out_w, r);
-    Image tmp(out_w, cur.height, C);
-    for (int y = 0; y < cur.height; ++y)
-      for (int xx = 0; xx < out_w; ++xx) {
-        const int xmin = co.bounds[2 * xx], n = co.bounds[2 * xx + 1];
-        const std::int32_t* k = &co.kk[std::size_t(xx) * co.ksize];
-        for (int ch = 0; ch < C; ++ch) {
-          std::int64_t ss = std::int64_t(1) << (detail::kPrecisionBits - 1);
-          for (int x = 0; x < n; ++x) ss += std::int64_t(cur.at(y, xmin + x, ch)) * k[x];
-          tmp.at(y, xx, ch) = detail::pil_clip8(ss);
-        }
-      }
-    cur = std::move(tmp);
-  }
-  if (out_h != in.height) {  // vertical pass
-    const auto co = detail::pil_coeffs(in.height, out_h, r);
-    Image tmp(cur.width, out_h, C);
-    for (int yy = 0; yy < out_h; ++yy) {
-      const int ymin = co.bounds[2 * yy], n = co.bounds[2 * yy + 1];
-      const std::int32_t* k = &co.kk[std::size_t(yy) * co.ksize];
-      for (int x = 0; x < cur.width; ++x)
-        for (int ch = 0; ch < C; ++ch) {
-          std::int64_t ss = std::int64_t(1) << (detail::kPrecisionBits - 1);
-          for (int y = 0; y < n; ++y) ss += std::int64_t(cur.at(ymin + y, x, ch)) * k[y];
-          tmp.at(yy, x, ch) = detail::pil_clip8(ss);
-        }
-    }
-    cur = std::move(tmp);
-  }
-  return cur;
-}
 
 // Rows [top, top+h) and columns [left, left+w); must lie inside the image.
 inline Image crop(const Image& in, int left, int top, int w, int h) {
@@ -411,6 +368,17 @@ inline Image resize_window(const Canvas& cv, int out_w, int out_h, int x0, int y
   return out;
 }
 }  // namespace detail
+
+// Resizes to out_w × out_h exactly as PIL's Image.resize((out_w, out_h), BICUBIC | BILINEAR) does for 8-bit images
+// (reducing_gap=None, the default and what Hugging Face uses). A pass whose size does not change is skipped, as in
+// PIL, so a same-size resize returns the input unchanged. The whole output as one window of resize_window.
+inline Image resize(const Image& in, int out_w, int out_h, Resample r = Resample::bicubic) {
+  constexpr const char* where = "resize";
+  CUMO_CHECK(!in.empty(), where, ": input image is empty");
+  CUMO_CHECK(out_w > 0 && out_h > 0, where, ": bad output size ", out_w, "x", out_h);
+  return detail::resize_window(detail::Canvas{in, in.width, in.height, 0, 0, {}}, out_w, out_h, 0, 0, out_w, out_h,
+                               r);
+}
 
 // ================================================================================================================
 // CLIP preprocessing (HF CLIPImageProcessor with openai/clip-vit-* defaults)

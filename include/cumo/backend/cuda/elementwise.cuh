@@ -255,4 +255,11 @@ inline void cast(const Tensor& src, Tensor& dst) {
   CUMO_CUDA_LAUNCH_CHECK("cast");
 }
 
+// A copy of `t` in `dtype` (rounded to nearest even when narrower), from `ws` (null: the pool).
+inline Tensor cast_copy(const Tensor& t, DType dtype, Workspace* ws) {
+  Tensor c = device_empty(ws, t.shape(), dtype);
+  cast(t, c);
+  return c;
+}
+
 }  // namespace cumo::gpu

@@ -293,14 +293,9 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
              " but needs (", plan.rows(), ", ", N, ")");
   if (a.dtype() == DType::f32 && (w.dtype() == DType::bf16 || w.dtype() == DType::f16)) {  // inference weights
     check_dtype(where, "c", c, DType::f32);
-    Tensor ah = device_empty(ws, a.shape(), w.dtype());  // (rows, K)
-    cast(a, ah);
+    const Tensor ah = cast_copy(a, w.dtype(), ws);  // (rows, K)
     Tensor bh;
-    if (bias && bias->defined() && bias->dtype() != w.dtype()) {
-      expect_contiguous(where, "bias", *bias);
-      bh = device_empty(ws, bias->shape(), w.dtype());  // (E, N)
-      cast(*bias, bh);
-    }
+    if (bias && bias->defined() && bias->dtype() != w.dtype()) bh = cast_copy(*bias, w.dtype(), ws);  // (E, N)
     return grouped_linear(ah, w, bh.defined() ? &bh : bias, plan, c, options, ws);
   }
   CUMO_CHECK(a.dtype() == w.dtype(), where, ": a has dtype ", name_of(a.dtype()), " but w has ", name_of(w.dtype()));

@@ -141,19 +141,13 @@ __global__ void scale(float* __restrict__ x, std::int64_t n, float alpha) {
 }  // namespace kernels
 
 namespace detail {
-// A bf16 copy of an f32 operand for the tensor-core path (Options::dense_bf16).
-inline Tensor bf16_copy(const Tensor& t, Workspace* ws) {
-  Tensor c = device_empty(ws, t.shape(), DType::bf16);
-  cast(t, c);
-  return c;
-}
 // One dense row-major GEMM of f32 operands, through bf16 copies with Options::dense_bf16 (or on TF32 tensor cores
 // with allow_tf32).
 inline void dense_gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t k, const Tensor& a,
                        const Tensor& b, float beta, Tensor& c, const Options& o, Workspace* ws) {
   const bool half = o.dense_bf16;
-  const Tensor a_ = half ? bf16_copy(a, ws) : a;
-  const Tensor b_ = half ? bf16_copy(b, ws) : b;
+  const Tensor a_ = half ? cast_copy(a, DType::bf16, ws) : a;
+  const Tensor b_ = half ? cast_copy(b, DType::bf16, ws) : b;
   gemm({op_a, op_b, m, n, k, 1.f, a_.raw(), a.strides()[0], b_.raw(), b.strides()[0], beta, c.raw(), c.strides()[0],
         o.allow_tf32},
        half ? DType::bf16 : DType::f32, DType::f32);
@@ -184,8 +178,7 @@ inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tens
   } else {
     CUMO_CHECK(w.dtype() == DType::bf16 || w.dtype() == DType::f16, where, ": w has dtype ", name_of(w.dtype()),
                " (f32, or bf16 / f16 weights for inference)");
-    Tensor xh = device_empty(ws, x.shape(), w.dtype());  // (N, in) x rounded to w's dtype
-    cast(x, xh);
+    const Tensor xh = cast_copy(x, w.dtype(), ws);  // (N, in) x rounded to w's dtype
     gemm({Op::N, Op::T, N, out, in, 1.f, xh.raw(), in, w.raw(), w.strides()[0], 0.f, y.raw(), y.strides()[0], false},
          w.dtype(), DType::f32);
   }
