@@ -539,7 +539,7 @@ TEST_CASE("models cumo: a release config.json (LlavaMistralConfig) with or witho
   CHECK(r.model.top_k == 2);
   CHECK(r.model.llava.vision.heads == 4);
   CHECK(r.model.llava.text.kv_heads == 2);
-  CHECK(r.model.llava.image_token_id == 97);  // one past the vocabulary, as SentencePieceTokenizer's <image>
+  CHECK(r.model.llava.image_token_id == 96);  // the fixture's, a row of its vocabulary: written as image_token_index
   models::CuMo<> m(r.model);
   m.load(ck, "param.");
 
@@ -563,6 +563,37 @@ TEST_CASE("models cumo: a release config.json (LlavaMistralConfig) with or witho
   bad = j;
   bad["scales"] = {1, 2};
   CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("scales"), Error);
+
+  // an "<image>" id inside the vocabulary (the fixture's; a byte-level run's, exported by cumo_export) is written
+  // and read back; without the key (SHI-Labs' releases) it is one past the vocabulary, as SentencePieceTokenizer's
+  // <image>, and a model whose id is that is written without it
+  const std::int64_t vocab = cfg.llava.text.vocab;
+  CHECK(j.at("image_token_index") == vocab - 1);
+  auto released = j;
+  released.erase("image_token_index");
+  CHECK(models::release_config(released, &clip, &ck).model.llava.image_token_id == vocab);
+  auto past = cfg;
+  past.llava.image_token_id = vocab;
+  CHECK_FALSE(models::release_config_json(past, true, true).contains("image_token_index"));
+  bad = j;
+  bad["image_token_index"] = vocab + 1;
+  CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("image_token_index"), Error);
+  bad = j;
+  bad["image_token_index"] = -200;  // CuMo's IMAGE_TOKEN_INDEX is a constant in its code, never an embedding row
+  CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("image_token_index -200"), Error);
+  // the tokenizer and template a cumo_export names; anything but a string is refused
+  auto named = j;
+  named["cumo_tokenizer"] = "byte";
+  named["cumo_chat_template"] = "plain";
+  const auto rn = models::release_config(named, &clip, &ck);
+  CHECK(rn.tokenizer == "byte");
+  CHECK(rn.chat_template == "plain");
+  CHECK(r.tokenizer.empty());
+  CHECK(r.chat_template.empty());
+  bad = j;
+  bad["cumo_tokenizer"] = 3;
+  CHECK_THROWS_WITH_AS(models::release_config(bad, &clip, &ck), doctest::Contains("cumo_tokenizer must be a string"),
+                       Error);
 
   // a directory as released: config.json + model.safetensors (release layout), the CLIP config beside it
   const fs::path dir = cumo::test::tmp_root() / "release_dir" / "cumo-mistral-tiny";

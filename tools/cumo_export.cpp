@@ -5,7 +5,9 @@
 //
 //   release    the released SHI-Labs/CuMo layout (LlavaMistralForCausalLM / LlavaMixtralForCausalLM): experts one
 //              tensor each, the config.json models/cumo_release.hpp reads and the CLIP's clip_config.json beside it;
-//              dense or sparse. Loads back bitwise.
+//              dense or sparse. Loads back bitwise. The run's tokenizer goes with it (tokenizer.model, or
+//              "cumo_tokenizer": "byte" in config.json) and its conversation template ("cumo_chat_template"), so
+//              that cumo_generate --checkpoint OUT prompts it as the run was trained.
 //   llava-hf   llava-hf's LlavaForConditionalGeneration layout (transformers 4.x names: vision_tower.vision_model.…,
 //              multi_modal_projector.linear_{1,2}, language_model.model.…, language_model.lm_head) with its
 //              LlavaConfig; a dense model only (LLaVA-1.5 has no MoE).
@@ -13,7 +15,9 @@
 //              tower: vision_model.…, CLIPVisionConfig); the connector is not written. Dense CLIP only.
 // Every file is written atomically; OUT must be new or empty unless --overwrite.
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -86,8 +90,21 @@ int run(const Args& a) {
     fs::create_directories(out);
     model.save((out / "model.safetensors").string(), io::Layout::cumo_release);
     const bool pad = run.pretrained && run.pretrained->pad_to_square;
-    io::write_file_atomic((out / "config.json").string(),
-                          models::release_config_json(c, vs, cs, pad).dump(2) + "\n", "config.json");
+    nlohmann::json config = models::release_config_json(c, vs, cs, pad);
+    // What cumo_generate needs to prompt the release as the run was trained: its conversation template, and its
+    // tokenizer — tokenizer.model beside the weights, as a release ships it, or the byte tokenizer by name.
+    config["cumo_chat_template"] = run.eval_template;
+    if (run.tokenizer.empty() || run.tokenizer == "byte") {
+      config["cumo_tokenizer"] = "byte";
+    } else {
+      fs::path model_file(run.tokenizer);
+      if (fs::is_directory(model_file)) model_file /= "tokenizer.model";
+      std::ifstream f(model_file, std::ios::binary);
+      CUMO_CHECK(f, "cannot read the run's tokenizer '", model_file.string(), "'");
+      const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      io::write_file_atomic((out / "tokenizer.model").string(), bytes, "tokenizer.model");
+    }
+    io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n", "config.json");
     // The release's config holds no CLIP sizes (its loader would infer them and assume the heads): the vision
     // config goes beside it, where models::load_release_config looks first.
     io::write_file_atomic((out / "clip_config.json").string(), c.llava.vision.to_json().dump(2) + "\n",

@@ -7,7 +7,8 @@
 //
 // DIR is either a released CuMo checkpoint (config.json with model_type llava_mistral / llava_mixtral, weights in the
 // release layout, tokenizer.model beside them; models/cumo_release.hpp) or a checkpoint written by cumo_train. The
-// prompt is rendered with the checkpoint's chat template (release: mistral_instruct_system, CuMo's eval template),
+// prompt is rendered with the checkpoint's chat template (release: mistral_instruct_system, CuMo's eval template;
+// a cumo_export of a cumo_train run names its run's template and tokenizer in config.json),
 // the image preprocessed as the model was trained (release: pad to square with the CLIP mean colour when
 // image_aspect_ratio is "pad", CLIP resize and crop). Temperature 0 (the default) is greedy. Tokens/s goes to stderr.
 #include <climits>
@@ -25,8 +26,10 @@ void usage(std::ostream& os) {
         "                     [--tokenizer SPEC] [--clip-config FILE] [--device cpu|cuda] [--dtype f32|bf16|f16] [--quiet]\n"
         "  --checkpoint   a released CuMo directory (config.json + release-layout weights) or a cumo_train checkpoint\n"
         "  --temperature  0 (default): greedy; > 0: sampling, with --top-p (default 1) and --seed (default 0)\n"
-        "  --tokenizer    default: DIR/tokenizer.model for a release, the run's tokenizer for a cumo_train checkpoint\n"
-        "  --template     chat template (default: mistral_instruct_system for a release, the run's eval template)\n"
+        "  --tokenizer    default: DIR/tokenizer.model for a release (else the tokenizer its config.json names), the\n"
+        "                 run's tokenizer for a cumo_train checkpoint\n"
+        "  --template     chat template (default: mistral_instruct_system for a release, or the template its\n"
+        "                 config.json names; the run's eval template for a cumo_train checkpoint)\n"
         "  --clip-config  the CLIP config.json of a release (default: beside it, else inferred from the tensors)\n"
         "  --dtype        the matrix weights in memory (default f32); bf16/f16 halve it, products accumulate in fp32\n"
         "  --device       cpu (default) or cuda: the model on the GPU (a CUDA build; unverified: never run on a GPU)\n"

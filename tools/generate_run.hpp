@@ -77,12 +77,18 @@ Loaded<B> load(const Args& a, const B& be) {
     const models::ReleaseConfig rc = models::load_release_config(a.checkpoint, a.clip_config);
     for (const auto& n : rc.notes)
       if (!a.quiet) std::cerr << kTool << ": " << n << "\n";
-    l.tok = io::load_tokenizer(a.tokenizer.empty() ? (fs::path(a.checkpoint) / "tokenizer.model").string() : a.tokenizer);
+    // --tokenizer, else the release's tokenizer.model, else the one its config names (a cumo_export of a byte run).
+    const fs::path model_file = fs::path(a.checkpoint) / "tokenizer.model";
+    std::string tokenizer = a.tokenizer;
+    if (tokenizer.empty()) tokenizer = fs::exists(model_file) || rc.tokenizer.empty() ? model_file.string() : rc.tokenizer;
+    l.tok = io::load_tokenizer(tokenizer);
     CUMO_CHECK(l.tok->image_id() == rc.model.llava.image_token_id, "the tokenizer's <image> id ", l.tok->image_id(),
-               " differs from the model's ", rc.model.llava.image_token_id, " (one past the vocabulary)");
+               " differs from the model's ", rc.model.llava.image_token_id,
+               " (config.json's image_token_index, else one past the vocabulary)");
     l.model = std::make_unique<models::CuMo<B>>(rc.model, be);
     l.model->load(a.checkpoint);
-    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? "mistral_instruct_system" : a.chat);
+    const std::string chat = rc.chat_template.empty() ? "mistral_instruct_system" : rc.chat_template;
+    l.chat = io::ChatTemplate::from_name(a.chat.empty() ? chat : a.chat);
     l.pre.size = int(rc.model.llava.vision.image_size);
     if (rc.pad_to_square) l.pre.aspect = io::AspectMode::pad;
     l.image_tokens = int(rc.model.llava.vision.patches());

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Stage starts from Hugging Face checkpoints (cumo_train --from HF_DIR; tools/app/pretrained.hpp), on the app smoke
 # run (run from its working directory, after app_smoke_train). $1 = cumo_train, $2 = cumo_export, $3 = cumo_eval,
-# $4 = which case:
+# $4 = which case, $5 = cumo_generate (release, sentencepiece), $6 = cumo_test_spm_train (sentencepiece):
 #   llava     run/stage2 exported as llava-hf LLaVA-1.5; stage 3 from it (upcycled) reproduces the smoke run's
 #             stage 3 loss for loss, and a stopped + resumed stage 3 from it ends bitwise where it ended
-#   release   run/stage3 exported in the CuMo release layout; stage 3 from it keeps its experts (no upcycling)
+#   release   run/stage3 exported in the CuMo release layout; stage 3 from it keeps its experts (no upcycling);
+#             cumo_generate answers with it as with run/stage3
+#   sentencepiece  the smoke run again on a BPE tokenizer.model trained on its texts; exported as a release, the
+#             tokenizer.model goes beside it, and cumo_generate answers with the export as with the run
 #   parts     run/stage1's LLM and CLIP exported as two checkpoints; stage 1 from them (fresh connector)
 #             reproduces the smoke run's stage 1 loss for loss (stage 1 trains only the connector)
 #   errors    bad starts end with a message that names the problem
 set -u
-train=$1 export=$2 evaluate=$3 case=$4
+train=$1 export=$2 evaluate=$3 case=$4 generate=${5:-} spm_train=${6:-}
 fail() { echo "FAIL [$case]: $*"; exit 1; }
 work=pretrained_$case
 rm -rf "$work"
@@ -66,6 +69,51 @@ release)
   echo "$out" | grep -q "assumed" && fail "the vision tower was guessed, not read: $out"
   echo "$out" | grep -q "stage 3: finished at step 5/5" || fail "stage 3 did not finish: $out"
   "$evaluate" --checkpoint "$work/run/stage3" --quiet | grep -q "expert load" || fail "cumo_eval of the run failed"
+  # cumo_generate prompts the export as it prompts the run it came from: the byte tokenizer and the run's template
+  # come from config.json, "<image>" is the byte tokenizer's id 259 (image_token_index), not one past the vocabulary
+  [ -n "$generate" ] || fail "no cumo_generate given"
+  grep -q '"cumo_tokenizer": "byte"' "$work/release/config.json" || fail "the export does not name its tokenizer"
+  grep -q '"image_token_index": 259' "$work/release/config.json" || fail "the export does not name its image id"
+  for q in "what colour is the circle?" "how many shapes are there?"; do
+    want=$("$generate" --checkpoint run/stage3 --image data/images/eval_000000.png --prompt "$q" \
+             --max-new-tokens 8 2>/dev/null) || fail "cumo_generate on the run failed"
+    got=$("$generate" --checkpoint "$work/release" --image data/images/eval_000000.png --prompt "$q" \
+            --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the release failed: $(cat "$work/gen_err.txt")"
+    [ "$got" = "$want" ] || fail "the release answers '$got', the run '$want' ('$q')"
+  done
+  ;;
+sentencepiece)
+  [ -n "$generate" ] && [ -n "$spm_train" ] || fail "cumo_generate and cumo_test_spm_train are needed"
+  python3 - data "$work/corpus.txt" <<'PY' || fail "no corpus"
+import json, pathlib, sys
+lines = [c["value"].replace("<image>", "").strip() for f in pathlib.Path(sys.argv[1]).glob("stage*.json")
+         for r in json.load(open(f)) for c in r["conversations"]]
+open(sys.argv[2], "w").write("\n".join(l for l in lines if l) + "\n")
+PY
+  mkdir -p "$work/sp"
+  "$spm_train" "$work/corpus.txt" "$work/sp" 120 || fail "training the tokenizer failed"
+  python3 - tiny.json "$work/tiny_sp.json" "$work/sp/tokenizer.model" "$work/run" <<'PY' || fail "no config"
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["data"]["tokenizer"] = sys.argv[3]
+c["out"] = sys.argv[4]
+json.dump(c, open(sys.argv[2], "w"))
+PY
+  out=$("$train" --config "$work/tiny_sp.json" --quiet 2>&1) || fail "the run on tokenizer.model failed: $out"
+  "$export" --checkpoint "$work/run/stage3" --out "$work/release" --layout release || fail "export failed"
+  cmp -s "$work/sp/tokenizer.model" "$work/release/tokenizer.model" || fail "the export has not the run's tokenizer.model"
+  grep -q '"cumo_tokenizer"' "$work/release/config.json" && fail "the export names a tokenizer besides tokenizer.model"
+  n=0
+  for q in "what colour is the circle?" "how many shapes are there?"; do
+    want=$("$generate" --checkpoint "$work/run/stage3" --image data/images/eval_000000.png --prompt "$q" \
+             --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the run failed: $(cat "$work/gen_err.txt")"
+    got=$("$generate" --checkpoint "$work/release" --image data/images/eval_000000.png --prompt "$q" \
+            --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the release failed: $(cat "$work/gen_err.txt")"
+    [ "$got" = "$want" ] || fail "the release answers '$got', the run '$want' ('$q')"
+    grep -q "tokens/s" "$work/gen_err.txt" || fail "no tokens/s line: $(cat "$work/gen_err.txt")"
+    n=$((n + 1))
+  done
+  [ $n -eq 2 ] || fail "not every question was asked"
   ;;
 parts)
   "$export" --checkpoint run/stage1 --out "$work/parts" --layout llm+clip || fail "export failed"

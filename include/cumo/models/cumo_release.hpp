@@ -33,6 +33,10 @@ struct ReleaseConfig {
   bool sparse_vision = false;          // clip_smoe
   bool sparse_connector = false;       // mm_projector_type == "smoe_mlp"
   std::vector<std::string> notes;      // what was inferred from the tensors or assumed
+  // What a cumo_export of a cumo_train run adds (empty in SHI-Labs' releases, which ship tokenizer.model and use
+  // CuMo's mistral_instruct conversation): "cumo_tokenizer" ("byte": no tokenizer.model exists for it) and
+  // "cumo_chat_template" (the template the run trained on).
+  std::string tokenizer, chat_template;
 };
 
 namespace detail {
@@ -130,8 +134,22 @@ inline ReleaseConfig release_config(const nlohmann::json& j, const nlohmann::jso
   r.pad_to_square = aspect == "pad";
   CUMO_CHECK(!j.value("mm_use_im_start_end", false), where, ": mm_use_im_start_end is not supported");
   // The image placeholder: CuMo splices features in at id -200; here it is the first id past the vocabulary, the id
-  // io::SentencePieceTokenizer gives "<image>" (embed_multimodal never looks it up).
-  r.model.llava.image_token_id = r.model.llava.text.vocab;
+  // io::SentencePieceTokenizer gives "<image>" (embed_multimodal never looks it up) — unless the config names an id
+  // inside the vocabulary ("image_token_index", written by cumo_export for a byte-level run, whose "<image>" is id
+  // 259 of 260).
+  const std::int64_t vocab = r.model.llava.text.vocab;
+  r.model.llava.image_token_id = vocab;
+  if (j.contains("image_token_index")) {
+    const auto& id = j["image_token_index"];
+    CUMO_CHECK(id.is_number_integer() && id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() <= vocab, where,
+               ": image_token_index ", id.dump(), " is not an id in [0, vocab_size ", vocab, "]");
+    r.model.llava.image_token_id = id.get<std::int64_t>();
+  }
+  for (auto [key, field] : {std::pair{"cumo_tokenizer", &r.tokenizer}, std::pair{"cumo_chat_template", &r.chat_template}})
+    if (j.contains(key)) {
+      CUMO_CHECK(j[key].is_string(), where, ": ", key, " must be a string, not ", j[key].dump());
+      *field = j[key].get<std::string>();
+    }
   r.model.validate(where);
   return r;
 }
@@ -179,6 +197,7 @@ inline nlohmann::json release_config_json(const CuMoConfig& c, bool sparse_visio
   j["mm_vision_select_feature"] = "patch";
   j["image_aspect_ratio"] = pad_to_square ? "pad" : "square";
   j["mm_use_im_start_end"] = false;
+  if (c.llava.image_token_id != c.llava.text.vocab) j["image_token_index"] = c.llava.image_token_id;
   return j;
 }
 
