@@ -1,8 +1,11 @@
 #pragma once
 // Grouped GEMMs over expert-contiguous rows: group e is rows [offsets[e], offsets[e+1]) of the activations and
-// slice e of a stacked weight (E, N, K). Large groups run one after another, each product threaded inside
-// (Eigen/BLAS); many small groups (fine-grained experts) run one group per thread instead, since a small product
-// cannot use two cores well.
+// slice e of a stacked weight (E, N, K). Groups run one per thread (dynamic schedule) when there are at least two
+// per thread to balance, or when each is too small to thread (fine-grained experts); otherwise (few large groups,
+// many threads) one after another, each product threaded inside. A product of an expert's few rows threads badly:
+// the library splits its weight's columns, every thread packs its share for those rows and they meet at a barrier.
+// One GEMM call computes every element the same way whichever thread runs it, so the results do not depend on the
+// choice (the demo's checkpoints are bitwise the same either way at 1 and 2 threads).
 #include <cstdint>
 #include <vector>
 
@@ -18,15 +21,19 @@ template <class F>
 void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops_per_row, F&& f) {
   const std::int64_t E = std::int64_t(offsets.size()) - 1;
   const std::int64_t rows = offsets.back();
-  // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores.
+  // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores whatever the
+  // group count; with ≥ 2 groups per thread it wins at every size measured (bench_moe_cpu on 2 threads, oneDNN:
+  // fine-grained 64 × 33 MFLOP groups 26.3 → 22.8 ms, Mixtral-like 8 × 470 MFLOP 62 → 53 ms, 8 × 3.8 GFLOP at
+  // T = 2048 339 → 311 ms; the demo's step 41.7 → 40.1 ms).
 #if defined(CUMO_CPU_BLAS)
   // A threaded BLAS (OpenBLAS's pthread build) inside our OpenMP threads would oversubscribe the cores: let the
   // BLAS thread every product and run the groups in order.
-  const bool small_groups = false;
+  const bool per_thread = false;
 #else
-  const bool small_groups = E > 1 && rows * flops_per_row / E < (std::int64_t(4) << 20);
+  const bool per_thread =
+      E > 1 && (E >= 2 * std::int64_t(max_threads()) || rows * flops_per_row / E < (std::int64_t(4) << 20));
 #endif
-  if (small_groups)
+  if (per_thread)
     parallel_for_dynamic(E, [&](std::int64_t e) { f(e); }, rows * flops_per_row);
   else
     for (std::int64_t e = 0; e < E; ++e) f(e);

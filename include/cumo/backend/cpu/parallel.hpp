@@ -27,6 +27,15 @@ inline bool in_parallel() {
 #endif
 }
 
+// The threads a parallel_for here would use (1 without OpenMP).
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 template <class F>
 inline void parallel_for(std::int64_t n, F&& f, std::int64_t cost = 1) {
 #if defined(_OPENMP)
