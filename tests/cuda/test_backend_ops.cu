@@ -398,8 +398,8 @@ TEST_CASE("linear family on instances with allow_tf32 and dense_bf16 matches the
 }
 
 // Weights held in bf16 / f16 for inference (ParameterStorage) with f32 activations: the GPU rounds x to the weight's
-// dtype for its tensor cores, the CPU widens the weight and keeps x in fp32 below 32 rows (and rounds x as the GPU
-// does from 32 rows): kReduced covers x's rounding. The embedding widens each element exactly on both: bitwise.
+// dtype for its tensor cores, the CPU widens the weight and keeps x in fp32 below 32 rows or for f16 (and rounds x
+// as the GPU does for bf16 from 32 rows): kReduced covers x's rounding. The embedding widens each element exactly on both: bitwise.
 TEST_CASE("bf16 / f16 weights with f32 activations (inference): linear matches Cpu (3e-2), embedding widens bitwise") {
   Rng rng(g_seed + __LINE__);
   for (DType dt : {DType::bf16, DType::f16}) {

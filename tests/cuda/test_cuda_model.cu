@@ -73,7 +73,7 @@ TEST_CASE("cuda KV-cache decoding and CuMo::generate on the GPU match the CPU") 
   compare_cached_decode<Cuda>(rng, kF32);
 }
 // bf16 / f16 weights for inference: the GPU rounds the activations to the weight's dtype for every product, the CPU
-// only from 32 rows (below that it widens the weight and keeps the activations in fp32), and the GPU rounds the
+// only for bf16 weights from 32 rows (otherwise it widens the weight and keeps the activations in fp32), and the GPU rounds the
 // expert biases too: the two differ by bf16's (f16's) rounding of the operands, kBf16 as for dense_bf16 (f16 keeps 11
 // bits: the same bound holds with room).
 TEST_CASE("cuda inference with bf16 and f16 weights matches the CPU with the same weights (prefill, decode steps)") {

@@ -17,8 +17,12 @@
 namespace cumo::cpu {
 
 namespace detail {
+// bf16_products: the groups' products may run on oneDNN's bf16 matmul (bf16 weights, ≥ 32 rows; widened_product),
+// which only runs outside a parallel region and threads itself: large groups then stay one after another, as they
+// always did (also keeping bf16 inference's rounding independent of the thread count).
 template <class F>
-void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops_per_row, F&& f) {
+void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops_per_row, F&& f,
+                    bool bf16_products = false) {
   const std::int64_t E = std::int64_t(offsets.size()) - 1;
   const std::int64_t rows = offsets.back();
   // ~4 MFLOP per group is where one-thread-per-group starts beating a threaded product on 2 cores whatever the
@@ -29,9 +33,10 @@ void for_each_group(const std::vector<std::int64_t>& offsets, std::int64_t flops
   // A threaded BLAS (OpenBLAS's pthread build) inside our OpenMP threads would oversubscribe the cores: let the
   // BLAS thread every product and run the groups in order.
   const bool per_thread = false;
+  (void)bf16_products;
 #else
-  const bool per_thread =
-      E > 1 && (E >= 2 * std::int64_t(max_threads()) || rows * flops_per_row / E < (std::int64_t(4) << 20));
+  const bool many = !bf16_products && E >= 2 * std::int64_t(max_threads());
+  const bool per_thread = E > 1 && (many || rows * flops_per_row / E < (std::int64_t(4) << 20));
 #endif
   if (per_thread)
     parallel_for_dynamic(E, [&](std::int64_t e) { f(e); }, rows * flops_per_row);
@@ -62,7 +67,7 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
     else
       widened_product(A + r0 * K, K, n, K, Wn + std::size_t(e * N * K) * size_of(w.dtype()), w.dtype(), N, K, beta,
                       C + r0 * N, N);
-  });
+  }, /*bf16_products=*/w.dtype() == DType::bf16);
 }
 
 // dA[g] (n_g, K) = dC[g] (n_g, N) · W[e] (N, K)   (input gradient)

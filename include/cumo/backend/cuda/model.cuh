@@ -161,8 +161,10 @@ inline void expect_f32_matrix(const char* where, const char* name, const Tensor&
 // ---- nn::Linear -----------------------------------------------------------------------------------------------------
 // x (N, in), w (out, in), b (out,) or null → y (N, out), all f32 — or w in bf16/f16, a weight held in its checkpoint
 // dtype for inference (ParameterStorage): then x is rounded to w's dtype in a workspace copy and the product runs on
-// the tensor cores with fp32 accumulation and an fp32 y, as the CPU's bf16 products do from 32 rows (below that the
-// CPU widens w and keeps x in fp32, so the two backends differ by x's rounding: within bf16's tolerance). Training
+// the tensor cores with fp32 accumulation and an fp32 y, as the CPU's products with bf16 weights do from 32 rows
+// (with fewer rows, f16 weights, or experts run one per thread, the CPU widens w and keeps x in fp32, so the two
+// backends differ by x's rounding: within bf16's tolerance; f16 can also overflow x beyond 65504, as PyTorch's
+// fp16 does, where the CPU would not). Training
 // keeps fp32 weights: the backward refuses these.
 inline void dense_linear(const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y, const Options& o = {},
                          Workspace* ws = nullptr) {
