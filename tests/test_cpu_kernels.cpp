@@ -11,6 +11,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "cumo/backend/cpu.hpp"
 #include "cumo/core.hpp"
 
@@ -286,4 +290,61 @@ TEST_CASE("cpu add_column_sums: register-blocked column sums equal the row-order
       CHECK(out == ref);
     }
   }
+}
+
+// grouped_gemm.hpp runs the groups one per thread when there are two per thread, else one after another with each
+// product threaded (and always one per thread on one thread): that choice depends on the thread count, so the
+// products must not — every element of a GEMM call is computed the same way whichever thread runs it. Groups of
+// 64 … 520 rows, work above the 4-MFLOP rule: 4 groups take the threaded-products path at 4 threads and the
+// per-thread path at 1 and 2; 8 groups the per-thread path at 1, 2, 4 and the threaded one at 8.
+TEST_CASE("cpu grouped_linear: forward, input and weight gradients are bitwise the same at 1, 2, 4 and 8 threads") {
+#if defined(_OPENMP)
+  Rng rng(23);
+  const std::int64_t N = 192, K = 256;
+  for (const std::vector<std::int64_t>& rows : {std::vector<std::int64_t>{520, 64, 300, 97},
+                                                std::vector<std::int64_t>{64, 130, 64, 200, 77, 64, 150, 90}}) {
+    const std::int64_t E = std::int64_t(rows.size());
+    std::vector<std::int64_t> off{0};
+    for (std::int64_t r : rows) off.push_back(off.back() + r);
+    const std::int64_t T = off.back();
+    const Tensor a = randn({T, K}, rng), w = randn({E, N, K}, rng, 0.1f), bias = randn({E, N}, rng);
+    const Tensor dc = randn({T, N}, rng);
+    struct Out {
+      Tensor c, da, dw, db;
+    };
+    auto run = [&](int threads) {
+      const int before = omp_get_max_threads();
+      omp_set_num_threads(threads);
+      Out o{Tensor::empty({T, N}), Tensor::empty({T, K}), Tensor::zeros({E, N, K}), Tensor::zeros({E, N})};
+      cpu::grouped_linear(a, w, &bias, off, o.c);
+      cpu::grouped_linear_dinput(dc, w, off, o.da);
+      cpu::grouped_linear_dweight(dc, a, off, o.dw, &o.db);
+      omp_set_num_threads(before);
+      return o;
+    };
+    const Out one = run(1);
+    // the forward against a double reference (fp32 products of K = 256 terms)
+    std::vector<double> ref(std::size_t(T * N));
+    for (std::int64_t e = 0; e < E; ++e)
+      for (std::int64_t i = off[std::size_t(e)]; i < off[std::size_t(e) + 1]; ++i)
+        for (std::int64_t j = 0; j < N; ++j) {
+          double s = bias.data<float>()[e * N + j];
+          for (std::int64_t k = 0; k < K; ++k)
+            s += double(a.data<float>()[i * K + k]) * w.data<float>()[(e * N + j) * K + k];
+          ref[std::size_t(i * N + j)] = s;
+        }
+    CHECK(rel_max(one.c.data<float>(), ref) < 1e-5);
+    for (int threads : {2, 4, 8}) {
+      CAPTURE(E);
+      CAPTURE(threads);
+      const Out o = run(threads);
+      CHECK(bitwise_equal(o.c, one.c));
+      CHECK(bitwise_equal(o.da, one.da));
+      CHECK(bitwise_equal(o.dw, one.dw));
+      CHECK(bitwise_equal(o.db, one.db));
+    }
+  }
+#else
+  MESSAGE("built without OpenMP: one thread only, nothing to compare");
+#endif
 }
