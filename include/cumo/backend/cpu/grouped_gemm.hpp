@@ -4,8 +4,10 @@
 // per thread to balance, or when each is too small to thread (fine-grained experts); otherwise (few large groups,
 // many threads) one after another, each product threaded inside. A product of an expert's few rows threads badly:
 // the library splits its weight's columns, every thread packs its share for those rows and they meet at a barrier.
-// One GEMM call computes every element the same way whichever thread runs it, so the results do not depend on the
-// choice (the demo's checkpoints are bitwise the same either way at 1 and 2 threads).
+// With oneDNN's sgemm a GEMM call computes every element the same way whichever threads run it, so the results do not
+// depend on the choice (the demo's checkpoints are bitwise the same either way at 1 and 2 threads; test_cpu_kernels).
+// Eigen's own kernel picks its blocking from the thread count: a product it threads may round differently from the
+// same product on one thread, with or without this schedule.
 #include <cstdint>
 #include <vector>
 
