@@ -15,9 +15,7 @@
 //              tower: vision_model.…, CLIPVisionConfig); the connector is not written. Dense CLIP only.
 // Every file is written atomically; OUT must be new or empty unless --overwrite.
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -28,6 +26,7 @@
 #include "cumo/io/checkpoint_hf.hpp"
 #include "cumo/io/files.hpp"
 #include "cumo/io/safetensors_write.hpp"
+#include "cumo/io/tokenizer.hpp"
 #include "cumo/models/cumo_release.hpp"
 
 namespace {
@@ -94,15 +93,11 @@ int run(const Args& a) {
     // What cumo_generate needs to prompt the release as the run was trained: its conversation template, and its
     // tokenizer — tokenizer.model beside the weights, as a release ships it, or the byte tokenizer by name.
     config["cumo_chat_template"] = run.eval_template;
-    if (run.tokenizer.empty() || run.tokenizer == "byte") {
+    if (io::is_byte_tokenizer(run.tokenizer)) {
       config["cumo_tokenizer"] = "byte";
     } else {
-      fs::path model_file(run.tokenizer);
-      if (fs::is_directory(model_file)) model_file /= "tokenizer.model";
-      std::ifstream f(model_file, std::ios::binary);
-      CUMO_CHECK(f, "cannot read the run's tokenizer '", model_file.string(), "'");
-      const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      io::write_file_atomic((out / "tokenizer.model").string(), bytes, "tokenizer.model");
+      const auto bytes = io::read_file_bytes(io::tokenizer_model_file(run.tokenizer), "the run's tokenizer");
+      io::write_file_atomic((out / "tokenizer.model").string(), bytes.data(), bytes.size(), "tokenizer.model");
     }
     io::write_file_atomic((out / "config.json").string(), config.dump(2) + "\n", "config.json");
     // The release's config holds no CLIP sizes (its loader would infer them and assume the heads): the vision

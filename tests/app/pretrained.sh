@@ -33,6 +33,20 @@ same_rows() {  # $1 $2 metrics files, $3 stage
   [ "$a" = "$b" ] || fail "stage-$3 metrics differ: $1 vs $2:\n$a\n---\n$b"
 }
 
+# cumo_generate's greedy answers with checkpoint $1 (a run's) and $2 (its release export) to two questions: equal,
+# and the export's run ends with its tokens/s line.
+same_answers() {
+  local q want got
+  for q in "what colour is the circle?" "how many shapes are there?"; do
+    want=$("$generate" --checkpoint "$1" --image data/images/eval_000000.png --prompt "$q" --max-new-tokens 8 \
+             2>"$work/gen_err.txt") || fail "cumo_generate on $1 failed: $(cat "$work/gen_err.txt")"
+    got=$("$generate" --checkpoint "$2" --image data/images/eval_000000.png --prompt "$q" --max-new-tokens 8 \
+            2>"$work/gen_err.txt") || fail "cumo_generate on $2 failed: $(cat "$work/gen_err.txt")"
+    [ "$got" = "$want" ] || fail "$2 answers '$got', $1 '$want' ('$q')"
+    grep -q "tokens/s" "$work/gen_err.txt" || fail "no tokens/s line: $(cat "$work/gen_err.txt")"
+  done
+}
+
 case $case in
 llava)
   "$export" --checkpoint run/stage2 --out "$work/llava" --layout llava-hf || fail "export failed"
@@ -74,13 +88,7 @@ release)
   [ -n "$generate" ] || fail "no cumo_generate given"
   grep -q '"cumo_tokenizer": "byte"' "$work/release/config.json" || fail "the export does not name its tokenizer"
   grep -q '"image_token_index": 259' "$work/release/config.json" || fail "the export does not name its image id"
-  for q in "what colour is the circle?" "how many shapes are there?"; do
-    want=$("$generate" --checkpoint run/stage3 --image data/images/eval_000000.png --prompt "$q" \
-             --max-new-tokens 8 2>/dev/null) || fail "cumo_generate on the run failed"
-    got=$("$generate" --checkpoint "$work/release" --image data/images/eval_000000.png --prompt "$q" \
-            --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the release failed: $(cat "$work/gen_err.txt")"
-    [ "$got" = "$want" ] || fail "the release answers '$got', the run '$want' ('$q')"
-  done
+  same_answers run/stage3 "$work/release"
   ;;
 sentencepiece)
   [ -n "$generate" ] && [ -n "$spm_train" ] || fail "cumo_generate and cumo_test_spm_train are needed"
@@ -103,17 +111,7 @@ PY
   "$export" --checkpoint "$work/run/stage3" --out "$work/release" --layout release || fail "export failed"
   cmp -s "$work/sp/tokenizer.model" "$work/release/tokenizer.model" || fail "the export has not the run's tokenizer.model"
   grep -q '"cumo_tokenizer"' "$work/release/config.json" && fail "the export names a tokenizer besides tokenizer.model"
-  n=0
-  for q in "what colour is the circle?" "how many shapes are there?"; do
-    want=$("$generate" --checkpoint "$work/run/stage3" --image data/images/eval_000000.png --prompt "$q" \
-             --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the run failed: $(cat "$work/gen_err.txt")"
-    got=$("$generate" --checkpoint "$work/release" --image data/images/eval_000000.png --prompt "$q" \
-            --max-new-tokens 8 2>"$work/gen_err.txt") || fail "cumo_generate on the release failed: $(cat "$work/gen_err.txt")"
-    [ "$got" = "$want" ] || fail "the release answers '$got', the run '$want' ('$q')"
-    grep -q "tokens/s" "$work/gen_err.txt" || fail "no tokens/s line: $(cat "$work/gen_err.txt")"
-    n=$((n + 1))
-  done
-  [ $n -eq 2 ] || fail "not every question was asked"
+  same_answers "$work/run/stage3" "$work/release"
   ;;
 parts)
   "$export" --checkpoint run/stage1 --out "$work/parts" --layout llm+clip || fail "export failed"

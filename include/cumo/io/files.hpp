@@ -1,14 +1,17 @@
 #pragma once
-// Small file helpers every writer and reader of the project shares: atomic replacement (a crash leaves the old file
+// Small file helpers every writer and reader of the project shares: whole-file reads, atomic replacement (a crash leaves the old file
 // or the new one, never a truncated one), and the "regular files only" rule of every reader (a FIFO or a directory
 // in a file's place is refused with a message instead of hanging or failing obscurely).
 #include <cerrno>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "cumo/core/error.hpp"
 
@@ -29,6 +32,16 @@ inline void require_regular_file(const std::string& path, std::string_view where
   if (ec || !fs::exists(st)) fail(where, ": cannot open '", path, "': it does not exist");
   if (fs::is_directory(st)) fail(where, ": '", path, "' is a directory, not a file");
   if (!fs::is_regular_file(st)) fail(where, ": '", path, "' is not a regular file (a FIFO, socket or device)");
+}
+
+// The whole of a regular file (refused as require_regular_file refuses), naming `path` on any error.
+inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::string_view where) {
+  require_regular_file(path, where);
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(where, ": cannot open '", path, "': ", std::strerror(errno));
+  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) fail(where, ": read error on '", path, "'");
+  return bytes;
 }
 
 #if defined(__unix__) || defined(__APPLE__)

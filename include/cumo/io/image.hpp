@@ -83,18 +83,6 @@ struct Image {
 // ================================================================================================================
 // Decode / encode
 // ================================================================================================================
-namespace detail {
-inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::string_view where) {
-  require_regular_file(path, where);
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(where, ": cannot open '", path, "': ", std::strerror(errno));
-  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (f.bad()) fail(where, ": read error on '", path, "'");
-  return bytes;
-}
-
-}  // namespace detail
-
 // The largest image decode_image accepts: 64 Mpx (8192 x 8192; 192 MiB as RGB), far above any vision tower's input.
 inline constexpr std::int64_t kMaxImagePixels = std::int64_t(1) << 26;
 
@@ -132,7 +120,7 @@ inline Image decode_image(const std::vector<std::uint8_t>& bytes, const std::str
 // Loads a PNG/JPEG/BMP/TGA/GIF file. A missing, unreadable, truncated or non-image file throws cumo::Error naming
 // the path and stb's reason; it never crashes.
 inline Image load_image(const std::string& path, int channels = 3) {
-  const auto bytes = detail::read_file_bytes(path, "load_image");
+  const auto bytes = read_file_bytes(path, "load_image");
   return decode_image(bytes.data(), bytes.size(), path, channels);
 }
 

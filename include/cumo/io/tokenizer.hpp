@@ -251,13 +251,19 @@ inline namespace tokenizer_byte_only {
 // True when this translation unit can load SentencePiece models.
 inline constexpr bool has_sentencepiece() { return CUMO_HAS_SENTENCEPIECE != 0; }
 
+// Whether a tokenizer spec names the built-in byte tokenizer ("byte" or ""), and else the SentencePiece model file it
+// names: the path itself, or a directory's tokenizer.model.
+inline bool is_byte_tokenizer(const std::string& spec) { return spec.empty() || spec == "byte"; }
+inline std::string tokenizer_model_file(const std::string& spec) {
+  std::error_code ec;
+  return std::filesystem::is_directory(spec, ec) ? (std::filesystem::path(spec) / "tokenizer.model").string() : spec;
+}
+
 // "byte" (or "" ) → ByteTokenizer; anything else is a path to a SentencePiece `tokenizer.model` (a directory is
 // searched for tokenizer.model).
 inline std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
-  if (spec.empty() || spec == "byte") return std::make_unique<ByteTokenizer>();
-  std::string path = spec;
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) path = (std::filesystem::path(path) / "tokenizer.model").string();
+  if (is_byte_tokenizer(spec)) return std::make_unique<ByteTokenizer>();
+  const std::string path = tokenizer_model_file(spec);
 #if CUMO_HAS_SENTENCEPIECE
   return std::make_unique<SentencePieceTokenizer>(path);
 #else
