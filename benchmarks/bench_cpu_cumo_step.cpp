@@ -54,6 +54,7 @@ struct Step {
     Rng rng(r.seed);
     m.reset_parameters(rng);
     m.upcycle(rng);
+    m.set_logit_rows(models::CuMo<backend::Cpu>::LogitRows::loss);  // as cumo_train trains
     return m;
   }
   static train::AdamWOptions adamw(const app::StageConfig& s) {

@@ -31,6 +31,10 @@ for threads in 1 2; do
     # (OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else every core) is not torch.set_num_threads: pin both.
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
       --threads 1 --steps 20 | sed "s/^/[torch 1 x openblas $threads] /"
+    # The same trick as cumo's trainer (the last LLM layer and the head on the rows from the first label on only):
+    # what PyTorch gains from it, beside what cumo gains (docs/benchmarks.md).
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=$threads "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
+      --threads 1 --steps 20 --loss-rows | sed "s/^/[torch 1 x openblas $threads, loss rows] /"
     if [ "$threads" -gt 1 ]; then  # the other way to use the cores: torch's threads, single-threaded BLAS
       OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=1 "$PY" benchmarks/torch_cpu_cumo_step.py --config "$CONFIG" \
         --threads "$threads" --steps 20 | sed "s/^/[torch $threads x openblas 1] /"

@@ -5,7 +5,8 @@ loss and optimizer (benchmarks/cpu_step_vs_torch.sh runs both, alternating, at 1
 Plain PyTorch (Debian's python3-torch 1.13 has no transformers beside it), written as HF's CLIP / LLaVA / Mistral
 modules and CuMo's MoE blocks are:
   vision   Conv2d patches (no bias) + CLS + positions, pre-LayerNorm, L-1 pre-LN encoder layers (features from
-           hidden state -2, so the last layer is not run: cumo does not run it either), every MLP
+           hidden state -2, so the last layer is not run here; cumo runs its attention and router, whose aux
+           losses CuMo counts, but not its experts: this side does a little less work), every MLP
            (fc1, quick_gelu, fc2) a top-k-of-E MoE; CLS dropped
   connector  MLP-MoE: E experts of Linear, GELU, Linear, top-k
   LLM      Mistral: embeddings with the image features at the image tokens, RMSNorm, RoPE, GQA causal attention,
@@ -16,6 +17,9 @@ modules and CuMo's MoE blocks are:
   step     zero_grad, forward, backward, clip_grad_norm_(max_grad_norm), AdamW (foreach)
 
   python3 benchmarks/torch_cpu_cumo_step.py [--config configs/demo.json] [--threads 1] [--steps 20] [--warmup 3]
+                                           [--loss-rows]
+--loss-rows computes the last LLM layer's queries, FFN and the head only on the rows from the first labelled one on,
+as cumo's trainer does (the same loss and gradients); without it every row's logits, as transformers computes them.
 """
 import argparse
 import json
@@ -110,16 +114,17 @@ class MistralLayer(nn.Module):
         self.gate, self.up = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
         self.down = nn.Linear(f, h, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, first=0):  # first > 0: the rows t >= first only (queries, FFN, output)
         B, T, H = x.shape
+        Tq = T - first
         a = self.n1(x)
-        q = rope(self.q(a).view(B, T, self.heads, self.hd).transpose(1, 2), cos, sin)
+        q = rope(self.q(a[:, first:]).view(B, Tq, self.heads, self.hd).transpose(1, 2), cos[first:], sin[first:])
         k = rope(self.k(a).view(B, T, self.kv, self.hd).transpose(1, 2), cos, sin)
         v = self.v(a).view(B, T, self.kv, self.hd).transpose(1, 2)
         rep = self.heads // self.kv
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        s = (q @ k.transpose(-1, -2)) * self.hd ** -0.5 + mask
-        x = x + self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+        s = (q @ k.transpose(-1, -2)) * self.hd ** -0.5 + mask[first:]
+        x = x[:, first:] + self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, Tq, -1))
         a = self.n2(x)
         return x + self.down(F.silu(self.gate(a)) * self.up(a))
 
@@ -144,7 +149,7 @@ class CuMo(nn.Module):
         self.norm, self.head = RMSNorm(ht), nn.Linear(ht, vocab, bias=False)
         self.theta, self.hd = t.get("rope_theta", 10000.0), ht // t["heads"]
 
-    def forward(self, ids, labels, pixels, balance_coef, z_coef):
+    def forward(self, ids, labels, pixels, balance_coef, z_coef, first=0):
         B, T = ids.shape
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls.expand(B, 1, -1), x), 1) + self.pos
@@ -162,10 +167,10 @@ class CuMo(nn.Module):
         ang = torch.arange(T).float()[:, None] * inv[None]
         cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
         mask = torch.full((T, T), float("-inf")).triu(1)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
-        logits = self.head(self.norm(h))
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, first if i + 1 == len(self.layers) else 0)
+        logits = self.head(self.norm(h))  # (B, T - first, V): row t predicts label t + 1
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, first + 1:].reshape(-1),
                              ignore_index=-100)
         return ce + balance_coef * (torch.stack(bal).mean() + pb) + z_coef * (torch.stack(z).mean() + pz)
 
@@ -178,6 +183,9 @@ def main():
     ap.add_argument("--labelled", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--loss-rows", action="store_true",
+                    help="the last LLM layer and the head on the rows from the first labelled one on only, as cumo "
+                         "trains (DecoderLM::set_logit_rows); default: every row, as transformers computes them")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -195,11 +203,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=st.get("lr", 1e-3), weight_decay=st.get("weight_decay", 0.0),
                             foreach=True)
     clip = st.get("max_grad_norm", 1.0)
+    first = T - a.labelled - 1 if a.loss_rows else 0  # the first row whose next token is labelled
     bc, zc = m.get("balance_coef", 0.1), m.get("z_coef", 0.01)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(ids, labels, pixels, bc, zc)
+        loss = model(ids, labels, pixels, bc, zc, first)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -213,7 +222,7 @@ def main():
         loss = step()
         ms.append(1e3 * (time.perf_counter() - t0))
     params = sum(p.numel() for p in model.parameters())
-    print(f"torch eager {torch.__version__} threads {a.threads}  params {params / 1e6:.2f}M  B {B} T {T}  "
+    print(f"torch eager {torch.__version__}{' (loss rows)' if a.loss_rows else ''} threads {a.threads}  params {params / 1e6:.2f}M  B {B} T {T}  "
           f"step median {statistics.median(ms):.2f} ms (min {min(ms):.2f})  loss {loss:.3f}")
 
 

@@ -2,6 +2,8 @@
 // reference, the upcycling invariant, determinism, capacity drops, per-image losses, and bad input.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <string>
 
@@ -154,6 +156,52 @@ TEST_CASE("determinism: two forward+backward runs are bitwise equal") {
   };
   const auto a = run(), b = run();
   for (std::size_t i = 0; i < a.size(); ++i) CHECK(bitwise_equal(a[i], b[i]));
+}
+
+TEST_CASE("routing only: forward_routing + backward_routing give the aux losses, load and gradients of forward + "
+          "backward of a zero dy, without the experts") {
+  // Values compare with == (a signed zero of the full path's zero rows may differ; nothing else may).
+  auto same = [](const Tensor& a, const Tensor& b) {
+    REQUIRE(a.shape() == b.shape());
+    for (std::int64_t i = 0; i < a.numel(); ++i)
+      if (!(a.data<float>()[i] == b.data<float>()[i])) return false;
+    return true;
+  };
+  for (bool renormalize : {true, false}) {
+    CAPTURE(renormalize);
+    Rng rng(43);
+    SparseMoEOptions o;
+    o.renormalize = renormalize;
+    ClipMoE moe(16, 32, 4, o);
+    moe.reset_parameters(rng);
+    const Tensor x = randn({60, 16}, rng);
+    const AuxLossWeights aux{0.1f, 0.01f};
+
+    moe.zero_grad();
+    const auto full = moe.forward(x, {.segments = 3});
+    const ExpertLoad load_full = moe.load();
+    const Tensor dx_full = moe.backward(Tensor::zeros({60, 16}), aux);
+    std::vector<Tensor> g_full;
+    for (Parameter* p : moe.parameters()) g_full.push_back(p->grad.clone());
+
+    moe.zero_grad();
+    const AuxLosses a = moe.forward_routing(x, {.segments = 3});
+    CHECK(moe.load().tokens == load_full.tokens);
+    CHECK_THROWS_AS(moe.backward(Tensor::zeros({60, 16}), aux), Error);  // a routing-only forward has no experts' part
+    moe.forward_routing(x, {.segments = 3});
+    const Tensor dx = moe.backward_routing(aux);
+    CHECK(same(a.balance_top1, full.aux.balance_top1));
+    CHECK(same(a.z, full.aux.z));
+    CHECK(same(dx, dx_full));
+    const ParameterList ps = moe.parameters();
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      CAPTURE(ps[i]->name);
+      CHECK(same(ps[i]->grad, g_full[i]));  // the experts' are zero on both paths, the router's the aux losses'
+    }
+    float largest = 0.f;
+    for (std::int64_t i = 0; i < dx.numel(); ++i) largest = std::max(largest, std::abs(dx.data<float>()[i]));
+    CHECK(largest > 0.f);  // the aux losses do reach x
+  }
 }
 
 TEST_CASE("load: every forward reports tokens per expert and max/mean") {

@@ -1,6 +1,10 @@
 // Central-difference gradient checks of every nn layer's backward (see nn_test_util.hpp for the error budget).
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
 #include "cumo/nn.hpp"
 #include "nn_test_util.hpp"
 
@@ -84,6 +88,28 @@ TEST_CASE("nn gradcheck: causal GQA attention with RoPE, q/k/v biases and a padd
   const std::vector<std::uint8_t> valid{0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0};  // left pad in seq 0, right pad in seq 1
   check_layer(p, random_tensor({2 * 6, 16}, rng), [&](const Tensor& x) { return a.forward(x, 2, 6, &valid); },
               [&](const Tensor& d) { return a.backward(d); }, rng);
+}
+
+TEST_CASE("nn gradcheck: causal attention with the queries of the last rows only (first_query > 0)") {
+  // Rows t >= 4 of each sequence are queries, every row a key: the output is (B*(T − 4), hidden) and the input's
+  // gradient reaches the earlier rows through the keys and values only.
+  Rng rng(25);
+  nn::Attention<> a("self_attn", nn::AttentionConfig{16, 4, 2, 6, true, false, true, 10000.0, "o_proj"});
+  ParameterList p;
+  a.collect(p);
+  randomize(p, rng, 0.4f);
+  const std::vector<std::uint8_t> valid{0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};  // left pad, right pad
+  const auto layout = nn::TokenLayout::make(backend::Cpu{}, 2, 7, &valid);
+  const Tensor x = random_tensor({2 * 7, 16}, rng);
+  CHECK(a.forward(x, layout, 4).shape() == Shape{2 * 3, 16});
+  check_layer(p, x, [&](const Tensor& in) { return a.forward(in, layout, 4); },
+              [&](const Tensor& d) { return a.backward(d); }, rng);
+  // The rows computed are the full layer's rows t >= 4 (the same math; GEMMs over fewer rows may round apart).
+  const Tensor full = a.forward(x, layout).clone(), last = a.forward(x, layout, 4);
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t t = 4; t < 7; ++t)
+      for (std::int64_t j = 0; j < 16; ++j)
+        CHECK(last.at<float>(b * 3 + t - 4, j) == doctest::Approx(full.at<float>(b * 7 + t, j)).epsilon(1e-5));
 }
 
 TEST_CASE("nn gradcheck: dense MLP (quick_gelu), SwiGLU MLP, and the sparse FeedForward slot") {
@@ -207,6 +233,113 @@ TEST_CASE("nn gradcheck: the LM head's backward over the supervised rows only (a
   for (std::int64_t r : {0, 1, 2, 3}) CHECK(dx.at<float>(r, 0) != 0.f);  // every row still gets its gradient
   m.backward_embeddings(dx);
   gradcheck(targets_of(params), [&] { return m.forward(ids, 2, 8, &labels).loss; });
+}
+
+TEST_CASE("nn gradcheck: DecoderLM with LogitRows::loss (the last layer and the head from the first target row "
+          "on) gives the loss and gradients of every row's logits") {
+  for (const std::string kind : {"mistral", "qwen2", "mixtral"}) {
+    CAPTURE(kind);
+    Rng rng(27);
+    nn::DecoderConfig c;
+    c.model_type = kind;
+    c.vocab = 11, c.hidden = 8, c.layers = 2, c.heads = 2, c.kv_heads = 1, c.head_dim = 4, c.ffn = 12;
+    c.qkv_bias = c.tie_embeddings = kind == "qwen2";
+    if (kind == "mixtral") c.experts = 4, c.top_k = 2, c.aux_coef = 0.5;
+    nn::DecoderLM<> m(c);
+    const auto params = m.parameters();
+    randomize(params, rng, 0.5f);
+    // Targets from row 4 of sequence 0 and row 5 of sequence 1 on (labels shifted by one); sequence 1 right-padded.
+    const std::vector<std::int64_t> ids{1, 5, 7, 2, 10, 0, 3, 3, 9, 4, 6, 8, 2, 1, 0, 5};
+    std::vector<std::int64_t> labels(ids.size(), -100);
+    for (std::size_t t : {5u, 6u, 7u, 14u}) labels[t] = ids[t];
+    const std::vector<std::uint8_t> valid{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};
+
+    auto run = [&](nn::DecoderLM<>::LogitRows rows, std::vector<Tensor>* grads) {
+      m.set_logit_rows(rows);
+      zero_grad(params);
+      const auto out = m.forward(ids, 2, 8, &labels, &valid);
+      m.backward_all();
+      if (grads)
+        for (Parameter* p : params) grads->push_back(p->grad.clone());
+      return out;
+    };
+    std::vector<Tensor> g_all, g_loss;
+    const auto all = run(nn::DecoderLM<>::LogitRows::all, &g_all);
+    const auto out = run(nn::DecoderLM<>::LogitRows::loss, &g_loss);
+    // A sparse last layer keeps every row (its router's aux loss counts them all).
+    const std::int64_t from = c.experts > 0 ? 0 : 4;
+    CHECK(out.logits_from == from);
+    CHECK(out.logits.shape() == Shape{2 * (8 - from), 11});
+    CHECK(all.logits_from == 0);
+    CHECK(out.targets == all.targets);
+    CHECK(out.loss == doctest::Approx(all.loss).epsilon(1e-6));
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      CAPTURE(params[i]->name);
+      double num = 0, den = 0;
+      for (std::int64_t j = 0; j < g_all[i].numel(); ++j) {
+        const double d = double(g_loss[i].data<float>()[j]) - g_all[i].data<float>()[j];
+        num += d * d;
+        den += double(g_all[i].data<float>()[j]) * g_all[i].data<float>()[j];
+      }
+      CHECK(std::sqrt(num) <= 1e-5 * std::max(1.0, std::sqrt(den)));
+    }
+    // And against finite differences of the loss itself, where the mode skips rows (Mixtral's runs every row, the
+    // path the test above checks; its top-2 routing flips under these perturbations, which differences cannot follow).
+    if (from == 0) continue;
+    run(nn::DecoderLM<>::LogitRows::loss, nullptr);
+    gradcheck(targets_of(params), [&] { return m.forward(ids, 2, 8, &labels, &valid).loss; });
+  }
+}
+
+TEST_CASE("CLIP tower, top_read = false: the unread top layer runs its routing only, with the same features, aux "
+          "losses, loads and gradients") {
+  // Layers 0-1 give the features (feature_layer -2), layer 2 runs for its aux losses only (training).
+  auto same = [](const Tensor& a, const Tensor& b) {  // == per element: a signed zero may differ, nothing else
+    REQUIRE(a.shape() == b.shape());
+    for (std::int64_t i = 0; i < a.numel(); ++i)
+      if (!(a.data<float>()[i] == b.data<float>()[i])) return false;
+    return true;
+  };
+  nn::VisionConfig c;
+  c.hidden = 8, c.layers = 3, c.heads = 2, c.ffn = 16, c.image_size = 8, c.patch_size = 4;
+  for (bool sparse_top : {true, false}) {
+    CAPTURE(sparse_top);
+    Rng rng(29);
+    nn::ClipVision<> m(c);
+    for (std::size_t l = 0; l < 3; ++l)
+      if (sparse_top || l < 2) m.layers[l].mlp.upcycle(4, 2, rng);
+    const auto params = m.parameters();
+    randomize(params, rng);
+    const Tensor px = random_tensor({2, 3, 8, 8}, rng);
+    const AuxLossWeights aux{0.1f, 0.01f};
+    auto run = [&](bool top_read, std::vector<Tensor>& grads) {
+      zero_grad(params);
+      const auto out = m.forward(px, /*all_layers=*/true, /*keep_activations=*/true, top_read);
+      const Tensor features = out.features.clone();
+      const auto losses = m.aux_losses();
+      const auto loads = m.loads();
+      m.backward(features, aux);  // any gradient on the features
+      for (Parameter* p : params) grads.push_back(p->grad.clone());
+      return std::tuple{features, losses, loads, out.hidden_states.size()};
+    };
+    std::vector<Tensor> g_read, g_unread;
+    const auto [f_read, aux_read, load_read, hs_read] = run(true, g_read);
+    const auto [f_unread, aux_unread, load_unread, hs_unread] = run(false, g_unread);
+    CHECK(hs_read == 4);
+    CHECK(hs_unread == 3);  // the top layer's output was not computed
+    CHECK(same(f_unread, f_read));
+    REQUIRE(aux_unread.size() == aux_read.size());
+    CHECK(aux_read.size() == (sparse_top ? 3u : 2u));
+    for (std::size_t l = 0; l < aux_read.size(); ++l) {
+      CHECK(same(aux_unread[l].balance_top1, aux_read[l].balance_top1));
+      CHECK(same(aux_unread[l].z, aux_read[l].z));
+      CHECK(load_unread[l].tokens == load_read[l].tokens);
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      CAPTURE(params[i]->name);
+      CHECK(same(g_unread[i], g_read[i]));
+    }
+  }
 }
 
 TEST_CASE("nn gradcheck: connector and the LLaVA composition") {

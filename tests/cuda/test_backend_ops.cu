@@ -589,6 +589,7 @@ struct AttnCase {
   const char* name;
   std::int64_t B, T, H, G, D;
   bool causal, mask;
+  std::int64_t Tq = 0;  // > 0: queries at the last Tq positions only (a last layer under a loss on them), else T
 };
 
 // Padding keys: right padding of random length per sequence; sequence 1 also loses its first key (with causal
@@ -605,22 +606,22 @@ std::vector<std::int32_t> padding_mask(std::int64_t B, std::int64_t T, Rng& rng)
 
 void check_attention(const AttnCase& c, Rng& rng) {
   CAPTURE(c.name);
-  const std::int64_t B = c.B, T = c.T, H = c.H, G = c.G, D = c.D;
-  const backend::AttentionShape shape{B, T, 0, 0, H, G, D, c.causal};
-  const Tensor q = randn({B * T, H * D}, rng), k = randn({B * T, G * D}, rng), v = randn({B * T, G * D}, rng);
-  const Tensor dout = randn({B * T, H * D}, rng);
+  const std::int64_t B = c.B, T = c.T, H = c.H, G = c.G, D = c.D, Tq = c.Tq > 0 ? c.Tq : c.T;
+  const backend::AttentionShape shape{B, Tq, T, 0, H, G, D, c.causal};
+  const Tensor q = randn({B * Tq, H * D}, rng), k = randn({B * T, G * D}, rng), v = randn({B * T, G * D}, rng);
+  const Tensor dout = randn({B * Tq, H * D}, rng);
   const std::vector<std::int32_t> valid = c.mask ? padding_mask(B, T, rng) : std::vector<std::int32_t>{};
   const auto r = check_op("attention", kF32, [&](const auto& be) -> Outs {
     const Tensor qb = in(be, q), kb = in(be, k), vb = in(be, v), db = in(be, dout);
     const Tensor mask = c.mask ? be.upload_i32(valid) : Tensor();
     const Tensor* kv_valid = c.mask ? &mask : nullptr;
-    Tensor out = poison(be, {B * T, H * D}), saved;  // saved: the backend's own layout, never compared
+    Tensor out = poison(be, {B * Tq, H * D}), saved;  // saved: the backend's own layout, never compared
     be.attention_forward(qb, kb, vb, kv_valid, shape, out, &saved);
-    Tensor out_inf = poison(be, {B * T, H * D});
+    Tensor out_inf = poison(be, {B * Tq, H * D});
     be.attention_forward(qb, kb, vb, kv_valid, shape, out_inf, nullptr);  // inference: nothing saved
-    Tensor dq = poison(be, {B * T, H * D}), dk = poison(be, {B * T, G * D}), dv = poison(be, {B * T, G * D});
+    Tensor dq = poison(be, {B * Tq, H * D}), dk = poison(be, {B * T, G * D}), dv = poison(be, {B * T, G * D});
     be.attention_backward(qb, kb, vb, kv_valid, out, saved, db, shape, dq, dk, dv);
-    Tensor dq2 = poison(be, {B * T, H * D}), dk2 = poison(be, {B * T, G * D}), dv2 = poison(be, {B * T, G * D});
+    Tensor dq2 = poison(be, {B * Tq, H * D}), dk2 = poison(be, {B * T, G * D}), dv2 = poison(be, {B * T, G * D});
     be.attention_backward(qb, kb, vb, kv_valid, out, saved, db, shape, dq2, dk2, dv2);
     return {{"out", out}, {"out (saved = null)", out_inf}, {"dq", dq}, {"dk", dk}, {"dv", dv},
             {"dq (again)", dq2}, {"dk (again)", dk2}, {"dv (again)", dv2}};
@@ -637,7 +638,7 @@ void check_attention(const AttnCase& c, Rng& rng) {
 }  // namespace
 
 TEST_CASE("attention_forward/backward: Cuda matches Cpu (causal and bidirectional, GQA 4/2 and 4/1, padding keys, "
-          "head_dim 16..256, B 1..3; 1e-5)") {
+          "head_dim 16..256, B 1..3, queries at the last rows only; 1e-5)") {
   Rng rng(g_seed + __LINE__);
   const AttnCase cases[] = {
       {"causal GQA 4/2, D 16, padding", 2, 37, 4, 2, 16, true, true},
@@ -650,6 +651,9 @@ TEST_CASE("attention_forward/backward: Cuda matches Cpu (causal and bidirectiona
       {"bidirectional 2 heads, D 80 (not a power of two)", 1, 33, 2, 2, 80, false, false},
       {"causal MQA 2/1, D 128", 2, 70, 2, 1, 128, true, false},
       {"causal 1 head, D 256 (above 48 KiB of shared memory), padding", 2, 40, 1, 1, 256, true, true},
+      // training with the queries of the last rows only (DecoderLM::set_logit_rows): q_len < kv_len, packed keys
+      {"causal GQA 4/2, D 16, the last 9 of 37 queries, padding", 2, 37, 4, 2, 16, true, true, 9},
+      {"causal MQA 4/1, D 64, the last 70 of 130 queries", 1, 130, 4, 1, 64, true, false, 70},
   };
   for (const AttnCase& c : cases) check_attention(c, rng);
 }

@@ -145,8 +145,10 @@ std::string nonfinite_term(const Model& model, const Out& o) {
       const float* z = logits.template data<float>();
       for (std::int64_t i = 0; i < logits.numel(); ++i)
         if (!std::isfinite(z[i]))
-          return "the cross-entropy (the LM's logits hold " + std::to_string(z[i]) + " at token " +
-                 std::to_string(i / logits.size(-1)) + ")";
+          return "the cross-entropy (the LM's logits hold " + std::to_string(z[i]) + " at logit row " +
+                 std::to_string(i / logits.size(-1)) +
+                 (o.logits_from > 0 ? " of the rows t >= " + std::to_string(o.logits_from) + " of each sequence"
+                                    : std::string()) + ")";
     }
     return "the cross-entropy";
   }
@@ -209,6 +211,14 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   const std::string tag = "stage " + std::to_string(sc.stage);
+  // The loss needs the language model's last layer and head on the rows from the first answer token on only
+  // (CuMo::set_logit_rows); the model gives every row's logits again when the stage returns.
+  struct LogitRowsScope {
+    Model& m;
+    typename Model::LogitRows was = m.logit_rows();
+    ~LogitRowsScope() { m.set_logit_rows(was); }
+  } logit_rows_scope{model};
+  model.set_logit_rows(Model::LogitRows::loss);
 
   std::vector<train::ParamGroup> groups = stage_groups(model, sc);
   std::size_t grouped = 0;

@@ -180,8 +180,16 @@ class CuMo {
   bool connector_is_sparse() const { return m_.projector.mlp.is_sparse(); }
 
   // ---- forward / backward ---------------------------------------------------------------------------------
+  // Training's logits: LogitRows::loss computes the language model's last layer and head only from the batch's first
+  // row with a target on (nn::DecoderLM::set_logit_rows; the same loss and gradients, fewer rows). The trainers set
+  // it; the default (all) gives every row's logits, as transformers does.
+  using LogitRows = typename nn::DecoderLM<Backend>::LogitRows;
+  void set_logit_rows(LogitRows r) { m_.language_model.set_logit_rows(r); }
+  LogitRows logit_rows() const { return m_.language_model.logit_rows(); }
+
   struct Output {
-    Tensor logits;  // (B*T, V)
+    Tensor logits;  // (B*(T − logits_from), V): rows t >= logits_from of each sequence
+    std::int64_t logits_from = 0;  // > 0 only under set_logit_rows(LogitRows::loss)
     double ce = 0;      // the language model's mean CE over the counted targets
     double lm_aux = 0;  // a Mixtral decoder's HF load-balancing loss (0 for Mistral / Qwen2), unweighted
     double total = 0;   // ce + router_aux_loss_coef·lm_aux
@@ -204,6 +212,7 @@ class CuMo {
     const auto lm = m_.forward(ids, B, T, pixels, labels, key_valid);
     Output out;
     out.logits = lm.logits;
+    out.logits_from = lm.logits_from;
     out.ce = lm.ce;
     out.lm_aux = lm.aux;
     out.targets = lm.targets;

@@ -151,45 +151,12 @@ class SparseMoE {
 
   // ---- forward ----------------------------------------------------------------------------------------------
   Output forward(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
-    constexpr const char* where = "SparseMoE::forward";
-    check_device(where, "x", x, Backend::device);
-    const DType io = detail::activation_dtype<Backend>(where, "x", x);  // y comes back in x's dtype
-    CUMO_CHECK(x.dim() == 2, where, ": x has shape ", x.shape(), " but expected (tokens, ", hidden(), ")");
-    CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
-               hidden());
-    const std::int64_t T = x.size(0);
-    // Sharded experts: a rank with no tokens (a data-parallel rank's empty share) still serves its experts to the
-    // others, so it must take part in the exchange.
-    CUMO_CHECK(T > 0 || ep_, where, ": x has shape ", x.shape(), " — zero tokens");
-    CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
-               args.segments, " equal segments (images)");
-    const Tensor xc = io == DType::f32 ? x.contiguous() : x.to(DType::f32);  // the block computes in fp32
-    if (options_.check_finite)
-      CUMO_CHECK(be_.all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
-
-    const int E = num_experts(), K = top_k();
-    saved_ = {};
-    saved_.segments = args.segments;
-    saved_.x = xc;
-    router_.forward(be_, xc, args.training, rng, saved_.router);  // (T, E), (T, K)
-
+    const auto [xc, io] = route("SparseMoE::forward", x, args, rng);
+    const std::int64_t T = xc.size(0);
+    const int K = top_k();
     Output out;
-    out.aux = new_aux();
-    if (T > 0)  // (no tokens, no loss: the aux losses stay 0)
-      be_.aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, out.aux);
-
-    DispatchPlan& plan = saved_.plan;
-    plan.tokens = T;
-    plan.experts = E;
-    plan.top_k = K;
-    plan.capacity = capacity(T);
-    plan.demand = be_.empty({E}, DType::i32);
-    plan.counts = be_.empty({E}, DType::i32);
-    plan.offsets = be_.empty({E + 1}, DType::i32);
-    plan.row_of_slot = be_.empty({T * K}, DType::i32);
-    plan.slot_of_row = be_.empty({T * K}, DType::i32);
-    be_.make_plan(saved_.router.topk_idx, plan);
-
+    out.aux = saved_.aux;
+    const DispatchPlan& plan = saved_.plan;
     saved_.xs = be_.empty({T * K, hidden()});
     saved_.out = be_.empty({T * K, out_features()});
     be_.gather_rows(xc, plan, saved_.xs);                                  // (rows, H)
@@ -209,6 +176,24 @@ class SparseMoE {
     return out;
   }
 
+  // ---- routing only ----------------------------------------------------------------------------------------
+  // The router, its aux losses and the dispatch plan (for load()) of x, without the experts: for a block whose
+  // output nobody reads but whose aux losses count (CuMo's CLIP layer above the feature layer, which HF runs).
+  // backward_routing() then gives d x of the aux losses: what backward() of a zero dy gives, bit for bit, without
+  // the experts' products (on zero rows) or the exchange of rows (no expert runs, so no rank sends any).
+  AuxLosses forward_routing(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
+    route("SparseMoE::forward_routing", x, args, rng);
+    saved_.routing_only = true;
+    return saved_.aux;
+  }
+  Tensor backward_routing(AuxLossWeights aux = {}) {
+    constexpr const char* where = "SparseMoE::backward_routing";
+    CUMO_CHECK(saved_.valid && saved_.routing_only, where, ": no saved forward_routing (one backward per forward)");
+    Tensor dx = be_.zeros({saved_.plan.tokens, hidden()});  // (T, H)
+    router_backward(nullptr, aux, nullptr, dx);
+    return saved_.io == DType::f32 ? dx : dx.to(saved_.io);
+  }
+
   // ---- backward ---------------------------------------------------------------------------------------------
   // dy (T, O) = d objective / d y; `aux` = the coefficients of the balance and z losses in the objective.
   // router_dlogits (T, E), optional: d objective / d router logits of a loss the caller computed from
@@ -216,7 +201,8 @@ class SparseMoE {
   // Accumulates every parameter gradient and returns d objective / d x (T, H).
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}, const Tensor* router_dlogits = nullptr) {
     constexpr const char* where = "SparseMoE::backward";
-    CUMO_CHECK(saved_.valid, where, ": no saved forward (call forward first; one backward per forward)");
+    CUMO_CHECK(saved_.valid && !saved_.routing_only, where, ": no saved forward (call forward first; one backward "
+               "per forward; after forward_routing, backward_routing)");
     check_device(where, "dy", dy, Backend::device);
     const DType io = detail::activation_dtype<Backend>(where, "dy", dy);  // dx comes back in dy's dtype
     CUMO_CHECK(dy.dim() == 2 && dy.size(0) == saved_.plan.tokens && dy.size(1) == out_features(), where,
@@ -250,22 +236,7 @@ class SparseMoE {
     Tensor dx = be_.zeros({T, H});
     be_.scatter_add_rows(dxs, plan, dx);  // (T, H)
 
-    // router: top-k weights → probs (+ balance) → logits (+ z, + the caller's) → weight and input
-    Tensor dprobs = be_.zeros({T, E});
-    Tensor dlogits = be_.zeros({T, E});
-    if (T == 0) {  // a sharded block's rank without tokens: nothing of its own to differentiate
-      release_activations();
-      return io == DType::f32 ? dx : dx.to(io);
-    }
-    be_.topk_weights_backward(r.probs, r.topk_idx, r.topk_w, dw, options_.renormalize, dprobs);
-    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
-                            AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
-    be_.softmax_backward(r.probs, dprobs, dlogits);  // (T, E)
-    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
-                            AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
-    if (router_dlogits) be_.add(dlogits, *router_dlogits, dlogits);
-    router_.backward(be_, r, dlogits, dx);  // (E, H), (T, H)
-    release_activations();
+    router_backward(&dw, aux, router_dlogits, dx);
     return io == DType::f32 ? dx : dx.to(io);
   }
 
@@ -303,6 +274,73 @@ class SparseMoE {
 
  private:
   AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
+
+  // The routing both forwards share: checks x, the router (logits, probs, top-k), this call's aux losses and the
+  // dispatch plan, all kept in saved_. Returns x in fp32, contiguous, and x's dtype.
+  std::pair<Tensor, DType> route(const char* where, const Tensor& x, ForwardArgs args, Rng* rng) {
+    check_device(where, "x", x, Backend::device);
+    const DType io = detail::activation_dtype<Backend>(where, "x", x);  // y comes back in x's dtype
+    CUMO_CHECK(x.dim() == 2, where, ": x has shape ", x.shape(), " but expected (tokens, ", hidden(), ")");
+    CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
+               hidden());
+    const std::int64_t T = x.size(0);
+    // Sharded experts: a rank with no tokens (a data-parallel rank's empty share) still serves its experts to the
+    // others, so it must take part in the exchange.
+    CUMO_CHECK(T > 0 || ep_, where, ": x has shape ", x.shape(), " — zero tokens");
+    CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
+               args.segments, " equal segments (images)");
+    const Tensor xc = io == DType::f32 ? x.contiguous() : x.to(DType::f32);  // the block computes in fp32
+    if (options_.check_finite)
+      CUMO_CHECK(be_.all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
+
+    const int E = num_experts(), K = top_k();
+    saved_ = {};
+    saved_.segments = args.segments;
+    saved_.io = io;
+    saved_.x = xc;
+    router_.forward(be_, xc, args.training, rng, saved_.router);  // (T, E), (T, K)
+    saved_.aux = new_aux();
+    if (T > 0)  // (no tokens, no loss: the aux losses stay 0)
+      be_.aux_losses(saved_.router.logits, saved_.router.probs, saved_.router.topk_idx, args.segments, saved_.aux);
+
+    DispatchPlan& plan = saved_.plan;
+    plan.tokens = T;
+    plan.experts = E;
+    plan.top_k = K;
+    plan.capacity = capacity(T);
+    plan.demand = be_.empty({E}, DType::i32);
+    plan.counts = be_.empty({E}, DType::i32);
+    plan.offsets = be_.empty({E + 1}, DType::i32);
+    plan.row_of_slot = be_.empty({T * K}, DType::i32);
+    plan.slot_of_row = be_.empty({T * K}, DType::i32);
+    be_.make_plan(saved_.router.topk_idx, plan);
+    saved_.valid = true;
+    return {xc, io};
+  }
+
+  // The router's part of the backward, into dx (T, H): d top-k weights (dw (T, K); null when the experts' outputs
+  // were not read: its gradient is then zero) → probs (+ balance) → logits (+ z, + the caller's router_dlogits) →
+  // the router weight's gradient and dx +=. Releases the activations.
+  void router_backward(const Tensor* dw, AuxLossWeights aux, const Tensor* router_dlogits, Tensor& dx) {
+    const RouterOutput& r = saved_.router;
+    const std::int64_t T = saved_.plan.tokens;
+    const int E = num_experts();
+    Tensor dprobs = be_.zeros({T, E});
+    Tensor dlogits = be_.zeros({T, E});
+    if (T == 0) {  // a sharded block's rank without tokens: nothing of its own to differentiate
+      release_activations();
+      return;
+    }
+    if (dw) be_.topk_weights_backward(r.probs, r.topk_idx, r.topk_w, *dw, options_.renormalize, dprobs);
+    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                            AuxLossWeights{aux.balance, 0.f}, dprobs, dlogits);
+    be_.softmax_backward(r.probs, dprobs, dlogits);  // (T, E)
+    be_.aux_losses_backward(r.logits, r.probs, r.topk_idx, saved_.segments, options_.balance,
+                            AuxLossWeights{0.f, aux.z}, dprobs, dlogits);
+    if (router_dlogits) be_.add(dlogits, *router_dlogits, dlogits);
+    router_.backward(be_, r, dlogits, dx);  // (E, H), (T, H)
+    release_activations();
+  }
   // The experts' parameters are members: their addresses (which optimizers and parameter lists hold) stay, and so
   // do the names and trainable flags an owner gave them (FeedForward prefixes its name).
   void replace_experts(ExpertT other) {
@@ -316,7 +354,10 @@ class SparseMoE {
 
   struct Saved {
     bool valid = false;
+    bool routing_only = false;  // forward_routing: no expert ran
     std::int64_t segments = 1;
+    DType io = DType::f32;      // x's dtype
+    AuxLosses aux;              // of this forward
     Tensor x;
     RouterOutput router;
     DispatchPlan plan;

@@ -6,6 +6,7 @@
 // The core is the backend's attention_forward / attention_backward (backend/cpu/attention.hpp is the reference);
 // what it keeps for the backward is the backend's choice. A KV cache serves generation on any backend:
 // forward_cached() appends the new tokens' keys/values and attends over all of them.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -87,20 +88,29 @@ class Attention {
     o_proj.collect(out);
   }
 
-  // x (B*T, hidden) → (B*T, hidden), keeping what the backward needs.
-  Tensor forward(const Tensor& x, const TokenLayout& layout) {
+  // x (B*T, hidden) → (B*T, hidden), keeping what the backward needs. first_query > 0: only the queries at
+  // t >= first_query of each sequence are computed (they still attend to every key t' <= t), and the result is
+  // (B*(T − first_query), hidden): a model's last layer under a loss on the rows from first_query on needs no
+  // other row (DecoderLM::set_logit_rows).
+  Tensor forward(const Tensor& x, const TokenLayout& layout, std::int64_t first_query = 0) {
     constexpr const char* where = "Attention::forward";
     const Tensor xc = check_input(where, "x", x, cfg_.hidden, Backend::device);
     CUMO_CHECK(xc.size(0) == layout.B * layout.T, where, ": x has shape ", xc.shape(), " but B = ", layout.B,
                ", T = ", layout.T);
+    CUMO_CHECK(first_query >= 0 && first_query < std::max<std::int64_t>(layout.T, 1), where, ": first_query ",
+               first_query, " is outside the sequence of ", layout.T, " tokens");
     layout_ = layout;
-    q_ = q_proj.forward(xc);  // (B*T, heads*D)
+    first_query_ = first_query;
+    const std::int64_t Tq = layout.T - first_query;
+    q_positions_ = first_query == 0 ? layout.positions : TokenLayout::make(be_, layout.B, Tq, nullptr, first_query).positions;
+    q_ = q_proj.forward(first_query == 0 ? xc : rows_from(be_, xc, layout.B, layout.T, first_query));  // (B*Tq, heads*D)
     k_ = k_proj.forward(xc);  // (B*T, kv*D)
     v_ = v_proj.forward(xc);  // (B*T, kv*D)
-    rotate(q_, k_, layout.positions, /*inverse=*/false);
-    ctx_ = be_.empty({xc.size(0), cfg_.heads * cfg_.head_dim});  // (B*T, heads*D)
-    be_.attention_forward(q_, k_, v_, layout.mask(), shape(layout.B, layout.T, layout.T, layout.T), ctx_, &saved_);
-    return o_proj.forward(ctx_);  // (B*T, hidden)
+    rotate(q_, q_positions_, cfg_.heads, /*inverse=*/false);
+    rotate(k_, layout.positions, cfg_.kv_heads, /*inverse=*/false);
+    ctx_ = be_.empty({layout.B * Tq, cfg_.heads * cfg_.head_dim});  // (B*Tq, heads*D)
+    be_.attention_forward(q_, k_, v_, layout.mask(), shape(layout.B, Tq, layout.T, layout.T), ctx_, &saved_);
+    return o_proj.forward(ctx_);  // (B*Tq, hidden)
   }
   void release_activations() {  // drops what forward() saved
     q_ = k_ = v_ = ctx_ = saved_ = Tensor();
@@ -111,20 +121,37 @@ class Attention {
     return forward(x, TokenLayout::make(be_, B, T, key_valid));
   }
 
-  // dy (B*T, hidden) → dx (B*T, hidden); every projection's gradient accumulates.
+  // dy (B*Tq, hidden) → dx (B*T, hidden); every projection's gradient accumulates. Tq = T − first_query of the
+  // forward: the rows before it get the keys' and values' gradient only.
   Tensor backward(const Tensor& dy) {
     CUMO_CHECK(saved_.defined(), "Attention::backward: no saved forward");
-    const std::int64_t N = q_.size(0), ldq = cfg_.heads * cfg_.head_dim, ldk = cfg_.kv_heads * cfg_.head_dim;
-    const Tensor dctx = o_proj.backward(dy);  // (B*T, heads*D)
-    Tensor dq = be_.empty({N, ldq}), dk = be_.empty({N, ldk}), dv = be_.empty({N, ldk});
-    be_.attention_backward(q_, k_, v_, layout_.mask(), ctx_, saved_, dctx,
-                           shape(layout_.B, layout_.T, layout_.T, layout_.T), dq, dk, dv);
-    rotate(dq, dk, layout_.positions, /*inverse=*/true);
-    Tensor dx = q_proj.backward(dq);
+    const std::int64_t B = layout_.B, T = layout_.T, Tq = T - first_query_;
+    const std::int64_t ldq = cfg_.heads * cfg_.head_dim, ldk = cfg_.kv_heads * cfg_.head_dim;
+    const Tensor dctx = o_proj.backward(dy);  // (B*Tq, heads*D)
+    Tensor dq = be_.empty({B * Tq, ldq}), dk = be_.empty({B * T, ldk}), dv = be_.empty({B * T, ldk});
+    be_.attention_backward(q_, k_, v_, layout_.mask(), ctx_, saved_, dctx, shape(B, Tq, T, T), dq, dk, dv);
+    rotate(dq, q_positions_, cfg_.heads, /*inverse=*/true);
+    rotate(dk, layout_.positions, cfg_.kv_heads, /*inverse=*/true);
+    Tensor dx;  // (B*T, hidden): the queries' part first, then the keys' and values', as in the full layer
+    if (first_query_ == 0) {
+      dx = q_proj.backward(dq);
+    } else {
+      dx = be_.zeros({B * T, cfg_.hidden});
+      const std::int64_t H = cfg_.hidden;
+      be_.copy_blocks(q_proj.backward(dq), 0, Tq * H, dx, first_query_ * H, T * H, Tq * H, B);
+    }
     add_(be_, dx, k_proj.backward(dk));
     add_(be_, dx, v_proj.backward(dv));
     saved_ = Tensor();
     return dx;
+  }
+
+  // Rows t >= first of each of the B sequences of T rows of x (B*T, W) → (B*(T − first), W).
+  static Tensor rows_from(const Backend& be, const Tensor& x, std::int64_t B, std::int64_t T, std::int64_t first) {
+    const std::int64_t W = x.size(1), Tq = T - first;
+    Tensor out = be.empty({B * Tq, W});  // (B*Tq, W)
+    be.copy_blocks(x, first * W, T * W, out, 0, Tq * W, Tq * W, B);
+    return out;
   }
 
   // ---- generation ---------------------------------------------------------------------------------------------
@@ -147,7 +174,9 @@ class Attention {
                key_valid ? key_valid->size() : 0, " entries, expected B * (cached + new) = ", B * S);
     const std::int64_t C = cache.k.size(1);
     Tensor q = q_proj.apply(xc), k = k_proj.apply(xc), v = v_proj.apply(xc);  // (B*t, ·)
-    rotate(q, k, TokenLayout::make(be_, B, t, nullptr, past).positions, /*inverse=*/false);
+    const Tensor positions = TokenLayout::make(be_, B, t, nullptr, past).positions;
+    rotate(q, positions, cfg_.heads, /*inverse=*/false);
+    rotate(k, positions, cfg_.kv_heads, /*inverse=*/false);
     Tensor ck = cache.k.view({B * C, W}), cv = cache.v.view({B * C, W});
     be_.copy_blocks(k, 0, t * W, ck, past * W, C * W, t * W, B);  // rows past … S − 1 of each sequence
     be_.copy_blocks(v, 0, t * W, cv, past * W, C * W, t * W, B);
@@ -163,18 +192,19 @@ class Attention {
   backend::AttentionShape shape(std::int64_t B, std::int64_t Tq, std::int64_t S, std::int64_t stride) const {
     return {B, Tq, S, stride, cfg_.heads, cfg_.kv_heads, cfg_.head_dim, cfg_.causal};
   }
-  // RoPE on q and k (in place), or its inverse on their gradients; nothing without a rotary embedding.
-  void rotate(Tensor& q, Tensor& k, const Tensor& positions, bool inverse) const {
-    if (!inv_freq_.defined()) return;
-    be_.rope(q, positions, inv_freq_, cfg_.heads, inverse, q);
-    be_.rope(k, positions, inv_freq_, cfg_.kv_heads, inverse, k);
+  // RoPE on q or k (in place) at `positions`, or its inverse on their gradients; nothing without a rotary
+  // embedding.
+  void rotate(Tensor& x, const Tensor& positions, std::int64_t heads, bool inverse) const {
+    if (inv_freq_.defined()) be_.rope(x, positions, inv_freq_, heads, inverse, x);
   }
 
   AttentionConfig cfg_;
   [[no_unique_address]] Backend be_;
   Tensor inv_freq_;           // (D/2,) θ_i on the backend; undefined without RoPE
   TokenLayout layout_;        // of the last forward
-  Tensor q_, k_, v_, ctx_;    // (B*T, H*D) after RoPE, (B*T, G*D) ×2, (B*T, H*D)
+  std::int64_t first_query_ = 0;
+  Tensor q_positions_;        // (B*Tq,) i32: the queries' RoPE positions
+  Tensor q_, k_, v_, ctx_;    // (B*Tq, H*D) after RoPE, (B*T, G*D) ×2, (B*Tq, H*D)
   Tensor saved_;              // the backend's attention state for the backward
 };
 

@@ -9,6 +9,7 @@
 // Mixtral's aux loss, as HF computes it: router logits of ALL layers concatenated, E · Σ_e f_e P_e with f_e the
 // share of all k slots (over all layers' tokens) that chose e and P_e the mean probability — one loss over the
 // concatenation, not a mean of per-layer losses, so its gradient couples the layers through f.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -176,16 +177,27 @@ class DecoderLayer {
     mlp.collect(out);
   }
   // x (B*T, H) → (B*T, H), keeping what backward() needs. ffn: the sparse FFN's aux-loss segments.
-  Tensor forward(const Tensor& x, const TokenLayout& layout, ForwardArgs ffn = {}) {
-    Tensor h = add(be_, x, self_attn.forward(input_layernorm.forward(x), layout));
+  // first_row > 0: only the rows t >= first_row of each sequence are computed, (B*(T − first_row), H) — their
+  // attention still reads every earlier row's key and value (DecoderLM::set_logit_rows: the last layer under a
+  // loss on those rows).
+  Tensor forward(const Tensor& x, const TokenLayout& layout, ForwardArgs ffn = {}, std::int64_t first_row = 0) {
+    first_row_ = first_row;
+    B_ = layout.B;
+    T_ = layout.T;
+    const Tensor a = self_attn.forward(input_layernorm.forward(x), layout, first_row);  // (B*Tq, H)
+    Tensor h = add(be_, first_row == 0 ? x : Attention<Backend>::rows_from(be_, x, layout.B, layout.T, first_row), a);
     return add(be_, h, mlp.forward(post_attention_layernorm.forward(h), ffn));
   }
-  // aux: coefficients of a sparse FFN's own balance / z losses; router_dlogits (N, E): an extra gradient on its
-  // router logits (HF Mixtral's loss over all layers).
+  // dy (B*Tq, H) → dx (B*T, H). aux: coefficients of a sparse FFN's own balance / z losses; router_dlogits (N, E):
+  // an extra gradient on its router logits (HF Mixtral's loss over all layers).
   Tensor backward(const Tensor& dy, AuxLossWeights aux = {}, const Tensor* router_dlogits = nullptr) {
     const Tensor dffn_in = mlp.backward(dy, aux, router_dlogits);
-    Tensor dh = add(be_, dy, post_attention_layernorm.backward(dffn_in));
-    return add(be_, dh, input_layernorm.backward(self_attn.backward(dh)));
+    Tensor dh = add(be_, dy, post_attention_layernorm.backward(dffn_in));  // (B*Tq, H)
+    Tensor dx = input_layernorm.backward(self_attn.backward(dh));          // (B*T, H)
+    if (first_row_ == 0) return add(be_, dh, dx);
+    const std::int64_t H = dx.size(1), Tq = T_ - first_row_;
+    be_.add_blocks(dh, 0, Tq * H, dx, first_row_ * H, T_ * H, Tq * H, B_);  // the residual, on the rows it had
+    return dx;
   }
   // x (B*t, H) of t new tokens per sequence → (B*t, H), appending to `cache`; keeps nothing for a backward.
   Tensor infer(const Tensor& x, std::int64_t B, std::int64_t t, KVCache& cache,
@@ -196,6 +208,7 @@ class DecoderLayer {
 
  private:
   [[no_unique_address]] Backend be_;
+  std::int64_t first_row_ = 0, B_ = 0, T_ = 0;  // of the last forward
 };
 
 template <backend::Backend Backend = backend::Cpu>
@@ -248,12 +261,23 @@ class DecoderLM {
   }
 
   struct Output {
-    Tensor logits;       // (B*T, V)
+    Tensor logits;       // (B*(T − logits_from), V): rows t >= logits_from of each sequence
+    std::int64_t logits_from = 0;  // 0 unless set_logit_rows(LogitRows::loss) skipped rows without a target
     double loss = 0;     // ce + aux_coef · aux (what backward() differentiates)
     double ce = 0;       // mean CE over the counted targets
     double aux = 0;      // HF load_balancing_loss_func over all sparse layers (0 when dense)
     std::int64_t targets = 0;
   };
+
+  // Which rows a forward with labels computes logits for. all (the default): every row, as HF does. loss: training
+  // needs only the rows from the first one with a target on: the last layer computes its queries, FFN, the final
+  // norm and the head only for rows t >= t0 of each sequence, t0 the earliest row with a target in the batch (the
+  // loss and every gradient are the same function; the GEMMs run on fewer rows). A supervised answer after the
+  // image and the prompt is a few rows of each sequence (8 of 116 in the demo's stage 3). Kept at `all` when the
+  // last FFN is sparse: its router's aux loss counts every token.
+  enum class LogitRows { all, loss };
+  void set_logit_rows(LogitRows r) { logit_rows_ = r; }
+  LogitRows logit_rows() const { return logit_rows_; }
 
   // ids (B*T) → embeddings (B*T, H); the ids are kept for backward_embeddings().
   Tensor embed(const std::vector<std::int64_t>& ids) { return embed_tokens.forward(ids); }
@@ -266,13 +290,25 @@ class DecoderLM {
     CUMO_CHECK(h.size(0) == B * T, where, ": inputs_embeds has shape ", h.shape(), " but B = ", B, ", T = ", T);
     CUMO_CHECK(!labels || std::int64_t(labels->size()) == B * T, where, ": ", labels ? labels->size() : 0,
                " labels for ", B * T, " tokens");
-    hn_ = norm.forward(forward_layers(h, TokenLayout::make(be_, B, T, key_valid)));  // (B*T, H)
+    Tensor targets;  // (B*T,) host
     Output out;
-    out.logits = head(hn_);  // (B*T, V)
+    if (labels) {
+      targets = shifted_labels(*labels, B, T);
+      if (logit_rows_ == LogitRows::loss && !layers.empty() && !layers.back().mlp.is_sparse())
+        out.logits_from = first_target_row(targets, B, T);
+    }
+    const std::int64_t t0 = out.logits_from, Tq = T - t0;
+    hn_ = norm.forward(forward_layers(h, TokenLayout::make(be_, B, T, key_valid), 1, t0));  // (B*Tq, H)
+    out.logits = head(hn_);  // (B*Tq, V)
     dlogits_ = Tensor();
     if (labels) {
+      if (t0 > 0) {  // the targets of the rows computed
+        Tensor kept = Tensor::empty({B * Tq}, DType::i64);
+        for (std::int64_t b = 0; b < B; ++b)
+          std::copy_n(targets.data<std::int64_t>() + b * T + t0, Tq, kept.data<std::int64_t>() + b * Tq);
+        targets = kept;
+      }
       dlogits_ = be_.empty(out.logits.shape());
-      const Tensor targets = shifted_labels(*labels, B, T);  // (B*T,) host
       target_runs_ = runs_of_targets(targets);
       const auto r = be_.cross_entropy(out.logits, be_.upload(targets), &dlogits_);
       out.ce = r.loss;
@@ -308,9 +344,12 @@ class DecoderLM {
 
   // ---- the layer walk, once for every caller ------------------------------------------------------------------
   // Training: h (B*T, H) → the last layer's output, each layer keeping what its backward needs. segments: the
-  // sparse FFNs' aux-loss segments.
-  Tensor forward_layers(Tensor h, const TokenLayout& layout, std::int64_t segments = 1) {
-    for (auto& l : layers) h = l.forward(h, layout, ForwardArgs{segments, true});
+  // sparse FFNs' aux-loss segments. last_first_row > 0: the last layer computes the rows t >= last_first_row of
+  // each sequence only, (B*(T − last_first_row), H).
+  Tensor forward_layers(Tensor h, const TokenLayout& layout, std::int64_t segments = 1,
+                        std::int64_t last_first_row = 0) {
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      h = layers[l].forward(h, layout, ForwardArgs{segments, true}, l + 1 == layers.size() ? last_first_row : 0);
     return h;
   }
   // The backward of forward_layers: d last output → d h, from the top layer down. aux: each sparse FFN's own
@@ -435,6 +474,18 @@ class DecoderLM {
     }
     return runs;
   }
+  // The earliest t over the B sequences whose row has a target (shifted targets (B*T,)); 0 when none has one.
+  static std::int64_t first_target_row(const Tensor& targets, std::int64_t B, std::int64_t T) {
+    const std::int64_t* p = targets.data<std::int64_t>();
+    std::int64_t first = T;
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t t = 0; t < first; ++t)
+        if (p[b * T + t] != backend::kIgnoreIndex) {
+          first = t;
+          break;
+        }
+    return first == T ? 0 : first;
+  }
   static Tensor shifted_labels(const std::vector<std::int64_t>& labels, std::int64_t B, std::int64_t T) {
     Tensor y = Tensor::empty({B * T}, DType::i64);
     std::int64_t* p = y.data<std::int64_t>();
@@ -488,6 +539,7 @@ class DecoderLM {
   Tensor hn_, dlogits_;               // (N, H), (N, V)
   std::vector<std::pair<std::int64_t, std::int64_t>> target_runs_;  // rows with a target: {first, count}
   std::vector<Tensor> aux_dlogits_;   // per layer (N, E), unscaled; undefined for dense layers
+  LogitRows logit_rows_ = LogitRows::all;
 };
 
 }  // namespace cumo::nn

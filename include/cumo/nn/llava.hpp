@@ -105,10 +105,12 @@ class Llava {
 
   // pixels (images, C, S, S) on the host → image features (images·N, Hv), or (images·N, 2·Hv) with S². all_layers:
   // see ClipVision::forward (false stops at the feature layer: generation).
-  // keep_activations = false (inference): the tower drops each layer's saved activations as it goes.
-  Tensor encode_images(const Tensor& pixels, bool all_layers = true, bool keep_activations = true) {
-    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers, keep_activations)
-                          : vision_tower.forward(pixels, all_layers, keep_activations).features;
+  // keep_activations = false (inference): the tower drops each layer's saved activations as it goes. top_read =
+  // false: the top layer above the feature layer runs for its aux losses only (ClipVision::forward; training).
+  Tensor encode_images(const Tensor& pixels, bool all_layers = true, bool keep_activations = true,
+                       bool top_read = true) {
+    return cfg_.vision.s2 ? s2_.forward(vision_tower, pixels, all_layers, keep_activations, top_read)
+                          : vision_tower.forward(pixels, all_layers, keep_activations, top_read).features;
   }
   // d features → the vision tower's gradients (both S² passes). aux as ClipVision::backward.
   void encode_images_backward(const Tensor& dfeatures, AuxLossWeights aux = {}) {
@@ -149,7 +151,9 @@ class Llava {
       serve_image_experts_forward(training);  // sharded experts: the group's other ranks may have images
       return emb;
     }
-    const Tensor features = encode_images(pixels, /*all_layers=*/training, /*keep_activations=*/training);  // (images*N, Hv or 2·Hv)
+    // training: every CLIP layer's aux losses count, but only the features are read (top_read false)
+    const Tensor features = encode_images(pixels, /*all_layers=*/training, /*keep_activations=*/training,
+                                          /*top_read=*/!training);  // (images*N, Hv or 2·Hv)
     const Tensor proj = projector.forward(features, pixels.size(0), training);  // (images*N, Ht)
     CUMO_CHECK(proj.size(0) == n_img, where, ": the prompt has ", n_img, " image tokens (id ", cfg_.image_token_id,
                ") but the images give ", proj.size(0), " features (", pixels.size(0), " images × ",
@@ -260,9 +264,9 @@ class Llava {
   // With S² the tower serves both of its passes (S2Vision::serve_experts_*).
   void serve_image_experts_forward(bool training) {
     if (cfg_.vision.s2)
-      s2_.serve_experts_forward(vision_tower, /*all_layers=*/training);
+      s2_.serve_experts_forward(vision_tower, /*all_layers=*/training, /*top_read=*/!training);
     else
-      vision_tower.serve_experts_forward(/*all_layers=*/training);
+      vision_tower.serve_experts_forward(/*all_layers=*/training, /*top_read=*/!training);
     projector.mlp.serve_experts_forward(training);
   }
   void serve_image_experts_backward(AuxLossWeights vision_aux, AuxLossWeights projector_aux) {

@@ -180,6 +180,13 @@ class FeedForward {
     return dense().backward(dy);
   }
   const AuxLosses& last_aux() const { return aux_; }
+  // A sparse block whose output nobody reads: its routing and aux losses only (SparseMoE::forward_routing), and
+  // their gradient to x (backward_routing).
+  void forward_routing(const Tensor& x, ForwardArgs args = {}) {
+    CUMO_CHECK(is_sparse(), "FeedForward::forward_routing (", name_, "): a dense MLP has no routing");
+    aux_ = sparse().forward_routing(x, args);
+  }
+  Tensor backward_routing(AuxLossWeights aux = {}) { return sparse().backward_routing(aux); }
 
   // ---- expert parallelism of a sparse block (SparseMoE::shard_experts); a dense MLP has nothing to shard ------
   // Shards the experts over `group` and appends their parameters (now the local slices) to `sharded`.

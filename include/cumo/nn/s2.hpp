@@ -196,8 +196,10 @@ class S2Vision {
   static std::int64_t width(std::int64_t hidden) { return 2 * hidden; }
 
   // pixels (B, C, S, S) on the host → features (B·G², 2·Hv) = [1× | area-pooled n× tiles] on the tower's backend.
-  // all_layers as ClipVision::forward (true: every layer runs in both passes and every layer's aux losses count).
-  Tensor forward(ClipVision<Backend>& tower, const Tensor& pixels, bool all_layers = true, bool keep_activations = true) {
+  // all_layers, keep_activations and top_read as ClipVision::forward (all_layers true: every layer runs in both
+  // passes and every layer's aux losses count).
+  Tensor forward(ClipVision<Backend>& tower, const Tensor& pixels, bool all_layers = true, bool keep_activations = true,
+                 bool top_read = true) {
     constexpr const char* where = "S2Vision::forward";
     const VisionConfig& c = tower.config();
     const Backend& be = tower.backend();
@@ -206,11 +208,12 @@ class S2Vision {
     check_shape(where, "pixel_values", pixels, {-1, c.channels, c.image_size, c.image_size});
     const std::int64_t B = pixels.size(0), S = c.image_size, G = c.grid(), H = c.hidden, N = c.patches();
     B_ = B;
-    const Tensor f1 = tower.forward(pixels, all_layers, keep_activations).features;  // (B·N, H)
+    const Tensor f1 = tower.forward(pixels, all_layers, keep_activations, top_read).features;  // (B·N, H)
     const Tensor up = s2::bicubic_resize(pixels, n_ * S);           // (B, C, nS, nS) on the host
     tiles_.reset();
     tiles_.emplace(tower);                                          // shares the parameters' storage
-    const Tensor ft = tiles_->forward(s2::split_tiles(up, n_), all_layers, keep_activations).features;  // (n²B·N, H)
+    const Tensor ft =
+        tiles_->forward(s2::split_tiles(up, n_), all_layers, keep_activations, top_read).features;  // (n²B·N, H)
     Tensor f3 = be.empty({B * N, H});
     be.s2_pool_tiles(ft, B, G, n_, f3);  // (B·N, H)
     Tensor out = be.empty({B * N, 2 * H});
@@ -256,11 +259,11 @@ class S2Vision {
   // backward the way backward() runs them (1×, then n×, each with half the aux weights), so that the group's
   // exchanges pair up with those of the ranks that have images. Each pass keeps its own exchange state for its
   // backward, as on those ranks.
-  void serve_experts_forward(ClipVision<Backend>& tower, bool all_layers = true) {
-    tower.serve_experts_forward(all_layers);
+  void serve_experts_forward(ClipVision<Backend>& tower, bool all_layers = true, bool top_read = true) {
+    tower.serve_experts_forward(all_layers, top_read);
     tiles_.reset();
     tiles_.emplace(tower);
-    tiles_->serve_experts_forward(all_layers);
+    tiles_->serve_experts_forward(all_layers, top_read);
   }
   void serve_experts_backward(ClipVision<Backend>& tower, AuxLossWeights aux = {}) {
     CUMO_CHECK(tiles_.has_value(), "S2Vision::serve_experts_backward: no forward to serve");

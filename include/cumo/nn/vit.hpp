@@ -161,6 +161,17 @@ class ClipEncoderLayer {
     Tensor dh = add(be_, dy, layer_norm2.backward(mlp.backward(dy, aux)));
     return add(be_, dh, layer_norm1.backward(self_attn.backward(dh)));
   }
+  // A sparse layer whose output nobody reads (the top layer above the feature layer, in training): attention, the
+  // second norm and the router run for the aux losses, the experts do not (FeedForward::forward_routing).
+  // backward_routing gives d x of those aux losses: backward() of a zero dy, bit for bit.
+  void forward_routing(const Tensor& x, const TokenLayout& layout) {
+    const Tensor h = add(be_, x, self_attn.forward(layer_norm1.forward(x), layout));
+    mlp.forward_routing(layer_norm2.forward(h), ForwardArgs{layout.B, true});
+  }
+  Tensor backward_routing(AuxLossWeights aux = {}) {
+    const Tensor dh = layer_norm2.backward(mlp.backward_routing(aux));
+    return add(be_, dh, layer_norm1.backward(self_attn.backward(dh)));
+  }
 
  private:
   [[no_unique_address]] Backend be_;
@@ -218,7 +229,11 @@ class ClipVision {
   // The pixels are on the host for every backend (the data loader's batch): the patches are unfolded there and
   // go to the backend as one (B*N, C*P*P) matrix. keep_activations = false (inference): each layer drops what it
   // saved for the backward as soon as it has run, so the tower holds one layer's activations at a time, not all.
-  Output forward(const Tensor& pixels, bool all_layers = true, bool keep_activations = true) {
+  // top_read = false (training, with all_layers): nobody reads the top layer's output when it is above the feature
+  // layer, so a dense top layer does not run and a sparse one runs its routing only (ClipEncoderLayer::
+  // forward_routing: the aux losses and their gradients are the same, the experts' products are skipped);
+  // hidden_states then ends below it.
+  Output forward(const Tensor& pixels, bool all_layers = true, bool keep_activations = true, bool top_read = true) {
     constexpr const char* where = "ClipVision::forward";
     const VisionConfig& c = cfg_;
     check_dtype(where, "pixel_values", pixels, DType::f32);
@@ -249,9 +264,16 @@ class ClipVision {
     }
     const std::int64_t depth = all_layers ? c.layers : feature_depth();
     ran_ = depth;
+    routing_top_ = !top_read && unread_top_is_sparse(depth);
     for (std::int64_t l = 0; l < depth; ++l) {
-      out.hidden_states.push_back(layers[std::size_t(l)].forward(out.hidden_states.back(), layout));
-      if (!keep_activations) layers[std::size_t(l)].release_activations();
+      ClipEncoderLayer<Backend>& layer = layers[std::size_t(l)];
+      if (!top_read && l == depth - 1 && l >= feature_depth()) {  // the unread top layer
+        if (routing_top_) layer.forward_routing(out.hidden_states.back(), layout);
+        if (!keep_activations && routing_top_) layer.release_activations();
+        break;
+      }
+      out.hidden_states.push_back(layer.forward(out.hidden_states.back(), layout));
+      if (!keep_activations) layer.release_activations();
     }
     out.features = be_.empty({B * N, H});  // B blocks of N rows, past each CLS row
     be_.copy_blocks(out.hidden_states[std::size_t(feature_depth())], H, T * H, out.features, 0, N * H, N * H, B);
@@ -276,7 +298,10 @@ class ClipVision {
     Tensor dh = be_.zeros({B * T, H});  // d hidden_state_top
     for (std::int64_t l = top; l >= 0; --l) {
       if (l == fd) be_.add_blocks(df, 0, N * H, dh, H, T * H, N * H, B);  // the features' gradient, past each CLS row
-      if (l > 0) dh = layers[std::size_t(l - 1)].backward(dh, aux);
+      if (l > 0 && routing_top_ && l == ran_)  // the unread top layer: its aux losses' gradient only
+        dh = layers[std::size_t(l - 1)].backward_routing(aux);
+      else if (l > 0)
+        dh = layers[std::size_t(l - 1)].backward(dh, aux);
     }
     const Tensor demb = pre_layrnorm.backward(dh);  // (B*T, H)
     dpatch_ = be_.empty({B * N, H});
@@ -309,12 +334,16 @@ class ClipVision {
   bool experts_sharded() const { return layer_experts_sharded(layers); }
   // A rank without images in a batch: every sharded layer's block runs on zero tokens, in the order forward(…,
   // all_layers) and then backward(…, aux) call them on a rank with images, so that the group's exchanges pair up.
-  void serve_experts_forward(bool all_layers = true) {
+  // An unread top layer (top_read false) runs no expert on any rank: nothing to serve there.
+  void serve_experts_forward(bool all_layers = true, bool top_read = true) {
     ran_ = all_layers ? cfg_.layers : feature_depth();
-    for (std::int64_t l = 0; l < ran_; ++l) layers[std::size_t(l)].mlp.serve_experts_forward();
+    routing_top_ = !top_read && unread_top_is_sparse(ran_);
+    const std::int64_t served = !top_read && ran_ > feature_depth() ? ran_ - 1 : ran_;
+    for (std::int64_t l = 0; l < served; ++l) layers[std::size_t(l)].mlp.serve_experts_forward();
   }
   void serve_experts_backward(AuxLossWeights aux = {}) {
-    for (std::int64_t l = backward_top(aux); l > 0; --l) layers[std::size_t(l - 1)].mlp.serve_experts_backward(aux);
+    for (std::int64_t l = backward_top(aux); l > 0; --l)
+      if (!(routing_top_ && l == ran_)) layers[std::size_t(l - 1)].mlp.serve_experts_backward(aux);
   }
 
   // Aux losses of every sparse encoder layer in the last forward (empty when all are dense).
@@ -359,9 +388,15 @@ class ClipVision {
     return fd;
   }
 
+  // Whether the top layer of a forward that runs `depth` layers sits above the feature layer with a sparse MLP.
+  bool unread_top_is_sparse(std::int64_t depth) const {
+    return depth > feature_depth() && layers[std::size_t(depth - 1)].mlp.is_sparse();
+  }
+
   VisionConfig cfg_;
   [[no_unique_address]] Backend be_;
   std::int64_t B_ = 0, ran_ = 0;
+  bool routing_top_ = false;  // the last forward ran its top layer's routing only
   Tensor cols_;    // (B*N, C*P*P) unfolded patches, on the backend
   Tensor dpatch_;  // (B*N, H) d patch embeddings of the last backward
 };
