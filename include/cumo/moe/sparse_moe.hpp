@@ -184,6 +184,7 @@ class SparseMoE {
   AuxLosses forward_routing(const Tensor& x, ForwardArgs args = {}, Rng* rng = nullptr) {
     route("SparseMoE::forward_routing", x, args, rng);
     saved_.routing_only = true;
+    saved_.valid = true;
     return saved_.aux;
   }
   Tensor backward_routing(AuxLossWeights aux = {}) {
@@ -276,7 +277,7 @@ class SparseMoE {
   AuxLosses new_aux() const { return {be_.zeros({1}), be_.zeros({1}), be_.zeros({1})}; }
 
   // The routing both forwards share: checks x, the router (logits, probs, top-k), this call's aux losses and the
-  // dispatch plan, all kept in saved_. Returns x in fp32, contiguous, and x's dtype.
+  // dispatch plan, all kept in saved_ (reset first). Returns x in fp32, contiguous, and x's dtype.
   std::pair<Tensor, DType> route(const char* where, const Tensor& x, ForwardArgs args, Rng* rng) {
     check_device(where, "x", x, Backend::device);
     const DType io = detail::activation_dtype<Backend>(where, "x", x);  // y comes back in x's dtype
@@ -314,8 +315,7 @@ class SparseMoE {
     plan.row_of_slot = be_.empty({T * K}, DType::i32);
     plan.slot_of_row = be_.empty({T * K}, DType::i32);
     be_.make_plan(saved_.router.topk_idx, plan);
-    saved_.valid = true;
-    return {xc, io};
+    return {xc, io};  // saved_.valid: set by the caller once its part has run
   }
 
   // The router's part of the backward, into dx (T, H): d top-k weights (dw (T, K); null when the experts' outputs
