@@ -203,7 +203,8 @@ class CuMo {
 
   // ids / labels / key_valid: B*T (labels unshifted, −100 ignored; key_valid 0 = padding key, may be null);
   // pixels (images, 3, S, S) with images · patches == the number of image_token_id entries in ids.
-  // Every CLIP layer runs (the last one's aux losses count). `training` is accepted for symmetry: CuMo's blocks have
+  // Every CLIP layer runs; the top one, above the feature layer, for its aux losses only (its attention and router:
+  // nobody reads its output, ClipVision::forward's top_read). `training` is accepted for symmetry: CuMo's blocks have
   // no jitter and no dropout, so the computation is the same; the activations for backward() are always kept.
   Output forward(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, const Tensor& pixels,
                  const std::vector<std::int64_t>* labels, const std::vector<std::uint8_t>* key_valid = nullptr,
