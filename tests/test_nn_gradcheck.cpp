@@ -25,6 +25,14 @@ void check_layer(const ParameterList& params, Tensor x, Fwd fwd, Bwd bwd, Rng& r
   gradcheck(targets, [&] { return dot(fwd(x), R); });
 }
 
+// An attention layer's parameters, collected into p and drawn at scale 0.4.
+ParameterList random_parameters(nn::Attention<>& a, Rng& rng) {
+  ParameterList p;
+  a.collect(p);
+  randomize(p, rng, 0.4f);
+  return p;
+}
+
 }  // namespace
 
 TEST_CASE("nn gradcheck: Linear with and without bias") {
@@ -72,9 +80,7 @@ TEST_CASE("nn gradcheck: Embedding scatters into the rows it read, repeated ids 
 TEST_CASE("nn gradcheck: bidirectional attention with biases (CLIP)") {
   Rng rng(4);
   nn::Attention<> a("attn", nn::AttentionConfig{12, 3, 3, 0, true, true, false, 0.0, "out_proj"});
-  ParameterList p;
-  a.collect(p);
-  randomize(p, rng, 0.4f);
+  const ParameterList p = random_parameters(a, rng);
   check_layer(p, random_tensor({2 * 5, 12}, rng), [&](const Tensor& x) { return a.forward(x, 2, 5); },
               [&](const Tensor& d) { return a.backward(d); }, rng);
 }
@@ -82,9 +88,7 @@ TEST_CASE("nn gradcheck: bidirectional attention with biases (CLIP)") {
 TEST_CASE("nn gradcheck: causal GQA attention with RoPE, q/k/v biases and a padding mask") {
   Rng rng(5);
   nn::Attention<> a("self_attn", nn::AttentionConfig{16, 4, 2, 6, true, false, true, 10000.0, "o_proj"});
-  ParameterList p;
-  a.collect(p);
-  randomize(p, rng, 0.4f);
+  const ParameterList p = random_parameters(a, rng);
   const std::vector<std::uint8_t> valid{0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0};  // left pad in seq 0, right pad in seq 1
   check_layer(p, random_tensor({2 * 6, 16}, rng), [&](const Tensor& x) { return a.forward(x, 2, 6, &valid); },
               [&](const Tensor& d) { return a.backward(d); }, rng);
@@ -95,9 +99,7 @@ TEST_CASE("nn gradcheck: causal attention with the queries of the last rows only
   // gradient reaches the earlier rows through the keys and values only.
   Rng rng(25);
   nn::Attention<> a("self_attn", nn::AttentionConfig{16, 4, 2, 6, true, false, true, 10000.0, "o_proj"});
-  ParameterList p;
-  a.collect(p);
-  randomize(p, rng, 0.4f);
+  const ParameterList p = random_parameters(a, rng);
   const std::vector<std::uint8_t> valid{0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0};  // left pad, right pad
   const auto layout = nn::TokenLayout::make(backend::Cpu{}, 2, 7, &valid);
   const Tensor x = random_tensor({2 * 7, 16}, rng);

@@ -264,16 +264,15 @@ class ClipVision {
     }
     const std::int64_t depth = all_layers ? c.layers : feature_depth();
     ran_ = depth;
-    routing_top_ = !top_read && unread_top_is_sparse(depth);
-    for (std::int64_t l = 0; l < depth; ++l) {
-      ClipEncoderLayer<Backend>& layer = layers[std::size_t(l)];
-      if (!top_read && l == depth - 1 && l >= feature_depth()) {  // the unread top layer
-        if (routing_top_) layer.forward_routing(out.hidden_states.back(), layout);
-        if (!keep_activations && routing_top_) layer.release_activations();
-        break;
-      }
-      out.hidden_states.push_back(layer.forward(out.hidden_states.back(), layout));
-      if (!keep_activations) layer.release_activations();
+    const std::int64_t read = read_depth(depth, top_read);
+    routing_top_ = read < depth && layers[std::size_t(depth - 1)].mlp.is_sparse();
+    for (std::int64_t l = 0; l < read; ++l) {
+      out.hidden_states.push_back(layers[std::size_t(l)].forward(out.hidden_states.back(), layout));
+      if (!keep_activations) layers[std::size_t(l)].release_activations();
+    }
+    if (routing_top_) {  // the unread top layer: its aux losses only
+      layers[std::size_t(depth - 1)].forward_routing(out.hidden_states.back(), layout);
+      if (!keep_activations) layers[std::size_t(depth - 1)].release_activations();
     }
     out.features = be_.empty({B * N, H});  // B blocks of N rows, past each CLS row
     be_.copy_blocks(out.hidden_states[std::size_t(feature_depth())], H, T * H, out.features, 0, N * H, N * H, B);
@@ -337,8 +336,8 @@ class ClipVision {
   // An unread top layer (top_read false) runs no expert on any rank: nothing to serve there.
   void serve_experts_forward(bool all_layers = true, bool top_read = true) {
     ran_ = all_layers ? cfg_.layers : feature_depth();
-    routing_top_ = !top_read && unread_top_is_sparse(ran_);
-    const std::int64_t served = !top_read && ran_ > feature_depth() ? ran_ - 1 : ran_;
+    const std::int64_t served = read_depth(ran_, top_read);
+    routing_top_ = served < ran_ && layers[std::size_t(ran_ - 1)].mlp.is_sparse();
     for (std::int64_t l = 0; l < served; ++l) layers[std::size_t(l)].mlp.serve_experts_forward();
   }
   void serve_experts_backward(AuxLossWeights aux = {}) {
@@ -388,9 +387,10 @@ class ClipVision {
     return fd;
   }
 
-  // Whether the top layer of a forward that runs `depth` layers sits above the feature layer with a sparse MLP.
-  bool unread_top_is_sparse(std::int64_t depth) const {
-    return depth > feature_depth() && layers[std::size_t(depth - 1)].mlp.is_sparse();
+  // Of `depth` layers, how many give an output someone reads: all but the top one when top_read is false and it sits
+  // above the feature layer.
+  std::int64_t read_depth(std::int64_t depth, bool top_read) const {
+    return !top_read && depth > feature_depth() ? depth - 1 : depth;
   }
 
   VisionConfig cfg_;
