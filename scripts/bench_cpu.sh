@@ -6,8 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 BUILD=${BUILD:-build-bench}
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
-      -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
+# A fresh directory gets a benchmarks-only configuration; an existing one (say build/, with tests and tools) keeps
+# its other options and only gains the benchmarks.
+if [[ -f $BUILD/CMakeCache.txt ]]; then
+  cmake -S . -B "$BUILD" -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
+else
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
+        -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
+fi
 cmake --build "$BUILD" -j2 --target bench_moe_cpu bench_moe_cpu_blas
 # the Eigen twin exists when the build has oneDNN (whose GEMMs bench_moe_cpu then runs)
 cmake --build "$BUILD" -j2 --target bench_moe_cpu_eigen >/dev/null 2>&1 || true
