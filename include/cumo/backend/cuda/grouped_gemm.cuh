@@ -85,12 +85,13 @@ __device__ __forceinline__ int expert_of_row(const std::int32_t* __restrict__ of
 
 // Row-grouped GEMM (forward and dinput): C rows [o_e, o_{e+1}) = A rows · B_e (+ bias_e). Blocks along y walk the
 // concatenation of every expert's row tiles; blocks past the last tile leave at once. B_e(k, j) =
-// w[e·w_es + k·w_sk + j·w_sj]; C has row stride ldc, A has row stride lda and unit column stride.
-template <class T, class OutT>
+// w[e·w_es + k·w_sk + j·w_sj]; C has row stride ldc, A has row stride lda and unit column stride. The bias (BiasT:
+// T, or fp32 beside 16-bit weights) is added in fp32 before C's rounding.
+template <class T, class OutT, class BiasT = T>
 __global__ void __launch_bounds__(kTileThreads)
     grouped_rows(const std::int32_t* __restrict__ off, int E, const T* __restrict__ a, std::int64_t lda,
                  const T* __restrict__ w, std::int64_t w_es, std::int64_t w_sk, std::int64_t w_sj,
-                 const T* __restrict__ bias, OutT* __restrict__ c, std::int64_t ldc, int Ncols, int Kd) {
+                 const BiasT* __restrict__ bias, OutT* __restrict__ c, std::int64_t ldc, int Ncols, int Kd) {
   int tile = blockIdx.y, e = 0;
   std::int64_t row0 = 0;
   int nrows = 0;
@@ -275,11 +276,12 @@ inline dim3 rows_tile_grid(const char* where, std::int64_t cap_rows, int E, std:
 
 }  // namespace detail
 
-// C (rows, N) = grouped A (rows, K) · W (E, N, K)ᵀ [+ bias (E, N)]. A, W and bias share a dtype; C is f32 or that
-// dtype. Rows past offsets[E] are left alone.
-// Expert weights held in bf16 / f16 for inference (ParameterStorage) with f32 rows, an f32 bias and an f32 C: the rows
-// and the bias are rounded to W's dtype in workspace copies, then as above (fp32 accumulation). The CPU keeps the
-// bias in fp32 and, below 32 rows, the rows too; the difference is within bf16's rounding.
+// C (rows, N) = grouped A (rows, K) · W (E, N, K)ᵀ [+ bias (E, N)]. A and W share a dtype; C is f32 or that dtype;
+// the bias has W's dtype, or f32 (exact in an f32 C; a 16-bit C holds it rounded before the cuBLAS paths accumulate
+// onto it). Rows past offsets[E] are left alone.
+// Expert weights held in bf16 / f16 for inference (ParameterStorage) with f32 rows and an f32 C: the rows are rounded
+// to W's dtype in a workspace copy, then as above (fp32 accumulation, an f32 bias kept as it is). The CPU keeps the
+// rows in fp32 below 32 rows; the difference is within the 16-bit dtype's rounding of the rows.
 inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias, const DispatchPlan& plan, Tensor& c,
                            const Options& options = {}, Workspace* ws = nullptr) {
   constexpr const char* where = "gpu::grouped_linear";
@@ -294,17 +296,16 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   if (a.dtype() == DType::f32 && (w.dtype() == DType::bf16 || w.dtype() == DType::f16)) {  // inference weights
     check_dtype(where, "c", c, DType::f32);
     const Tensor ah = cast_copy(a, w.dtype(), ws);  // (rows, K)
-    Tensor bh;
-    if (bias && bias->defined() && bias->dtype() != w.dtype()) bh = cast_copy(*bias, w.dtype(), ws);  // (E, N)
-    return grouped_linear(ah, w, bh.defined() ? &bh : bias, plan, c, options, ws);
+    return grouped_linear(ah, w, bias, plan, c, options, ws);
   }
   CUMO_CHECK(a.dtype() == w.dtype(), where, ": a has dtype ", name_of(a.dtype()), " but w has ", name_of(w.dtype()));
   const bool has_bias = bias && bias->defined();
   if (has_bias) {
     expect_contiguous(where, "bias", *bias);
     check_shape(where, "bias", *bias, {E, N});
-    CUMO_CHECK(bias->dtype() == w.dtype(), where, ": bias has dtype ", name_of(bias->dtype()), " but w has ",
-               name_of(w.dtype()));
+    CUMO_CHECK(bias->dtype() == w.dtype() || bias->dtype() == DType::f32, where, ": bias has dtype ",
+               name_of(bias->dtype()), " but w has ", name_of(w.dtype()), " (the bias may be ", name_of(w.dtype()),
+               " or f32)");
   }
   check_gemm_types(where, a.dtype(), c.dtype());
   const DType in = a.dtype(), out = c.dtype();
@@ -315,14 +316,18 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
     const dim3 grid = detail::rows_tile_grid(where, c.size(0), E, N);
     dispatch_float(in, where, [&](auto tag) {
       using T = decltype(tag);
-      auto launch = [&](auto otag) {
+      auto launch = [&](auto otag, auto btag) {
         using O = decltype(otag);
-        kernels::grouped_rows<T, O><<<grid, kernels::kTileThreads, 0, stream()>>>(
+        using B = decltype(btag);
+        kernels::grouped_rows<T, O, B><<<grid, kernels::kTileThreads, 0, stream()>>>(
             ptr<std::int32_t>(plan.offsets), E, ptr<T>(a), K, ptr<T>(w), N * K, /*w_sk=*/1, /*w_sj=*/K,
-            has_bias ? ptr<T>(*bias) : nullptr, ptr<O>(c), N, int(N), int(K));
+            has_bias ? ptr<B>(*bias) : nullptr, ptr<O>(c), N, int(N), int(K));
       };
-      if (out == DType::f32) launch(float{});
-      else launch(T{});
+      const bool f32_bias = has_bias && bias->dtype() == DType::f32;
+      if (out == DType::f32 && f32_bias) launch(float{}, float{});
+      else if (out == DType::f32) launch(float{}, T{});
+      else if (f32_bias) launch(T{}, float{});
+      else launch(T{}, T{});
     });
     CUMO_CUDA_LAUNCH_CHECK("grouped_rows (forward)");
     return;
@@ -366,8 +371,8 @@ inline void grouped_linear_dinput(const Tensor& dc, const Tensor& w, const Dispa
       auto launch = [&](auto otag) {
         using O = decltype(otag);
         kernels::grouped_rows<T, O><<<grid, kernels::kTileThreads, 0, stream()>>>(
-            ptr<std::int32_t>(plan.offsets), E, ptr<T>(dc), N, ptr<T>(w), N * K, /*w_sk=*/K, /*w_sj=*/1, nullptr,
-            ptr<O>(da), K, int(K), int(N));
+            ptr<std::int32_t>(plan.offsets), E, ptr<T>(dc), N, ptr<T>(w), N * K, /*w_sk=*/K, /*w_sj=*/1,
+            static_cast<const T*>(nullptr), ptr<O>(da), K, int(K), int(N));
       };
       if (out == DType::f32) launch(float{});
       else launch(T{});
