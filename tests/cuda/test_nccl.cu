@@ -5,6 +5,8 @@
 //   - the device gradient sum (allreduce_sum_device, through dist::allreduce_gradients on device parameters, with
 //     a bucket smaller than a parameter) bitwise against the host sum of the same numbers over the host
 //     communicator (MPI, or the world of one);
+//   - ZeRO-1 on device parameters (dist::Zero1<backend::Cuda>: the all-gather and the moments' broadcasts through
+//     NCCL on device memory) against the replicated AdamW on the same GPU, bitwise;
 //   - split, agree / check_same through NCCL, and the file rendezvous (one process).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -24,6 +26,8 @@
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/nccl.cuh"
 #include "cumo/dist/world.hpp"
+#include "cumo/dist/zero.hpp"
+#include "cumo/train/optimizer.hpp"
 
 using namespace cumo;
 
@@ -191,6 +195,59 @@ TEST_CASE("the device gradient sum equals the host sum of the same numbers, bitw
                                                Error);
   // the digest reads device weights
   CHECK_NOTHROW(dist::check_same(c, "the weights", dist::weights_digest(dlist)));
+}
+
+TEST_CASE("ZeRO-1 on device parameters takes bitwise the replicated AdamW's steps") {
+  dist::NcclCommunicator& c = *g_nccl;
+  using Cuda = backend::Cuda;
+  // the same parameters on every rank, twice: one copy replicated, one sharded (more parameters than ranks)
+  const std::vector<Shape> shapes{{7, 33}, {1001}, {3, 5, 17}, {64}, {2, 9}};
+  std::vector<std::unique_ptr<Parameter>> store;
+  ParameterList pa, pb;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const std::vector<float> v = rank_floats(shapes[i].numel(), 0, 100 + i);
+    for (ParameterList* list : {&pa, &pb}) {
+      auto p = std::make_unique<Parameter>(std::string("p").append(std::to_string(i)),
+                                           Tensor::zeros(shapes[i], DType::f32, Device::cuda));
+      CUMO_CUDA_CHECK(cudaMemcpy(p->value.data<float>(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+      list->push_back(p.get());
+      store.push_back(std::move(p));
+    }
+  }
+  const train::AdamWOptions o{2e-3, 0.9, 0.999, 1e-8, 0.01};
+  train::AdamW<Cuda> oa(pa, o), ob(pb, o);
+  {
+    dist::Zero1<Cuda> zero(c, ob);
+    for (int step = 1; step <= 3; ++step) {
+      for (std::size_t i = 0; i < shapes.size(); ++i) {  // the same gradient on every rank (a summed one)
+        const std::vector<float> g = rank_floats(shapes[i].numel(), 0, 1000 * std::uint64_t(step) + i);
+        for (Parameter* p : {pa[i], pb[i]})
+          CUMO_CUDA_CHECK(cudaMemcpy(p->grad.data<float>(), g.data(), g.size() * sizeof(float),
+                                     cudaMemcpyHostToDevice));
+      }
+      oa.step(2e-3);
+      ob.step(2e-3);
+      zero.share_parameters();
+    }
+    int differ = 0, held = 0;
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      const std::size_t n = std::size_t(shapes[i].numel());
+      differ += host_copy(pa[i]->value.data<float>(), n) != host_copy(pb[i]->value.data<float>(), n);
+      held += ob.state(*pb[i]) != nullptr;
+    }
+    CHECK(differ == 0);
+    CHECK(held == zero.owned_parameters());
+    if (c.size() > 1) CHECK(held < int(shapes.size()));
+    zero.gather_state();  // every moment on every rank, as before a checkpoint
+    const auto want = oa.state_tensors(), got = ob.state_tensors();
+    REQUIRE(got.size() == want.size());
+    int bad = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      bad += got[i].first != want[i].first || got[i].second.nbytes() != want[i].second.nbytes() ||
+             std::memcmp(got[i].second.raw(), want[i].second.raw(), got[i].second.nbytes()) != 0;
+    CHECK(bad == 0);
+    zero.release();
+  }
 }
 
 TEST_CASE("split into groups") {

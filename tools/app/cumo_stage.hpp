@@ -291,18 +291,16 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     }
   }
   // ZeRO-1 after any resume (the checkpoint's moments are whole; this rank keeps its own)
-  std::optional<dist::Zero1<backend::Cpu>> zero;
+  // (GPU ranks: the parameters and moments stay on the device, gathered over NCCL; unverified, no GPU has run it)
+  using Zero1 = dist::Zero1<typename Model::backend_type>;
+  std::optional<Zero1> zero;
   if (parallel && ro.zero1) {
-    if constexpr (Model::backend_type::device == Device::cpu) {
-      if (ep) {  // replicated parameters over the world, each expert slice over the ranks that hold it
-        const auto parts = ep->split(opt.trainable_parameters());
-        zero.emplace(opt, std::vector<dist::Zero1<backend::Cpu>::Partition>{{&comm, parts.replicated},
-                                                                            {&ep->replicas(), parts.sharded}});
-      } else {
-        zero.emplace(comm, opt);
-      }
+    if (ep) {  // replicated parameters over the world, each expert slice over the ranks that hold it
+      const auto parts = ep->split(opt.trainable_parameters());
+      zero.emplace(opt, std::vector<typename Zero1::Partition>{{&comm, parts.replicated},
+                                                               {&ep->replicas(), parts.sharded}});
     } else {
-      fail(tag, ": --zero1 runs on CPU ranks");
+      zero.emplace(comm, opt);
     }
   }
   // A worker thread prepares the next batches (image decoding, collation) while the step computes; the batches

@@ -7,7 +7,8 @@
 //
 // Checkpoints stay whole: gather_state() brings every moment to every rank before rank 0 writes, and release()
 // drops the ones this rank does not own. A checkpoint from a ZeRO-1 run therefore resumes with or without ZeRO-1
-// and on any world size. Host (CPU) parameters.
+// and on any world size. The parameters live on B's device: the all-gather and the broadcasts then run on that
+// memory (the NCCL communicator takes device pointers; tests/dist checks the CPU form, the GPU form is unverified).
 //
 // With expert parallelism the parameters come in partitions, each sharded over the ranks that hold it: the
 // replicated ones over the world, each expert slice over its replica group (the ranks holding the same slice).
@@ -25,8 +26,6 @@ namespace cumo::dist {
 
 template <class B = backend::Cpu>
 class Zero1 {
-  static_assert(B::device == Device::cpu, "dist::Zero1: host parameters (the device form of its all-gather is not written)");
-
  public:
   // One part of the parameters and the ranks that share them: with expert parallelism the replicated parameters
   // over the world and the expert slices over their replica group (dist/expert_data_parallel.hpp).
@@ -95,19 +94,23 @@ class Zero1 {
       for (int q = 0; q < c.size(); ++q)
         for (std::int64_t i = part.begin[std::size_t(q)]; i < part.begin[std::size_t(q + 1)]; ++i)
           bytes[std::size_t(q)] += part.params[std::size_t(i)]->value.numel() * std::int64_t(sizeof(float));
-      std::vector<float> mine, all;
-      for (std::int64_t i = part.begin[std::size_t(c.rank())]; i < part.begin[std::size_t(c.rank() + 1)]; ++i) {
+      // This rank's updated parameters packed in order, then everyone's (on the parameters' device).
+      const std::int64_t lo = part.begin[std::size_t(c.rank())], hi = part.begin[std::size_t(c.rank() + 1)];
+      Tensor mine = Tensor::empty({bytes[std::size_t(c.rank())] / std::int64_t(sizeof(float))}, DType::f32, B::device);
+      std::int64_t at = 0;
+      for (std::int64_t i = lo; i < hi; ++i) {
         const Tensor& v = part.params[std::size_t(i)]->value;
-        mine.insert(mine.end(), v.data<float>(), v.data<float>() + v.numel());
+        mine.slice(0, at, at + v.numel()).view(v.shape()).copy_from(v);
+        at += v.numel();
       }
       std::int64_t n = 0;
       for (std::int64_t b : bytes) n += b / std::int64_t(sizeof(float));
-      all.resize(std::size_t(n));
-      c.allgatherv(mine.data(), std::int64_t(mine.size() * sizeof(float)), all.data(), bytes);
-      std::int64_t off = 0;
+      Tensor all = Tensor::empty({n}, DType::f32, B::device);
+      c.allgatherv(mine.raw(), std::int64_t(mine.nbytes()), all.raw(), bytes);
+      at = 0;
       for (Parameter* p : part.params) {
-        std::memcpy(p->value.data<float>(), all.data() + off, std::size_t(p->value.numel()) * sizeof(float));
-        off += p->value.numel();
+        p->value.copy_from(all.slice(0, at, at + p->value.numel()).view(p->value.shape()));
+        at += p->value.numel();
       }
     }
   }
@@ -126,8 +129,8 @@ class Zero1 {
         if (step == 0) continue;  // never stepped: no state anywhere
         typename train::AdamW<B>::State got;
         got.step = step;
-        got.exp_avg = c.rank() == from ? s->exp_avg : Tensor::empty(p->value.shape());
-        got.exp_avg_sq = c.rank() == from ? s->exp_avg_sq : Tensor::empty(p->value.shape());
+        got.exp_avg = c.rank() == from ? s->exp_avg : Tensor::empty(p->value.shape(), DType::f32, B::device);
+        got.exp_avg_sq = c.rank() == from ? s->exp_avg_sq : Tensor::empty(p->value.shape(), DType::f32, B::device);
         c.broadcast(got.exp_avg.raw(), std::int64_t(got.exp_avg.nbytes()), from);
         c.broadcast(got.exp_avg_sq.raw(), std::int64_t(got.exp_avg_sq.nbytes()), from);
         if (c.rank() != from) opt_->set_state(*p, std::move(got));
