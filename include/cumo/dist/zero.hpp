@@ -13,7 +13,6 @@
 // With expert parallelism the parameters come in partitions, each sharded over the ranks that hold it: the
 // replicated ones over the world, each expert slice over its replica group (the ranks holding the same slice).
 #include <cstdint>
-#include <cstring>
 #include <span>
 #include <unordered_map>
 #include <vector>
