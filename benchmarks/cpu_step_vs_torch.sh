@@ -10,14 +10,7 @@ ROUNDS=${ROUNDS:-3}
 CONFIG=${CONFIG:-configs/demo.json}
 PY=/usr/bin/python3  # Debian's python3-torch lives in the system interpreter, not in a pyenv/venv one
 "$PY" -c "import torch" 2>/dev/null || { echo "cpu_step_vs_torch.sh: needs Debian's python3-torch (apt-get install python3-torch)"; exit 1; }
-# A fresh directory gets a benchmarks-only configuration; an existing one (say build/, with tests and tools) keeps
-# its other options and only gains the benchmarks.
-if [[ -f $BUILD/CMakeCache.txt ]]; then
-  cmake -S . -B "$BUILD" -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
-else
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
-        -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
-fi
+bash scripts/configure_bench.sh "$BUILD"  # keeps an existing directory's other options
 cmake --build "$BUILD" -j2 --target bench_cpu_cumo_step
 # The same step with Eigen's own GEMM kernel (built when the build has oneDNN, whose GEMMs the step then runs).
 EIGEN_TWIN=""

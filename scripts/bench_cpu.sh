@@ -6,14 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 BUILD=${BUILD:-build-bench}
-# A fresh directory gets a benchmarks-only configuration; an existing one (say build/, with tests and tools) keeps
-# its other options and only gains the benchmarks.
-if [[ -f $BUILD/CMakeCache.txt ]]; then
-  cmake -S . -B "$BUILD" -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
-else
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCUMO_CUDA=OFF -DCUMO_BUILD_TESTS=OFF -DCUMO_BUILD_EXAMPLES=OFF \
-        -DCUMO_BUILD_TOOLS=OFF -DCUMO_BUILD_BENCHMARKS=ON >/dev/null
-fi
+bash scripts/configure_bench.sh "$BUILD"  # keeps an existing directory's other options
 cmake --build "$BUILD" -j2 --target bench_moe_cpu bench_moe_cpu_blas
 # the Eigen twin exists when the build has oneDNN (whose GEMMs bench_moe_cpu then runs)
 cmake --build "$BUILD" -j2 --target bench_moe_cpu_eigen >/dev/null 2>&1 || true
