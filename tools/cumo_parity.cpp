@@ -4,7 +4,9 @@
 // file could not be run (unsupported kind, unreadable file); 77 for --device cuda on a machine without a CUDA device
 // (ctest's "skipped", as the CUDA test binaries).
 // Under `mpirun -np K … --expert-parallel K` (a build with MPI) the sparse block kinds run with their experts sharded
-// over the K ranks (parity/moe.hpp); the verdict is over every rank's checks.
+// over the K ranks (parity/moe.hpp); the verdict is over every rank's checks. With --device cuda (a build with NCCL)
+// the ranks are GPUs, one each, and the rows travel over NCCL in device memory (unverified: never run on a GPU);
+// `--device cuda --expert-parallel 1` runs that exchange in one process.
 // --dtype bf16|f16 (CPU) builds every model with its matrix weights in that dtype and no gradients, rounds the inputs
 // to it and compares the outputs against tolerances derived from the rounding (parity/report.hpp, Report::tol);
 // gradients are compared in fp32 only.
@@ -23,14 +25,24 @@
 #include "cumo/io/safetensors.hpp"
 #if defined(__CUDACC__)
 #include "cumo/backend/cuda.cuh"
+#if defined(CUMO_WITH_NCCL) && CUMO_WITH_NCCL
+#include "cumo/dist/nccl.cuh"
+#endif
 #endif
 #include "parity/kinds.hpp"
 
 namespace {
 
+#if defined(__CUDACC__) && defined(CUMO_WITH_NCCL) && CUMO_WITH_NCCL
+constexpr bool kHaveNccl = true;
+#else
+constexpr bool kHaveNccl = false;
+#endif
+
 int usage() {
   std::fprintf(stderr, "usage: cumo_parity [--device cpu|cuda] [--expert-parallel K] [--dtype f32|bf16|f16] FILE...\n"
-                       "  --expert-parallel K  under mpirun -np K: the sparse blocks' experts sharded over the K ranks\n"
+                       "  --expert-parallel K  under mpirun -np K: the sparse blocks' experts sharded over the K ranks (with\n"
+                       "                       --device cuda: one GPU per rank, over NCCL)\n"
                        "  --dtype D            the models' matrix weights and inputs in D (CPU; outputs only)\n");
   return 2;
 }
@@ -85,27 +97,45 @@ int main(int argc, char** argv) {
       why = "--expert-parallel " + std::to_string(expert_parallel) + " but " + std::to_string(comm.size()) +
             " ranks: run it as mpirun -np " + std::to_string(expert_parallel) + (cumo::dist::kHaveMpi ? "" :
             " in a build with MPI (this one has none)");
-    else if (device != "cpu")
-      why = "--expert-parallel runs on the CPU (the expert exchange between GPU ranks is not written; NCCL carries "
-                  "plain data parallelism only)";
+    else if (device != "cpu" && !kHaveNccl)
+      why = "--expert-parallel with --device " + device + " needs a build with CUDA and NCCL (GPU ranks exchange "
+            "rows over NCCL); this one has none";
     if (!why.empty()) {
       if (rank0) std::fprintf(stderr, "cumo_parity: %s\n", why.c_str());
       return 2;
     }
   }
   cumo::dist::Communicator* ep = expert_parallel ? &comm : nullptr;
+#if defined(__CUDACC__) && defined(CUMO_WITH_NCCL) && CUMO_WITH_NCCL
+  std::optional<cumo::dist::NcclCommunicator> nccl;  // GPU ranks' expert exchange (--device cuda --expert-parallel)
+#endif
 
   std::map<std::string, cumo::parity::Runner> table;
   if (device == "cpu") {
     table = cumo::parity::runners<cumo::backend::Cpu>(ep);
   } else if (device == "cuda") {
 #if defined(__CUDACC__)
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-      std::fprintf(stderr, "cumo_parity: --device cuda but no CUDA device is available (SKIPPED)\n");
-      return 77;
+    if (ep) {
+#if defined(CUMO_WITH_NCCL) && CUMO_WITH_NCCL
+      // one GPU per rank (claim_gpu makes it current), or every rank skips alike
+      const std::string mine = cumo::dist::claim_gpu(comm);
+      if (cumo::dist::any(comm, !mine.empty())) {
+        if (rank0)
+          std::fprintf(stderr, "cumo_parity: --device cuda: %s (SKIPPED)\n",
+                       mine.empty() ? "another rank has no GPU of its own" : mine.c_str());
+        return 77;
+      }
+      nccl.emplace(comm);
+      ep = &*nccl;
+#endif
+    } else {
+      int n = 0;
+      if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        std::fprintf(stderr, "cumo_parity: --device cuda but no CUDA device is available (SKIPPED)\n");
+        return 77;
+      }
     }
-    table = cumo::parity::runners<cumo::backend::Cuda>();
+    table = cumo::parity::runners<cumo::backend::Cuda>(ep);
 #else
     std::fprintf(stderr, "cumo_parity: this build has no CUDA backend (configure with CUMO_CUDA=ON)\n");
     return 1;

@@ -7,6 +7,9 @@
 //     communicator (MPI, or the world of one);
 //   - ZeRO-1 on device parameters (dist::Zero1<backend::Cuda>: the all-gather and the moments' broadcasts through
 //     NCCL on device memory) against the replicated AdamW on the same GPU, bitwise;
+//   - expert parallelism on device rows (SparseMoE<…, backend::Cuda>::shard_experts over NCCL: the rows' exchange
+//     through alltoallv_pieces on device memory) against the whole block on each rank's own tokens, with ranks that
+//     receive no row and ranks that have no token, and the unshard round trip;
 //   - split, agree / check_same through NCCL, and the file rendezvous (one process).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -23,10 +26,12 @@
 #include <vector>
 
 #include "cumo/backend/cuda.cuh"
+#include "cumo/core/compare.hpp"
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/nccl.cuh"
 #include "cumo/dist/world.hpp"
 #include "cumo/dist/zero.hpp"
+#include "cumo/moe.hpp"
 #include "cumo/train/optimizer.hpp"
 
 using namespace cumo;
@@ -133,7 +138,7 @@ TEST_CASE("primitives on host memory") {
   CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(double)) == 0);
 }
 
-TEST_CASE("scattered pieces on host memory (the staged default), refused on device memory") {
+TEST_CASE("scattered pieces on host and on device memory") {
   dist::NcclCommunicator& c = *g_nccl;
   const int R = c.rank(), N = c.size();
   // rank r sends q its bytes 2q + 1 and 2q, in that order; q receives them at 2r, 2r + 1
@@ -146,10 +151,15 @@ TEST_CASE("scattered pieces on host memory (the staged default), refused on devi
     want[std::size_t(2 * q)] = std::uint8_t(q * 16 + 2 * R + 1);
     want[std::size_t(2 * q + 1)] = std::uint8_t(q * 16 + 2 * R);
   }
-  c.alltoallv_pieces(send.data(), sp, got.data(), rp);
-  CHECK(got == want);
+  for (const bool on_device : {false, true}) {
+    CAPTURE(on_device);
+    std::fill(got.begin(), got.end(), std::uint8_t(0));
+    on_memory(on_device, send, got, [&](const void* ds, void* dr) { c.alltoallv_pieces(ds, sp, dr, rp); });
+    CHECK(got == want);
+  }
+  // one side on the host and the other on the device: refused, naming both
   std::uint8_t* d = device_copy(send);
-  CHECK_THROWS_WITH_AS(c.alltoallv_pieces(d, sp, d, rp), doctest::Contains("device memory"), Error);
+  CHECK_THROWS_WITH_AS(c.alltoallv_pieces(d, sp, got.data(), rp), doctest::Contains("same side"), Error);
   cudaFree(d);
 }
 
@@ -248,6 +258,108 @@ TEST_CASE("ZeRO-1 on device parameters takes bitwise the replicated AdamW's step
     CHECK(bad == 0);
     zero.release();
   }
+}
+
+namespace {
+// Expert parallelism on GPU ranks: the block of tests/dist's CPU case, on the device.
+using HostBlock = SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>>;
+using GpuBlock = SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>;
+constexpr std::int64_t kH = 16, kF = 24;
+constexpr int kE = 4;
+// fp32 on both sides (TF32 off): the sharded block's local expert GEMMs run on other row counts than the whole
+// block's, so cuBLAS may pick other kernels — the summation order of fp32 dot products differs, nothing else.
+constexpr double kF32 = 1e-5;
+
+enum class Tokens { spread, skewed, only_rank0 };
+
+// The same weights on every rank: drawn on the host from one seed, copied to the GPU. skewed: every token chooses
+// experts 0 and 1, so the ranks holding 2 and 3 receive no row.
+GpuBlock make_gpu_block(bool skewed) {
+  HostBlock h(kH, kF, kE);
+  Rng rng(7);
+  h.reset_parameters(rng);
+  Tensor& w = h.router().weight.value;  // (E, H)
+  if (skewed) {
+    for (int e = 0; e < kE; ++e)
+      for (std::int64_t j = 0; j < kH; ++j) w.data<float>()[e * kH + j] = e < 2 ? 1.f + 0.1f * float(e) : -1.f;
+  } else {
+    rng.fill_normal(w, 0.f, 0.8f);  // sharp enough that the aux losses carry gradient
+  }
+  GpuBlock g(kH, kF, kE);
+  const ParameterList from = h.parameters(), to = g.parameters();
+  for (std::size_t i = 0; i < from.size(); ++i) to[i]->value.copy_from(from[i]->value);
+  return g;
+}
+Tensor host_of(const Tensor& t) { return t.to(Device::cpu); }
+
+void check_expert_parallel_on_device(Tokens mode) {
+  dist::NcclCommunicator& c = *g_nccl;
+  const int r = c.rank();
+  const bool skewed = mode == Tokens::skewed;
+  const std::int64_t T = mode == Tokens::only_rank0 ? (r == 0 ? 12 : 0) : 2 * (9 + r);  // per-rank token counts
+  const std::int64_t segments = T > 0 && mode != Tokens::only_rank0 ? 2 : 1;
+  Rng rng(100 + std::uint64_t(r));
+  Tensor x = Tensor::empty({T, kH}), dy = Tensor::empty({T, kH});
+  if (skewed)
+    rng.fill_uniform(x, 0.5f, 1.f);
+  else
+    rng.fill_normal(x, 0.f, 1.f);
+  rng.fill_normal(dy, 0.f, 1.f);
+  const Tensor xd = x.to(Device::cuda), dyd = dy.to(Device::cuda);
+  const AuxLossWeights aux{0.1f, 0.01f};
+
+  // the whole block on this rank's tokens; its gradients summed over the ranks (what the sharded experts hold)
+  GpuBlock whole = make_gpu_block(skewed);
+  ParameterList wp = whole.parameters();
+  Tensor y_ref, dx_ref;
+  if (T > 0) {
+    y_ref = host_of(whole.forward(xd, ForwardArgs{segments, true}).y);
+    dx_ref = host_of(whole.backward(dyd, aux));
+  } else {
+    for (Parameter* p : wp) p->grad.zero_();
+  }
+  if (c.size() > 1) dist::allreduce_gradients(c, wp);
+
+  GpuBlock ep = make_gpu_block(skewed);
+  ep.shard_experts(c);
+  REQUIRE(ep.experts().experts() == kE / c.size());
+  const auto out = ep.forward(xd, ForwardArgs{segments, true});
+  const Tensor dx = ep.backward(dyd, aux);
+  CHECK(out.y.size(0) == T);
+  if (T > 0) {
+    CHECK(rel_error(host_of(out.y), y_ref) <= kF32);
+    CHECK(rel_error(host_of(dx), dx_ref) <= kF32);
+  }
+  ParameterList epp = ep.parameters();
+  Parameter& router = *epp.back();  // whole on every rank: this rank's tokens' gradient, summed here to compare
+  if (c.size() > 1) dist::allreduce_gradients(c, ParameterList{&router});
+  CHECK(rel_error(host_of(router.grad), host_of(wp.back()->grad)) <= kF32);
+  const int first = ep.expert_exchange()->first_expert(), n = ep.expert_exchange()->local_experts();
+  for (std::size_t i = 0; i + 1 < epp.size(); ++i) {
+    CAPTURE(epp[i]->name);
+    CHECK(rel_error(host_of(epp[i]->grad), host_of(wp[i]->grad).slice(0, first, first + n).contiguous()) <= kF32);
+  }
+  // unshard: every rank holds every expert's weights again, bitwise the whole block's
+  ep.unshard_experts();
+  GpuBlock again = make_gpu_block(skewed);
+  const ParameterList back = ep.parameters(), fresh = again.parameters();
+  int differ = 0;
+  for (std::size_t i = 0; i < back.size(); ++i) differ += !bitwise_equal(host_of(back[i]->value), host_of(fresh[i]->value));
+  CHECK(differ == 0);
+}
+}  // namespace
+
+TEST_CASE("expert parallel on device rows: the sharded block's forward and backward equal the whole block's") {
+  if (kE % g_nccl->size() != 0) return;  // E = 4 over 3 ranks does not split
+  SUBCASE("tokens spread over every expert") { check_expert_parallel_on_device(Tokens::spread); }
+  SUBCASE("ranks that receive no row") { check_expert_parallel_on_device(Tokens::skewed); }
+  if (g_nccl->size() > 1)
+    SUBCASE("ranks without tokens serve their experts") { check_expert_parallel_on_device(Tokens::only_rank0); }
+}
+
+TEST_CASE("a host communicator refuses device rows with a message") {
+  GpuBlock b = make_gpu_block(false);
+  CHECK_THROWS_WITH_AS(b.shard_experts(*g_host), doctest::Contains("moves host memory only"), Error);
 }
 
 TEST_CASE("split into groups") {

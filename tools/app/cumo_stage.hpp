@@ -279,16 +279,13 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   // Expert parallelism after any resume too (whole weights and moments → this rank's slices of the experts)
   std::optional<dist::ExpertDataParallel> ep;
   if (ro.expert_parallel > 1) {
-    if constexpr (Model::backend_type::device == Device::cpu) {
-      // the same checks on every rank's same configuration: one error everywhere, before any exchange
-      dist::agree_on(comm, [&] { check_expert_parallel(model.config(), ro.expert_parallel, comm.size()); });
-      ep.emplace(comm, ro.expert_parallel);
-      ep->set_sharded(model.shard_experts(ep->experts()));
-      ep->shard_state(opt);
-      if (overlap_comm) overlap_replicas = ep->replicas().background();  // the sum's expert slices
-    } else {
-      fail(tag, ": --expert-parallel runs on CPU ranks");
-    }
+    // the same checks on every rank's same configuration: one error everywhere, before any exchange
+    // (GPU ranks: the rows travel over NCCL on device memory; unverified, no GPU has run it)
+    dist::agree_on(comm, [&] { check_expert_parallel(model.config(), ro.expert_parallel, comm.size()); });
+    ep.emplace(comm, ro.expert_parallel);
+    ep->set_sharded(model.shard_experts(ep->experts()));
+    ep->shard_state(opt);
+    if (overlap_comm) overlap_replicas = ep->replicas().background();  // the sum's expert slices
   }
   // ZeRO-1 after any resume (the checkpoint's moments are whole; this rank keeps its own)
   // (GPU ranks: the parameters and moments stay on the device, gathered over NCCL; unverified, no GPU has run it)
@@ -457,8 +454,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     }
   };
   StepLoop loop{st.step, stop_at, sc.max_grad_norm, ro.stop, parallel ? &comm : nullptr, {}};
-  if constexpr (Model::backend_type::device == Device::cpu)
-    if (ep) loop.clip = [&](std::int64_t step) { return ep->clip_gradients(opt, sc.max_grad_norm, step); };
+  if (ep) loop.clip = [&](std::int64_t step) { return ep->clip_gradients(opt, sc.max_grad_norm, step); };
   train_steps(opt, sched, loop, forward_backward, log);
   bar.finish();
 
@@ -470,7 +466,7 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
   if (zero) zero->gather_state();  // a checkpoint holds every moment
   if (ep) {  // and every expert: the model leaves the stage whole, its checkpoint the single-process one
     model.unshard_experts();
-    if constexpr (Model::backend_type::device == Device::cpu) ep->gather_state(opt);
+    ep->gather_state(opt);
   }
   dist::agree_on(comm, [&] {
     if (comm.rank() == 0 && !res.checkpoint.empty() &&

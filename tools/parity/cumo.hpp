@@ -101,12 +101,8 @@ void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r,
   std::optional<dist::ExpertDataParallel> edp;
   const bool holder = !ep || ep->rank() == 0;  // the rank with the fixture's batch
   auto shard = [&](CuMo& model) {
-    if constexpr (Backend::device == Device::cpu) {
-      if (!edp) edp.emplace(*ep, ep->size());
-      edp->set_sharded(model.shard_experts(edp->experts()));
-    } else {
-      fail("--expert-parallel runs on the CPU backend");
-    }
+    if (!edp) edp.emplace(*ep, ep->size());
+    edp->set_sharded(model.shard_experts(edp->experts()));
   };
   if (ep) shard(m);
   // this rank's part of a whole tensor of the fixture (its slice of a sharded parameter's)
@@ -115,11 +111,10 @@ void run_cumo(const io::SafeTensors& f, const nlohmann::json& config, Report& r,
   };
   // the step's gradient norm and clipping, over every rank's experts under expert parallelism
   auto clip_step = [&](Optimizer& opt, std::int64_t step) -> double {
-    if constexpr (Backend::device == Device::cpu)
-      if (edp) {
-        edp->reduce_gradients(opt.trainable_parameters());
-        return edp->clip_gradients(opt, clip, step);
-      }
+    if (edp) {
+      edp->reduce_gradients(opt.trainable_parameters());
+      return edp->clip_gradients(opt, clip, step);
+    }
     return train::clip_gradients(opt, clip, step);
   };
 

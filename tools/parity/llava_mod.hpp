@@ -126,12 +126,8 @@ void run_llava_mod_distill(const io::SafeTensors& f, const nlohmann::json& confi
   ParameterList sharded;  // this rank's slices of the student's experts (expert parallelism)
   std::int64_t expert_offset = 0;
   if (ep) {
-    if constexpr (Backend::device == Device::cpu) {
-      sharded = student.shard_experts(*ep);
-      expert_offset = std::int64_t(ep->rank()) * (E / ep->size());
-    } else {
-      fail("--expert-parallel runs on the CPU backend");
-    }
+    sharded = student.shard_experts(*ep);
+    expert_offset = std::int64_t(ep->rank()) * (E / ep->size());
   }
   if (ep && ep->rank() != 0) {  // rank 0's student passes, served in its order; this rank's expert slices checked
     student.serve_experts_forward();

@@ -76,13 +76,8 @@ void run_decoder(const io::SafeTensors& f, const nlohmann::json& config, Report&
   nn::DecoderLM<Backend> m(c);
   load(m.parameters(), f);
   std::unordered_set<const Parameter*> sharded;
-  if (ep) {
-    if constexpr (Backend::device == Device::cpu) {
-      for (const Parameter* p : m.shard_experts(*ep)) sharded.insert(p);
-    } else {
-      fail("--expert-parallel runs on the CPU backend");
-    }
-  }
+  if (ep)
+    for (const Parameter* p : m.shard_experts(*ep)) sharded.insert(p);
   if (ep && ep->rank() != 0) {  // serve rank 0's batch; check this rank's slices
     m.serve_experts_forward();
     if (r.inference()) return r.no_gradients();

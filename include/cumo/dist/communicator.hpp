@@ -10,8 +10,9 @@
 //   check_same         every rank holds the same value (a config, a world-size fit), or all throw naming the ranks
 //   any                one flag over the ranks (a stop request seen by some of them)
 //
-// The primitives move host memory; an engine for GPU ranks (NCCL) accepts device memory too and adds
-// allreduce_sum_device, the gradient sum on the GPU.
+// The primitives move host memory; an engine for GPU ranks (NCCL) accepts device memory too
+// (moves_device_memory(): every primitive, alltoallv_pieces included) and adds allreduce_sum_device, the gradient
+// sum on the GPU.
 //
 // A collective that does not complete within the communicator's timeout throws dist::CommError (another rank died
 // or hangs); after that the communicator is unusable and the caller aborts the job (abort()). SelfCommunicator is
@@ -128,6 +129,9 @@ class Communicator {
   virtual std::unique_ptr<Communicator> background() const { return split(0, rank()); }
 
   // ---- device memory (engines with GPU collectives: NCCL) ---------------------------------------------------
+  // Whether the primitives above accept device (GPU) pointers as well as host ones. Host engines (MPI, self) do
+  // not: a caller with device tensors (the expert exchange of GPU ranks, dist::allgather_rows) checks this first.
+  virtual bool moves_device_memory() const { return false; }
   // Each piece ← its sum over the ranks, in place, bitwise the same on every rank (the fold of allreduce_sum),
   // packed into buckets of `bucket_bytes` on the device. Host engines have no device collectives.
   virtual void allreduce_sum_device(std::span<const DeviceFloats> pieces, std::int64_t bucket_bytes) {

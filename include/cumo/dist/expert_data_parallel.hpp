@@ -17,7 +17,7 @@
 //              one is written), so checkpoints are the single-process format and resume on any world size and K.
 //
 // The step is the data-parallel step, which is the single-process step up to fp32 summation order (tests/dist).
-// Host (CPU) parameters.
+// Host (CPU) parameters over MPI, or GPU parameters over NCCL (unverified: compiled, never run on a GPU).
 //
 // Lifetime: a model sharded over experts() keeps a pointer to that group communicator (its blocks exchange rows
 // through it, and unshard_experts() gathers through it), so this object must outlive the sharding: unshard before
@@ -94,19 +94,40 @@ class ExpertDataParallel {
   // rank (the norm carries it to all), naming the first parameter that holds one where a rank holds it.
   template <class B>
   float clip_gradients(train::AdamW<B>& opt, double max_norm, std::int64_t step) const {
-    static_assert(B::device == Device::cpu, "ExpertDataParallel: host parameters");
     CUMO_CHECK(max_norm > 0 && std::isfinite(max_norm), "clip_gradients: max_norm must be finite and > 0, got ",
                max_norm);
     constexpr const char* where = "ExpertDataParallel::clip_gradients";
     const ParameterList params = opt.trainable_parameters();
     const Split s = split(params);
-    double slices = cpu::sum_of_squares(train::detail::host_grads(s.sharded, where));
-    allreduce_sum(*experts_, std::span<double>(&slices, 1));
-    const float total =
-        float(std::sqrt(cpu::sum_of_squares(train::detail::host_grads(s.replicated, where)) + slices));
-    if (!std::isfinite(total)) train::detail::fail_nonfinite(params, total, step, [](const Tensor& g) { return g; });
-    cpu::scale_gradients(train::detail::host_grads(params, where), cpu::clip_coefficient(total, max_norm));
-    return total;
+    if constexpr (B::device == Device::cpu) {
+      double slices = cpu::sum_of_squares(train::detail::host_grads(s.sharded, where));
+      allreduce_sum(*experts_, std::span<double>(&slices, 1));
+      const float total =
+          float(std::sqrt(cpu::sum_of_squares(train::detail::host_grads(s.replicated, where)) + slices));
+      if (!std::isfinite(total)) train::detail::fail_nonfinite(params, total, step, [](const Tensor& g) { return g; });
+      cpu::scale_gradients(train::detail::host_grads(params, where), cpu::clip_coefficient(total, max_norm));
+      return total;
+    } else {
+      // On the device: each part's norm by the backend (its squares summed in double there, the result fp32),
+      // squared back in double on the host. Not the CPU form's bits (that keeps each part's sum of squares in
+      // double), but the same norm on every rank, which is what the replicas' identical steps need.
+      const B& be = opt.backend();
+      auto grads = [](const ParameterList& ps) {
+        std::vector<Tensor> g;
+        for (const Parameter* p : ps)
+          if (p->trainable && p->grad.defined()) g.push_back(p->grad);
+        return g;
+      };
+      const double ns = be.item(be.grad_norm(grads(s.sharded))), nr = be.item(be.grad_norm(grads(s.replicated)));
+      double slices = ns * ns;
+      allreduce_sum(*experts_, std::span<double>(&slices, 1));
+      const float total = float(std::sqrt(nr * nr + slices));
+      if (!std::isfinite(total))
+        train::detail::fail_nonfinite(params, total, step, [&](const Tensor& g) { return be.to_host(g); });
+      const float coef = cpu::clip_coefficient(total, max_norm);
+      for (Tensor g : grads(params)) be.scale(g, coef);
+      return total;
+    }
   }
 
   // Whole moments (a checkpoint loaded before the model was sharded) → this rank's slices.
@@ -141,8 +162,8 @@ class ExpertDataParallel {
       if (!s) continue;
       typename train::AdamW<B>::State whole;
       whole.step = s->step;
-      whole.exp_avg = Tensor::empty(p->value.shape());
-      whole.exp_avg_sq = Tensor::empty(p->value.shape());
+      whole.exp_avg = Tensor::empty(p->value.shape(), DType::f32, p->value.device());
+      whole.exp_avg_sq = Tensor::empty(p->value.shape(), DType::f32, p->value.device());
       allgather_rows(*experts_, s->exp_avg, whole.exp_avg);
       allgather_rows(*experts_, s->exp_avg_sq, whole.exp_avg_sq);
       opt.set_state(*p, std::move(whole));

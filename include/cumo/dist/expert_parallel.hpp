@@ -10,9 +10,15 @@
 //   local experts as in one process                                         → out_local (rows_local, O)
 //   the same pieces back                                                    → out (rows, O), in xs's order
 //
-// The backward sends d out the same way and d xs back. Dropless, host (CPU) memory; the order of every row is a
-// function of the routing alone, so the exchange is deterministic. A rank that receives no row runs its experts on
-// zero rows, which every kernel accepts.
+// The backward sends d out the same way and d xs back. Dropless; the order of every row is a function of the
+// routing alone, so the exchange is deterministic. A rank that receives no row runs its experts on zero rows, which
+// every kernel accepts.
+//
+// The rows live where the block computes: host memory over a host engine (MPI), or GPU memory over an engine that
+// moves device memory (NCCL: Communicator::moves_device_memory). The per-expert counts always travel as host
+// integers (read from the plan's host offsets: on the GPU backend, the forward's one host sync), because the sizes
+// of the exchange and of the local expert GEMMs are host decisions. The GPU form is UNVERIFIED: compiled, never run
+// on a GPU (docs/distributed.md).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -27,12 +33,20 @@
 
 namespace cumo::dist {
 
+// Tensors on `device` can go through `group`: host memory always, device memory over an engine that moves it.
+inline void check_engine_moves(const Communicator& group, const char* where, Device device) {
+  CUMO_CHECK(device == Device::cpu || group.moves_device_memory(), where, ": the rows are in '", name_of(device),
+             "' memory but the communicator's engine (", group.engine(), ") moves host memory only; GPU ranks "
+             "exchange over NCCL (dist::NcclCommunicator)");
+}
+
 // whole (E, …) ← the group's local (E/K, …) slices in rank order: rank q's slice becomes rows [q·E/K, (q+1)·E/K)
-// (shard_experts' split). Every rank of the group calls it with its own slice; host tensors of one dtype.
+// (shard_experts' split). Every rank of the group calls it with its own slice; tensors of one dtype on one device
+// (a device needs an engine that moves device memory).
 inline void allgather_rows(Communicator& group, const Tensor& local, Tensor& whole) {
   constexpr const char* where = "dist::allgather_rows";
-  check_device(where, "local", local, Device::cpu);
-  check_device(where, "whole", whole, Device::cpu);
+  check_device(where, "whole", whole, local.device());
+  check_engine_moves(group, where, local.device());
   check_dtype(where, "whole", whole, local.dtype());
   CUMO_CHECK(whole.is_contiguous(), where, ": whole (shape ", whole.shape(), ") is not contiguous");
   Shape want = local.shape();
@@ -79,10 +93,13 @@ class ExpertExchange {
   // xs (rows, H) in the order of `plan` (expert-sorted over all E experts) → s.xs_local and s.local.
   void dispatch(const Tensor& xs, const DispatchPlan& plan, Saved& s) const {
     constexpr const char* where = "ExpertExchange::dispatch";
-    check_device(where, "xs", xs, Device::cpu);
+    check_engine_moves(*group_, where, xs.device());
     check_dtype(where, "xs", xs, DType::f32);
-    CUMO_CHECK(plan.experts == experts_ && std::int64_t(plan.host_offsets.size()) == experts_ + 1, where,
-               ": the plan is over ", plan.experts, " experts but the exchange over ", experts_);
+    CUMO_CHECK(plan.experts == experts_, where, ": the plan is over ", plan.experts, " experts but the exchange over ",
+               experts_);
+    CUMO_CHECK(std::int64_t(plan.host_offsets.size()) == experts_ + 1, where, ": the plan has no row counts on the "
+               "host (the GPU backend's gpu::Options::plan_host_offsets is off): expert parallelism needs them to size "
+               "the exchange");
     CUMO_CHECK(xs.dim() == 2 && xs.size(0) == plan.rows(), where, ": xs has shape ", xs.shape(), " but the plan has ",
                plan.rows(), " rows");
     const int K = group_->size(), El = local_experts();
@@ -118,6 +135,10 @@ class ExpertExchange {
     s.rows_local = at;
     s.local.tokens = at;
     s.local.top_k = 1;  // rows() = host_offsets.back(); the local plan's rows are the received ones
+    // the offsets as a tensor too, on the rows' device (the GPU's device-offsets GEMM reads them there)
+    Tensor offsets = Tensor::empty({El + 1}, DType::i32);  // (E/K + 1)
+    for (int e = 0; e <= El; ++e) offsets.data<std::int32_t>()[e] = std::int32_t(s.local.host_offsets[std::size_t(e)]);
+    s.local.offsets = xs.device() == Device::cpu ? offsets : offsets.to(xs.device());
     s.xs_local = to_local(xs, s);
   }
 
@@ -125,7 +146,7 @@ class ExpertExchange {
   Tensor to_local(const Tensor& rows, const Saved& s) const {
     const std::int64_t W = rows.size(1);
     const Tensor sent = rows.contiguous();
-    Tensor local = Tensor::empty({s.rows_local, W});  // (rows_local, W) expert-major
+    Tensor local = Tensor::empty({s.rows_local, W}, DType::f32, rows.device());  // (rows_local, W) expert-major
     const auto [contiguous, blocks] = pieces(s, W);
     group_->alltoallv_pieces(sent.data<float>(), contiguous, local.data<float>(), blocks);
     return local;
@@ -139,7 +160,7 @@ class ExpertExchange {
     std::int64_t rows = 0;
     for (std::int64_t r : s.send_rows) rows += r;
     const Tensor held = local.contiguous();
-    Tensor back = Tensor::empty({rows, W});  // (rows, W)
+    Tensor back = Tensor::empty({rows, W}, DType::f32, local.device());  // (rows, W)
     const auto [contiguous, blocks] = pieces(s, W);
     group_->alltoallv_pieces(held.data<float>(), blocks, back.data<float>(), contiguous);
     return back;

@@ -155,6 +155,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string_view engine() const override { return "nccl"; }
+  bool moves_device_memory() const override { return true; }
   double timeout_s() const { return timeout_s_; }
   ncclComm_t handle() const { return comm_; }
   // The collectives run on the backend's stream: they follow the kernels that produced their inputs.
@@ -171,13 +172,42 @@ class NcclCommunicator final : public Communicator {
     device_alltoallv(static_cast<const char*>(dsend), send_bytes, static_cast<char*>(drecv), recv_bytes);
     from_device(recv, drecv, received);
   }
-  // Scattered pieces of host memory (the base class stages them); on device memory the two sides' pieces need not
-  // line up, which NCCL's pairwise send/recv cannot express: not written (the GPU expert exchange would need it).
+  // Scattered pieces. Host memory: the base class stages them. Device memory (the expert exchange of GPU ranks): the
+  // two sides' pieces need not line up, which NCCL's pairwise send/recv cannot express, so they are packed into one
+  // contiguous run per rank on the GPU (device-to-device copies on the stream), exchanged by one alltoallv, and
+  // unpacked into place: two extra passes over the bytes at HBM speed, against an exchange at link speed.
   void alltoallv_pieces(const void* send, std::span<const std::vector<Segment>> send_pieces, void* recv,
                         std::span<const std::vector<Segment>> recv_pieces) override {
-    CUMO_CHECK(!detail::is_device_pointer(send) && !detail::is_device_pointer(recv), "NcclCommunicator::"
-               "alltoallv_pieces: device memory is not supported (expert parallelism runs on CPU ranks)");
-    Communicator::alltoallv_pieces(send, send_pieces, recv, recv_pieces);
+    const bool dsend = detail::is_device_pointer(send), drecv = detail::is_device_pointer(recv);
+    if (!dsend && !drecv) return Communicator::alltoallv_pieces(send, send_pieces, recv, recv_pieces);
+    CUMO_CHECK(dsend == drecv, "NcclCommunicator::alltoallv_pieces: the send buffer is in ",
+               dsend ? "device" : "host", " memory but the receive buffer in ", drecv ? "device" : "host",
+               " memory (both must be on the same side)");
+    const auto ranks = std::size_t(size_);
+    CUMO_CHECK(send_pieces.size() == ranks && recv_pieces.size() == ranks, "NcclCommunicator::alltoallv_pieces: ",
+               send_pieces.size(), " send and ", recv_pieces.size(), " receive lists for ", ranks, " ranks");
+    std::vector<std::int64_t> send_bytes(ranks, 0), recv_bytes(ranks, 0);
+    for (std::size_t q = 0; q < ranks; ++q) {
+      for (const Segment& p : send_pieces[q]) send_bytes[q] += p.bytes;
+      for (const Segment& p : recv_pieces[q]) recv_bytes[q] += p.bytes;
+    }
+    char* packed = static_cast<char*>(scratch(0, total(send_bytes)));
+    char* unpacked = static_cast<char*>(scratch(1, total(recv_bytes)));
+    std::int64_t at = 0;
+    for (std::size_t q = 0; q < ranks; ++q)
+      for (const Segment& p : send_pieces[q]) {
+        if (p.bytes > 0) copy(packed + at, static_cast<const char*>(send) + p.offset, p.bytes, cudaMemcpyDeviceToDevice);
+        at += p.bytes;
+      }
+    device_alltoallv(packed, send_bytes, unpacked, recv_bytes);
+    at = 0;
+    for (std::size_t q = 0; q < ranks; ++q)
+      for (const Segment& p : recv_pieces[q]) {
+        if (p.bytes > 0) copy(static_cast<char*>(recv) + p.offset, unpacked + at, p.bytes, cudaMemcpyDeviceToDevice);
+        at += p.bytes;
+      }
+    // (no wait: the unpacking copies are ordered on the stream before any later use of the scratch buffers or of
+    // `recv`; device_alltoallv already waited for the exchange, so a dead peer was caught there)
   }
   void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) override {
     check_counts("allgatherv", recv_bytes);

@@ -119,11 +119,11 @@ class SparseMoE {
   // ---- expert parallelism (dist/expert_parallel.hpp) --------------------------------------------------------
   // Keeps only this rank's E/K experts of an expert-parallel group of K ranks (rank r: experts [r·E/K, (r+1)·E/K),
   // their current weights) and from now on sends every routed row to the rank holding its expert and back. The
-  // router stays whole. Every rank of `group` calls it, on the same weights; dropless, CPU only. After it the
-  // experts' parameters are the local slice: their gradients are this rank's experts' over the whole group's tokens.
+  // router stays whole. Every rank of `group` calls it, on the same weights; dropless. A GPU block needs a group
+  // whose engine moves device memory (NCCL; unverified: never run on a GPU). After it the experts' parameters are
+  // the local slice: their gradients are this rank's experts' over the whole group's tokens.
   void shard_experts(dist::Communicator& group) {
-    CUMO_CHECK(Backend::device == Device::cpu, "SparseMoE::shard_experts: expert parallelism runs on the CPU "
-               "backend (host buffers over MPI); the exchange between GPU ranks (NCCL) is not written");
+    dist::check_engine_moves(group, "SparseMoE::shard_experts", Backend::device);
     CUMO_CHECK(options_.capacity_factor <= 0.f, "SparseMoE::shard_experts: expert parallelism is dropless; this "
                "block has capacity_factor ", options_.capacity_factor);
     CUMO_CHECK(!ep_, "SparseMoE::shard_experts: the experts are sharded already");
