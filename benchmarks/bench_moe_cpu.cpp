@@ -7,8 +7,11 @@
 // (T·k rows through one expert-sized SwiGLU FFN: gate_up (2F, H), down (H, F)) forward and forward+backward;
 // and the dispatch alone (router GEMM + softmax/top-k + plan + gather + combine). After the run a table prints
 // each layer's throughput as a ratio of the dense baseline's, and dispatch as a share of the layer.
+// Inference (`*_prepacked`, oneDNN builds): the weights packed once (cpu::prepack_weight, SparseMoE::prepack_experts)
+// for the MoE layer and for the dense baseline alike; its ratio is against the faster of the two dense forwards.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -64,6 +67,18 @@ void BM_moe_forward(benchmark::State& st, ShapeCfg s) {
   set_counters(st, s, expert_flops(s));
 }
 
+// Inference: the experts' weights packed once, no activations kept for a backward.
+void BM_moe_forward_prepacked(benchmark::State& st, ShapeCfg s) {
+  Fixture f(s);
+  if (f.moe.prepack_experts() == 0) {
+    st.SkipWithError("no packed weights in this build (oneDNN only)");
+    return;
+  }
+  for (auto _ : st) benchmark::DoNotOptimize(f.moe.forward(f.x, ForwardArgs{1, false}).y.raw());
+  f.moe.release_packed_experts();
+  set_counters(st, s, expert_flops(s));
+}
+
 void BM_moe_forward_backward(benchmark::State& st, ShapeCfg s) {
   Fixture f(s);
   for (auto _ : st) {
@@ -112,6 +127,21 @@ void BM_dense_forward(benchmark::State& st, ShapeCfg s) {
     d.forward();
     benchmark::DoNotOptimize(d.y.raw());
   }
+  set_counters(st, s, expert_flops(s));
+}
+
+// The dense baseline with its two weights packed once as well (the best dense forward this build has).
+void BM_dense_forward_prepacked(benchmark::State& st, ShapeCfg s) {
+  Dense d(s);
+  if (!cpu::prepack_weight(d.wgu) || !cpu::prepack_weight(d.wd)) {
+    st.SkipWithError("no packed weights in this build (oneDNN only)");
+    return;
+  }
+  for (auto _ : st) {
+    d.forward();
+    benchmark::DoNotOptimize(d.y.raw());
+  }
+  cpu::release_packed_weights();
   set_counters(st, s, expert_flops(s));
 }
 
@@ -173,6 +203,8 @@ int main(int argc, char** argv) {
     };
     reg("dense_forward", BM_dense_forward);
     reg("moe_forward", BM_moe_forward);
+    reg("dense_forward_prepacked", BM_dense_forward_prepacked);
+    reg("moe_forward_prepacked", BM_moe_forward_prepacked);
     reg("dispatch", BM_dispatch);
     if (!big) {
       reg("dense_forward_backward", BM_dense_forward_backward);
@@ -190,6 +222,15 @@ int main(int argc, char** argv) {
       const auto d = reporter.times.find(std::string("dense_") + pass + "/" + s.name);
       if (m == reporter.times.end() || d == reporter.times.end()) continue;
       std::printf("%-22s %-18s %12.2f %12.2f %14.3f\n", s.name, pass, m->second, d->second, d->second / m->second);
+    }
+    // inference: the packed MoE forward against the faster dense forward (plain or packed)
+    const auto mp = reporter.times.find(std::string("moe_forward_prepacked/") + s.name);
+    const auto dp = reporter.times.find(std::string("dense_forward_prepacked/") + s.name);
+    const auto d = reporter.times.find(std::string("dense_forward/") + s.name);
+    if (mp != reporter.times.end() && dp != reporter.times.end() && d != reporter.times.end()) {
+      const double best = std::min(d->second, dp->second);
+      std::printf("%-22s %-18s %12.2f %12.2f %14.3f   (dense plain %.2f, packed %.2f ms)\n", s.name,
+                  "forward_prepacked", mp->second, best, best / mp->second, d->second, dp->second);
     }
     const auto disp = reporter.times.find(std::string("dispatch/") + s.name);
     const auto m = reporter.times.find(std::string("moe_forward/") + s.name);

@@ -123,6 +123,9 @@ class Tensor {
 
   // ---- properties -------------------------------------------------------------------------------------------
   bool defined() const { return storage_ != nullptr; }
+  // A weak reference to the allocation: a cache derived from this tensor's bytes (cpu::prepack_weight) learns from
+  // it whether the allocation still exists, without keeping it alive.
+  std::weak_ptr<const Storage> storage_ref() const { return storage_; }
   const Shape& shape() const { return shape_; }
   const Shape& strides() const { return stride_; }
   std::int64_t size(int d) const { return shape_[d]; }

@@ -147,6 +147,25 @@ class SparseMoE {
     ep_.reset();
   }
   bool experts_sharded() const { return ep_.has_value(); }
+
+  // ---- inference: the experts' weights packed once (backend/cpu/packed_weights.hpp) --------------------------
+  // Packs the experts' fp32 weights into oneDNN's matmul layout for the forward's grouped GEMMs, which otherwise
+  // pack each weight again for every call's few rows (docs/benchmarks.md: 1.2–1.7× faster expert products at the
+  // SPEC's shapes). For inference: a weight changed afterwards (an optimizer step, a load) is noticed by a sampled
+  // check and read unpacked again — call it again after an update. The backward reads the weights themselves.
+  // Returns how many weights were packed: 0 in a build without oneDNN, or for bf16/f16 weights (their products
+  // convert a block at a time instead). CPU backend.
+  int prepack_experts() {
+    CUMO_CHECK(Backend::device == Device::cpu, "SparseMoE::prepack_experts: packed weights are the CPU backend's "
+               "(oneDNN); on the GPU, cuBLAS reads the weights as they are");
+    int packed = 0;
+    for (Parameter* p : experts_.parameters())
+      if (p->value.dim() == 3 && p->value.dtype() == DType::f32) packed += cpu::prepack_weight(p->value) ? 1 : 0;
+    return packed;
+  }
+  void release_packed_experts() {
+    for (Parameter* p : experts_.parameters()) cpu::release_packed_weight(p->value);
+  }
   const dist::ExpertExchange* expert_exchange() const { return ep_ ? &*ep_ : nullptr; }
 
   // ---- forward ----------------------------------------------------------------------------------------------

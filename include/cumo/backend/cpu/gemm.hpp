@@ -69,7 +69,19 @@ inline void gemm(Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t 
 #endif
 }
 
-// Matrix views of 2-D fp32 CPU tensors with unit column stride.
+#if defined(CUMO_CPU_DNNL)
+namespace detail {
+// The process's oneDNN CPU engine (made once; null when oneDNN cannot make one), for the matmul primitives.
+inline dnnl_engine_t dnnl_cpu_engine() {
+  static const dnnl_engine_t engine = [] {
+    dnnl_engine_t e = nullptr;
+    return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
+  }();
+  return engine;
+}
+}  // namespace detail
+#endif
+
 // y (m, n) = beta·y + bf16(x) (m, k) · w (n, k)ᵀ on the CPU's bf16 dot-product instructions (AVX512-BF16, AMX), for a
 // bf16 weight w (row stride ldw) and fp32 x (row stride ldx) rounded to bf16 (nearest even) as it is read; products
 // accumulate in fp32 (oneDNN's matmul, threaded by OpenMP outside a parallel region). Returns false — nothing
@@ -94,10 +106,7 @@ inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const f
                          const std::uint16_t* w, std::int64_t ldw, float beta, float* y, std::int64_t ldy) {
 #if defined(CUMO_CPU_DNNL)
   if (!bf16_gemm_available() || m == 0 || n == 0 || k == 0) return false;
-  static dnnl_engine_t engine = [] {
-    dnnl_engine_t e = nullptr;
-    return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
-  }();
+  const dnnl_engine_t engine = detail::dnnl_cpu_engine();
   if (engine == nullptr) return false;
   std::vector<std::uint16_t> xb(std::size_t(m * k));  // (m, k) bf16, rounded as Tensor::to(bf16) rounds
   for (std::int64_t r = 0; r < m; ++r)
@@ -154,6 +163,7 @@ inline bool bf16_gemm_nt(std::int64_t m, std::int64_t n, std::int64_t k, const f
 #endif
 }
 
+// A matrix view of a 2-D fp32 CPU tensor with unit column stride.
 inline MatrixMap as_matrix(const Tensor& t) {
   CUMO_CHECK(t.dim() == 2 && t.strides()[1] == 1, "as_matrix: need a 2-D row-major tensor, got shape ", t.shape());
   return MatrixMap(t.data<float>(), t.size(0), t.size(1), Eigen::OuterStride<>(t.strides()[0]));

@@ -57,6 +57,9 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   const float* W = wide ? w.data<float>() : nullptr;
   const char* Wn = static_cast<const char*>(w.raw());
   float* C = c.data<float>();
+#if defined(CUMO_CPU_DNNL)
+  const detail::PackedWeight* packed = wide ? detail::find_packed(w) : nullptr;  // prepack_weight (inference)
+#endif
   detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
     const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;
     if (n == 0) return;
@@ -64,6 +67,11 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
     // As cpu::linear: the bias first, then the product accumulated onto it (no zeroing pass, no second pass).
     if (bias) Ce.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(bias->data<float>() + e * N, N);
     const float beta = bias ? 1.f : 0.f;
+#if defined(CUMO_CPU_DNNL)
+    if (packed)
+      packed->product(e, n, A + r0 * K, K, bias != nullptr, C + r0 * N, N);
+    else
+#endif
     if (wide)
       gemm(Op::N, Op::T, n, N, K, 1.f, A + r0 * K, K, W + e * N * K, K, beta, C + r0 * N, N);
     else

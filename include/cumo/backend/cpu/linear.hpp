@@ -13,6 +13,7 @@
 #endif
 
 #include "cumo/backend/cpu/gemm.hpp"
+#include "cumo/backend/cpu/packed_weights.hpp"
 #include "cumo/backend/cpu/parallel.hpp"
 #include "cumo/core/tensor.hpp"
 
@@ -149,6 +150,11 @@ inline void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor&
     as_matrix(y).rowwise() = b;
     beta = 1.f;
   }
+#if defined(CUMO_CPU_DNNL)
+  if (const auto* packed = (beta == 0.f || beta == 1.f) ? detail::find_packed(w) : nullptr)  // prepack_weight
+    packed->product(0, m, x.data<float>(), x.strides()[0], beta == 1.f, y.data<float>(), y.strides()[0]);
+  else
+#endif
   if (w.dtype() == DType::f32)
     gemm(Op::N, Op::T, m, n, k, 1.f, x.data<float>(), x.strides()[0], w.data<float>(), w.strides()[0], beta,
          y.data<float>(), y.strides()[0]);
