@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -106,6 +107,34 @@ TEST_CASE("cpu prepack_weight: grouped_linear on packed expert weights matches a
   CHECK(cpu::detail::find_packed(w) != nullptr);  // still current: nothing changed the weight
 }
 
+TEST_CASE("cpu prepack_weight: the products read the packed snapshot (an edit the sample misses shows only after "
+          "packing again)") {
+  Cleanup cleanup;
+  Rng rng(35);
+  const std::vector<std::int64_t> off{0, 20, 45, 45, 70};
+  const std::int64_t N = 64, K = 96, slice = N * K;
+  const Tensor a = randn({70, K}, rng);
+  Tensor w = randn({4, N, K}, rng, 0.1f);
+  REQUIRE(cpu::prepack_weight(w));
+  const auto packed = cpu::detail::find_packed(w);
+  REQUIRE(packed);
+  MESSAGE("oneDNN kernel on the packed weights: " << std::string(packed->implementation()));
+  const std::vector<double> before = grouped_reference(a, w, nullptr, off);
+  // expert 1, row 0, column 1: not one of the sampled elements (the middle of each sixteenth of a slice)
+  w.data<float>()[1 * slice + 1] += 100.f;
+  const std::vector<double> after = grouped_reference(a, w, nullptr, off);
+  Tensor c = Tensor::empty({70, N});
+  cpu::grouped_linear(a, w, nullptr, off, c);
+  CHECK(rel_max(c, before) < 1e-5);  // the snapshot, not w: the packed path ran
+  CHECK(rel_max(c, after) > 1e-2);
+  REQUIRE(cpu::prepack_weight(w));  // packed again: the edit is in
+  cpu::grouped_linear(a, w, nullptr, off, c);
+  CHECK(rel_max(c, after) < 1e-5);
+  // a view at the weight's address with another shape misses without dropping the whole weight's copy
+  CHECK(cpu::detail::find_packed(w.select(0, 0)) == nullptr);
+  CHECK(cpu::detail::find_packed(w) != nullptr);
+}
+
 TEST_CASE("cpu prepack_weight: linear on a packed 2-D weight, strided x, bias first and accumulation") {
   Cleanup cleanup;
   Rng rng(32);
@@ -201,7 +230,8 @@ void check_block_prepacked() {
   for (Block* b : {&packed, &plain})
     for (Parameter* p : b->parameters())
       if (p->value.dtype() == DType::f32)
-        for (std::int64_t i = 0; i < p->value.numel(); ++i) p->value.data<float>()[i] -= 1e-3f * p->grad.data<float>()[i];
+        for (std::int64_t i = 0; i < p->value.numel(); ++i)
+          p->value.data<float>()[i] -= 1e-3f * p->grad.data<float>()[i];
   CHECK(bitwise_equal(packed.forward(x, ForwardArgs{1, false}).y, plain.forward(x, ForwardArgs{1, false}).y));
   CHECK(cpu::packed_weight_count() == 0);
   packed.release_activations();

@@ -163,6 +163,34 @@ TEST_CASE("scattered pieces on host and on device memory") {
   cudaFree(d);
 }
 
+TEST_CASE("scattered pieces on device memory with an empty side (a null buffer: no rows to send, or none to receive)") {
+  dist::NcclCommunicator& c = *g_nccl;
+  const int R = c.rank(), N = c.size();
+  if (N == 1) {  // one rank sends itself what it receives: no side can be empty while the other is not
+    MESSAGE("one rank: the empty-side exchange needs two (nccl_np2)");
+    return;
+  }
+  // rank 0 sends 3 bytes to every other rank and receives nothing (recv = null); the others send nothing
+  // (send = null) and receive rank 0's 3 bytes in two pieces, reversed
+  std::vector<std::vector<dist::Segment>> sp(static_cast<std::size_t>(N)), rp(static_cast<std::size_t>(N));
+  std::vector<std::uint8_t> send, want;
+  if (R == 0) {
+    for (int q = 1; q < N; ++q) {
+      sp[std::size_t(q)] = {{3 * (q - 1), 3}};
+      for (int i = 0; i < 3; ++i) send.push_back(std::uint8_t(10 * q + i));
+    }
+  } else {
+    rp[0] = {{1, 2}, {0, 1}};
+    want = {std::uint8_t(10 * R + 2), std::uint8_t(10 * R), std::uint8_t(10 * R + 1)};
+  }
+  std::uint8_t* ds = send.empty() ? nullptr : device_copy(send);
+  std::uint8_t* dr = want.empty() ? nullptr : device_copy(std::vector<std::uint8_t>(want.size(), 0));
+  CHECK_NOTHROW(c.alltoallv_pieces(ds, sp, dr, rp));
+  if (dr) CHECK(host_copy(dr, want.size()) == want);
+  cudaFree(ds);
+  cudaFree(dr);
+}
+
 TEST_CASE("primitives on device memory") {
   check_alltoallv(true);
   check_allgatherv(true);
@@ -344,13 +372,17 @@ void check_expert_parallel_on_device(Tokens mode) {
   GpuBlock again = make_gpu_block(skewed);
   const ParameterList back = ep.parameters(), fresh = again.parameters();
   int differ = 0;
-  for (std::size_t i = 0; i < back.size(); ++i) differ += !bitwise_equal(host_of(back[i]->value), host_of(fresh[i]->value));
+  for (std::size_t i = 0; i < back.size(); ++i)
+    differ += !bitwise_equal(host_of(back[i]->value), host_of(fresh[i]->value));
   CHECK(differ == 0);
 }
 }  // namespace
 
 TEST_CASE("expert parallel on device rows: the sharded block's forward and backward equal the whole block's") {
-  if (kE % g_nccl->size() != 0) return;  // E = 4 over 3 ranks does not split
+  if (kE % g_nccl->size() != 0) {
+    MESSAGE("E = 4 experts do not split over ", g_nccl->size(), " ranks: nothing to check");
+    return;
+  }
   SUBCASE("tokens spread over every expert") { check_expert_parallel_on_device(Tokens::spread); }
   SUBCASE("ranks that receive no row") { check_expert_parallel_on_device(Tokens::skewed); }
   if (g_nccl->size() > 1)

@@ -178,11 +178,6 @@ class NcclCommunicator final : public Communicator {
   // unpacked into place: two extra passes over the bytes at HBM speed, against an exchange at link speed.
   void alltoallv_pieces(const void* send, std::span<const std::vector<Segment>> send_pieces, void* recv,
                         std::span<const std::vector<Segment>> recv_pieces) override {
-    const bool dsend = detail::is_device_pointer(send), drecv = detail::is_device_pointer(recv);
-    if (!dsend && !drecv) return Communicator::alltoallv_pieces(send, send_pieces, recv, recv_pieces);
-    CUMO_CHECK(dsend == drecv, "NcclCommunicator::alltoallv_pieces: the send buffer is in ",
-               dsend ? "device" : "host", " memory but the receive buffer in ", drecv ? "device" : "host",
-               " memory (both must be on the same side)");
     const auto ranks = std::size_t(size_);
     CUMO_CHECK(send_pieces.size() == ranks && recv_pieces.size() == ranks, "NcclCommunicator::alltoallv_pieces: ",
                send_pieces.size(), " send and ", recv_pieces.size(), " receive lists for ", ranks, " ranks");
@@ -191,8 +186,18 @@ class NcclCommunicator final : public Communicator {
       for (const Segment& p : send_pieces[q]) send_bytes[q] += p.bytes;
       for (const Segment& p : recv_pieces[q]) recv_bytes[q] += p.bytes;
     }
-    char* packed = static_cast<char*>(scratch(0, total(send_bytes)));
-    char* unpacked = static_cast<char*>(scratch(1, total(recv_bytes)));
+    const std::int64_t sent = total(send_bytes), received = total(recv_bytes);
+    // Only a side that moves bytes says where its buffer is: an empty one (a rank with no rows to send, or none to
+    // receive) may be a null pointer, which is no device pointer. Every path below ends in the same single
+    // device_alltoallv, so ranks that take different paths still make matching NCCL calls.
+    const bool dsend = sent > 0 && detail::is_device_pointer(send);
+    const bool drecv = received > 0 && detail::is_device_pointer(recv);
+    if (!dsend && !drecv) return Communicator::alltoallv_pieces(send, send_pieces, recv, recv_pieces);
+    CUMO_CHECK((sent == 0 || dsend) && (received == 0 || drecv), "NcclCommunicator::alltoallv_pieces: the send "
+               "buffer is in ", dsend ? "device" : "host", " memory but the receive buffer in ",
+               drecv ? "device" : "host", " memory (both must be on the same side)");
+    char* packed = static_cast<char*>(scratch(0, sent));
+    char* unpacked = static_cast<char*>(scratch(1, received));
     std::int64_t at = 0;
     for (std::size_t q = 0; q < ranks; ++q)
       for (const Segment& p : send_pieces[q]) {

@@ -149,10 +149,11 @@ class SparseMoE {
   bool experts_sharded() const { return ep_.has_value(); }
 
   // ---- inference: the experts' weights packed once (backend/cpu/packed_weights.hpp) --------------------------
-  // Packs the experts' fp32 weights into oneDNN's matmul layout for the forward's grouped GEMMs, which otherwise
-  // pack each weight again for every call's few rows (docs/benchmarks.md: 1.2–1.7× faster expert products at the
-  // SPEC's shapes). For inference: a weight changed afterwards (an optimizer step, a load) is noticed by a sampled
-  // check and read unpacked again — call it again after an update. The backward reads the weights themselves.
+  // Lays the experts' fp32 weights out once the way oneDNN's matmul reads them best (here: transposed) for the
+  // forward's grouped GEMMs, whose per-call packing from PyTorch's layout is slow at an expert's few rows
+  // (docs/benchmarks.md: the Mixtral-like forward 0.81 → 0.98 of the best dense). For inference: a weight changed
+  // afterwards (an optimizer step, a load) is noticed by a sampled check and read unpacked again — call it again
+  // after an update. The backward reads the weights themselves.
   // Returns how many weights were packed: 0 in a build without oneDNN, or for bf16/f16 weights (their products
   // convert a block at a time instead). CPU backend.
   int prepack_experts() {

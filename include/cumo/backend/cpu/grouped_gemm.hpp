@@ -58,7 +58,7 @@ inline void grouped_linear(const Tensor& a, const Tensor& w, const Tensor* bias,
   const char* Wn = static_cast<const char*>(w.raw());
   float* C = c.data<float>();
 #if defined(CUMO_CPU_DNNL)
-  const detail::PackedWeight* packed = wide ? detail::find_packed(w) : nullptr;  // prepack_weight (inference)
+  const auto packed = wide ? detail::find_packed(w) : nullptr;  // prepack_weight (inference)
 #endif
   detail::for_each_group(off, 2 * N * K, [&](std::int64_t e) {
     const std::int64_t r0 = off[std::size_t(e)], n = off[std::size_t(e) + 1] - r0;

@@ -151,7 +151,7 @@ inline void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor&
     beta = 1.f;
   }
 #if defined(CUMO_CPU_DNNL)
-  if (const auto* packed = (beta == 0.f || beta == 1.f) ? detail::find_packed(w) : nullptr)  // prepack_weight
+  if (const auto packed = (beta == 0.f || beta == 1.f) ? detail::find_packed(w) : nullptr)  // prepack_weight
     packed->product(0, m, x.data<float>(), x.strides()[0], beta == 1.f, y.data<float>(), y.strides()[0]);
   else
 #endif

@@ -1,13 +1,18 @@
 #pragma once
-// cpu::prepack_weight: fp32 Linear weights reordered once into the blocked layout of oneDNN's matmul, for inference.
+// cpu::prepack_weight: fp32 Linear weights reordered once into the layout oneDNN's matmul picks, for inference.
 //
-// dnnl_sgemm packs its weight operand on every call. At an expert's few rows (64 at the SPEC's Mixtral-like shape,
-// T = 256) that packing costs a third of the product (docs/benchmarks.md: 70–84 GFLOP/s per core against 103–107 at
-// 512 rows). A weight that stays fixed — inference — can be packed once:
+// dnnl_sgemm packs its weight operand into panels on every call, and from PyTorch's (N, K) layout (the product is
+// x·Wᵀ) that packing is slow: at an expert's few rows (64 at the SPEC's Mixtral-like shape, T = 256) the product
+// reaches 70–84 GFLOP/s per core against 103–107 at 512 rows (docs/benchmarks.md). A weight that stays fixed —
+// inference — can be laid out once the way the GEMM reads it best:
 //
 //   prepack_weight(w)      w (N, K), or stacked experts (E, N, K): each (N, K) slice reordered once into the layout
-//                          oneDNN's matmul chose for it; a matmul with a runtime row count then multiplies by the
-//                          packed copy, the same copy for every M
+//                          oneDNN's matmul with a runtime row count picks for it (format `any`), and that matmul
+//                          then multiplies by the copy, the same copy for every M. With oneDNN 2.6 on AVX-512 the
+//                          layout it picks is the plain transposed weight, Wᵀ (K, N) row-major (kernel `gemm:jit`):
+//                          the gain is that orientation, whose per-call panel packing is cheap (sgemm 'N','N' on a
+//                          transposed copy measures the same: 92 against 69 GFLOP/s at 64 × 1024 → 7168, one
+//                          core), not a blocked layout. An ISA or version where oneDNN picks a blocked one uses it.
 //   cpu::linear, cpu::grouped_linear
 //                          look the weight up (one hash lookup; none at all while nothing is packed) and multiply by
 //                          its packed copy when there is one, else call the GEMM as before
@@ -20,9 +25,10 @@
 // that touches none of the sampled elements (a hand edit of a few values) is not seen: call prepack_weight again
 // after one. Copies whose weights were freed are dropped at the next prepack or release.
 //
-// Results: another kernel than dnnl_sgemm (blocked weights, its own order of sums), so outputs differ from the
-// unpacked path by fp32 rounding; for a given thread count they are deterministic. The products run serially inside
-// an OpenMP parallel region (the experts' one-per-thread schedule) and threaded outside one, as dnnl_sgemm does.
+// Results: another kernel call than the unpacked path's (another operand layout, its own order of sums), so outputs
+// differ from the unpacked path's by fp32 rounding; for a given thread count they are deterministic. The products
+// run serially inside an OpenMP parallel region (the experts' one-per-thread schedule) and threaded outside one, as
+// dnnl_sgemm does.
 // Memory: one more copy of every packed weight. Builds without oneDNN (Eigen, BLAS): prepack_weight returns false and
 // nothing changes. prepack and release must not run while another thread multiplies by a packed weight.
 #include <atomic>
@@ -32,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "cumo/backend/cpu/gemm.hpp"
@@ -63,20 +70,14 @@ class PackedWeight {
     accumulate_ = make_primitive(1.f);
     CUMO_CHECK(dnnl_memory_desc_equal(&plain_.weights, &accumulate_.weights), "cpu::prepack_weight: oneDNN chose "
                "two weight layouts for one shape (with and without accumulation); not packed");
-    slice_bytes_ = dnnl_memory_desc_get_size(&plain_.weights);
-    packed_.reset(static_cast<char*>(std::aligned_alloc(64, (slice_bytes_ * std::size_t(E_) + 63) / 64 * 64)));
+    slice_bytes_ = (dnnl_memory_desc_get_size(&plain_.weights) + 63) / 64 * 64;  // every slice on a cache line
+    packed_.reset(static_cast<char*>(std::aligned_alloc(64, slice_bytes_ * std::size_t(E_))));
     CUMO_CHECK(packed_ || slice_bytes_ == 0, "cpu::prepack_weight: cannot allocate ", slice_bytes_ * std::size_t(E_),
                " bytes for the packed copy");
     reorder_slices(static_cast<const float*>(w.raw()));
   }
   PackedWeight(const PackedWeight&) = delete;
   PackedWeight& operator=(const PackedWeight&) = delete;
-  ~PackedWeight() {
-    for (Primitive* p : {&plain_, &accumulate_}) {
-      if (p->prim) dnnl_primitive_destroy(p->prim);
-      if (p->pd) dnnl_primitive_desc_destroy(p->pd);
-    }
-  }
 
   // Whether w is still the weight this copy was packed from (see the header: address, shape, sampled bytes).
   bool matches(const Tensor& w) const {
@@ -86,6 +87,16 @@ class PackedWeight {
     return same;
   }
   bool expired() const { return storage_.expired(); }
+  // The same weight at the same address whose sampled values changed: the copy is stale.
+  bool stale_for(const Tensor& w) const {
+    return storage_.expired() || (w.raw() == data_ && w.shape() == shape_ && !matches(w));
+  }
+  // oneDNN's name for the kernel the products run (e.g. "gemm:jit"), for logs and tests.
+  const char* implementation() const {
+    const char* name = nullptr;
+    dnnl_primitive_desc_query(plain_.pd, dnnl_query_impl_info_str, 0, &name);
+    return name ? name : "?";
+  }
 
   // C (m, N) = A (m, K) · W[e]ᵀ (+ C when accumulate); row strides lda, ldc.
   void product(std::int64_t e, std::int64_t m, const float* a, std::int64_t lda, bool accumulate, float* c,
@@ -96,25 +107,31 @@ class PackedWeight {
     const dnnl_dims_t src_dims{m, K_}, src_strides{lda, 1}, dst_dims{m, N_}, dst_strides{ldc, 1};
     dnnl_check(dnnl_memory_desc_init_by_strides(&src_md, 2, src_dims, dnnl_f32, src_strides), "memory_desc_init");
     dnnl_check(dnnl_memory_desc_init_by_strides(&dst_md, 2, dst_dims, dnnl_f32, dst_strides), "memory_desc_init");
-    // Every handle is released on every path; the scratchpad is this thread's (the primitive may run on several
-    // threads at once: the experts' one-per-thread schedule).
+    // The scratchpad and the stream are this thread's (the primitive may run on several threads at once: the
+    // experts' one-per-thread schedule); every memory handle is released on every path.
+    struct ThreadStream {
+      dnnl_stream_t stream = nullptr;
+      ~ThreadStream() {
+        if (stream) dnnl_stream_destroy(stream);
+      }
+    };
+    thread_local ThreadStream mine;
     thread_local std::vector<char> scratch;
+    if (!mine.stream) dnnl_check(dnnl_stream_create(&mine.stream, engine_, dnnl_stream_default_flags), "stream_create");
     if (scratch.size() < p.scratch_bytes) scratch.resize(p.scratch_bytes);
+    const dnnl_stream_t stream = mine.stream;
     dnnl_memory_t src = nullptr, wei = nullptr, dst = nullptr, pad = nullptr;
-    dnnl_stream_t stream = nullptr;
     dnnl_status_t st = dnnl_memory_create(&src, &src_md, engine_, const_cast<float*>(a));
     if (st == dnnl_success)
       st = dnnl_memory_create(&wei, &p.weights, engine_, packed_.get() + slice_bytes_ * std::size_t(e));
     if (st == dnnl_success) st = dnnl_memory_create(&dst, &dst_md, engine_, c);
     if (st == dnnl_success) st = dnnl_memory_create(&pad, &p.scratchpad, engine_, scratch.data());
-    if (st == dnnl_success) st = dnnl_stream_create(&stream, engine_, dnnl_stream_default_flags);
     if (st == dnnl_success) {
       const dnnl_exec_arg_t args[4] = {
           {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, pad}};
       st = dnnl_primitive_execute(p.prim, stream, 4, args);
       if (st == dnnl_success) st = dnnl_stream_wait(stream);
     }
-    if (stream) dnnl_stream_destroy(stream);
     for (dnnl_memory_t mem : {src, wei, dst, pad})
       if (mem) dnnl_memory_destroy(mem);
     CUMO_CHECK(st == dnnl_success, "cpu: the matmul on a packed weight (", m, ", ", N_, ", ", K_,
@@ -122,11 +139,27 @@ class PackedWeight {
   }
 
  private:
+  // The matmul's handles, released with it (also when the constructor throws after making one).
   struct Primitive {
     dnnl_primitive_desc_t pd = nullptr;
     dnnl_primitive_t prim = nullptr;
     dnnl_memory_desc_t weights{}, scratchpad{};
     std::size_t scratch_bytes = 0;
+
+    Primitive() = default;
+    Primitive(Primitive&& o) noexcept { *this = std::move(o); }
+    Primitive& operator=(Primitive&& o) noexcept {
+      std::swap(pd, o.pd);
+      std::swap(prim, o.prim);
+      weights = o.weights;
+      scratchpad = o.scratchpad;
+      scratch_bytes = o.scratch_bytes;
+      return *this;
+    }
+    ~Primitive() {
+      if (prim) dnnl_primitive_destroy(prim);
+      if (pd) dnnl_primitive_desc_destroy(pd);
+    }
   };
 
   // f(i, bits) for 16 elements of every slice, the middle of each sixteenth, as raw bits (a NaN equals itself).
@@ -167,10 +200,7 @@ class PackedWeight {
     if (st == dnnl_success) st = dnnl_primitive_create(&p.prim, p.pd);
     if (post_ops) dnnl_post_ops_destroy(post_ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
-    if (st != dnnl_success) {
-      if (p.pd) dnnl_primitive_desc_destroy(p.pd);
-      dnnl_check(st, "matmul primitive creation");
-    }
+    dnnl_check(st, "matmul primitive creation");  // (p releases what was made)
     p.weights = *dnnl_primitive_desc_query_md(p.pd, dnnl_query_weights_md, 0);
     p.scratchpad = *dnnl_primitive_desc_query_md(p.pd, dnnl_query_scratchpad_md, 0);
     p.scratch_bytes = dnnl_memory_desc_get_size(&p.scratchpad);
@@ -225,7 +255,7 @@ class PackedWeight {
 // The packed copies, by the address of their weight's first element.
 struct PackedRegistry {
   std::mutex mutex;
-  std::unordered_map<const void*, std::unique_ptr<PackedWeight>> copies;
+  std::unordered_map<const void*, std::shared_ptr<const PackedWeight>> copies;
   std::atomic<std::size_t> size{0};  // read without the lock: the products' fast path while nothing is packed
 
   void prune() {  // under the lock: copies whose weights were freed
@@ -252,7 +282,7 @@ inline bool prepack_weight(const Tensor& w) {
              " (expected a contiguous (N, K) or (E, N, K) weight)");
 #if defined(CUMO_CPU_DNNL)
   if (w.numel() == 0) return false;
-  auto copy = std::make_unique<detail::PackedWeight>(w);
+  auto copy = std::make_shared<const detail::PackedWeight>(w);
   auto& reg = detail::packed_registry();
   std::lock_guard lock(reg.mutex);
   reg.copies[w.raw()] = std::move(copy);
@@ -297,17 +327,22 @@ inline std::size_t packed_weight_count() {
 }
 
 namespace detail {
-// w's packed copy when it has a current one, else null (a stale copy is dropped here). Called by the products.
+// w's packed copy when it has a current one, else null. A copy whose weight changed (same allocation, address and
+// shape, other sampled values) or was freed is dropped here; another tensor at the same address (a view of the
+// weight with another shape) only misses. The copy stays alive while the caller holds it, whatever other threads
+// release meanwhile. Called by the products.
 #if defined(CUMO_CPU_DNNL)
-inline const PackedWeight* find_packed(const Tensor& w) {
+inline std::shared_ptr<const PackedWeight> find_packed(const Tensor& w) {
   auto& reg = packed_registry();
   if (reg.size == 0 || w.dtype() != DType::f32 || w.device() != Device::cpu) return nullptr;
   std::lock_guard lock(reg.mutex);
   const auto it = reg.copies.find(w.raw());
   if (it == reg.copies.end()) return nullptr;
-  if (it->second->matches(w)) return it->second.get();
-  reg.copies.erase(it);  // the weight changed (or is another tensor at a freed copy's address)
-  reg.size = reg.copies.size();
+  if (it->second->matches(w)) return it->second;
+  if (it->second->stale_for(w)) {
+    reg.copies.erase(it);
+    reg.size = reg.copies.size();
+  }
   return nullptr;
 }
 #endif

@@ -5,6 +5,7 @@
 // (far more on a loaded machine, where a descheduled thread stalls the barrier), so loops under ~2^17
 // operations stay serial.
 #include <cstddef>
+#include <exception>
 #include <cstdint>
 #include <vector>
 
@@ -36,12 +37,39 @@ inline int max_threads() {
 #endif
 }
 
+namespace detail {
+// An exception may not leave an OpenMP region (std::terminate): the first one an item throws is kept, the other
+// items still run (each is independent), and it is rethrown on the calling thread after the region.
+class FirstError {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(cumo_first_error)
+#endif
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+};
+}  // namespace detail
+
 template <class F>
 inline void parallel_for(std::int64_t n, F&& f, std::int64_t cost = 1) {
 #if defined(_OPENMP)
   if (n > 1 && n * cost >= kParallelMinWork) {
+    detail::FirstError error;
 #pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < n; ++i) f(i);
+    for (std::int64_t i = 0; i < n; ++i) error.run([&] { f(i); });
+    error.rethrow();
     return;
   }
 #endif
@@ -54,8 +82,10 @@ template <class F>
 inline void parallel_for_dynamic(std::int64_t n, F&& f, std::int64_t total_cost) {
 #if defined(_OPENMP)
   if (n > 1 && total_cost >= kParallelMinWork) {
+    detail::FirstError error;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (std::int64_t i = 0; i < n; ++i) f(i);
+    for (std::int64_t i = 0; i < n; ++i) error.run([&] { f(i); });
+    error.rethrow();
     return;
   }
 #endif
