@@ -18,16 +18,13 @@
 #include "cumo/backend/cpu.hpp"
 #include "cumo/core.hpp"
 #include "cumo/moe.hpp"
+#include "nn_test_util.hpp"
 
 using namespace cumo;
 
 namespace {
 
-Tensor randn(Shape s, Rng& rng, float scale = 1.f) {
-  Tensor t = Tensor::empty(s);
-  rng.fill_normal(t, 0.f, scale);
-  return t;
-}
+using test::random_tensor;  // N(0, scale²), tests/nn_test_util.hpp
 
 // max |got − want| / max |want|
 double rel_max(const Tensor& got, const std::vector<double>& want) {
@@ -86,7 +83,7 @@ TEST_CASE("cpu prepack_weight: grouped_linear on packed expert weights matches a
   std::vector<std::int64_t> off{0};
   for (std::int64_t r : rows) off.push_back(off.back() + r);
   const std::int64_t E = std::int64_t(rows.size()), T = off.back();
-  const Tensor a = randn({T, K}, rng), w = randn({E, N, K}, rng, 0.1f), bias = randn({E, N}, rng);
+  const Tensor a = random_tensor({T, K}, rng), w = random_tensor({E, N, K}, rng, 0.1f), bias = random_tensor({E, N}, rng);
   REQUIRE(cpu::prepack_weight(w));
   CHECK(cpu::packed_weight_count() == 1);
   CHECK(cpu::detail::find_packed(w) != nullptr);
@@ -113,8 +110,8 @@ TEST_CASE("cpu prepack_weight: the products read the packed snapshot (an edit th
   Rng rng(35);
   const std::vector<std::int64_t> off{0, 20, 45, 45, 70};
   const std::int64_t N = 64, K = 96, slice = N * K;
-  const Tensor a = randn({70, K}, rng);
-  Tensor w = randn({4, N, K}, rng, 0.1f);
+  const Tensor a = random_tensor({70, K}, rng);
+  Tensor w = random_tensor({4, N, K}, rng, 0.1f);
   REQUIRE(cpu::prepack_weight(w));
   const auto packed = cpu::detail::find_packed(w);
   REQUIRE(packed);
@@ -139,7 +136,7 @@ TEST_CASE("cpu prepack_weight: linear on a packed 2-D weight, strided x, bias fi
   Cleanup cleanup;
   Rng rng(32);
   const std::int64_t M = 45, N = 70, K = 128;
-  const Tensor wide = randn({M, K + 16}, rng), w = randn({N, K}, rng, 0.1f), bias = randn({N}, rng);
+  const Tensor wide = random_tensor({M, K + 16}, rng), w = random_tensor({N, K}, rng, 0.1f), bias = random_tensor({N}, rng);
   const Tensor x = wide.slice(1, 8, 8 + K);  // (M, K) with row stride K + 16
   REQUIRE(x.strides()[0] == K + 16);
   REQUIRE(cpu::prepack_weight(w));
@@ -164,8 +161,8 @@ TEST_CASE("cpu prepack_weight: a weight changed in place, freed or released is r
   Cleanup cleanup;
   Rng rng(33);
   const std::vector<std::int64_t> off{0, 40, 40, 97};
-  const Tensor a = randn({97, 64}, rng);
-  Tensor w = randn({3, 48, 64}, rng, 0.1f);
+  const Tensor a = random_tensor({97, 64}, rng);
+  Tensor w = random_tensor({3, 48, 64}, rng, 0.1f);
   auto unpacked = [&] {  // the same call with no packed copy anywhere: the sgemm path
     Tensor c = Tensor::empty({97, 48});
     cpu::grouped_linear(a, w, nullptr, off, c);
@@ -187,7 +184,7 @@ TEST_CASE("cpu prepack_weight: a weight changed in place, freed or released is r
   CHECK(cpu::detail::find_packed(w) == nullptr);
   // a weight freed while packed: its copy goes at the next prepack, and nothing reads it
   {
-    const Tensor gone = randn({2, 8, 16}, rng);
+    const Tensor gone = random_tensor({2, 8, 16}, rng);
     REQUIRE(cpu::prepack_weight(gone));
   }
   REQUIRE(cpu::prepack_weight(w));
@@ -214,7 +211,7 @@ void check_block_prepacked() {
   packed.reset_parameters(rng);
   const ParameterList pp = packed.parameters(), qp = plain.parameters();
   for (std::size_t i = 0; i < pp.size(); ++i) qp[i]->value.copy_from(pp[i]->value);
-  const Tensor x = randn({T, H}, rng), dy = randn({T, H}, rng);
+  const Tensor x = random_tensor({T, H}, rng), dy = random_tensor({T, H}, rng);
   CHECK(packed.prepack_experts() == 2);  // the two stacked weights (biases and the router stay as they are)
   const auto yp = packed.forward(x, ForwardArgs{1, true});
   const auto yq = plain.forward(x, ForwardArgs{1, true});
