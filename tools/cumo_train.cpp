@@ -12,7 +12,7 @@
 // Under `mpirun -np N` (a build with MPI) the N processes train data parallel: each its share of every global batch,
 // the gradients summed deterministically, rank 0 writing; on CPU ranks, or on GPU ranks (one GPU each, over NCCL,
 // when every rank has one or --device cuda); --expert-parallel K splits the MoE blocks' experts over groups of K
-// CPU ranks (docs/distributed.md).
+// ranks (docs/distributed.md; GPU ranks unverified).
 // Stage s > 1 starts from the previous stage's final checkpoint (<out>/stage<s-1>, or --from DIR). --resume DIR
 // continues from a checkpoint this tool wrote: a stopped stage (<out>/stage<s>-partial) continues where it stopped,
 // bitwise; a finished stage (<out>/stage<s>) goes on with the next one. See docs/training_app.md.

@@ -61,7 +61,8 @@ inline void usage(std::ostream& os) {
         "  --precision  GPU only: the dense GEMMs in fp32 (default), TF32, or on bf16 copies of their operands\n"
         "  --zero1      under mpirun: shard the AdamW moments over the ranks (ZeRO-1; the same weights)\n"
         "  --overlap-grad-sum  under mpirun: sum the gradients on a second thread while the backward goes on (the\n"
-        "               same weights; CPU ranks; with --expert-parallel the MPI must provide MPI_THREAD_MULTIPLE)\n"
+        "               same weights; CPU or GPU ranks; with --expert-parallel only on CPU ranks whose MPI provides\n"
+        "               MPI_THREAD_MULTIPLE: NCCL forbids it)\n"
         "  --expert-parallel K  under mpirun -np N (N a multiple of K): the MoE blocks' experts split over groups of\n"
         "               K ranks, tokens sent to their experts' ranks (the same step; checkpoints stay whole)\n"
         "Under mpirun -np N (a build with MPI) the N ranks train data parallel: docs/distributed.md\n";

@@ -5,6 +5,9 @@
 //   - the device gradient sum (allreduce_sum_device, through dist::allreduce_gradients on device parameters, with
 //     a bucket smaller than a parameter) bitwise against the host sum of the same numbers over the host
 //     communicator (MPI, or the world of one);
+//   - the overlapped gradient sum (dist::OverlappedGradientSum on NcclCommunicator::background()): on a stream of
+//     its own, after the compute stream's queued kernels that produce a part, not after the later ones, bitwise the
+//     host sum;
 //   - ZeRO-1 on device parameters (dist::Zero1<backend::Cuda>: the all-gather and the moments' broadcasts through
 //     NCCL on device memory) against the replicated AdamW on the same GPU, bitwise;
 //   - expert parallelism on device rows (SparseMoE<…, backend::Cuda>::shard_experts over NCCL: the rows' exchange
@@ -29,6 +32,7 @@
 #include "cumo/core/compare.hpp"
 #include "cumo/dist/data_parallel.hpp"
 #include "cumo/dist/nccl.cuh"
+#include "cumo/dist/overlap.hpp"
 #include "cumo/dist/world.hpp"
 #include "cumo/dist/zero.hpp"
 #include "cumo/moe.hpp"
@@ -110,6 +114,17 @@ std::vector<float> rank_floats(std::int64_t n, int rank, std::uint64_t salt) {
   std::vector<float> v(static_cast<std::size_t>(n));
   for (auto& x : v) x = z(g) * std::ldexp(1.f, int(g() % 24) - 12);
   return v;
+}
+
+// Spins for about `cycles` GPU clock cycles, then writes `values` into x: a gradient the compute stream produces
+// long after the host queued its kernel (and reported its part).
+__global__ void write_late(float* x, const float* values, std::int64_t n, long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    x[i] = values[i];
 }
 }  // namespace
 
@@ -235,6 +250,95 @@ TEST_CASE("the device gradient sum equals the host sum of the same numbers, bitw
   CHECK_NOTHROW(dist::check_same(c, "the weights", dist::weights_digest(dlist)));
 }
 
+TEST_CASE("the overlapped gradient sum: its own stream, after the kernels that produce a part, bitwise the host sum") {
+  dist::NcclCommunicator& c = *g_nccl;
+  std::unique_ptr<dist::Communicator> bg = c.background();
+  const cudaStream_t side = static_cast<dist::NcclCommunicator&>(*bg).stream();
+  CHECK(side != gpu::stream());
+  CHECK(bg->allows_background_thread());
+  CHECK_FALSE(bg->allows_concurrent_threads());  // NCCL: one thread issuing at a time
+  CHECK_FALSE(c.follow_compute());               // on the compute stream itself: nothing to wait for
+  // two parameters, each gradient written by a kernel that first spins (GPU clocks ≈ 2 GHz): ~100 ms for the first,
+  // ~500 ms for the second, far longer than a sum of a few KB
+  const long long spin[2] = {200'000'000, 1'000'000'000};
+  const std::vector<Shape> shapes{{513}, {3, 77}};
+  const std::int64_t bucket = 1000;
+  std::vector<std::unique_ptr<Parameter>> params;
+  std::vector<std::vector<float>> want;
+  std::vector<float*> values;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const std::vector<float> g = rank_floats(shapes[i].numel(), c.rank(), 40 + i);
+    std::vector<float> h = g;
+    dist::allreduce_sum(*g_host, std::span<float>(h));
+    want.push_back(h);
+    values.push_back(device_copy(g));
+    params.push_back(std::make_unique<Parameter>("p" + std::to_string(i),
+                                                 Tensor::zeros(shapes[i], DType::f32, Device::cuda)));
+  }
+  const ParameterList early{params[0].get()}, all{params[0].get(), params[1].get()};
+  auto pieces_of = [](const ParameterList& part) {
+    std::vector<dist::DeviceFloats> pieces;
+    for (Parameter* p : part) pieces.push_back({p->grad.data<float>(), p->grad.numel()});
+    return pieces;
+  };
+  // warm-up: NCCL's connections and the scratch buffers exist before the timed part (a first cudaMalloc or
+  // connection set-up on the thread would eat into the spin's margin, or sync the device and hide a missing fence)
+  bg->allreduce_sum_device(pieces_of(all), bucket);
+  auto queue_gradients = [&](dist::OverlappedGradientSum& sum) {
+    for (auto& p : params) CUMO_CUDA_CHECK(cudaMemset(p->grad.data<float>(), 0, std::size_t(p->grad.nbytes())));
+    for (std::size_t i = 0; i < 2; ++i) {
+      write_late<<<4, 128, 0, gpu::stream()>>>(params[i]->grad.data<float>(), values[i], shapes[i].numel(), spin[i]);
+      CUMO_CUDA_CHECK(cudaGetLastError());
+      if (i == 0) sum.ready(early);  // its kernel is queued, not run: the sum must wait for it
+    }
+    sum.finish();
+  };
+  auto bitwise = [](const std::vector<float>& got, const std::vector<float>& w) {
+    return got.size() == w.size() && std::memcmp(got.data(), w.data(), got.size() * sizeof(float)) == 0;
+  };
+  SUBCASE("the engine's sum, read on the sum's stream as each part completes") {
+    // What each part's gradients and the other part's hold right after the part's sum, read on the sum's stream.
+    auto read_on_side = [&](const Parameter* p) {
+      std::vector<float> h(std::size_t(p->grad.numel()));
+      CUMO_CUDA_CHECK(cudaMemcpyAsync(h.data(), p->grad.data<float>(), h.size() * sizeof(float),
+                                      cudaMemcpyDeviceToHost, side));
+      CUMO_CUDA_CHECK(cudaStreamSynchronize(side));
+      return h;
+    };
+    std::vector<std::vector<float>> summed, other;
+    {
+      // allreduce_sum_device directly: allreduce_gradients returns at once for one rank
+      dist::OverlappedGradientSum sum(
+          all, {early},
+          [&](const ParameterList& part) {
+            bg->allreduce_sum_device(pieces_of(part), bucket);
+            const Parameter* mine = part.front();
+            summed.push_back(read_on_side(mine));
+            other.push_back(read_on_side(mine == params[0].get() ? params[1].get() : params[0].get()));
+          },
+          {bg.get()});
+      queue_gradients(sum);
+    }
+    REQUIRE(summed.size() == 2);
+    // each sum saw the late values: it waited for the kernel that wrote them
+    for (std::size_t i = 0; i < 2; ++i) CHECK(bitwise(summed[i], want[i]));
+    // the first part's sum did not wait for the second part's kernel (still spinning then): the sum overlaps the
+    // compute stream's later work instead of queueing behind it
+    CHECK(other[0] == std::vector<float>(want[1].size(), 0.f));
+  }
+  SUBCASE("the data-parallel form cumo_train uses: done when finish() returns") {
+    if (c.size() == 1) return;  // allreduce_gradients sums nothing for one rank
+    {
+      dist::OverlappedGradientSum sum(*bg, all, {early}, bucket);
+      queue_gradients(sum);
+    }
+    // read at once on the compute stream, which does not wait for the sum's (non-blocking) stream by itself
+    for (std::size_t i = 0; i < 2; ++i)
+      CHECK(bitwise(host_copy(params[i]->grad.data<float>(), want[i].size()), want[i]));
+  }
+  for (float* v : values) CUMO_CUDA_CHECK(cudaFree(v));
+}
+
 TEST_CASE("ZeRO-1 on device parameters takes bitwise the replicated AdamW's steps") {
   dist::NcclCommunicator& c = *g_nccl;
   using Cuda = backend::Cuda;
@@ -265,7 +369,7 @@ TEST_CASE("ZeRO-1 on device parameters takes bitwise the replicated AdamW's step
       }
       oa.step(2e-3);
       ob.step(2e-3);
-      zero.share_parameters();
+      zero.share_parameters(step % 2 ? 256 : std::int64_t(64) << 20);  // odd steps: rounds of 256 bytes
     }
     int differ = 0, held = 0;
     for (std::size_t i = 0; i < shapes.size(); ++i) {

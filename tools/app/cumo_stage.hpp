@@ -259,22 +259,23 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     order.set_position(io::DataPosition{sc.data_seed, std::uint64_t(st.epoch), std::uint64_t(st.sample), data.size()});
   }
   // The gradient sum overlapped with the backward, on an engine that lets a second thread run collectives; with
-  // expert parallelism while the backward's own exchanges run (two threads in MPI at once). One answer on every
-  // rank, before any expert sharding.
+  // expert parallelism while the backward's own exchanges run (two threads in the engine at once: MPI_THREAD_MULTIPLE
+  // on CPU ranks; NCCL never allows it). GPU ranks: the sum's duplicate runs on a stream of its own, ordered after
+  // the backward's kernels by events (dist/overlap.hpp; unverified, no GPU has run it). One answer on every rank,
+  // before any expert sharding.
   std::unique_ptr<dist::Communicator> overlap_comm, overlap_replicas;
   if (parallel && ro.overlap_grad_sum) {
-    if constexpr (Model::backend_type::device == Device::cpu) {
-      if (ro.expert_parallel > 1 && dist::any(comm, !comm.allows_concurrent_threads()))
-        fail(tag, ": --overlap-grad-sum with --expert-parallel needs an MPI that runs collectives on two threads at "
-             "once (MPI_THREAD_MULTIPLE: the backward's expert exchanges and the sum); this one does not on some "
-             "rank");
-      if (dist::any(comm, !comm.allows_background_thread()))
-        fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
-             "(MPI_THREAD_SERIALIZED); this one does not on some rank");
-      overlap_comm = comm.background();
-    } else {
-      fail(tag, ": --overlap-grad-sum runs on CPU ranks");
-    }
+    const bool gpu_ranks = comm.moves_device_memory();
+    if (ro.expert_parallel > 1 && dist::any(comm, !comm.allows_concurrent_threads()))
+      fail(tag, ": --overlap-grad-sum with --expert-parallel needs an engine that runs collectives on two threads at "
+           "once (the backward's expert exchanges and the sum): ",
+           gpu_ranks ? "NCCL forbids two threads issuing to communicators of one GPU at once; on GPU ranks use "
+                       "--overlap-grad-sum without --expert-parallel"
+                     : "MPI_THREAD_MULTIPLE, which this MPI does not give on some rank");
+    if (dist::any(comm, !comm.allows_background_thread()))
+      fail(tag, ": --overlap-grad-sum needs an MPI that runs collectives on a second thread "
+           "(MPI_THREAD_SERIALIZED); this one does not on some rank");
+    overlap_comm = comm.background();
   }
   // Expert parallelism after any resume too (whole weights and moments → this rank's slices of the experts)
   std::optional<dist::ExpertDataParallel> ep;
@@ -351,9 +352,10 @@ StageResult run_stage(Model& model, const io::LlavaDataset& data, const StageCon
     if (overlap_comm) {
       std::vector<ParameterList> early{model.language_parameters(), model.connector_parameters()};
       if (ep)
-        overlapped.emplace(opt.trainable_parameters(), std::move(early), [&](const ParameterList& part) {
-          ep->reduce_gradients(part, *overlap_comm, *overlap_replicas);
-        });
+        overlapped.emplace(
+            opt.trainable_parameters(), std::move(early),
+            [&](const ParameterList& part) { ep->reduce_gradients(part, *overlap_comm, *overlap_replicas); },
+            std::vector<dist::Communicator*>{overlap_comm.get(), overlap_replicas.get()});
       else
         overlapped.emplace(*overlap_comm, opt.trainable_parameters(), std::move(early));
     }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <span>
@@ -82,28 +83,17 @@ class Communicator {
     const auto ranks = std::size_t(size());
     CUMO_CHECK(send_pieces.size() == ranks && recv_pieces.size() == ranks, "Communicator::alltoallv_pieces: ",
                send_pieces.size(), " send and ", recv_pieces.size(), " receive lists for ", ranks, " ranks");
-    std::vector<std::int64_t> send_bytes(ranks, 0), recv_bytes(ranks, 0);
+    const std::vector<std::int64_t> send_bytes = piece_bytes(send_pieces),
+                                    recv_bytes = piece_bytes(recv_pieces);
     std::int64_t sent = 0, received = 0;
-    for (std::size_t q = 0; q < ranks; ++q) {
-      for (const Segment& p : send_pieces[q]) send_bytes[q] += p.bytes;
-      for (const Segment& p : recv_pieces[q]) recv_bytes[q] += p.bytes;
-      sent += send_bytes[q];
-      received += recv_bytes[q];
-    }
+    for (std::size_t q = 0; q < ranks; ++q) sent += send_bytes[q], received += recv_bytes[q];
     std::vector<char> packed(static_cast<std::size_t>(sent)), unpacked(static_cast<std::size_t>(received));
-    std::int64_t at = 0;
-    for (std::size_t q = 0; q < ranks; ++q)
-      for (const Segment& p : send_pieces[q]) {
-        if (p.bytes > 0) std::memcpy(packed.data() + at, static_cast<const char*>(send) + p.offset, std::size_t(p.bytes));
-        at += p.bytes;
-      }
+    const auto host_copy = [](char* dst, const char* src, std::int64_t bytes) {
+      std::memcpy(dst, src, std::size_t(bytes));
+    };
+    pack_pieces(packed.data(), static_cast<const char*>(send), send_pieces, host_copy);
     alltoallv(packed.data(), send_bytes, unpacked.data(), recv_bytes);
-    at = 0;
-    for (std::size_t q = 0; q < ranks; ++q)
-      for (const Segment& p : recv_pieces[q]) {
-        if (p.bytes > 0) std::memcpy(static_cast<char*>(recv) + p.offset, unpacked.data() + at, std::size_t(p.bytes));
-        at += p.bytes;
-      }
+    unpack_pieces(static_cast<char*>(recv), unpacked.data(), recv_pieces, host_copy);
   }
   // Every rank contributes `bytes`; recv holds rank q's contribution at the prefix sum of recv_bytes[0..q).
   virtual void allgatherv(const void* send, std::int64_t bytes, void* recv, std::span<const std::int64_t> recv_bytes) = 0;
@@ -127,6 +117,13 @@ class Communicator {
   // The communicator such a thread uses: a private duplicate (every rank calls it, as split) whose waits leave the
   // core to the computing thread instead of spinning.
   virtual std::unique_ptr<Communicator> background() const { return split(0, rank()); }
+  // What makes this communicator's next collectives wait for the work the computing thread has queued so far. The
+  // computing thread calls it when it hands data over (OverlappedGradientSum::ready); the thread that then issues
+  // the collectives runs the returned callable first. Host engines: empty — host data is complete when the call is
+  // made. A device engine whose collectives run on a stream of their own (NCCL's background()): the GPU kernels
+  // that produce the data are only queued at that point, so an event on the compute stream, which its stream waits
+  // for (no host wait).
+  virtual std::function<void()> follow_compute() { return {}; }
 
   // ---- device memory (engines with GPU collectives: NCCL) ---------------------------------------------------
   // Whether the primitives above accept device (GPU) pointers as well as host ones. Host engines (MPI, self) do
@@ -138,6 +135,37 @@ class Communicator {
     (void)bucket_bytes;
     CUMO_CHECK(size() == 1 || pieces.empty(), "Communicator (", engine(), "): gradients in GPU memory need a "
                "communicator with device collectives (NCCL: dist/nccl.cuh); this one moves host memory only");
+  }
+
+ protected:
+  // ---- scattered pieces (alltoallv_pieces of every engine) -------------------------------------------------
+  // The bytes each rank's list of pieces holds (alltoallv_pieces' counts).
+  static std::vector<std::int64_t> piece_bytes(std::span<const std::vector<Segment>> pieces) {
+    std::vector<std::int64_t> bytes(pieces.size(), 0);
+    for (std::size_t q = 0; q < pieces.size(); ++q)
+      for (const Segment& p : pieces[q]) bytes[q] += p.bytes;
+    return bytes;
+  }
+  // Packs the pieces of `base` (rank by rank, each list in order) into the contiguous `run`; copy(dst, src, bytes)
+  // moves one piece (memcpy on the host, a device-to-device copy on a GPU stream).
+  template <class Copy>
+  static void pack_pieces(char* run, const char* base, std::span<const std::vector<Segment>> pieces, Copy&& copy) {
+    std::int64_t at = 0;
+    for (const std::vector<Segment>& list : pieces)
+      for (const Segment& p : list) {
+        if (p.bytes > 0) copy(run + at, base + p.offset, p.bytes);
+        at += p.bytes;
+      }
+  }
+  // The reverse: the contiguous `run` back into the pieces of `base`.
+  template <class Copy>
+  static void unpack_pieces(char* base, const char* run, std::span<const std::vector<Segment>> pieces, Copy&& copy) {
+    std::int64_t at = 0;
+    for (const std::vector<Segment>& list : pieces)
+      for (const Segment& p : list) {
+        if (p.bytes > 0) copy(base + p.offset, run + at, p.bytes);
+        at += p.bytes;
+      }
   }
 };
 

@@ -33,11 +33,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cumo/backend/cuda/common.cuh"
@@ -150,6 +152,7 @@ class NcclCommunicator final : public Communicator {
     if (comm_ && !broken_) ncclCommDestroy(comm_);
     for (void* p : {scratch_[0], scratch_[1], scratch_[2]})
       if (p) cudaFree(p);
+    if (own_stream_) cudaStreamDestroy(own_stream_);
   }
 
   int rank() const override { return rank_; }
@@ -158,8 +161,50 @@ class NcclCommunicator final : public Communicator {
   bool moves_device_memory() const override { return true; }
   double timeout_s() const { return timeout_s_; }
   ncclComm_t handle() const { return comm_; }
-  // The collectives run on the backend's stream: they follow the kernels that produced their inputs.
-  cudaStream_t stream() const { return gpu::context().stream(); }
+  // The collectives run on the backend's stream: they follow the kernels that produced their inputs. A background
+  // duplicate (background()) has a stream of its own instead, ordered after the compute stream by follow_compute.
+  cudaStream_t stream() const { return own_stream_ ? own_stream_ : gpu::context().stream(); }
+
+  // ---- a background thread (dist::OverlappedGradientSum) ---------------------------------------------------
+  // A second thread may issue this communicator's collectives while the computing thread queues kernels, as long as
+  // no other thread issues NCCL calls meanwhile: NCCL forbids issuing operations to two communicators of one GPU
+  // from two threads at once (its thread-safety notes; their kernels may wait for each other in different orders
+  // on different ranks and deadlock). Hence allows_concurrent_threads() is false: no overlap with the expert
+  // exchanges of the backward.
+  bool allows_background_thread() const override { return true; }
+  bool allows_concurrent_threads() const override { return false; }
+  // A duplicate (every rank calls it) whose collectives run on a CUDA stream of its own (non-blocking: no implicit
+  // order with the legacy default stream; the device's highest priority, so its copies and folds are scheduled
+  // ahead of the backward's kernels), so the gradient sum proceeds beside the backward's kernels. Its device
+  // memory inputs are ordered after the compute stream only through follow_compute (allreduce_sum_device, as
+  // OverlappedGradientSum uses it); its other primitives are not ordered with the compute stream.
+  std::unique_ptr<Communicator> background() const override {
+    std::unique_ptr<NcclCommunicator> dup = split_nccl(0, rank_);
+    bind_device();
+    int least = 0, greatest = 0;
+    CUMO_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUMO_CUDA_CHECK(cudaStreamCreateWithPriority(&dup->own_stream_, cudaStreamNonBlocking, greatest));
+    return dup;
+  }
+  // Called on the computing thread: an event after the kernels queued on the compute stream so far, which the
+  // returned callable (run on the thread that issues this communicator's next collectives) makes its own stream
+  // wait for. No host wait. A communicator on the compute stream itself needs none.
+  std::function<void()> follow_compute() override {
+    if (!own_stream_) return {};
+    int current = -1;
+    CUMO_CUDA_CHECK(cudaGetDevice(&current));
+    CUMO_CHECK(current == device_, "NcclCommunicator::follow_compute: called on a thread whose current GPU is ",
+               current, ", but the communicator and the compute stream are on GPU ", device_);
+    cudaEvent_t raw = nullptr;
+    CUMO_CUDA_CHECK(cudaEventCreateWithFlags(&raw, cudaEventDisableTiming));
+    // destroyed when the last copy of the callable goes (CUDA releases a pending event once it completes)
+    std::shared_ptr<std::remove_pointer_t<cudaEvent_t>> event(raw, [](cudaEvent_t e) { cudaEventDestroy(e); });
+    CUMO_CUDA_CHECK(cudaEventRecord(raw, gpu::context().stream()));
+    return [this, event] {
+      bind_device();  // the calling thread's current device is its own (CUDA's is per thread)
+      CUMO_CUDA_CHECK(cudaStreamWaitEvent(own_stream_, event.get(), 0));
+    };
+  }
 
   // ---- primitives: host or device memory ----------------------------------------------------------------------
   void alltoallv(const void* send, std::span<const std::int64_t> send_bytes, void* recv,
@@ -181,11 +226,8 @@ class NcclCommunicator final : public Communicator {
     const auto ranks = std::size_t(size_);
     CUMO_CHECK(send_pieces.size() == ranks && recv_pieces.size() == ranks, "NcclCommunicator::alltoallv_pieces: ",
                send_pieces.size(), " send and ", recv_pieces.size(), " receive lists for ", ranks, " ranks");
-    std::vector<std::int64_t> send_bytes(ranks, 0), recv_bytes(ranks, 0);
-    for (std::size_t q = 0; q < ranks; ++q) {
-      for (const Segment& p : send_pieces[q]) send_bytes[q] += p.bytes;
-      for (const Segment& p : recv_pieces[q]) recv_bytes[q] += p.bytes;
-    }
+    const std::vector<std::int64_t> send_bytes = piece_bytes(send_pieces),
+                                    recv_bytes = piece_bytes(recv_pieces);
     const std::int64_t sent = total(send_bytes), received = total(recv_bytes);
     // Only a side that moves bytes says where its buffer is: an empty one (a rank with no rows to send, or none to
     // receive) may be a null pointer, which is no device pointer. Every path below ends in the same single
@@ -198,19 +240,12 @@ class NcclCommunicator final : public Communicator {
                drecv ? "device" : "host", " memory (both must be on the same side)");
     char* packed = static_cast<char*>(scratch(0, sent));
     char* unpacked = static_cast<char*>(scratch(1, received));
-    std::int64_t at = 0;
-    for (std::size_t q = 0; q < ranks; ++q)
-      for (const Segment& p : send_pieces[q]) {
-        if (p.bytes > 0) copy(packed + at, static_cast<const char*>(send) + p.offset, p.bytes, cudaMemcpyDeviceToDevice);
-        at += p.bytes;
-      }
+    const auto device_copy = [this](char* dst, const char* src, std::int64_t bytes) {
+      copy(dst, src, bytes, cudaMemcpyDeviceToDevice);
+    };
+    pack_pieces(packed, static_cast<const char*>(send), send_pieces, device_copy);
     device_alltoallv(packed, send_bytes, unpacked, recv_bytes);
-    at = 0;
-    for (std::size_t q = 0; q < ranks; ++q)
-      for (const Segment& p : recv_pieces[q]) {
-        if (p.bytes > 0) copy(static_cast<char*>(recv) + p.offset, unpacked + at, p.bytes, cudaMemcpyDeviceToDevice);
-        at += p.bytes;
-      }
+    unpack_pieces(static_cast<char*>(recv), unpacked, recv_pieces, device_copy);
     // (no wait: the unpacking copies are ordered on the stream before any later use of the scratch buffers or of
     // `recv`; device_alltoallv already waited for the exchange, so a dead peer was caught there)
   }
@@ -246,18 +281,7 @@ class NcclCommunicator final : public Communicator {
     std::int64_t one = 0;
     allreduce(std::span<std::int64_t>(&one, 1), ReduceOp::sum);
   }
-  std::unique_ptr<Communicator> split(int colour, int key) const override {
-    CUMO_CHECK(colour >= 0, "NcclCommunicator::split: colour ", colour, " (every rank must join a group)");
-    auto* self = const_cast<NcclCommunicator*>(this);
-    ncclConfig_t config = self->config();
-    ncclComm_t sub = nullptr;
-    self->issue("ncclCommSplit", ncclCommSplit(comm_, colour, key, &sub, &config));
-    self->settle("ncclCommSplit", sub);
-    int r = 0, n = 0;
-    ncclCommUserRank(sub, &r);
-    ncclCommCount(sub, &n);
-    return std::unique_ptr<Communicator>(new NcclCommunicator(sub, r, n, timeout_s_, bootstrap_));
-  }
+  std::unique_ptr<Communicator> split(int colour, int key) const override { return split_nccl(colour, key); }
   [[noreturn]] void abort(int code) override {
     if (comm_ && !broken_) {
       broken_ = true;
@@ -275,6 +299,7 @@ class NcclCommunicator final : public Communicator {
   void allreduce_sum_device(std::span<const DeviceFloats> pieces, std::int64_t bucket_bytes) override {
     CUMO_CHECK(bucket_bytes >= std::int64_t(sizeof(float)), "NcclCommunicator::allreduce_sum_device: bucket of ",
                bucket_bytes, " bytes");
+    bind_device();
     const std::int64_t cap = bucket_bytes / std::int64_t(sizeof(float));
     float* bucket = static_cast<float*>(scratch(2, cap * std::int64_t(sizeof(float))));
     std::int64_t filled = 0;
@@ -312,9 +337,31 @@ class NcclCommunicator final : public Communicator {
     init(id);
   }
   NcclCommunicator(ncclComm_t comm, int rank, int size, double timeout_s, Communicator* bootstrap)
-      : comm_(comm), rank_(rank), size_(size), timeout_s_(timeout_s), bootstrap_(bootstrap) {}
+      : comm_(comm), rank_(rank), size_(size), timeout_s_(timeout_s), bootstrap_(bootstrap) {
+    CUMO_CUDA_CHECK(cudaGetDevice(&device_));
+  }
 
-  ncclConfig_t config() const {
+  std::unique_ptr<NcclCommunicator> split_nccl(int colour, int key) const {
+    CUMO_CHECK(colour >= 0, "NcclCommunicator::split: colour ", colour, " (every rank must join a group)");
+    bind_device();
+    ncclConfig_t c = config();
+    ncclComm_t sub = nullptr;
+    issue("ncclCommSplit", ncclCommSplit(comm_, colour, key, &sub, &c));
+    settle("ncclCommSplit", sub);
+    int r = 0, n = 0;
+    ncclCommUserRank(sub, &r);
+    ncclCommCount(sub, &n);
+    return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(sub, r, n, timeout_s_, bootstrap_));
+  }
+  // The GPU this communicator was made on becomes the calling thread's current device (a background thread starts
+  // on device 0).
+  void bind_device() const {
+    int current = -1;
+    CUMO_CUDA_CHECK(cudaGetDevice(&current));
+    if (current != device_) CUMO_CUDA_CHECK(cudaSetDevice(device_));
+  }
+
+  static ncclConfig_t config() {
     ncclConfig_t c = NCCL_CONFIG_INITIALIZER;
     c.blocking = 0;  // every call returns at once; wait()/settle() bound the time
     return c;
@@ -322,18 +369,19 @@ class NcclCommunicator final : public Communicator {
   void init(const ncclUniqueId& id) {
     CUMO_CHECK(timeout_s_ > 0, "NcclCommunicator: timeout must be > 0 s, got ", timeout_s_);
     (void)gpu::context();  // the stream and device of this process, before NCCL binds to the current device
+    CUMO_CUDA_CHECK(cudaGetDevice(&device_));
     ncclConfig_t c = config();
     issue("ncclCommInitRankConfig", ncclCommInitRankConfig(&comm_, size_, id, rank_, &c));
     settle("ncclCommInitRankConfig", comm_);
   }
 
   // A non-blocking call returned: ncclInProgress means "still running", polled to completion before the deadline.
-  void issue(const char* what, ncclResult_t r) {
+  void issue(const char* what, ncclResult_t r) const {
     if (r == ncclSuccess || r == ncclInProgress) return;
     fail(cumo::detail::concat("NcclCommunicator: ", what, " failed on rank ", rank_, ": ",
                               detail::nccl_error(r, comm_)));
   }
-  void settle(const char* what, ncclComm_t c) {
+  void settle(const char* what, ncclComm_t c) const {
     const auto deadline = clock::now() + std::chrono::duration<double>(timeout_s_);
     for (;;) {
       ncclResult_t st = ncclSuccess;
@@ -372,7 +420,7 @@ class NcclCommunicator final : public Communicator {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
-  [[noreturn]] void fail(const std::string& msg) {
+  [[noreturn]] void fail(const std::string& msg) const {
     if (comm_ && !broken_) {
       broken_ = true;
       ncclCommAbort(comm_);  // frees the kernels that wait for a peer that will never come
@@ -486,7 +534,9 @@ class NcclCommunicator final : public Communicator {
   int rank_ = 0, size_ = 1;
   double timeout_s_ = 600;
   Communicator* bootstrap_ = nullptr;  // the job's host communicator (abort ends every rank through it), or null
-  bool broken_ = false;
+  mutable bool broken_ = false;  // aborted after a failure (also from const paths: split)
+  int device_ = 0;               // the GPU it was made on
+  cudaStream_t own_stream_ = nullptr;  // a background duplicate's stream (else the backend's)
   void* scratch_[3] = {nullptr, nullptr, nullptr};  // send / receive staging (and the fold's copies, sum), bucket
   std::int64_t scratch_bytes_[3] = {0, 0, 0};
 };

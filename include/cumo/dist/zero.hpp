@@ -1,9 +1,9 @@
 #pragma once
 // dist::Zero1: ZeRO stage 1 for data parallelism. The AdamW moments are sharded over the ranks. Rank r owns a
 // contiguous run of the trainable parameters, balanced by element count. It keeps the moments of those parameters
-// only, and it updates only them. An all-gather then gives every rank every updated parameter. The update is
-// elementwise, so the weights are bitwise those of the replicated optimizer (tests/dist), with 1/N of the
-// optimizer memory per rank.
+// only, and it updates only them. All-gathers then give every rank every updated parameter (share_parameters:
+// rounds through one buffer of bounded size). The update is elementwise, so the weights are bitwise those of the
+// replicated optimizer (tests/dist), with 1/N of the optimizer memory per rank.
 //
 // Checkpoints stay whole: gather_state() brings every moment to every rank before rank 0 writes, and release()
 // drops the ones this rank does not own. A checkpoint from a ZeRO-1 run therefore resumes with or without ZeRO-1
@@ -12,6 +12,7 @@
 //
 // With expert parallelism the parameters come in partitions, each sharded over the ranks that hold it: the
 // replicated ones over the world, each expert slice over its replica group (the ranks holding the same slice).
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <unordered_map>
@@ -83,33 +84,40 @@ class Zero1 {
     return n;
   }
 
-  // After opt.step(lr): every rank's updated parameters to every rank of its partition (one all-gather each, in
-  // parameter order).
-  void share_parameters() {
+  // After opt.step(lr): every rank's updated parameters to every rank of its partition. Each rank's run of
+  // parameters is one stream of floats; rounds of all-gathers move `bucket_bytes` at most (each rank's next
+  // bucket_bytes / N of its stream) through one buffer kept from step to step, so a step allocates nothing after
+  // the first and ZeRO-1 never holds a second copy of the model (a 7B-parameter model's weights are 28 GB).
+  void share_parameters(std::int64_t bucket_bytes = std::int64_t(64) << 20) {
+    constexpr auto kFloat = std::int64_t(sizeof(float));
+    CUMO_CHECK(bucket_bytes >= kFloat, "Zero1::share_parameters: rounds of ", bucket_bytes, " bytes");
     for (const Part& part : parts_) {
       Communicator& c = *part.comm;
-      if (c.size() == 1) continue;
-      std::vector<std::int64_t> bytes(std::size_t(c.size()), 0);
-      for (int q = 0; q < c.size(); ++q)
+      const int N = c.size(), me = c.rank();
+      if (N == 1) continue;
+      std::vector<std::int64_t> run(std::size_t(N), 0);  // floats in each rank's run
+      for (int q = 0; q < N; ++q)
         for (std::int64_t i = part.begin[std::size_t(q)]; i < part.begin[std::size_t(q + 1)]; ++i)
-          bytes[std::size_t(q)] += part.params[std::size_t(i)]->value.numel() * std::int64_t(sizeof(float));
-      // This rank's updated parameters packed in order, then everyone's (on the parameters' device).
-      const std::int64_t lo = part.begin[std::size_t(c.rank())], hi = part.begin[std::size_t(c.rank() + 1)];
-      Tensor mine = Tensor::empty({bytes[std::size_t(c.rank())] / std::int64_t(sizeof(float))}, DType::f32, B::device);
-      std::int64_t at = 0;
-      for (std::int64_t i = lo; i < hi; ++i) {
-        const Tensor& v = part.params[std::size_t(i)]->value;
-        mine.slice(0, at, at + v.numel()).view(v.shape()).copy_from(v);
-        at += v.numel();
-      }
-      std::int64_t n = 0;
-      for (std::int64_t b : bytes) n += b / std::int64_t(sizeof(float));
-      Tensor all = Tensor::empty({n}, DType::f32, B::device);
-      c.allgatherv(mine.raw(), std::int64_t(mine.nbytes()), all.raw(), bytes);
-      at = 0;
-      for (Parameter* p : part.params) {
-        p->value.copy_from(all.slice(0, at, at + p->value.numel()).view(p->value.shape()));
-        at += p->value.numel();
+          run[std::size_t(q)] += part.params[std::size_t(i)]->value.numel();
+      const std::int64_t longest = *std::max_element(run.begin(), run.end());
+      const std::int64_t per = std::min(std::max<std::int64_t>(1, bucket_bytes / (N * kFloat)), longest);
+      if (per == 0) continue;
+      if (!buffer_.defined() || buffer_.numel() < per * (N + 1))
+        buffer_ = Tensor::empty({per * (N + 1)}, DType::f32, B::device);
+      Tensor mine = buffer_.slice(0, 0, per);              // (per,) this rank's part of the round
+      Tensor all = buffer_.slice(0, per, per * (N + 1));   // (N · per,) every rank's, packed in rank order
+      for (std::int64_t at = 0; at < longest; at += per) {
+        std::vector<std::int64_t> bytes(static_cast<std::size_t>(N), 0);
+        for (int q = 0; q < N; ++q)
+          bytes[std::size_t(q)] = std::clamp<std::int64_t>(run[std::size_t(q)] - at, 0, per) * kFloat;
+        copy_run(part, me, at, mine, /*out_of_parameters=*/true);
+        c.allgatherv(mine.raw(), bytes[std::size_t(me)], all.raw(), bytes);
+        std::int64_t off = 0;
+        for (int q = 0; q < N; ++q) {
+          const std::int64_t n = bytes[std::size_t(q)] / kFloat;
+          if (q != me && n > 0) copy_run(part, q, at, all.slice(0, off, off + n), /*out_of_parameters=*/false);
+          off += n;
+        }
       }
     }
   }
@@ -152,9 +160,31 @@ class Zero1 {
     std::size_t part;
     int rank;
   };
+
+  // Floats [at, at + buf.numel()) of rank q's run of parameters (clipped to its end) ↔ buf: out of the parameters
+  // into buf, or back into them.
+  static void copy_run(const Part& part, int q, std::int64_t at, const Tensor& buf, bool out_of_parameters) {
+    const std::int64_t end = at + buf.numel();
+    std::int64_t start = 0;  // where parameter i starts in the run
+    for (std::int64_t i = part.begin[std::size_t(q)]; i < part.begin[std::size_t(q + 1)] && start < end; ++i) {
+      Tensor& v = part.params[std::size_t(i)]->value;
+      const std::int64_t lo = std::max(start, at), hi = std::min(start + v.numel(), end);
+      if (lo < hi) {
+        Tensor flat = v.view({v.numel()}).slice(0, lo - start, hi - start);  // (hi − lo,)
+        Tensor b = buf.slice(0, lo - at, hi - at);                           // (hi − lo,)
+        if (out_of_parameters)
+          b.copy_from(flat);
+        else
+          flat.copy_from(b);
+      }
+      start += v.numel();
+    }
+  }
+
   train::AdamW<B>* opt_;
   std::vector<Part> parts_;
   std::unordered_map<const Parameter*, Owner> owner_;
+  Tensor buffer_;  // share_parameters' rounds: this rank's part, then every rank's (on B's device)
 };
 
 }  // namespace cumo::dist
