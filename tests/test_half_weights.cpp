@@ -182,6 +182,27 @@ TEST_CASE("half weights: SparseMoE takes bf16 activations (computed in fp32, ret
   CHECK_THROWS_WITH_AS(half->backward(dy), doctest::Contains("for inference"), Error);
 }
 
+TEST_CASE("half weights: Cpu::convert (the layers' door for 16-bit activations) rounds as Tensor::to, contiguous") {
+  Rng rng(12);
+  const Tensor x = test::random_tensor({6, 10}, rng);
+  const Tensor view = x.slice(1, 2, 9);  // (6, 7), strided
+  for (const DType d : {DType::bf16, DType::f16}) {
+    const Tensor c = backend::Cpu::convert(view, d);
+    CHECK(c.dtype() == d);
+    CHECK(c.is_contiguous());
+    CHECK(bitwise_equal(c, view.contiguous().to(d)));
+    CHECK(bitwise_equal(backend::Cpu::convert(c, DType::f32), c.to(DType::f32)));  // widening is exact
+  }
+  const Tensor same = backend::Cpu::convert(view, DType::f32);
+  CHECK(same.is_contiguous());
+  CHECK(bitwise_equal(same, view.contiguous()));
+  CHECK(backend::Cpu::convert(x, DType::f32).raw() == x.raw());  // already f32 and contiguous: no copy
+  // the block's door refuses other dtypes, naming the tensor and the dtypes it takes
+  SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>> block(10, 8, 4);
+  CHECK_THROWS_WITH_AS(block.forward(x.to(DType::f64)),
+                       doctest::Contains("x has dtype f64 but expected f32, bf16 or f16"), Error);
+}
+
 TEST_CASE("half weights: a Linear built in an f16 scope takes f16 activations and refuses its backward") {
   Rng rng(13);
   nn::Linear<> ref("l", 20, 30, /*bias=*/true);

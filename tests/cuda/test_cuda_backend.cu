@@ -774,6 +774,49 @@ TEST_CASE("cuda workspace: measured steps replay inside one buffer, bitwise equa
   CHECK_THROWS_AS(ws.reserve(1), Error);
 }
 
+// bf16 / f16 activations at the block's door (issue 15): widened to fp32 on the device (Backend::convert), the block
+// in fp32, y and dx narrowed back. Against the CPU block on the same 16-bit inputs: both compute in fp32 from the
+// same widened values, so the outputs differ by fp32 summation order plus, where that straddles a 16-bit rounding
+// boundary, one unit of the 16-bit dtype (2^-8 relative for bf16): kLow.
+TEST_CASE("cuda SparseMoE takes bf16 / f16 activations: y and dx in their dtype, as the CPU block computes them") {
+  using CpuMoE = SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>>;
+  using GpuMoE = SparseMoE<Router<TopK<2>>, Expert<MLP<QuickGELU>>, backend::Cuda>;
+  const std::int64_t T = 64, H = 32, F = 48;
+  const int E = 4;
+  for (DType low : {DType::bf16, DType::f16}) {
+    CAPTURE(name_of(low));
+    Rng rng(g_seed + __LINE__ + std::uint64_t(low == DType::f16));
+    CpuMoE c(H, F, E);
+    c.reset_parameters(rng);
+    GpuMoE g(H, F, E);
+    {
+      ParameterList pc = c.parameters(), pg = g.parameters();
+      REQUIRE(pc.size() == pg.size());
+      for (std::size_t i = 0; i < pc.size(); ++i) pg[i]->value.copy_from(pc[i]->value);
+    }
+    Tensor x;  // (T, H) in the 16-bit dtype
+    for (int attempt = 0;; ++attempt) {  // no near ties in the router's choice (see min_topk_gap)
+      x = randn({T, H}, rng).to(low);
+      c.forward(x);
+      if (min_topk_gap(c.router_output().probs, 2) >= 1e-5) break;
+      REQUIRE_MESSAGE(attempt < 20, "could not draw inputs without near ties in the router's top-k");
+    }
+    const Tensor dy = randn({T, H}, rng).to(low);  // (T, H)
+    const Tensor yc = c.forward(x).y, dxc = c.backward(dy);
+    const Tensor yg = g.forward(on_gpu(x)).y, dxg = g.backward(on_gpu(dy));
+    CHECK(yg.dtype() == low);
+    CHECK(dxg.dtype() == low);
+    CHECK(yg.device() == Device::cuda);
+    expect_equal_i32("router top-k", g.router_output().topk_idx, c.router_output().topk_idx);
+    expect_close("y", on_cpu(yg).to(DType::f32), yc.to(DType::f32), kLow);
+    expect_close("dx", on_cpu(dxg).to(DType::f32), dxc.to(DType::f32), kLow);
+  }
+  // anything else is refused at the door, naming the tensor and the dtypes it takes
+  GpuMoE g(H, F, E);
+  CHECK_THROWS_WITH_AS(g.forward(Tensor::zeros({T, H}, DType::f64, Device::cuda)),
+                       doctest::Contains("expected f32, bf16 or f16"), Error);
+}
+
 TEST_CASE("cuda entry points reject host tensors and wrong dtypes with a message") {
   Tensor h = Tensor::zeros({4, 4});
   Tensor d = on_gpu(h);

@@ -45,6 +45,7 @@ concept Backend = requires(const B& b, const Tensor& in, Tensor& out, const Tens
   { b.upload(in) } -> std::same_as<Tensor>;
   { b.upload_i32(i32s) } -> std::same_as<Tensor>;
   { b.to_host(in) } -> std::same_as<Tensor>;
+  { b.convert(in, DType::f32) } -> std::same_as<Tensor>;  // f32 / bf16 / f16, contiguous, on the backend's device
   { b.item(in) } -> std::convertible_to<float>;
   { b.all_finite(in) } -> std::convertible_to<bool>;
 

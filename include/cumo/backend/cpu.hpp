@@ -45,6 +45,8 @@ struct Cpu {
   }
   // A tensor of this backend on the host (here: the same tensor, shared).
   static Tensor to_host(const Tensor& t) { return t; }
+  // t in `dtype` (f32, bf16 or f16; rounded to nearest even when narrower), contiguous: t itself when it is both.
+  static Tensor convert(const Tensor& t, DType dtype) { return t.dtype() == dtype ? t.contiguous() : t.to(dtype); }
   static float item(const Tensor& t) { return t.data<float>()[0]; }
   // Whether every element is finite (NaN/Inf inputs are rejected at the door).
   static bool all_finite(const Tensor& t) {

@@ -93,6 +93,12 @@ class Cuda {
   // Stream-ordered, without a host sync (through the pinned staging ring).
   Tensor upload_i32(const std::vector<std::int32_t>& v) const { return gpu::upload_i32(v, ws()); }
   Tensor to_host(const Tensor& t) const { return t.device() == Device::cpu ? t : t.to(Device::cpu); }  // host sync
+  // t in `dtype` (f32, bf16 or f16; rounded to nearest even when narrower), contiguous, on the device: t itself when
+  // it is both. A conversion kernel on the stream (no host sync); the result is the pool's, not the workspace's.
+  Tensor convert(const Tensor& t, DType dtype) const {
+    const Tensor c = t.contiguous();
+    return c.dtype() == dtype ? c : gpu::cast_copy(c, dtype, nullptr);
+  }
   float item(const Tensor& t) const { return gpu::item(t); }                                         // host sync
   bool all_finite(const Tensor& t) const { return gpu::all_finite(t, ws()); }                        // host sync
 

@@ -39,15 +39,12 @@ struct ForwardArgs {
 };
 
 namespace detail {
-// The dtype of an activation at the block's door: f32, or bf16/f16 on the CPU backend, widened to fp32 on entry (the
-// block computes in fp32) and the result narrowed back to it.
-template <class Backend>
-DType activation_dtype(std::string_view where, std::string_view name, const Tensor& t) {
+// The dtype of an activation at the block's door: f32, bf16 or f16, widened to fp32 on entry (the block computes in
+// fp32; Backend::convert, on the backend's device) and the result narrowed back to it.
+inline DType activation_dtype(std::string_view where, std::string_view name, const Tensor& t) {
   const DType d = t.dtype();
-  const bool half = d == DType::bf16 || d == DType::f16;
-  CUMO_CHECK(d == DType::f32 || (half && Backend::device == Device::cpu), where, ": ", name, " has dtype ",
-             name_of(d), " but expected f32", Backend::device == Device::cpu ? ", bf16 or f16" : " (bf16/f16 "
-             "activations are taken by the CPU backend only)");
+  CUMO_CHECK(d == DType::f32 || d == DType::bf16 || d == DType::f16, where, ": ", name, " has dtype ", name_of(d),
+             " but expected f32, bf16 or f16");
   return d;
 }
 }  // namespace detail
@@ -192,7 +189,7 @@ class SparseMoE {
     out.y = be_.empty({T, out_features()});
     be_.combine(saved_.out, saved_.router.topk_w, plan, out.y);            // (T, O)
     saved_.valid = true;
-    if (io != DType::f32) out.y = out.y.to(io);
+    if (io != DType::f32) out.y = be_.convert(out.y, io);
     return out;
   }
 
@@ -212,7 +209,7 @@ class SparseMoE {
     CUMO_CHECK(saved_.valid && saved_.routing_only, where, ": no saved forward_routing (one backward per forward)");
     Tensor dx = be_.zeros({saved_.plan.tokens, hidden()});  // (T, H)
     router_backward(nullptr, aux, nullptr, dx);
-    return saved_.io == DType::f32 ? dx : dx.to(saved_.io);
+    return saved_.io == DType::f32 ? dx : be_.convert(dx, saved_.io);
   }
 
   // ---- backward ---------------------------------------------------------------------------------------------
@@ -225,10 +222,10 @@ class SparseMoE {
     CUMO_CHECK(saved_.valid && !saved_.routing_only, where, ": no saved forward (call forward first; one backward "
                "per forward; after forward_routing, backward_routing)");
     check_device(where, "dy", dy, Backend::device);
-    const DType io = detail::activation_dtype<Backend>(where, "dy", dy);  // dx comes back in dy's dtype
+    const DType io = detail::activation_dtype(where, "dy", dy);  // dx comes back in dy's dtype
     CUMO_CHECK(dy.dim() == 2 && dy.size(0) == saved_.plan.tokens && dy.size(1) == out_features(), where,
                ": dy has shape ", dy.shape(), " but y has shape ", Shape{saved_.plan.tokens, out_features()});
-    const Tensor dyc = io == DType::f32 ? dy.contiguous() : dy.to(DType::f32);
+    const Tensor dyc = be_.convert(dy, DType::f32);
     const DispatchPlan& plan = saved_.plan;
     const RouterOutput& r = saved_.router;
     const std::int64_t T = plan.tokens, H = hidden();
@@ -258,7 +255,7 @@ class SparseMoE {
     be_.scatter_add_rows(dxs, plan, dx);  // (T, H)
 
     router_backward(&dw, aux, router_dlogits, dx);
-    return io == DType::f32 ? dx : dx.to(io);
+    return io == DType::f32 ? dx : be_.convert(dx, io);
   }
 
   // ---- what the last forward did ----------------------------------------------------------------------------
@@ -300,7 +297,7 @@ class SparseMoE {
   // dispatch plan, all kept in saved_ (reset first). Returns x in fp32, contiguous, and x's dtype.
   std::pair<Tensor, DType> route(const char* where, const Tensor& x, ForwardArgs args, Rng* rng) {
     check_device(where, "x", x, Backend::device);
-    const DType io = detail::activation_dtype<Backend>(where, "x", x);  // y comes back in x's dtype
+    const DType io = detail::activation_dtype(where, "x", x);  // y comes back in x's dtype
     CUMO_CHECK(x.dim() == 2, where, ": x has shape ", x.shape(), " but expected (tokens, ", hidden(), ")");
     CUMO_CHECK(x.size(1) == hidden(), where, ": x has shape ", x.shape(), " but the block was built for hidden = ",
                hidden());
@@ -310,7 +307,7 @@ class SparseMoE {
     CUMO_CHECK(T > 0 || ep_, where, ": x has shape ", x.shape(), " — zero tokens");
     CUMO_CHECK(args.segments >= 1 && T % args.segments == 0, where, ": x has ", T, " tokens, which do not split into ",
                args.segments, " equal segments (images)");
-    const Tensor xc = io == DType::f32 ? x.contiguous() : x.to(DType::f32);  // the block computes in fp32
+    const Tensor xc = be_.convert(x, DType::f32);  // the block computes in fp32
     if (options_.check_finite)
       CUMO_CHECK(be_.all_finite(xc), where, ": x (shape ", x.shape(), ") contains NaN or Inf");
 

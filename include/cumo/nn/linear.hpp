@@ -38,17 +38,17 @@ class Linear {
     if (has_bias_) out.push_back(&bias);
   }
 
-  // x (N, in) → y (N, out), without saving anything (inference, generation). x in bf16/f16 (CPU) is computed in
-  // fp32 and y returned in x's dtype, in forward and backward alike.
+  // x (N, in) → y (N, out), without saving anything (inference, generation). x in bf16/f16 is widened to fp32 on
+  // the backend's device (Backend::convert) and y returned in x's dtype, in forward and backward alike.
   Tensor apply(const Tensor& x) const {
-    if (is_half(x)) return apply(x.to(DType::f32)).to(x.dtype());
+    if (is_half(x, Backend::device)) return be_.convert(apply(be_.convert(x, DType::f32)), x.dtype());
     const Tensor xc = check_input("Linear::forward", weight.name, x, in_, Backend::device);
     Tensor y = be_.empty({xc.size(0), out_});
     be_.linear(xc, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
     return y;
   }
   Tensor forward(const Tensor& x) {
-    if (is_half(x)) return forward(x.to(DType::f32)).to(x.dtype());
+    if (is_half(x, Backend::device)) return be_.convert(forward(be_.convert(x, DType::f32)), x.dtype());
     x_ = check_input("Linear::forward", weight.name, x, in_, Backend::device);
     Tensor y = be_.empty({x_.size(0), out_});
     be_.linear(x_, weight.value, has_bias_ ? &bias.value : nullptr, y);  // (N, out)
@@ -58,7 +58,7 @@ class Linear {
   void release_activations() { x_ = Tensor(); }
   // dy (N, out) → dx (N, in); weight/bias grads accumulate.
   Tensor backward(const Tensor& dy) {
-    if (is_half(dy)) return backward(dy.to(DType::f32)).to(dy.dtype());
+    if (is_half(dy, Backend::device)) return be_.convert(backward(be_.convert(dy, DType::f32)), dy.dtype());
     CUMO_CHECK(x_.defined(), "Linear::backward (", weight.name, "): no saved forward");
     require_trainable("Linear::backward", weight);
     const Tensor g = check_input("Linear::backward", "dy", dy, out_, Backend::device);

@@ -31,9 +31,10 @@ inline Tensor check_input(std::string_view where, std::string_view name, const T
   return x;
 }
 
-// A bf16/f16 activation on the host, which the CPU layers widen to fp32 at their door.
-inline bool is_half(const Tensor& x) {
-  return x.defined() && (x.dtype() == DType::bf16 || x.dtype() == DType::f16) && x.device() == Device::cpu;
+// A bf16/f16 activation on the layer's device, which the layers widen to fp32 at their door (Backend::convert; one
+// on another device goes on to the device check's message).
+inline bool is_half(const Tensor& x, Device device) {
+  return x.defined() && (x.dtype() == DType::bf16 || x.dtype() == DType::f16) && x.device() == device;
 }
 
 // a += b (same numel) on backend `be`.
