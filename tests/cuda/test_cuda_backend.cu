@@ -25,6 +25,7 @@
 #include "cumo/backend/cuda.cuh"
 #include "cumo/core/compare.hpp"
 #include "cumo/moe.hpp"
+#include "cumo/nn/linear.hpp"
 
 using namespace cumo;
 
@@ -807,6 +808,7 @@ TEST_CASE("cuda SparseMoE takes bf16 / f16 activations: y and dx in their dtype,
     CHECK(yg.dtype() == low);
     CHECK(dxg.dtype() == low);
     CHECK(yg.device() == Device::cuda);
+    CHECK(dxg.device() == Device::cuda);
     expect_equal_i32("router top-k", g.router_output().topk_idx, c.router_output().topk_idx);
     expect_close("y", on_cpu(yg).to(DType::f32), yc.to(DType::f32), kLow);
     expect_close("dx", on_cpu(dxg).to(DType::f32), dxc.to(DType::f32), kLow);
@@ -815,6 +817,24 @@ TEST_CASE("cuda SparseMoE takes bf16 / f16 activations: y and dx in their dtype,
   GpuMoE g(H, F, E);
   CHECK_THROWS_WITH_AS(g.forward(Tensor::zeros({T, H}, DType::f64, Device::cuda)),
                        doctest::Contains("expected f32, bf16 or f16"), Error);
+
+  // nn::Linear too: a 16-bit x widened on the device, y in x's dtype; a host x is a device error, not a dtype one
+  Rng rng(g_seed + __LINE__);
+  nn::Linear<> lc("lin", H, 16, true);
+  nn::Linear<backend::Cuda> lg("lin", H, 16, true);
+  lc.weight.value.copy_from(randn({16, H}, rng));
+  lc.bias.value.copy_from(randn({16}, rng));
+  lg.weight.value.copy_from(lc.weight.value);
+  lg.bias.value.copy_from(lc.bias.value);
+  for (DType low : {DType::bf16, DType::f16}) {
+    CAPTURE(name_of(low));
+    const Tensor xl = randn({T, H}, rng).to(low);  // (T, H)
+    const Tensor yg = lg.apply(on_gpu(xl));        // (T, 16)
+    CHECK(yg.dtype() == low);
+    CHECK(yg.device() == Device::cuda);
+    expect_close("Linear y", on_cpu(yg).to(DType::f32), lc.apply(xl).to(DType::f32), kLow);
+    CHECK_THROWS_WITH_AS(lg.apply(xl), doctest::Contains("is on cpu but expected cuda"), Error);
+  }
 }
 
 TEST_CASE("cuda entry points reject host tensors and wrong dtypes with a message") {

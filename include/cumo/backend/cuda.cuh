@@ -93,11 +93,13 @@ class Cuda {
   // Stream-ordered, without a host sync (through the pinned staging ring).
   Tensor upload_i32(const std::vector<std::int32_t>& v) const { return gpu::upload_i32(v, ws()); }
   Tensor to_host(const Tensor& t) const { return t.device() == Device::cpu ? t : t.to(Device::cpu); }  // host sync
-  // t in `dtype` (f32, bf16 or f16; rounded to nearest even when narrower), contiguous, on the device: t itself when
-  // it is both. A conversion kernel on the stream (no host sync); the result is the pool's, not the workspace's.
+  // t (on the device) in `dtype` (f32, bf16 or f16; rounded to nearest even when narrower), contiguous: t itself
+  // when it is both. A conversion kernel on the stream (no host sync), into this instance's memory (its workspace,
+  // else the pool), like every other tensor its operations make.
   Tensor convert(const Tensor& t, DType dtype) const {
-    const Tensor c = t.contiguous();
-    return c.dtype() == dtype ? c : gpu::cast_copy(c, dtype, nullptr);
+    check_device("Cuda::convert", "t", t, Device::cuda);
+    CUMO_CHECK(t.is_contiguous(), "Cuda::convert: t with shape ", t.shape(), " must be contiguous on cuda");
+    return t.dtype() == dtype ? t : gpu::cast_copy(t, dtype, ws());
   }
   float item(const Tensor& t) const { return gpu::item(t); }                                         // host sync
   bool all_finite(const Tensor& t) const { return gpu::all_finite(t, ws()); }                        // host sync

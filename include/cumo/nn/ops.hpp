@@ -22,8 +22,8 @@ namespace cumo::nn {
 // host is copied; on a device it is refused (the caller owns its layout there).
 inline Tensor check_input(std::string_view where, std::string_view name, const Tensor& x, std::int64_t cols,
                           Device device = Device::cpu) {
+  check_device(where, name, x, device);  // first: a 16-bit x on another device is a device error, not a dtype one
   check_dtype(where, name, x, DType::f32);
-  check_device(where, name, x, device);
   check_shape(where, name, x, {-1, cols});
   if (device == Device::cpu) return x.contiguous();
   CUMO_CHECK(x.is_contiguous(), where, ": ", name, " with shape ", x.shape(), " must be contiguous on ",
